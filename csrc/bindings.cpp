@@ -1,0 +1,26 @@
+// The pybind11 module fastlars._C. It reports which devices its kernels were built for, so the
+// Python side can tell "not built" from "built without CUDA".
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+namespace {
+
+std::vector<std::string> kernel_devices() { return {}; }
+
+bool built_with_cuda() {
+#ifdef FASTLARS_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastlars compiled kernels";
+  m.def("kernel_devices", &kernel_devices, "Device types this build has LARS/LAMB kernels for.");
+  m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA sources were compiled in.");
+}

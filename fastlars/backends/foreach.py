@@ -1,0 +1,161 @@
+"""The foreach backend: the reference maths expressed with ``torch._foreach_*`` multi-tensor ops.
+
+Same formulas as :mod:`fastlars.backends.reference` (see there), computed in fp32 over whole tensor
+lists: a handful of multi-tensor launches per stage instead of a dozen launches per tensor. The
+per-tensor trust ratios are computed as one vector and broadcast back as 0-d tensors.
+
+Skipping (``found_inf``): a flag on the CPU is read directly, which costs no device synchronisation;
+a flag on an accelerator is applied with a per-tensor ``torch.where`` so nothing waits on the device
+(foreach has no masked copy).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastlars.backends._common import LambHyper, LarsHyper, Scalar
+from fastlars.backends.reference import lamb_trust_ratio, lars_trust_ratio
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """torch._foreach_* runs on every device PyTorch supports."""
+    return None
+
+
+def grad_norms(grads: list[Tensor], grad_scale: Tensor | None) -> Tensor:
+    """Per-tensor fp32 L2 norms of the unscaled gradients: ``out[i] = ||grads[i] / grad_scale||``."""
+    if not grads:
+        return torch.zeros(0, dtype=torch.float32)
+    out = torch.stack(torch._foreach_norm(grads, dtype=torch.float32))
+    if grad_scale is not None:
+        out = out / grad_scale.to(out.device, torch.float32).reshape(())
+    return out
+
+
+def lars_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    master_params: list[Tensor] | None,
+    grad_norms: Tensor,
+    *,
+    lr: Scalar,
+    h: LarsHyper,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """LARS over a tensor list; the maths of ``reference.lars_step``."""
+    if not params or _skip_on_host(found_inf):
+        return
+    weights = master_params if master_params is not None else params
+    w = _as_fp32(weights)
+    g = _true_grads(grads, grad_scale, h.maximize)
+    d = torch._foreach_add(g, w, alpha=h.weight_decay) if h.weight_decay != 0.0 else g
+    w_norms = torch.stack(torch._foreach_norm(w, dtype=torch.float32))
+    ratios = lars_trust_ratio(w_norms, grad_norms.to(w_norms.device), lr, h)
+    ratios = ratios.expand(len(params))
+    v = torch._foreach_mul(_as_fp32(momentum_buffers), h.momentum)
+    if h.momentum_style == "mlperf":
+        scaled = list((lr * ratios).unbind(0))
+        step_d = torch._foreach_mul(d, scaled)
+        torch._foreach_add_(v, step_d)
+        update = torch._foreach_add(step_d, v, alpha=h.momentum) if h.nesterov else v
+    else:
+        ratio_list = list(ratios.unbind(0))
+        torch._foreach_addcmul_(v, d, ratio_list)
+        if h.nesterov:
+            update = torch._foreach_mul(d, ratio_list)
+            torch._foreach_add_(update, v, alpha=h.momentum)
+        else:
+            update = v
+        update = torch._foreach_mul(update, lr)
+    w_new = torch._foreach_sub(w, update)
+    _commit(momentum_buffers, v, found_inf)
+    _commit(weights, w_new, found_inf)
+    if master_params is not None:
+        _commit(params, w_new, found_inf)
+
+
+def lamb_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    master_params: list[Tensor] | None,
+    steps: list[Tensor],
+    *,
+    lr: Scalar,
+    h: LambHyper,
+    clip_coef: Tensor | None,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """LAMB over a tensor list; the maths of ``reference.lamb_step``."""
+    if not params or _skip_on_host(found_inf):
+        return
+    weights = master_params if master_params is not None else params
+    w = _as_fp32(weights)
+    g = _true_grads(grads, grad_scale, h.maximize)
+    if clip_coef is not None:
+        g = torch._foreach_mul(g, clip_coef.to(g[0].device).reshape(()))
+    beta3 = 1.0 - h.beta1 if h.grad_averaging else 1.0
+    m = torch._foreach_mul(_as_fp32(exp_avgs), h.beta1)
+    torch._foreach_add_(m, g, alpha=beta3)
+    v = torch._foreach_mul(_as_fp32(exp_avg_sqs), h.beta2)
+    torch._foreach_addcmul_(v, g, g, value=1.0 - h.beta2)
+    if h.bias_correction:
+        t = torch.stack([s.to(w[0].device, torch.float32).reshape(()) for s in steps])
+        bc1 = list((1.0 - h.beta1**t).unbind(0))
+        bc2 = list((1.0 - h.beta2**t).unbind(0))
+        m_hat = torch._foreach_div(m, bc1)
+        denom = torch._foreach_sqrt(torch._foreach_div(v, bc2))
+    else:
+        m_hat = m
+        denom = torch._foreach_sqrt(v)
+    torch._foreach_add_(denom, h.eps)
+    u = torch._foreach_div(m_hat, denom)
+    if h.weight_decay != 0.0:
+        if h.decoupled_decay:
+            w = torch._foreach_sub(w, torch._foreach_mul(w, lr * h.weight_decay))
+        else:
+            torch._foreach_add_(u, w, alpha=h.weight_decay)
+    w_norms = torch.stack(torch._foreach_norm(w, dtype=torch.float32))
+    u_norms = torch.stack(torch._foreach_norm(u, dtype=torch.float32))
+    ratios = lamb_trust_ratio(w_norms, u_norms, h).expand(len(params))
+    torch._foreach_mul_(u, list((lr * ratios).unbind(0)))
+    w_new = torch._foreach_sub(w, u)
+    _commit(exp_avgs, m, found_inf)
+    _commit(exp_avg_sqs, v, found_inf)
+    _commit(weights, w_new, found_inf)
+    if master_params is not None:
+        _commit(params, w_new, found_inf)
+
+
+def _as_fp32(tensors: list[Tensor]) -> list[Tensor]:
+    """fp32 views of a list (no copy for fp32 tensors: never mutate the result in place)."""
+    return [t.float() for t in tensors]
+
+
+def _true_grads(grads: list[Tensor], grad_scale: Tensor | None, maximize: bool) -> list[Tensor]:
+    """fp32 gradients of the loss as a NEW list (safe to mutate): unscaled, negated for maximize."""
+    scale = 1.0 if grad_scale is None else grad_scale.to(grads[0].device, torch.float32).reshape(())
+    g = torch._foreach_div(_as_fp32(grads), scale)
+    if maximize:
+        torch._foreach_neg_(g)
+    return g
+
+
+def _skip_on_host(found_inf: Tensor | None) -> bool:
+    """True when a CPU-resident flag says to skip; device flags are never read on the host."""
+    return found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf.reshape(-1)[0] != 0)
+
+
+def _commit(dst: list[Tensor], new: list[Tensor], found_inf: Tensor | None) -> None:
+    """dst ← new, keeping dst wherever a device-resident found_inf is set."""
+    if found_inf is None or found_inf.device.type == "cpu":
+        torch._foreach_copy_(dst, new)
+        return
+    skip = found_inf.reshape(()) != 0
+    for d, n in zip(dst, new):
+        d.copy_(torch.where(skip.to(d.device), d, n.to(d.dtype)))

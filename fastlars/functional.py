@@ -1,0 +1,164 @@
+"""Functional LARS and LAMB: one signature per algorithm, the single dispatch point to the backends.
+
+These functions hold no state: the caller owns the buffers, counts steps and decides what to skip.
+The optimizer classes in :mod:`fastlars.optim` are thin wrappers over them. The maths is written out
+in :mod:`fastlars.backends.reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastlars import backends
+from fastlars.backends._common import LambHyper, LarsHyper, Scalar
+from fastlars.backends.reference import lamb_clip_coefficient
+
+
+def grad_norms(grads: list[Tensor], grad_scale: Tensor | None = None, *, backend: str = "auto") -> Tensor:
+    """Per-tensor fp32 L2 norms of unscaled gradients, as one 1-D tensor on the gradients' device.
+
+    out[i] = ||grads[i]|| / grad_scale   (grad_scale = 1 when None)
+    """
+    if not grads:
+        return torch.zeros(0, dtype=torch.float32)
+    name = backends.resolve(backend, grads[0].device)
+    return backends.load(name).grad_norms(grads, grad_scale)
+
+
+def global_norm(per_tensor_norms: list[Tensor]) -> Tensor:
+    """||G|| = sqrt(Σ_i ||g_i||²) over several vectors of per-tensor norms (possibly on several devices)."""
+    device = per_tensor_norms[0].device
+    sums = [n.to(device, non_blocking=True).float().square().sum() for n in per_tensor_norms]
+    return torch.stack(sums).sum().sqrt()
+
+
+def lars_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: Scalar,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    trust_coefficient: float = 0.001,
+    eps: float = 0.0,
+    nesterov: bool = False,
+    trust_clip: bool = False,
+    momentum_style: str = "mlperf",
+    adapt: bool | None = None,
+    trust_ratio_bounds: tuple[float, float] | None = None,
+    maximize: bool = False,
+    master_params: list[Tensor] | None = None,
+    grad_norms: Tensor | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One LARS update of ``params`` (and their ``momentum_buffers``) in place.
+
+    d = g + λ·w ;  r = η·||w|| / (||g|| + λ·||w|| + ε)  (1 if either norm is 0 or not adapting)
+    mlperf:  v = μ·v + lr·r·d ;  w = w − v      torch:  v = μ·v + r·d ;  w = w − lr·v
+
+    ``grad_norms`` may carry precomputed ||g|| (of the unscaled gradients); ``master_params`` are fp32
+    copies updated instead of low-precision params, which then receive the rounded result. Nothing is
+    written when ``found_inf`` is non-zero.
+    """
+    if not params:
+        return
+    hyper = LarsHyper(
+        momentum=momentum,
+        weight_decay=weight_decay,
+        trust_coefficient=trust_coefficient,
+        eps=eps,
+        nesterov=nesterov,
+        trust_clip=trust_clip,
+        momentum_style=momentum_style,
+        adapt=(weight_decay != 0.0) if adapt is None else adapt,
+        trust_ratio_bounds=trust_ratio_bounds,
+        maximize=maximize,
+    )
+    impl = backends.load(backends.resolve(backend, params[0].device))
+    if grad_norms is None:
+        grad_norms = impl.grad_norms(grads, grad_scale)
+    impl.lars_step(
+        params,
+        grads,
+        momentum_buffers,
+        master_params,
+        grad_norms,
+        lr=lr,
+        h=hyper,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+
+
+def lamb_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: Scalar = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-6,
+    weight_decay: float = 0.01,
+    bias_correction: bool = True,
+    grad_averaging: bool = True,
+    max_grad_norm: float | None = None,
+    global_grad_norm: Tensor | None = None,
+    decoupled_decay: bool = False,
+    trust_clip: bool = False,
+    adapt: bool | None = None,
+    trust_ratio_bounds: tuple[float, float] | None = None,
+    maximize: bool = False,
+    master_params: list[Tensor] | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One LAMB update of ``params``, ``exp_avgs`` (m) and ``exp_avg_sqs`` (v) in place.
+
+    g = g · max_grad_norm/||G|| if ||G|| > max_grad_norm ;  m = β1·m + (1−β1)·g ;  v = β2·v + (1−β2)·g²
+    u = (m/(1−β1^t)) / (√(v/(1−β2^t)) + ε) + λ·w ;  r = ||w||/||u|| ;  w = w − lr·r·u
+
+    ``steps[i]`` holds t for this update (already counted by the caller). ``global_grad_norm`` is
+    ||G|| over every gradient the clip covers; when None and clipping is on, it is computed from
+    ``grads``. Nothing is written when ``found_inf`` is non-zero.
+    """
+    if not params:
+        return
+    hyper = LambHyper(
+        beta1=betas[0],
+        beta2=betas[1],
+        eps=eps,
+        weight_decay=weight_decay,
+        bias_correction=bias_correction,
+        grad_averaging=grad_averaging,
+        decoupled_decay=decoupled_decay,
+        trust_clip=trust_clip,
+        adapt=(weight_decay != 0.0) if adapt is None else adapt,
+        trust_ratio_bounds=trust_ratio_bounds,
+        maximize=maximize,
+    )
+    impl = backends.load(backends.resolve(backend, params[0].device))
+    clip_coef = None
+    if max_grad_norm:
+        if global_grad_norm is None:
+            global_grad_norm = global_norm([impl.grad_norms(grads, grad_scale)])
+        clip_coef = lamb_clip_coefficient(global_grad_norm, max_grad_norm)
+    impl.lamb_step(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        master_params,
+        steps,
+        lr=lr,
+        h=hyper,
+        clip_coef=clip_coef,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )

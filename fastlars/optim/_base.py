@@ -1,0 +1,249 @@
+"""What LARS and LAMB share: option validation, lazy state, master weights, skipping, state_dict.
+
+The step of both optimizers has the same shape:
+
+1. gather every group's (param, grad) pairs and validate the gradients (nothing mutated yet);
+2. create missing state (``step``, the algorithm's buffers, an fp32 ``master_param`` when kept);
+3. per-tensor gradient norms (one backend call per group), from which come the skip flag
+   ``found_inf`` (any non-finite norm, or GradScaler's flag) and, for LAMB, the global norm;
+4. count the step on the device (``step += 1 − found_inf``), then call the functional update
+   once per group; backends write nothing when ``found_inf`` is set.
+
+No value is read back to the host during ``step()``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastlars import backends, functional
+from fastlars.optim import _validation as check
+
+
+@dataclass
+class GroupWork:
+    """The tensors of one param group that take part in this step."""
+
+    group: dict[str, Any]
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    backend: str = "foreach"
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+
+class TrustRatioOptimizer(torch.optim.Optimizer):
+    """Base class of :class:`fastlars.LARS` and :class:`fastlars.LAMB` (not used directly)."""
+
+    _step_supports_amp_scaling = True
+    buffer_names: tuple[str, ...] = ()
+    """Per-parameter state buffers the algorithm keeps besides ``step`` and ``master_param``."""
+
+    # Subclasses define ``_update_group(item, steps, item_norms, all_norms, grad_scale, found_inf)``,
+    # which calls their functional update for one group.
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        self._check_options(defaults)
+        self._skipped: Tensor | None = None
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- options and groups
+    def _check_options(self, group: Mapping[str, Any]) -> None:
+        """Validate one group's options; subclasses add their own after calling this."""
+        check.check_common_options(group)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group after validating its options and parameters (raises before any change)."""
+        if not isinstance(param_group, Mapping):
+            raise TypeError(f"param_group: expected a dict, got {type(param_group).__name__}")
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        merged = {**self.defaults, **param_group, "params": params}
+        unknown = set(merged) - set(self.defaults) - {"params"}
+        if unknown:
+            raise ValueError(f"param_group: unknown option(s) {sorted(unknown)}")
+        self._check_options(merged)
+        index = len(self.param_groups)
+        check.check_group_params(index, params, merged["capturable"], merged["lr"])
+        if params and merged["backend"] != "auto":
+            backends.resolve(merged["backend"], params[0].device)
+        super().add_param_group({**param_group, "params": params})
+
+    @staticmethod
+    def adapts(group: Mapping[str, Any]) -> bool:
+        """Whether the trust ratio applies: ``adapt`` when set, else weight_decay ≠ 0."""
+        return group["weight_decay"] != 0.0 if group["adapt"] is None else group["adapt"]
+
+    # ----------------------------------------------------------------------- step
+    @property
+    def skipped_steps(self) -> int:
+        """How many step() calls changed nothing because a gradient was non-finite (reads the device)."""
+        return 0 if self._skipped is None else int(self._skipped.item())
+
+    def _gather(self) -> list[GroupWork]:
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            item = GroupWork(group)
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                check.check_grad(gi, pi, p, p.grad)
+                item.params.append(p)
+                item.grads.append(p.grad)
+            if item.params:
+                item.backend = backends.resolve(group["backend"], item.device)
+                work.append(item)
+        return work
+
+    def _keeps_master(self, group: Mapping[str, Any], p: Tensor) -> bool:
+        return bool(group["master_weights"]) and p.dtype in check.LOW_PRECISION
+
+    def _init_state(self, item: GroupWork) -> None:
+        for p in item.params:
+            state = self.state[p]
+            if state:
+                continue
+            master = self._keeps_master(item.group, p)
+            buffer_dtype = torch.float32 if master else p.dtype
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            for name in self.buffer_names:
+                state[name] = torch.zeros_like(p, dtype=buffer_dtype, memory_format=torch.preserve_format)
+            if master:
+                state["master_param"] = p.detach().clone().float()
+
+    def _needs_grad_norms(self, scaler_found_inf: Tensor | None, work: list[GroupWork]) -> bool:
+        """Whether per-tensor gradient norms must be computed (LARS always; LAMB decides)."""
+        return True
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step (see the class docstring for the maths)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._gather()
+        if not work:
+            return loss
+        for item in work:
+            self._init_state(item)
+
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        scaler_found_inf: Tensor | None = getattr(self, "found_inf", None)
+        norms: list[Tensor | None] = [None] * len(work)
+        if self._needs_grad_norms(scaler_found_inf, work):
+            norms = [functional.grad_norms(w.grads, grad_scale, backend=w.backend) for w in work]
+        home = work[0].device
+        if scaler_found_inf is not None:
+            found_inf = scaler_found_inf.to(home, torch.float32, non_blocking=True).reshape(())
+        else:
+            flags = [(~torch.isfinite(n)).any().to(home, non_blocking=True) for n in norms if n is not None]
+            found_inf = torch.stack(flags).any().float()
+        self._skipped = found_inf.clone() if self._skipped is None else self._skipped.add_(found_inf)
+
+        keep = 1.0 - found_inf
+        for item, item_norms in zip(work, norms):
+            steps = [self.state[p]["step"] for p in item.params]
+            torch._foreach_add_(steps, keep.to(item.device, non_blocking=True))
+            self._update_group(item, steps, item_norms, norms, grad_scale, found_inf.to(item.device))
+        return loss
+
+    def _masters(self, item: GroupWork) -> list[Tensor] | None:
+        """fp32 master copies for the group's params, or None when the group keeps none."""
+        masters = [self.state[p].get("master_param") for p in item.params]
+        if all(m is None for m in masters):
+            return None
+        return [m if m is not None else p for m, p in zip(masters, item.params)]
+
+    # ---------------------------------------------------------------- state_dict
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict plus ``skipped_steps``; the same for every backend."""
+        sd = super().state_dict()
+        sd["skipped_steps"] = self.skipped_steps
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state_dict saved by any backend, after checking its groups, keys and shapes.
+
+        Buffers keep their saved precision (fp32 master weights and moments are not rounded to the
+        parameter dtype); each group keeps this optimizer's ``backend``.
+        """
+        self._check_state_dict(state_dict)
+        backends_now = [g["backend"] for g in self.param_groups]
+        saved = copy.deepcopy(state_dict["state"])
+        super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+        id_to_param = self._saved_id_map(state_dict)
+        for pid, entry in saved.items():
+            p = id_to_param[pid]
+            master = "master_param" in entry
+            for key, value in entry.items():
+                if key in ("step", "master_param") or master:
+                    dtype = torch.float32
+                else:
+                    dtype = p.dtype
+                self.state[p][key] = value.to(device=p.device, dtype=dtype).clone()
+        for group, backend in zip(self.param_groups, backends_now):
+            group["backend"] = backend
+        skipped = int(state_dict.get("skipped_steps", 0))
+        home = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else "cpu"
+        self._skipped = torch.tensor(float(skipped), device=home)
+
+    def _saved_id_map(self, state_dict: Mapping[str, Any]) -> dict[Any, Tensor]:
+        mapping = {}
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            mapping.update(zip(saved["params"], group["params"]))
+        return mapping
+
+    def _check_state_dict(self, state_dict: Any) -> None:
+        if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("state_dict: expected a dict with 'state' and 'param_groups'")
+        groups, state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            n = len(groups) if isinstance(groups, list) else type(groups).__name__
+            raise ValueError(f"state_dict: has {n} param groups, this optimizer has {len(self.param_groups)}")
+        for gi, (saved, ours) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(saved, Mapping) or "params" not in saved:
+                raise ValueError(f"state_dict: param_groups[{gi}] is not a group dict")
+            if len(saved["params"]) != len(ours["params"]):
+                raise ValueError(f"state_dict: param_groups[{gi}] holds {len(saved['params'])} params, "
+                                 f"this optimizer's holds {len(ours['params'])}")
+            missing = set(self.defaults) - set(saved) - {"backend"}
+            if missing:
+                raise ValueError(f"state_dict: param_groups[{gi}] lacks option(s) {sorted(missing)}")
+            try:
+                self._check_options({**saved, "backend": ours["backend"]})
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"state_dict: param_groups[{gi}]: {exc}") from exc
+        if not isinstance(state, Mapping):
+            raise ValueError("state_dict: 'state' must be a dict")
+        positions = {}
+        for gi, (saved, ours) in enumerate(zip(groups, self.param_groups)):
+            for pi, (pid, p) in enumerate(zip(saved["params"], ours["params"])):
+                positions[pid] = (gi, pi, p, saved)
+        for pid, entry in state.items():
+            if pid not in positions:
+                raise ValueError(f"state_dict: state for parameter id {pid!r}, which no param group lists")
+            gi, pi, p, saved_group = positions[pid]
+            name = check.describe(gi, pi, p)
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"state_dict: state of {name} is not a dict")
+            expected = {"step", *self.buffer_names}
+            if saved_group["master_weights"] and p.dtype in check.LOW_PRECISION:
+                expected.add("master_param")
+            if set(entry) != expected:
+                raise ValueError(f"state_dict: state of {name} has keys {sorted(entry)}, expected {sorted(expected)}")
+            for key, value in entry.items():
+                if not isinstance(value, Tensor) or not value.is_floating_point():
+                    raise ValueError(f"state_dict: state[{key!r}] of {name} must be a floating tensor")
+                want = torch.Size([]) if key == "step" else p.shape
+                if value.shape != want and not (key == "step" and value.numel() == 1):
+                    raise ValueError(f"state_dict: state[{key!r}] of {name} has shape {tuple(value.shape)}, "
+                                     f"expected {tuple(want)}")

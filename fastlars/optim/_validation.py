@@ -1,0 +1,151 @@
+"""Argument checks shared by the optimizers. Every error names the offending option or tensor.
+
+All checks run before anything is mutated, so a rejected call leaves the optimizer as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastlars import backends
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def check_lr(lr: Any, where: str = "lr") -> None:
+    """lr must be a finite float ≥ 0 or a one-element floating tensor holding one."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"{where}: a tensor learning rate must be a one-element floating tensor, got {lr!r}")
+        if lr.requires_grad:
+            raise ValueError(f"{where}: a tensor learning rate must not require grad")
+        value = float(lr.detach().reshape(()).cpu())
+    elif isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        value = float(lr)
+    else:
+        raise TypeError(f"{where}: expected a float or a 0-d tensor, got {type(lr).__name__}")
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"{where}: invalid learning rate {value} (must be finite and >= 0)")
+
+
+def check_non_negative(name: str, value: Any) -> None:
+    """A finite real number ≥ 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"{name}: invalid value {value} (must be finite and >= 0)")
+
+
+def check_unit_interval(name: str, value: Any) -> None:
+    """A number in [0, 1)."""
+    check_non_negative(name, value)
+    if not value < 1.0:
+        raise ValueError(f"{name}: invalid value {value} (must be in [0, 1))")
+
+
+def check_betas(betas: Any) -> None:
+    """Two numbers, each in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+    check_unit_interval("betas[0]", betas[0])
+    check_unit_interval("betas[1]", betas[1])
+
+
+def check_bool(name: str, value: Any) -> None:
+    """A real bool (catches strings such as "False")."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+
+
+def check_optional_bool(name: str, value: Any) -> None:
+    """None or a bool."""
+    if value is not None:
+        check_bool(name, value)
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """One of a fixed set of strings."""
+    if value not in choices:
+        raise ValueError(f"{name}: invalid value {value!r}; choose one of {', '.join(map(repr, choices))}")
+
+
+def check_bounds(bounds: Any) -> None:
+    """None or (lo, hi) with 0 ≤ lo ≤ hi."""
+    if bounds is None:
+        return
+    if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+        raise ValueError(f"trust_ratio_bounds: expected None or a pair (lo, hi), got {bounds!r}")
+    check_non_negative("trust_ratio_bounds[0]", bounds[0])
+    check_non_negative("trust_ratio_bounds[1]", bounds[1])
+    if bounds[0] > bounds[1]:
+        raise ValueError(f"trust_ratio_bounds: lo={bounds[0]} is greater than hi={bounds[1]}")
+
+
+def check_max_grad_norm(value: Any) -> None:
+    """None, 0 (both disable clipping) or a positive number."""
+    if value is not None:
+        check_non_negative("max_grad_norm", value)
+
+
+def check_common_options(group: Mapping[str, Any]) -> None:
+    """Options LARS and LAMB share."""
+    check_lr(group["lr"])
+    check_non_negative("weight_decay", group["weight_decay"])
+    check_non_negative("eps", group["eps"])
+    check_bool("trust_clip", group["trust_clip"])
+    check_optional_bool("adapt", group["adapt"])
+    check_bounds(group["trust_ratio_bounds"])
+    check_bool("maximize", group["maximize"])
+    check_bool("capturable", group["capturable"])
+    check_bool("master_weights", group["master_weights"])
+    backends.validate_backend_name(group["backend"])
+
+
+def describe(group_index: int, param_index: int, tensor: Tensor) -> str:
+    """How errors name a parameter: its position in param_groups plus shape and dtype."""
+    shape = tuple(tensor.shape)
+    return f"param_groups[{group_index}]['params'][{param_index}] (shape {shape}, {tensor.dtype})"
+
+
+def check_group_params(group_index: int, params: list[Any], capturable: bool, lr: Any) -> None:
+    """Parameters of a group: floating tensors of a supported dtype, all on one device."""
+    device = None
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"param_groups[{group_index}]['params'][{i}]: expected a Tensor, got {type(p).__name__}")
+        name = describe(group_index, i, p)
+        if p.is_complex():
+            raise ValueError(f"{name}: complex parameters are not supported")
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name}: dtype {p.dtype} is not supported; use float32, float16 or bfloat16")
+        if p.is_sparse:
+            raise ValueError(f"{name}: sparse parameters are not supported")
+        if device is None:
+            device = p.device
+        elif p.device != device:
+            raise ValueError(f"{name}: is on {p.device} but the group's first parameter is on {device}; "
+                             "put a group's parameters on one device")
+    if capturable and isinstance(lr, Tensor) and device is not None and lr.device != device:
+        raise ValueError(f"lr: with capturable=True a tensor lr must live on the parameters' device {device}, "
+                         f"not {lr.device}")
+
+
+def check_grad(group_index: int, param_index: int, param: Tensor, grad: Tensor) -> None:
+    """A gradient the kernels can use: dense, real, same dtype, device and shape as its parameter."""
+    name = describe(group_index, param_index, param)
+    if grad.is_sparse:
+        raise RuntimeError(f"{name}: sparse gradients are not supported")
+    if grad.is_complex():
+        raise RuntimeError(f"{name}: complex gradients are not supported")
+    if grad.device != param.device:
+        raise RuntimeError(f"{name}: gradient is on {grad.device}, parameter on {param.device}")
+    if grad.dtype != param.dtype:
+        raise RuntimeError(f"{name}: gradient dtype {grad.dtype} differs from the parameter's {param.dtype}")
+    if grad.shape != param.shape:
+        raise RuntimeError(f"{name}: gradient shape {tuple(grad.shape)} differs from the parameter's")

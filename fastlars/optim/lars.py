@@ -1,0 +1,134 @@
+"""fastlars.LARS: layer-wise adaptive rate scaling with momentum (You, Gitman & Ginsburg 2017)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import Tensor
+
+from fastlars import functional
+from fastlars.backends._common import Scalar
+from fastlars.optim import _validation as check
+from fastlars.optim._base import GroupWork, TrustRatioOptimizer
+
+MOMENTUM_STYLES = ("mlperf", "torch")
+
+
+class LARS(TrustRatioOptimizer):
+    r"""LARS with momentum, in the MLPerf ResNet-50 form by default.
+
+    For each parameter tensor w with gradient g (unscaled when a GradScaler drives the step)::
+
+        d     = g + λ·w
+        ratio = η·||w|| / (||g|| + λ·||w|| + ε)     if ||w|| > 0 and ||g|| > 0, else 1
+                trust_clip: ratio = min(ratio / lr, 1)   (LARC "clip")
+                trust_ratio_bounds=(lo, hi): ratio = clamp(ratio, lo, hi)
+                groups that do not adapt: ratio = 1
+        momentum_style="mlperf":  v = μ·v + lr·ratio·d ;  w = w − v    (nesterov: w − (μ·v + lr·ratio·d))
+        momentum_style="torch":   v = μ·v + ratio·d    ;  w = w − lr·v (nesterov: w − lr·(μ·v + ratio·d))
+
+    The two momentum styles differ only when lr changes between steps: "mlperf" (lr inside the
+    buffer) is MLPerf's and TensorFlow's; "torch" (lr outside) is timm's ``Lars`` and apex LARC+SGD.
+
+    Args:
+        params: parameters or param-group dicts; every option below can be overridden per group.
+        lr: learning rate (float, or a 0-d tensor; on the params' device when capturable).
+        momentum: μ.
+        weight_decay: λ, added to the gradient (and to the ratio's denominator).
+        trust_coefficient: η.
+        eps: ε in the ratio's denominator.
+        nesterov: Nesterov momentum.
+        trust_clip: LARC clipping, ratio = min(ratio / lr, 1).
+        momentum_style: "mlperf" or "torch", see above.
+        adapt: apply the ratio; None means "where weight_decay ≠ 0" (apex, timm, MLPerf).
+        trust_ratio_bounds: optional (lo, hi) clamp of the ratio (DeepSpeed uses (0.01, 10)).
+        maximize: ascend instead of descend.
+        capturable: check that a tensor lr lives on the device, so CUDA graphs replay a changing lr;
+            step() never synchronises with the device either way.
+        master_weights: keep fp32 copies of fp16/bf16 params (and fp32 momentum) in the state.
+        backend: "auto", "reference", "foreach", "triton" or "native".
+    """
+
+    buffer_names = ("momentum_buffer",)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: Scalar,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+        eps: float = 0.0,
+        nesterov: bool = False,
+        trust_clip: bool = False,
+        momentum_style: str = "mlperf",
+        adapt: bool | None = None,
+        trust_ratio_bounds: tuple[float, float] | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        master_weights: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            eps=eps,
+            nesterov=nesterov,
+            trust_clip=trust_clip,
+            momentum_style=momentum_style,
+            adapt=adapt,
+            trust_ratio_bounds=trust_ratio_bounds,
+            maximize=maximize,
+            capturable=capturable,
+            master_weights=master_weights,
+            backend=backend,
+        )
+        super().__init__(params, defaults)
+
+    def _check_options(self, group: Mapping[str, Any]) -> None:
+        super()._check_options(group)
+        check.check_non_negative("momentum", group["momentum"])
+        check.check_non_negative("trust_coefficient", group["trust_coefficient"])
+        check.check_bool("nesterov", group["nesterov"])
+        check.check_choice("momentum_style", group["momentum_style"], MOMENTUM_STYLES)
+        if group["nesterov"] and group["momentum"] == 0:
+            raise ValueError("nesterov: Nesterov momentum requires momentum > 0")
+
+    def _update_group(
+        self,
+        item: GroupWork,
+        steps: list[Tensor],
+        item_norms: Tensor | None,
+        all_norms: list[Tensor | None],
+        grad_scale: Tensor | None,
+        found_inf: Tensor,
+    ) -> None:
+        g = item.group
+        functional.lars_step(
+            item.params,
+            item.grads,
+            [self.state[p]["momentum_buffer"] for p in item.params],
+            lr=g["lr"],
+            momentum=g["momentum"],
+            weight_decay=g["weight_decay"],
+            trust_coefficient=g["trust_coefficient"],
+            eps=g["eps"],
+            nesterov=g["nesterov"],
+            trust_clip=g["trust_clip"],
+            momentum_style=g["momentum_style"],
+            adapt=self.adapts(g),
+            trust_ratio_bounds=_pair(g["trust_ratio_bounds"]),
+            maximize=g["maximize"],
+            master_params=self._masters(item),
+            grad_norms=item_norms,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            backend=item.backend,
+        )
+
+
+def _pair(bounds: Any) -> tuple[float, float] | None:
+    return None if bounds is None else (float(bounds[0]), float(bounds[1]))
