@@ -42,7 +42,7 @@ def _find_cuda_home() -> str | None:
                     candidates.append(str(Path(word).parent.parent))
         except OSError:
             pass
-    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
     return next((c for c in candidates if _has_runtime_header(c)), None)
 
 
@@ -80,7 +80,7 @@ def _extensions() -> tuple[list, dict]:
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     cxx_flags = ["-O3"]  # torch adds the C++ standard it needs (C++20 from 2.13)
-    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     include_dirs = [str(ROOT / "csrc")]
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))

@@ -95,7 +95,9 @@ def run_trajectory(
 def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str = "") -> None:
     """Compare within the tolerance of ``dtype`` (the parameters' storage dtype)."""
     atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(actual.float().cpu(), expected.float().cpu(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.float().cpu(), expected.float().cpu(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def assert_same_trajectory(a: tuple[list[Tensor], torch.optim.Optimizer],

@@ -185,10 +185,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
             p = id_to_param[pid]
             master = "master_param" in entry
             for key, value in entry.items():
-                if key in ("step", "master_param") or master:
-                    dtype = torch.float32
-                else:
-                    dtype = p.dtype
+                dtype = torch.float32 if key in ("step", "master_param") or master else p.dtype
                 self.state[p][key] = value.to(device=p.device, dtype=dtype).clone()
         for group, backend in zip(self.param_groups, backends_now):
             group["backend"] = backend
