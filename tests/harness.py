@@ -115,3 +115,18 @@ def assert_same_trajectory(a: tuple[list[Tensor], torch.optim.Optimizer],
 def options_grid(base: dict[str, Any], variants: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """``base`` updated by each variant (for parametrize)."""
     return [{**base, **v} for v in variants]
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    """||actual − expected|| / ||expected|| in float64 (0 when both are empty or zero)."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    scale = e.norm().item()
+    diff = (a - e).norm().item()
+    return diff if scale == 0 else diff / scale
+
+
+def assert_params_match(actual: Sequence[Tensor], expected: Sequence[Tensor], tol: float = 1e-5) -> None:
+    """Each pair of tensors agrees to a norm-relative error of ``tol``."""
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        err = relative_error(a, e)
+        assert err <= tol, f"tensor {i} {tuple(a.shape)}: relative error {err:.3g} > {tol}"
