@@ -6,13 +6,13 @@ for each backend that runs here. fp32 runs are compared with float64 formulas by
 
 from __future__ import annotations
 
-import formulas
 import numpy as np
 import pytest
 import torch
-from harness import SHAPES, lr_at, make_params, synthetic_grads
 
 import fastlars
+import formulas
+from harness import SHAPES, lr_at, make_params, synthetic_grads
 
 STEPS = 30
 BACKENDS = [b for b in fastlars.available_backends("cpu") if b != "triton"]

@@ -3,16 +3,16 @@ in the configurations where their semantics coincide with ours, plus the compat 
 
 from __future__ import annotations
 
-import formulas
 import numpy as np
 import pytest
 import timm.optim
 import torch
 import torch_optimizer
-from harness import SHAPES, assert_params_match, lr_at, make_params, synthetic_grads
 
 import fastlars
+import formulas
 from fastlars import compat
+from harness import SHAPES, assert_params_match, lr_at, make_params, synthetic_grads
 
 BACKENDS = [b for b in fastlars.available_backends("cpu") if b != "triton"]
 SMALL_SHAPES = [(1,), (7,), (3, 5), (9, 11), (4, 2, 3, 3)]  # ||w|| < 10: torch_optimizer clamps ||w|| at 10

@@ -161,7 +161,7 @@ def _trained(cls, base):
     ],
 )
 def test_corrupt_state_dict_is_rejected_and_nothing_changes(cls, base, corrupt, match) -> None:
-    p, opt = _trained(cls, base)
+    _, opt = _trained(cls, base)
     sd = copy.deepcopy(opt.state_dict())
     corrupt(sd)
     before = copy.deepcopy(opt.state_dict())
@@ -175,9 +175,10 @@ def test_corrupt_state_dict_is_rejected_and_nothing_changes(cls, base, corrupt, 
 
 @pytest.mark.parametrize("cls,base", OPTIMIZERS)
 def test_state_dict_with_wrong_shape_names_the_tensor(cls, base) -> None:
-    p, opt = _trained(cls, base)
+    _, opt = _trained(cls, base)
     sd = copy.deepcopy(opt.state_dict())
     key = next(k for k in sd["state"][0] if k != "step")
     sd["state"][0][key] = torch.zeros(7)
-    with pytest.raises(ValueError, match=rf"state\['{key}'\] of param_groups\[0\]\['params'\]\[0\] .* has shape \(7,\)"):
+    where = rf"state\['{key}'\] of param_groups\[0\]\['params'\]\[0\] .* has shape \(7,\)"
+    with pytest.raises(ValueError, match=where):
         opt.load_state_dict(sd)

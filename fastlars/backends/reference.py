@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastlars.backends._common import LarsHyper, LambHyper, Scalar
+from fastlars.backends._common import LambHyper, LarsHyper, Scalar
 
 
 def unavailable_reason(device: torch.device) -> str | None:
