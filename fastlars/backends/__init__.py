@@ -41,9 +41,16 @@ def validate_backend_name(name: object) -> str:
     return str(name)
 
 
+_LOADED: dict[str, ModuleType] = {}
+
+
 def load(name: str) -> ModuleType:
-    """Import a backend module by name."""
-    return importlib.import_module(_MODULES[validate_backend_name(name)])
+    """Import a backend module by name (cached, so a traced step sees a plain dict lookup)."""
+    module = _LOADED.get(name)
+    if module is None:
+        module = importlib.import_module(_MODULES[validate_backend_name(name)])
+        _LOADED[name] = module
+    return module
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:

@@ -5,8 +5,8 @@ lists: a handful of multi-tensor launches per stage instead of a dozen launches 
 per-tensor trust ratios are computed as one vector and broadcast back as 0-d tensors.
 
 Skipping (``found_inf``): a flag on the CPU is read directly, which costs no device synchronisation;
-a flag on an accelerator is applied with a per-tensor ``torch.where`` so nothing waits on the device
-(foreach has no masked copy).
+a flag on an accelerator (or any flag while torch.compile traces) is applied with a per-tensor
+``torch.where`` so nothing waits on the device (foreach has no masked copy).
 """
 
 from __future__ import annotations
@@ -146,14 +146,19 @@ def _true_grads(grads: list[Tensor], grad_scale: Tensor | None, maximize: bool) 
     return g
 
 
+def _flag_read_on_host(found_inf: Tensor | None) -> bool:
+    """Whether the skip flag is read in Python: only a CPU flag outside torch.compile tracing."""
+    return found_inf is not None and found_inf.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _skip_on_host(found_inf: Tensor | None) -> bool:
-    """True when a CPU-resident flag says to skip; device flags are never read on the host."""
-    return found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf.reshape(-1)[0] != 0)
+    """True when a host-read flag says to skip; device flags are never read on the host."""
+    return _flag_read_on_host(found_inf) and bool(found_inf.reshape(-1)[0] != 0)
 
 
 def _commit(dst: list[Tensor], new: list[Tensor], found_inf: Tensor | None) -> None:
-    """dst ← new, keeping dst wherever a device-resident found_inf is set."""
-    if found_inf is None or found_inf.device.type == "cpu":
+    """dst ← new, keeping dst wherever a flag that is not read on the host is set."""
+    if found_inf is None or _flag_read_on_host(found_inf):
         torch._foreach_copy_(dst, new)
         return
     skip = found_inf.reshape(()) != 0

@@ -53,6 +53,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._check_options(defaults)
         self._skipped: Tensor | None = None
+        self._resolved: dict[tuple[int, torch.device], str] = {}
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- options and groups
@@ -76,6 +77,8 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         if params and merged["backend"] != "auto":
             backends.resolve(merged["backend"], params[0].device)
         super().add_param_group({**param_group, "params": params})
+        if params:
+            self._backend_for(index, params[0].device)
 
     @staticmethod
     def adapts(group: Mapping[str, Any]) -> bool:
@@ -99,9 +102,16 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
                 item.params.append(p)
                 item.grads.append(p.grad)
             if item.params:
-                item.backend = backends.resolve(group["backend"], item.device)
+                item.backend = self._backend_for(gi, item.device)
                 work.append(item)
         return work
+
+    def _backend_for(self, group_index: int, device: torch.device) -> str:
+        """The group's concrete backend on ``device``, resolved once (torch.compile then sees a lookup)."""
+        key = (group_index, device)
+        if key not in self._resolved:
+            self._resolved[key] = backends.resolve(self.param_groups[group_index]["backend"], device)
+        return self._resolved[key]
 
     def _keeps_master(self, group: Mapping[str, Any], p: Tensor) -> bool:
         return bool(group["master_weights"]) and p.dtype in check.LOW_PRECISION
@@ -152,7 +162,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         keep = 1.0 - found_inf
         for item, item_norms in zip(work, norms):
             steps = [self.state[p]["step"] for p in item.params]
-            torch._foreach_add_(steps, keep.to(item.device, non_blocking=True))
+            torch._foreach_add_(steps, [keep.to(item.device, non_blocking=True)] * len(steps))
             self._update_group(item, steps, item_norms, norms, grad_scale, found_inf.to(item.device))
         return loss
 
@@ -189,6 +199,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
                 self.state[p][key] = value.to(device=p.device, dtype=dtype).clone()
         for group, backend in zip(self.param_groups, backends_now):
             group["backend"] = backend
+        self._resolved.clear()
         skipped = int(state_dict.get("skipped_steps", 0))
         home = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else "cpu"
         self._skipped = torch.tensor(float(skipped), device=home)
