@@ -7,6 +7,10 @@ in :mod:`fastlars.backends.reference`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -51,6 +55,7 @@ def lars_step(
     maximize: bool = False,
     master_params: list[Tensor] | None = None,
     grad_norms: Tensor | None = None,
+    weight_norms: Tensor | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     backend: str = "auto",
@@ -62,7 +67,8 @@ def lars_step(
 
     ``grad_norms`` may carry precomputed ||g|| (of the unscaled gradients); ``master_params`` are fp32
     copies updated instead of low-precision params, which then receive the rounded result. Nothing is
-    written when ``found_inf`` is non-zero.
+    written when ``found_inf`` is non-zero. ``weight_norms`` (foreach backend only) carries
+    precomputed whole-tensor ||w|| when the tensors are shards (fastlars.distributed).
     """
     if not params:
         return
@@ -81,6 +87,7 @@ def lars_step(
     impl = backends.load(backends.resolve(backend, params[0].device))
     if grad_norms is None:
         grad_norms = impl.grad_norms(grads, grad_scale)
+    extra = {} if weight_norms is None else {"weight_norms": _needs_foreach(impl, "weight_norms", weight_norms)}
     impl.lars_step(
         params,
         grads,
@@ -91,6 +98,7 @@ def lars_step(
         h=hyper,
         grad_scale=grad_scale,
         found_inf=found_inf,
+        **extra,
     )
 
 
@@ -117,6 +125,7 @@ def lamb_step(
     master_params: list[Tensor] | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    reduce_sumsq: Callable[[Tensor], Tensor] | None = None,
     backend: str = "auto",
 ) -> None:
     """One LAMB update of ``params``, ``exp_avgs`` (m) and ``exp_avg_sqs`` (v) in place.
@@ -126,7 +135,8 @@ def lamb_step(
 
     ``steps[i]`` holds t for this update (already counted by the caller). ``global_grad_norm`` is
     ||G|| over every gradient the clip covers; when None and clipping is on, it is computed from
-    ``grads``. Nothing is written when ``found_inf`` is non-zero.
+    ``grads``. Nothing is written when ``found_inf`` is non-zero. ``reduce_sumsq`` (foreach backend
+    only) sums the per-tensor Σw², Σu² of shards over ranks, giving whole-tensor norms.
     """
     if not params:
         return
@@ -149,6 +159,7 @@ def lamb_step(
         if global_grad_norm is None:
             global_grad_norm = global_norm([impl.grad_norms(grads, grad_scale)])
         clip_coef = lamb_clip_coefficient(global_grad_norm, max_grad_norm)
+    extra = {} if reduce_sumsq is None else {"reduce_sumsq": _needs_foreach(impl, "reduce_sumsq", reduce_sumsq)}
     impl.lamb_step(
         params,
         grads,
@@ -161,4 +172,12 @@ def lamb_step(
         clip_coef=clip_coef,
         grad_scale=grad_scale,
         found_inf=found_inf,
+        **extra,
     )
+
+
+def _needs_foreach(impl: ModuleType, name: str, value: Any) -> Any:
+    """Sharded-norm arguments exist in the foreach backend only."""
+    if impl is not backends.load("foreach"):
+        raise ValueError(f"{name}: only the foreach backend accepts it (used for sharded parameters)")
+    return value

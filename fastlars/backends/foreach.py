@@ -11,6 +11,8 @@ a flag on an accelerator (or any flag while torch.compile traces) is applied wit
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -44,16 +46,21 @@ def lars_step(
     h: LarsHyper,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    weight_norms: Tensor | None = None,
 ) -> None:
-    """LARS over a tensor list; the maths of ``reference.lars_step``."""
+    """LARS over a tensor list; the maths of ``reference.lars_step``.
+
+    ``weight_norms``: whole-tensor ||w|| computed elsewhere (the tensors are shards), else computed here.
+    """
     if not params or _skip_on_host(found_inf):
         return
     weights = master_params if master_params is not None else params
     w = _as_fp32(weights)
     g = _true_grads(grads, grad_scale, h.maximize)
     d = torch._foreach_add(g, w, alpha=h.weight_decay) if h.weight_decay != 0.0 else g
-    w_norms = torch.stack(torch._foreach_norm(w, dtype=torch.float32))
-    ratios = lars_trust_ratio(w_norms, grad_norms.to(w_norms.device), lr, h)
+    if weight_norms is None:
+        weight_norms = torch.stack(torch._foreach_norm(w, dtype=torch.float32))
+    ratios = lars_trust_ratio(weight_norms, grad_norms.to(weight_norms.device), lr, h)
     ratios = ratios.expand(len(params))
     v = torch._foreach_mul(_as_fp32(momentum_buffers), h.momentum)
     if h.momentum_style == "mlperf":
@@ -90,8 +97,13 @@ def lamb_step(
     clip_coef: Tensor | None,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    reduce_sumsq: Callable[[Tensor], Tensor] | None = None,
 ) -> None:
-    """LAMB over a tensor list; the maths of ``reference.lamb_step``."""
+    """LAMB over a tensor list; the maths of ``reference.lamb_step``.
+
+    ``reduce_sumsq``: the tensors are shards; it sums the vector [Σw_i², Σu_i²] over the ranks so the
+    ratio uses whole-tensor norms (one collective for the whole group).
+    """
     if not params or _skip_on_host(found_inf):
         return
     weights = master_params if master_params is not None else params
@@ -122,6 +134,10 @@ def lamb_step(
             torch._foreach_add_(u, w, alpha=h.weight_decay)
     w_norms = torch.stack(torch._foreach_norm(w, dtype=torch.float32))
     u_norms = torch.stack(torch._foreach_norm(u, dtype=torch.float32))
+    if reduce_sumsq is not None:
+        n = len(params)
+        totals = reduce_sumsq(torch.cat([w_norms.square(), u_norms.square()])).sqrt()
+        w_norms, u_norms = totals[:n], totals[n:]
     ratios = lamb_trust_ratio(w_norms, u_norms, h).expand(len(params))
     torch._foreach_mul_(u, list((lr * ratios).unbind(0)))
     w_new = torch._foreach_sub(w, u)

@@ -22,22 +22,36 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastlars import backends, functional
+from fastlars import backends, distributed, functional
 from fastlars.optim import _validation as check
 
 
 @dataclass
 class GroupWork:
-    """The tensors of one param group that take part in this step."""
+    """The tensors of one param group that take part in this step, and what the step learns of them."""
 
     group: dict[str, Any]
     params: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
     backend: str = "foreach"
+    reduce: distributed.Reducer | None = None
+    """For DTensor-sharded groups: sums per-tensor statistics over the ranks holding the shards."""
+    grad_norms: Tensor | None = None
+    weight_norms: Tensor | None = None
 
     @property
     def device(self) -> torch.device:
-        return self.params[0].device
+        return distributed.local(self.params[0]).device
+
+
+@dataclass
+class GroupViews:
+    """The tensors an update touches; local slices for sharded groups (writes reach the parameters)."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    buffers: dict[str, list[Tensor]]
+    masters: list[Tensor] | None
 
 
 class TrustRatioOptimizer(torch.optim.Optimizer):
@@ -47,13 +61,19 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
     buffer_names: tuple[str, ...] = ()
     """Per-parameter state buffers the algorithm keeps besides ``step`` and ``master_param``."""
 
-    # Subclasses define ``_update_group(item, steps, item_norms, all_norms, grad_scale, found_inf)``,
+    sharded_weight_norms: bool = False
+    """Whether sharded groups reduce ||w|| in the gradient-statistics all-reduce (LARS: yes)."""
+
+    # Subclasses define ``_update_group(item, views, steps, grad_scale, found_inf, global_grad_norm)``,
     # which calls their functional update for one group.
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._check_options(defaults)
         self._skipped: Tensor | None = None
         self._resolved: dict[tuple[int, torch.device], str] = {}
+        self.stats_group: Any | None = None
+        """A process group over which the skip flag and LAMB's ||G|| are summed every step (set by
+        fastlars.distributed.zero_redundancy_optimizer); None: this optimizer's tensors only."""
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- options and groups
@@ -102,7 +122,12 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
                 item.params.append(p)
                 item.grads.append(p.grad)
             if item.params:
-                item.backend = self._backend_for(gi, item.device)
+                if distributed.is_sharded(item.params[0]):
+                    # whole-tensor norms need the shard all-reduce, which the foreach backend takes
+                    item.reduce = distributed.sum_over(distributed.shard_groups(item.params))
+                    item.backend = "foreach"
+                else:
+                    item.backend = self._backend_for(gi, item.device)
                 work.append(item)
         return work
 
@@ -141,30 +166,90 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._gather()
-        if not work:
+        if not work and self.stats_group is None:
             return loss
         for item in work:
             self._init_state(item)
 
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         scaler_found_inf: Tensor | None = getattr(self, "found_inf", None)
-        norms: list[Tensor | None] = [None] * len(work)
-        if self._needs_grad_norms(scaler_found_inf, work):
-            norms = [functional.grad_norms(w.grads, grad_scale, backend=w.backend) for w in work]
-        home = work[0].device
-        if scaler_found_inf is not None:
-            found_inf = scaler_found_inf.to(home, torch.float32, non_blocking=True).reshape(())
-        else:
-            flags = [(~torch.isfinite(n)).any().to(home, non_blocking=True) for n in norms if n is not None]
-            found_inf = torch.stack(flags).any().float()
+        flags = self._gradient_statistics(work, grad_scale, scaler_found_inf)
+        home = work[0].device if work else self._home_device()
+        found_inf = torch.stack([f.to(home, torch.float32, non_blocking=True).reshape(()) for f in flags]).amax()
+        global_grad_norm = None
+        if any(item.group.get("max_grad_norm") for item in work) or self.stats_group is not None:
+            global_grad_norm = functional.global_norm([i.grad_norms for i in work if i.grad_norms is not None]
+                                                      or [torch.zeros(0, device=home)])
+        if self.stats_group is not None:
+            found_inf, global_grad_norm = self._reduce_over_stats_group(found_inf, global_grad_norm)
+        found_inf = (found_inf > 0).float()
         self._skipped = found_inf.clone() if self._skipped is None else self._skipped.add_(found_inf)
 
         keep = 1.0 - found_inf
-        for item, item_norms in zip(work, norms):
+        for item in work:
             steps = [self.state[p]["step"] for p in item.params]
             torch._foreach_add_(steps, [keep.to(item.device, non_blocking=True)] * len(steps))
-            self._update_group(item, steps, item_norms, norms, grad_scale, found_inf.to(item.device))
+            views = self._views(item)
+            gnorm = None if global_grad_norm is None else global_grad_norm.to(item.device)
+            self._update_group(item, views, steps, grad_scale, found_inf.to(item.device), gnorm)
         return loss
+
+    def _gradient_statistics(
+        self, work: list[GroupWork], grad_scale: Tensor | None, scaler_found_inf: Tensor | None
+    ) -> list[Tensor]:
+        """Fill each group's grad_norms (and sharded weight_norms); return the skip flags to combine.
+
+        Sharded groups sum [||g_i||², (||w_i||²,) scaler flag] over their shards in ONE all-reduce.
+        """
+        flags = [] if scaler_found_inf is None else [scaler_found_inf]
+        needs_norms = self._needs_grad_norms(scaler_found_inf, work)
+        for item in work:
+            if item.reduce is not None:
+                self._sharded_statistics(item, grad_scale, scaler_found_inf)
+            elif needs_norms:
+                item.grad_norms = functional.grad_norms(item.grads, grad_scale, backend=item.backend)
+            if item.grad_norms is not None:
+                flags.append((~torch.isfinite(item.grad_norms)).any())
+        if not flags:  # nothing to check on this rank (ZeRO partition without gradients)
+            flags.append(torch.zeros((), device=self._home_device()))
+        return flags
+
+    def _sharded_statistics(self, item: GroupWork, grad_scale: Tensor | None, scaler_found_inf: Tensor | None) -> None:
+        n = len(item.params)
+        local_grads = [distributed.local(g) for g in item.grads]
+        parts = [functional.grad_norms(local_grads, grad_scale, backend="foreach").square()]
+        if self.sharded_weight_norms:
+            weights = [distributed.local(w) for w in (self._masters(item) or item.params)]
+            parts.append(functional.grad_norms(weights, None, backend="foreach").square())
+        flag = torch.zeros(1, device=item.device) if scaler_found_inf is None else scaler_found_inf
+        parts.append(flag.to(item.device, torch.float32).reshape(1))
+        totals = item.reduce(torch.cat([p.to(item.device) for p in parts]))
+        item.grad_norms = totals[:n].sqrt()
+        if self.sharded_weight_norms:
+            item.weight_norms = totals[n : 2 * n].sqrt()
+        if scaler_found_inf is not None:  # one rank's overflow skips the step on every rank
+            item.grad_norms = item.grad_norms + torch.where(totals[-1] > 0, float("inf"), 0.0)
+
+    def _reduce_over_stats_group(self, found_inf: Tensor, global_grad_norm: Tensor) -> tuple[Tensor, Tensor]:
+        stats = torch.stack([found_inf.float(), global_grad_norm.float().square()])
+        torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.SUM, group=self.stats_group)
+        return stats[0], stats[1].sqrt()
+
+    def _home_device(self) -> torch.device:
+        for group in self.param_groups:
+            if group["params"]:
+                return distributed.local(group["params"][0]).device
+        return torch.device("cpu")
+
+    def _views(self, item: GroupWork) -> GroupViews:
+        local = distributed.local
+        masters = self._masters(item)
+        return GroupViews(
+            params=[local(p) for p in item.params],
+            grads=[local(g) for g in item.grads],
+            buffers={name: [local(self.state[p][name]) for p in item.params] for name in self.buffer_names},
+            masters=None if masters is None else [local(m) for m in masters],
+        )
 
     def _masters(self, item: GroupWork) -> list[Tensor] | None:
         """fp32 master copies for the group's params, or None when the group keeps none."""

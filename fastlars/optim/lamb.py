@@ -10,7 +10,7 @@ from torch import Tensor
 from fastlars import functional
 from fastlars.backends._common import Scalar
 from fastlars.optim import _validation as check
-from fastlars.optim._base import GroupWork, TrustRatioOptimizer
+from fastlars.optim._base import GroupViews, GroupWork, TrustRatioOptimizer
 from fastlars.optim.lars import _pair
 
 
@@ -104,21 +104,18 @@ class LAMB(TrustRatioOptimizer):
     def _update_group(
         self,
         item: GroupWork,
+        views: GroupViews,
         steps: list[Tensor],
-        item_norms: Tensor | None,
-        all_norms: list[Tensor | None],
         grad_scale: Tensor | None,
         found_inf: Tensor,
+        global_grad_norm: Tensor | None,
     ) -> None:
         g = item.group
-        global_grad_norm = None
-        if g["max_grad_norm"]:
-            global_grad_norm = functional.global_norm([n for n in all_norms if n is not None]).to(item.device)
         functional.lamb_step(
-            item.params,
-            item.grads,
-            [self.state[p]["exp_avg"] for p in item.params],
-            [self.state[p]["exp_avg_sq"] for p in item.params],
+            views.params,
+            views.grads,
+            views.buffers["exp_avg"],
+            views.buffers["exp_avg_sq"],
             steps,
             lr=g["lr"],
             betas=(float(g["betas"][0]), float(g["betas"][1])),
@@ -133,8 +130,9 @@ class LAMB(TrustRatioOptimizer):
             adapt=self.adapts(g),
             trust_ratio_bounds=_pair(g["trust_ratio_bounds"]),
             maximize=g["maximize"],
-            master_params=self._masters(item),
+            master_params=views.masters,
             grad_scale=grad_scale,
             found_inf=found_inf,
+            reduce_sumsq=item.reduce,
             backend=item.backend,
         )

@@ -10,7 +10,7 @@ from torch import Tensor
 from fastlars import functional
 from fastlars.backends._common import Scalar
 from fastlars.optim import _validation as check
-from fastlars.optim._base import GroupWork, TrustRatioOptimizer
+from fastlars.optim._base import GroupViews, GroupWork, TrustRatioOptimizer
 
 MOMENTUM_STYLES = ("mlperf", "torch")
 
@@ -51,6 +51,7 @@ class LARS(TrustRatioOptimizer):
     """
 
     buffer_names = ("momentum_buffer",)
+    sharded_weight_norms = True
 
     def __init__(
         self,
@@ -100,17 +101,17 @@ class LARS(TrustRatioOptimizer):
     def _update_group(
         self,
         item: GroupWork,
+        views: GroupViews,
         steps: list[Tensor],
-        item_norms: Tensor | None,
-        all_norms: list[Tensor | None],
         grad_scale: Tensor | None,
         found_inf: Tensor,
+        global_grad_norm: Tensor | None,
     ) -> None:
         g = item.group
         functional.lars_step(
-            item.params,
-            item.grads,
-            [self.state[p]["momentum_buffer"] for p in item.params],
+            views.params,
+            views.grads,
+            views.buffers["momentum_buffer"],
             lr=g["lr"],
             momentum=g["momentum"],
             weight_decay=g["weight_decay"],
@@ -122,8 +123,9 @@ class LARS(TrustRatioOptimizer):
             adapt=self.adapts(g),
             trust_ratio_bounds=_pair(g["trust_ratio_bounds"]),
             maximize=g["maximize"],
-            master_params=self._masters(item),
-            grad_norms=item_norms,
+            master_params=views.masters,
+            grad_norms=item.grad_norms,
+            weight_norms=item.weight_norms,
             grad_scale=grad_scale,
             found_inf=found_inf,
             backend=item.backend,
