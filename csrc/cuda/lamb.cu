@@ -1,0 +1,182 @@
+// Multi-tensor LAMB on CUDA, one wave of tensors at a time (see chunk_plan.h):
+//
+//   pass 1   recompute m', v', u from (w, g, m, v) without writing them; per chunk Σw², Σu²
+//            (reads w, g, m, v: 16 B/elem in fp32)
+//   ratios   r_i = lamb_ratio(||w_i||, ||u_i||) from the chunk partials, fixed order, no atomics
+//   pass 2   recompute u and write w − lr·r·u, m', v' (reads w, g, m, v; writes w, m, v: 28 B/elem)
+//
+// Recomputing u costs a few FLOPs per element instead of storing it (apex writes u into the grad
+// buffer and reads it back: +8 B/elem); a wave's tensors are sized so that pass 2 finds them in
+// L2. Groups that do not adapt skip pass 1 and the ratios (r = 1). When *found_inf != 0 nothing
+// is written; lr, t, the grad scale and the clip coefficient are read on the device (capturable).
+#include "launch.h"
+#include "multi_tensor_apply.cuh"
+#include "step_math.cuh"
+
+namespace fastlars::cuda {
+namespace {
+
+__device__ __forceinline__ float read_lr(const StepScalars& s) { return s.lr_ptr != nullptr ? *s.lr_ptr : s.lr; }
+
+__device__ __forceinline__ bool skipped(const StepScalars& s) { return s.found_inf != nullptr && *s.found_inf != 0.0f; }
+
+__device__ __forceinline__ math::LambConsts lamb_consts(const LambOptions& opt, const StepScalars& s, int idx) {
+  math::LambConsts c;
+  c.beta1 = opt.beta1;
+  c.beta2 = opt.beta2;
+  c.beta3 = opt.beta3;
+  c.one_minus_beta2 = opt.one_minus_beta2;
+  if (opt.bias_correction) {
+    const float t = opt.steps[idx];
+    c.bc1 = 1.0f - powf(opt.beta1, t);
+    c.bc2 = 1.0f - powf(opt.beta2, t);
+  } else {
+    c.bc1 = 1.0f;
+    c.bc2 = 1.0f;
+  }
+  c.eps = opt.eps;
+  c.weight_decay = opt.weight_decay;
+  c.lr = read_lr(s);
+  c.decoupled = opt.decoupled_decay;
+  return c;
+}
+
+// The lists of one slot, offset to a chunk. S: the dtype of m and v.
+template <typename T, typename S, bool Master>
+struct LambChunk {
+  T* p;
+  const T* g;
+  S* m;
+  S* v;
+  float* master;
+
+  __device__ LambChunk(const LambTable& t, int slot, int64_t begin)
+      : p(static_cast<T*>(t.ptr[0][slot]) + begin),
+        g(static_cast<const T*>(t.ptr[1][slot]) + begin),
+        m(static_cast<S*>(t.ptr[2][slot]) + begin),
+        v(static_cast<S*>(t.ptr[3][slot]) + begin),
+        master(Master ? static_cast<float*>(t.ptr[4][slot]) + begin : nullptr) {}
+
+  __device__ bool aligned() const {
+    bool ok = vec_aligned<T>(p) && vec_aligned<T>(g) && vec_aligned<S>(m) && vec_aligned<S>(v);
+    if constexpr (Master) ok = ok && vec_aligned<float>(master);
+    return ok;
+  }
+
+  // Loads W elements at i and computes the new moments and u in registers (w decayed when decoupled).
+  template <int W>
+  __device__ __forceinline__ void compute(int64_t i, const LambOptions& opt, const StepScalars& s,
+                                          const math::LambConsts& c, float clip, float (&w)[W], float (&mm)[W],
+                                          float (&vv)[W], float (&u)[W]) const {
+    float gr[W];
+    if constexpr (Master) {
+      load<W>(master, i, w);
+    } else {
+      load<W>(p, i, w);
+    }
+    load<W>(g, i, gr);
+    load<W>(m, i, mm);
+    load<W>(v, i, vv);
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      float gk = math::true_grad(gr[k], s.grad_scale, opt.maximize);
+      if (opt.clip_coef != nullptr) gk = gk * clip;
+      u[k] = math::lamb_element(w[k], mm[k], vv[k], gk, c);
+    }
+  }
+};
+
+template <typename T, bool Master>
+__global__ void __launch_bounds__(kThreads) lamb_pass1(const LambTable table, const LambOptions opt,
+                                                       const StepScalars s) {
+  using S = std::conditional_t<Master, float, T>;
+  if (skipped(s)) return;
+  const float clip = opt.clip_coef != nullptr ? *opt.clip_coef : 1.0f;
+  for_each_chunk(table, [&](int slot, int64_t c, int64_t begin, int64_t n) {
+    const LambChunk<T, S, Master> chunk(table, slot, begin);
+    const math::LambConsts consts = lamb_consts(opt, s, table.index[slot]);
+    float acc[2] = {0.0f, 0.0f};
+    for_each_element(n, chunk.aligned(), [&](auto width, int64_t i) {
+      constexpr int W = decltype(width)::value;
+      float w[W], mm[W], vv[W], u[W];
+      chunk.template compute<W>(i, opt, s, consts, clip, w, mm, vv, u);
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        acc[0] += w[k] * w[k];
+        acc[1] += u[k] * u[k];
+      }
+    });
+    block_sum<2>(acc);
+    if (threadIdx.x == 0) {
+      s.partials[2 * (table.first_chunk + c)] = acc[0];
+      s.partials[2 * (table.first_chunk + c) + 1] = acc[1];
+    }
+  });
+}
+
+__global__ void __launch_bounds__(kFinalizeThreads)
+    lamb_ratios(const LambTable table, const LambOptions opt, const StepScalars s) {
+  if (skipped(s)) return;
+  float acc[2];
+  sum_slot_partials<2>(table, s.partials, acc);
+  if (threadIdx.x == 0) {
+    s.ratios[table.index[blockIdx.x]] =
+        math::lamb_ratio(sqrtf(acc[0]), sqrtf(acc[1]), opt.adapt, opt.trust_clip, opt.has_bounds, opt.ratio_lo,
+                         opt.ratio_hi);
+  }
+}
+
+template <typename T, bool Master>
+__global__ void __launch_bounds__(kThreads) lamb_pass2(const LambTable table, const LambOptions opt,
+                                                       const StepScalars s) {
+  using S = std::conditional_t<Master, float, T>;
+  if (skipped(s)) return;
+  const float clip = opt.clip_coef != nullptr ? *opt.clip_coef : 1.0f;
+  for_each_chunk(table, [&](int slot, int64_t, int64_t begin, int64_t n) {
+    const LambChunk<T, S, Master> chunk(table, slot, begin);
+    const int idx = table.index[slot];
+    const math::LambConsts consts = lamb_consts(opt, s, idx);
+    const float step = consts.lr * (opt.adapt ? s.ratios[idx] : 1.0f);
+    for_each_element(n, chunk.aligned(), [&](auto width, int64_t i) {
+      constexpr int W = decltype(width)::value;
+      float w[W], mm[W], vv[W], u[W];
+      chunk.template compute<W>(i, opt, s, consts, clip, w, mm, vv, u);
+#pragma unroll
+      for (int k = 0; k < W; ++k) w[k] = w[k] - step * u[k];
+      store<W>(chunk.m, i, mm);
+      store<W>(chunk.v, i, vv);
+      if constexpr (Master) store<W>(chunk.master, i, w);
+      store<W>(chunk.p, i, w);
+    });
+  });
+}
+
+template <typename T, bool Master>
+void lamb_wave(const LambTable& table, const LambOptions& opt, const StepScalars& s, int grid, cudaStream_t stream) {
+  static_assert(sizeof(LambTable) + sizeof(LambOptions) + sizeof(StepScalars) <= kParamBytes,
+                "LAMB kernel arguments exceed the parameter space");
+  if (opt.adapt) {
+    lamb_pass1<T, Master><<<grid, kThreads, 0, stream>>>(table, opt, s);
+    lamb_ratios<<<table.count, kFinalizeThreads, 0, stream>>>(table, opt, s);
+  }
+  lamb_pass2<T, Master><<<grid, kThreads, 0, stream>>>(table, opt, s);
+}
+
+}  // namespace
+
+void launch_lamb_wave(const LambTable& table, Storage storage, const LambOptions& opt, const StepScalars& s, int grid,
+                      cudaStream_t stream) {
+  switch (storage.param) {
+    case DType::kFloat:
+      return storage.master ? lamb_wave<float, true>(table, opt, s, grid, stream)
+                            : lamb_wave<float, false>(table, opt, s, grid, stream);
+    case DType::kBFloat16:
+      return storage.master ? lamb_wave<__nv_bfloat16, true>(table, opt, s, grid, stream)
+                            : lamb_wave<__nv_bfloat16, false>(table, opt, s, grid, stream);
+    case DType::kHalf:
+      return storage.master ? lamb_wave<__half, true>(table, opt, s, grid, stream)
+                            : lamb_wave<__half, false>(table, opt, s, grid, stream);
+  }
+}
+
+}  // namespace fastlars::cuda

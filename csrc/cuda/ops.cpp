@@ -1,0 +1,377 @@
+// Host glue of the CUDA kernels: checks the tensors of a call, sorts them into dtype buckets,
+// plans waves of chunks (chunk_plan.h), fills the kernel-argument tables and launches the kernels
+// of launch.h on the current stream, then registers them for the CUDA dispatch key of the
+// fastlars ops. Nothing here reads a device value back to the host.
+//
+// Op contract implemented (schemas are defined in fastlars/_ops.py):
+//   fastlars::grad_norms(Tensor[] grads, Tensor? grad_scale) -> Tensor
+//   fastlars::lars_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers,
+//       Tensor(c!)[] master_params, Tensor grad_norms, float lr, Tensor? lr_tensor, float momentum,
+//       float weight_decay, float trust_coefficient, float eps, bool nesterov, bool trust_clip,
+//       bool mlperf_momentum, bool adapt, float[]? trust_ratio_bounds, bool maximize,
+//       Tensor? grad_scale, Tensor? found_inf) -> ()
+//   fastlars::lamb_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,
+//       Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] master_params, Tensor[] steps, float lr,
+//       Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay,
+//       bool bias_correction, bool grad_averaging, bool decoupled_decay, bool trust_clip, bool adapt,
+//       float[]? trust_ratio_bounds, bool maximize, Tensor? clip_coef, Tensor? grad_scale,
+//       Tensor? found_inf) -> ()
+// An empty master_params list means no master weights; an entry equal to its param (an fp32
+// param in a group that keeps masters for its low-precision params) also means none for it.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "launch.h"
+
+namespace fastlars::cuda {
+namespace {
+
+// ------------------------------------------------------------------------------ device facts
+struct DeviceFacts {
+  int sm_count = 0;
+  int64_t wave_bytes = 0;  // first-pass bytes per wave (half the L2), or the FASTLARS_CUDA_WAVE_BYTES override
+};
+
+const DeviceFacts& device_facts(int device) {
+  static std::mutex lock;
+  static std::vector<std::optional<DeviceFacts>> cache;
+  std::lock_guard<std::mutex> guard(lock);
+  if (static_cast<int>(cache.size()) <= device) cache.resize(device + 1);
+  if (!cache[device]) {
+    DeviceFacts facts;
+    int l2 = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&facts.sm_count, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
+    facts.wave_bytes = static_cast<int64_t>(l2) / 2;
+    if (const char* env = std::getenv("FASTLARS_CUDA_WAVE_BYTES")) facts.wave_bytes = std::atoll(env);
+    cache[device] = facts;
+  }
+  return *cache[device];
+}
+
+// ---------------------------------------------------------------------------------- checks
+DType dtype_of(const at::Tensor& t, const char* what, size_t i) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::kFloat;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kHalf:
+      return DType::kHalf;
+    default:
+      TORCH_CHECK(false, what, "[", i, "]: dtype ", t.scalar_type(), " is not supported by the CUDA kernels (float32, "
+                  "bfloat16 or float16)");
+  }
+}
+
+// Element-wise kernels walk the storage linearly, so every tensor of one element must be dense
+// with the same strides (contiguous, channels_last, ...) as its param.
+void check_like(const at::Tensor& t, const at::Tensor& param, const char* what, size_t i) {
+  TORCH_CHECK(t.device() == param.device(), what, "[", i, "]: on ", t.device(), ", its param is on ", param.device());
+  TORCH_CHECK(t.sizes() == param.sizes(), what, "[", i, "]: shape ", t.sizes(), " differs from its param's ",
+              param.sizes());
+  TORCH_CHECK(t.numel() <= 1 || t.strides() == param.strides(), what, "[", i, "]: strides ", t.strides(),
+              " differ from its param's ", param.strides());
+}
+
+void check_dense(const at::Tensor& t, const char* what, size_t i, const at::Device& device) {
+  TORCH_CHECK(t.device() == device, what, "[", i, "]: on ", t.device(), ", expected ", device,
+              " like the other tensors of the call");
+  TORCH_CHECK(t.is_non_overlapping_and_dense(), what, "[", i, "]: the CUDA kernels need a dense tensor "
+              "(contiguous or a permutation of it)");
+}
+
+void check_lists(size_t n, at::TensorList list, const char* what) {
+  TORCH_CHECK(list.size() == n, what, ": holds ", list.size(), " tensors, params hold ", n);
+}
+
+// A device fp32 scalar (1 element) for a kernel to read, or null when absent.
+const float* device_scalar(const std::optional<at::Tensor>& t, const at::Device& device, const char* what) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->device() == device, what, ": on ", t->device(), ", expected ", device);
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == 1, what, ": expected one float32 element, got ",
+              t->scalar_type(), " with ", t->numel(), " elements");
+  return t->data_ptr<float>();
+}
+
+// lr as a device pointer (lr_tensor on the device: read by the kernels) or a host value.
+struct Lr {
+  const float* ptr = nullptr;
+  float value = 0.0f;
+  at::Tensor keep;  // a converted copy must outlive the launches (stream-ordered by the allocator)
+};
+
+Lr learning_rate(double lr, const std::optional<at::Tensor>& lr_tensor, const at::Device& device) {
+  Lr out;
+  out.value = static_cast<float>(lr);
+  if (!lr_tensor.has_value() || !lr_tensor->defined()) return out;
+  const at::Tensor& t = *lr_tensor;
+  TORCH_CHECK(t.numel() == 1, "lr_tensor: expected one element, got ", t.numel());
+  if (t.device().is_cpu()) {
+    out.value = t.item<float>();  // host memory: no device synchronisation
+    return out;
+  }
+  TORCH_CHECK(t.device() == device, "lr_tensor: on ", t.device(), ", the params are on ", device);
+  out.keep = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+  out.ptr = out.keep.data_ptr<float>();
+  return out;
+}
+
+void ratio_bounds(const std::optional<at::ArrayRef<double>>& bounds, bool& has, float& lo, float& hi) {
+  has = bounds.has_value();
+  lo = 0.0f;
+  hi = 0.0f;
+  if (!has) return;
+  TORCH_CHECK(bounds->size() == 2 && (*bounds)[0] <= (*bounds)[1],
+              "trust_ratio_bounds: expected (lo, hi) with lo <= hi, got ", *bounds);
+  lo = static_cast<float>((*bounds)[0]);
+  hi = static_cast<float>((*bounds)[1]);
+}
+
+// ------------------------------------------------------------------------------- bucketing
+struct Bucket {
+  Storage storage;
+  std::vector<int64_t> members;  // positions in the op's lists
+  Plan plan;
+};
+
+// Groups the tensors by storage and plans each bucket's waves; chunk ids run over the whole call.
+template <typename Table>
+std::vector<Bucket> plan_buckets(const std::vector<Storage>& storage, const std::vector<int64_t>& numel,
+                                 int64_t bytes_per_float_elem, int64_t wave_bytes, int64_t& total_chunks) {
+  std::vector<Bucket> buckets;
+  for (size_t i = 0; i < storage.size(); ++i) {
+    auto it = std::find_if(buckets.begin(), buckets.end(), [&](const Bucket& b) {
+      return b.storage.param == storage[i].param && b.storage.master == storage[i].master;
+    });
+    if (it == buckets.end()) it = buckets.insert(buckets.end(), Bucket{storage[i], {}, {}});
+    it->members.push_back(static_cast<int64_t>(i));
+  }
+  total_chunks = 0;
+  for (auto& b : buckets) {
+    std::vector<int64_t> sizes;
+    for (int64_t m : b.members) sizes.push_back(numel[m]);
+    b.plan = plan_waves(sizes, Table::kCapacity, kChunk, bytes_per_float_elem, wave_bytes, total_chunks);
+    total_chunks = b.plan.total_chunks;
+  }
+  return buckets;
+}
+
+// Fills the table of one wave; lists[l][i] is list l's tensor at op position i (undefined: null).
+template <int Depth>
+TensorTable<Depth> fill_table(const Bucket& b, const Wave& w, const std::array<const at::TensorList*, Depth>& lists,
+                              const std::array<bool, Depth>& present) {
+  TensorTable<Depth> t;
+  t.count = static_cast<int32_t>(w.count);
+  t.first_chunk = w.first_chunk;
+  int64_t end = 0;
+  for (int64_t s = 0; s < w.count; ++s) {
+    const int64_t pos = b.members[b.plan.tensors[w.first + s]];
+    for (int l = 0; l < Depth; ++l) t.ptr[l][s] = present[l] ? (*lists[l])[pos].data_ptr() : nullptr;
+    t.numel[s] = (*lists[0])[pos].numel();
+    end += chunk_count(t.numel[s], kChunk);
+    t.chunk_end[s] = end;
+    t.index[s] = static_cast<int32_t>(pos);
+  }
+  return t;
+}
+
+// Per-tensor storage of a step call, after checking every list against its param.
+std::vector<Storage> step_storage(at::TensorList params, at::TensorList grads,
+                                  const std::vector<std::pair<at::TensorList, const char*>>& buffers,
+                                  at::TensorList masters) {
+  const size_t n = params.size();
+  check_lists(n, grads, "grads");
+  for (const auto& [list, name] : buffers) check_lists(n, list, name);
+  TORCH_CHECK(masters.empty() || masters.size() == n, "master_params: holds ", masters.size(),
+              " tensors; expected none or one per param (", n, ")");
+  const at::Device device = params[0].device();
+  TORCH_CHECK(device.is_cuda(), "params[0]: on ", device, "; these are the CUDA kernels");
+  std::vector<Storage> storage(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    check_dense(p, "params", i, device);
+    const DType dt = dtype_of(p, "params", i);
+    check_like(grads[i], p, "grads", i);
+    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(), "grads[", i, "]: dtype ", grads[i].scalar_type(),
+                " differs from its param's ", p.scalar_type());
+    const bool master = !masters.empty() && !masters[i].is_same(p) && masters[i].data_ptr() != p.data_ptr();
+    if (master) {
+      check_like(masters[i], p, "master_params", i);
+      TORCH_CHECK(masters[i].scalar_type() == at::kFloat, "master_params[", i, "]: expected float32, got ",
+                  masters[i].scalar_type());
+    }
+    const at::ScalarType state_type = master ? at::kFloat : p.scalar_type();
+    for (const auto& [list, name] : buffers) {
+      check_like(list[i], p, name, i);
+      TORCH_CHECK(list[i].scalar_type() == state_type, name, "[", i, "]: dtype ", list[i].scalar_type(),
+                  "; expected ", state_type, master ? " (fp32 with a master copy)" : " (the param dtype)");
+    }
+    storage[i] = Storage{dt, master};
+  }
+  return storage;
+}
+
+std::vector<int64_t> numels(at::TensorList ts) {
+  std::vector<int64_t> out;
+  for (const auto& t : ts) out.push_back(t.numel());
+  return out;
+}
+
+// ------------------------------------------------------------------------------------ ops
+at::Tensor grad_norms_cuda(at::TensorList grads, const std::optional<at::Tensor>& grad_scale) {
+  TORCH_CHECK(!grads.empty(), "grads: empty list (the caller handles that case)");
+  const at::Device device = grads[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  std::vector<Storage> storage;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    check_dense(grads[i], "grads", i, device);
+    storage.push_back(Storage{dtype_of(grads[i], "grads", i), false});
+  }
+  const float* scale = device_scalar(grad_scale, device, "grad_scale");
+  const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
+  const std::vector<int64_t> sizes = numels(grads);
+  const bool any_empty = std::find(sizes.begin(), sizes.end(), 0) != sizes.end();
+  at::Tensor out = any_empty ? at::zeros({static_cast<int64_t>(grads.size())}, options)
+                             : at::empty({static_cast<int64_t>(grads.size())}, options);
+  int64_t total = 0;
+  const auto buckets = plan_buckets<NormTable>(storage, sizes, 0, 0, total);
+  if (total == 0) return out;
+  at::Tensor partials = at::empty({total}, options);
+  const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const int sms = device_facts(device.index()).sm_count;
+  for (const auto& b : buckets) {
+    for (const Wave& w : b.plan.waves) {
+      const NormTable table = fill_table<kNormDepth>(b, w, {&grads}, {true});
+      launch_sumsq(table, b.storage.param, partials.data_ptr<float>(), chunk_grid(w.chunks, sms), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_norm_finalize(table, partials.data_ptr<float>(), scale, out.data_ptr<float>(), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  return out;
+}
+
+void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                    at::TensorList master_params, const at::Tensor& grad_norms, double lr,
+                    const std::optional<at::Tensor>& lr_tensor, double momentum, double weight_decay,
+                    double trust_coefficient, double eps, bool nesterov, bool trust_clip, bool mlperf_momentum,
+                    bool adapt, std::optional<at::ArrayRef<double>> trust_ratio_bounds, bool maximize,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  const std::vector<Storage> storage =
+      step_storage(params, grads, {{momentum_buffers, "momentum_buffers"}}, master_params);
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  TORCH_CHECK(grad_norms.device() == device && grad_norms.scalar_type() == at::kFloat && grad_norms.dim() == 1 &&
+                  grad_norms.numel() == static_cast<int64_t>(params.size()) && grad_norms.is_contiguous(),
+              "grad_norms: expected a contiguous 1-D float32 tensor of ", params.size(), " elements on ", device);
+
+  LarsOptions opt{};
+  opt.momentum = static_cast<float>(momentum);
+  opt.weight_decay = static_cast<float>(weight_decay);
+  opt.trust_coefficient = static_cast<float>(trust_coefficient);
+  opt.eps = static_cast<float>(eps);
+  opt.nesterov = nesterov;
+  opt.trust_clip = trust_clip;
+  opt.mlperf_style = mlperf_momentum;
+  opt.adapt = adapt;
+  ratio_bounds(trust_ratio_bounds, opt.has_bounds, opt.ratio_lo, opt.ratio_hi);
+  opt.maximize = maximize;
+  opt.grad_norms = grad_norms.data_ptr<float>();
+
+  const Lr rate = learning_rate(lr, lr_tensor, device);
+  const DeviceFacts& facts = device_facts(device.index());
+  int64_t total = 0;
+  const auto buckets = plan_buckets<LarsTable>(storage, numels(params), 4, adapt ? facts.wave_bytes : 0, total);
+  const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
+  at::Tensor partials = at::empty({adapt ? total : 0}, options);
+  at::Tensor ratios = at::empty({adapt ? static_cast<int64_t>(params.size()) : 0}, options);
+  StepScalars s{rate.ptr, rate.value, device_scalar(grad_scale, device, "grad_scale"),
+                device_scalar(found_inf, device, "found_inf"), partials.data_ptr<float>(), ratios.data_ptr<float>()};
+  const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  for (const auto& b : buckets) {
+    for (const Wave& w : b.plan.waves) {
+      const LarsTable table = fill_table<kLarsDepth>(b, w, {&params, &grads, &momentum_buffers, &master_params},
+                                                     {true, true, true, b.storage.master});
+      launch_lars_wave(table, b.storage, opt, s, chunk_grid(w.chunks, facts.sm_count), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+}
+
+void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList master_params, at::TensorList steps, double lr,
+                    const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
+                    double weight_decay, bool bias_correction, bool grad_averaging, bool decoupled_decay,
+                    bool trust_clip, bool adapt, std::optional<at::ArrayRef<double>> trust_ratio_bounds, bool maximize,
+                    const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  const std::vector<Storage> storage =
+      step_storage(params, grads, {{exp_avgs, "exp_avgs"}, {exp_avg_sqs, "exp_avg_sqs"}}, master_params);
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  check_lists(params.size(), steps, "steps");
+
+  LambOptions opt{};
+  opt.beta1 = static_cast<float>(beta1);
+  opt.beta2 = static_cast<float>(beta2);
+  opt.beta3 = static_cast<float>(grad_averaging ? 1.0 - beta1 : 1.0);
+  opt.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  opt.eps = static_cast<float>(eps);
+  opt.weight_decay = static_cast<float>(weight_decay);
+  opt.bias_correction = bias_correction;
+  opt.grad_averaging = grad_averaging;
+  opt.decoupled_decay = decoupled_decay;
+  opt.trust_clip = trust_clip;
+  opt.adapt = adapt;
+  ratio_bounds(trust_ratio_bounds, opt.has_bounds, opt.ratio_lo, opt.ratio_hi);
+  opt.maximize = maximize;
+  opt.clip_coef = device_scalar(clip_coef, device, "clip_coef");
+  at::Tensor step_values;
+  if (bias_correction) {  // one small copy kernel gathers the 0-d step counts into one vector
+    step_values = at::stack(steps).to(device, at::kFloat).reshape({-1}).contiguous();
+    opt.steps = step_values.data_ptr<float>();
+  }
+
+  const Lr rate = learning_rate(lr, lr_tensor, device);
+  const DeviceFacts& facts = device_facts(device.index());
+  int64_t total = 0;
+  const auto buckets = plan_buckets<LambTable>(storage, numels(params), 16, adapt ? facts.wave_bytes : 0, total);
+  const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
+  at::Tensor partials = at::empty({adapt ? 2 * total : 0}, options);
+  at::Tensor ratios = at::empty({adapt ? static_cast<int64_t>(params.size()) : 0}, options);
+  StepScalars s{rate.ptr, rate.value, device_scalar(grad_scale, device, "grad_scale"),
+                device_scalar(found_inf, device, "found_inf"), partials.data_ptr<float>(), ratios.data_ptr<float>()};
+  const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  for (const auto& b : buckets) {
+    for (const Wave& w : b.plan.waves) {
+      const LambTable table = fill_table<kLambDepth>(
+          b, w, {&params, &grads, &exp_avgs, &exp_avg_sqs, &master_params}, {true, true, true, true, b.storage.master});
+      launch_lamb_wave(table, b.storage, opt, s, chunk_grid(w.chunks, facts.sm_count), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlars, CUDA, m) {
+  m.impl("grad_norms", &grad_norms_cuda);
+  m.impl("lars_step_", &lars_step_cuda);
+  m.impl("lamb_step_", &lamb_step_cuda);
+}
+
+}  // namespace fastlars::cuda
