@@ -75,7 +75,10 @@ def _extensions() -> tuple[list, dict]:
     use_cuda = _want_cuda()
     if use_cuda:
         os.environ["CUDA_HOME"] = _find_cuda_home() or ""
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        import torch
+
+        if not torch.cuda.is_available():  # with a GPU visible, torch builds for that GPU's arch
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
