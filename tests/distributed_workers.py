@@ -6,6 +6,8 @@ the whole global batch, once in 2 gloo processes (each with half the batch) unde
 
 from __future__ import annotations
 
+import gc
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -83,7 +85,6 @@ def worker(rank: int, world: int, init_file: str, mode: str, algo: str, out: str
             opt = fastlars.distributed.zero_redundancy_optimizer(
                 fastlars.param_groups(model, 1e-2), optimizer_class=cls, **options)
             train(wrapped, opt, algo, rank, world, poison_step)
-            opt.consolidate_state_dict(to=0)
         elif mode == "fsdp2":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
@@ -103,6 +104,12 @@ def worker(rank: int, world: int, init_file: str, mode: str, algo: str, out: str
             torch.save({"params": [t.clone() for t in full], "skipped": skipped}, out)
         else:
             torch.save({"params": [t.clone() for t in full], "skipped": skipped}, out + f".rank{rank}")
+        # Release DDP/ZeRO (their gloo work and hooks) before the process group goes away.
+        del opt, full
+        if mode != "fsdp2":
+            del wrapped
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
