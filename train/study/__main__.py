@@ -1,0 +1,168 @@
+"""`python -m train.study`: the batch-size scaling study (sweep, cache, analysis, report).
+
+    python -m train.study --preset default            # bundled digits data on CPU, ≤ 15 min on 2 cores
+    python -m train.study --preset quick              # smoke test, ≤ 3 min
+    python -m train.study --preset imagenet --data /path/to/imagenet   # prints the torchrun plan
+    torchrun --nproc_per_node=8 -m train.study --preset imagenet --data /path/to/imagenet  # runs it
+
+Finished runs are cached under OUT/cache/<config hash>.json; a second invocation (or one after a
+kill) trains only what is missing, then rewrites the report from all records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from train.study import sweep
+from train.study.cache import ResultCache, write_json_atomic
+from train.study.presets import PRESETS, Preset
+from train.study.report import machine, write_report
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The study's command line."""
+    p = argparse.ArgumentParser(prog="python -m train.study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="which sweep (default: %(default)s)")
+    p.add_argument("--out", type=Path, help="study folder: cache/, runs/, report (default: runs/study-<preset>)")
+    p.add_argument("--report-dir", type=Path, help="write the report here instead of OUT")
+    p.add_argument("--data", help="dataset (ImageFolder root with train/ and val/, or 'default'); overrides the preset")
+    p.add_argument("--device", help="trainer device (cpu, cuda, auto); overrides the preset")
+    p.add_argument("--epochs", type=float, help="epoch budget; overrides the preset")
+    p.add_argument("--optimizers", help="comma-separated subset of the preset's optimizers")
+    p.add_argument("--batches", help="comma-separated subset of global batch sizes")
+    p.add_argument("--tolerance", type=float, default=0.02,
+                   help="accuracy 'holds' while within this top-1 fraction of its peak (default: %(default)s)")
+    p.add_argument("--plan", action="store_true", help="print the runs (and their torchrun commands) and exit")
+    p.add_argument("--nproc-per-node", type=int, default=8, help="GPUs per node in printed torchrun commands")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes in printed torchrun commands")
+    args = p.parse_args(argv)
+    if args.tolerance < 0:
+        p.error(f"--tolerance must be non-negative, got {args.tolerance}")
+    if args.epochs is not None and not args.epochs > 0:
+        p.error(f"--epochs must be positive, got {args.epochs}")
+    return args
+
+
+def _csv(text: str | None, kind: type, name: str) -> list[Any] | None:
+    if text is None:
+        return None
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise SystemExit(f"--{name}: expected comma-separated {kind.__name__} values, got {text!r}") from exc
+
+
+def count_train_images(data: str) -> int:
+    """Images under DATA/train/<class>/ (for data='default', the trainer's prepared digits folder)."""
+    if data == "default":
+        from train.data import default_dataset
+
+        root = Path(default_dataset())
+    else:
+        root = Path(data)
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise SystemExit(f"--data: {root} has no train/ folder (expected an ImageFolder root with train/ and val/)")
+    count = sum(1 for p in train_dir.glob("*/*") if p.suffix in IMAGE_SUFFIXES)
+    if count == 0:
+        raise SystemExit(f"--data: no images under {train_dir}/<class>/")
+    return count
+
+
+def cli_command(config: dict[str, Any], launcher: str) -> str:
+    """`launcher -m train` with one flag per non-default trainer field (bools as bare flags)."""
+    from train.config import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    parts = [launcher, "-m", "train"]
+    for name, value in config.items():
+        if value is None or value == defaults.get(name) or name in ("quiet",):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + name.replace("_", "-"))
+        else:
+            parts += [flag, f"{value:.6g}" if isinstance(value, float) else str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _rank() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def print_plan(runs: list[sweep.PlannedRun], preset: Preset, args: argparse.Namespace, out: Path) -> None:
+    """The runs and, for multi-GPU presets, the torchrun commands that execute them."""
+    launcher = (f"torchrun --nnodes={args.nnodes} --nproc_per_node={args.nproc_per_node}"
+                + (" --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:29500" if args.nnodes > 1 else ""))
+    data = args.data or preset.train.get("data", "/path/to/imagenet")
+    print(f"# preset {preset.name}: {len(runs)} runs — {preset.description}")
+    print(f"# the whole study, cached and resumable (rank 0 writes {out}):")
+    print(f"{launcher} -m train.study --preset {preset.name} --data {shlex.quote(str(data))} --out {out}")
+    print("# or run by run with the trainer:")
+    for run in runs:
+        print(f"# {run.describe()}")
+        print(cli_command({**run.config, "out": str(out / "runs" / run.key)}, launcher))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Plan, train what the cache lacks, and write the report; returns the exit status."""
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    if args.epochs is not None:
+        preset = dataclasses.replace(preset, epochs=args.epochs)
+    out = args.out or Path("runs") / f"study-{preset.name}"
+    overrides: dict[str, Any] = {}
+    if args.data is not None:
+        overrides["data"] = args.data
+    if args.device is not None:
+        overrides["device"] = args.device
+    data = overrides.get("data", preset.train.get("data"))
+    rank, world = _rank()
+    multi_gpu = preset.device_batch is not None
+    if preset.train_size is not None:
+        train_size = preset.train_size
+    elif data is None:
+        raise SystemExit(f"preset {preset.name} needs --data")
+    else:
+        train_size = count_train_images(data)
+    runs = sweep.plan_runs(preset, train_size, overrides, _csv(args.optimizers, str, "optimizers"),
+                           _csv(args.batches, int, "batches"))
+    if args.plan or (multi_gpu and world == 1):
+        if multi_gpu and not args.plan:
+            print(f"# preset {preset.name} is for multi-GPU torchrun; printing its plan instead of running it.")
+        if multi_gpu and data is None:
+            print("# pass --data /path/to/imagenet (ImageFolder with train/ and val/) when launching")
+        print_plan(runs, preset, args, out)
+        return 0
+    cache = ResultCache(out / "cache")
+    started = time.time()
+    log = print if rank == 0 else (lambda _msg: None)
+    log(f"study {preset.name}: {len(runs)} runs, training set {train_size} images, out {out}")
+    outcome = sweep.execute(runs, cache, out / "runs", log=log, write=rank == 0)
+    if rank != 0:
+        return 0
+    meta = {
+        "preset": preset.name, "runs": len(runs), "executed": outcome.executed, "cached": outcome.cached,
+        "machine": machine(), "train_size": train_size, "wall_time_s": round(time.time() - started, 1),
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", "train.study", *(argv or sys.argv[1:])]),
+    }
+    write_json_atomic(out / "study.json", meta)
+    report = write_report(outcome.records, preset, args.report_dir or out, args.tolerance, meta)
+    log(f"trained {outcome.executed}, cached {outcome.cached}, {meta['wall_time_s']:.0f} s; report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

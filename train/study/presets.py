@@ -1,0 +1,203 @@
+"""Study presets: which batch sizes, optimizers, learning rates and recipe a sweep runs.
+
+A preset fixes everything except the dataset location and the output folder. Every run of a
+preset shares the large-batch recipe (the LR scaling rule, linear warmup, polynomial decay, label
+smoothing; biases and norm layers excluded from decay and adaptation, which the trainer does) and
+differs only in global batch B, optimizer, and the LR search factor f:
+
+    lr(B, f) = f · base_lr · s(B / base_batch),   s(r) = r (linear), √r (sqrt), 1 (none)
+
+so every optimizer is compared at its best of `len(lr_factors)` learning rates around its scaled
+value (Nado et al. 2021: untuned baselines make large-batch comparisons meaningless).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+LR_RULES = ("linear", "sqrt", "none")
+
+
+def scaled_lr(base_lr: float, batch: int, base_batch: int, rule: str) -> float:
+    """The LR scaling rule: base_lr · (batch/base_batch) for "linear", · √(batch/base_batch) for "sqrt",
+    base_lr for "none" (Goyal et al. 2017; Krizhevsky 2014 / You et al. 2019 for the square root)."""
+    if batch <= 0:
+        raise ValueError(f"batch must be positive, got {batch}")
+    if base_batch <= 0:
+        raise ValueError(f"base_batch must be positive, got {base_batch}")
+    ratio = batch / base_batch
+    if rule == "linear":
+        return base_lr * ratio
+    if rule == "sqrt":
+        return base_lr * math.sqrt(ratio)
+    if rule == "none":
+        return base_lr
+    raise ValueError(f"lr_scaling must be one of {LR_RULES}, got {rule!r}")
+
+
+def power_of_two_batches(smallest: int, train_size: int) -> tuple[int, ...]:
+    """Global batches smallest, 2·smallest, 4·smallest, ... ≤ train_size, then train_size itself
+    (full-batch gradient descent) when it is not already the last power of two."""
+    if smallest <= 0 or smallest & (smallest - 1):
+        raise ValueError(f"smallest batch must be a positive power of two, got {smallest}")
+    if train_size < smallest:
+        raise ValueError(f"train_size ({train_size}) is smaller than the smallest batch ({smallest})")
+    batches = [smallest]
+    while batches[-1] * 2 <= train_size:
+        batches.append(batches[-1] * 2)
+    if batches[-1] != train_size:
+        batches.append(train_size)
+    return tuple(batches)
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One contestant: a trainer optimizer name with its own base LR, scaling rule and options.
+
+    `label` names it in tables ("sgd", "nesterov", "lars", "lamb", "adamw"); `optimizer`,
+    `nesterov`, `momentum` and `weight_decay` are passed to the trainer's config unchanged.
+    """
+
+    label: str
+    optimizer: str
+    base_lr: float
+    lr_scaling: str
+    weight_decay: float
+    momentum: float = 0.9
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lr_scaling not in LR_RULES:
+            raise ValueError(f"{self.label}: lr_scaling must be one of {LR_RULES}, got {self.lr_scaling!r}")
+        if not self.base_lr > 0:
+            raise ValueError(f"{self.label}: base_lr must be positive, got {self.base_lr}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A whole sweep: the fixed-epoch grid (batches × optimizers × lr_factors) and the fixed-step
+    diffusion runs (Hoffer et al. 2017) of `diffusion_optimizer` at lr factor 1 on `diffusion_batches`.
+
+    `batches=None` means powers of two from `smallest_batch` up to the training-set size, then the
+    whole training set. `train_size` fixes the training-set size where the data need not be present
+    to plan (ImageNet-1k); otherwise it is counted from the data. `fixed_steps` is the step budget
+    of the fixed-step runs. `device_batch`
+    caps the per-device batch; larger global batches accumulate gradients. `train` holds the
+    remaining trainer-config fields (model, data, loader, ...), applied to every run.
+    """
+
+    name: str
+    description: str
+    epochs: float
+    base_batch: int
+    optimizers: tuple[OptimizerSpec, ...]
+    lr_factors: tuple[float, ...]
+    warmup_epochs: float
+    target_accuracy: float
+    diffusion_optimizer: str
+    fixed_steps: int
+    smallest_batch: int = 16
+    batches: tuple[int, ...] | None = None
+    diffusion_batches: tuple[int, ...] | None = None
+    device_batch: int | None = None
+    decay: str = "poly"
+    poly_power: float = 2.0
+    label_smoothing: float = 0.1
+    seed: int = 0
+    train_size: int | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        labels = [o.label for o in self.optimizers]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"preset {self.name}: optimizer labels must be unique, got {labels}")
+        if self.diffusion_optimizer not in labels:
+            raise ValueError(f"preset {self.name}: diffusion_optimizer {self.diffusion_optimizer!r} not in {labels}")
+        if 1.0 not in self.lr_factors:
+            raise ValueError(f"preset {self.name}: lr_factors must contain 1.0 (the scaled LR), got {self.lr_factors}")
+        if self.fixed_steps <= 0:
+            raise ValueError(f"preset {self.name}: fixed_steps must be positive, got {self.fixed_steps}")
+
+    def optimizer(self, label: str) -> OptimizerSpec:
+        """The optimizer spec called `label`."""
+        for spec in self.optimizers:
+            if spec.label == label:
+                return spec
+        raise KeyError(f"preset {self.name} has no optimizer {label!r}")
+
+    def resolve_batches(self, train_size: int) -> tuple[int, ...]:
+        """The fixed-epoch batch grid for a training set of `train_size` images."""
+        if self.batches is not None:
+            too_big = [b for b in self.batches if b > train_size]
+            if too_big:
+                raise ValueError(f"preset {self.name}: batches {too_big} exceed the training set ({train_size})")
+            return self.batches
+        return power_of_two_batches(self.smallest_batch, train_size)
+
+
+# Base LRs at base_batch; LARS/LAMB values follow their papers' forms (LARS trust coefficient η = 0.001
+# in the optimizer, so its global LR is large; LAMB and AdamW scale with √B as in You et al. 2019).
+def _contestants(sgd_lr: float, lars_lr: float, lamb_lr: float, adamw_lr: float,
+                 wd: float) -> tuple[OptimizerSpec, ...]:
+    return (
+        OptimizerSpec("sgd", "sgd", sgd_lr, "linear", wd),
+        OptimizerSpec("nesterov", "sgd", sgd_lr, "linear", wd, nesterov=True),
+        OptimizerSpec("lars", "lars", lars_lr, "linear", wd),
+        OptimizerSpec("lamb", "lamb", lamb_lr, "sqrt", 0.01),
+        OptimizerSpec("adamw", "adamw", adamw_lr, "sqrt", 0.01),
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    "default": Preset(
+        name="default",
+        description="sklearn digits as JPEGs, small CNN, CPU: batch 16 … whole training set, 5 optimizers × 3 LRs",
+        epochs=30,
+        base_batch=64,
+        optimizers=_contestants(sgd_lr=0.1, lars_lr=2.0, lamb_lr=0.004, adamw_lr=0.002, wd=5e-4),
+        lr_factors=(1 / 3, 1.0, 3.0),
+        warmup_epochs=2,
+        target_accuracy=0.9,
+        diffusion_optimizer="sgd",
+        fixed_steps=300,
+        smallest_batch=16,
+        diffusion_batches=None,
+        train={"data": "default", "model": "default", "loader": "cpu", "device": "cpu", "workers": 0},
+    ),
+    "quick": Preset(
+        name="quick",
+        description="smoke test: sklearn digits, 3 batches × 5 optimizers × 2 LRs, few epochs",
+        epochs=4,
+        base_batch=64,
+        optimizers=_contestants(sgd_lr=0.1, lars_lr=2.0, lamb_lr=0.004, adamw_lr=0.002, wd=5e-4),
+        lr_factors=(1.0, 3.0),
+        warmup_epochs=1,
+        target_accuracy=0.5,
+        diffusion_optimizer="sgd",
+        fixed_steps=40,
+        batches=(32, 128, 512),
+        diffusion_batches=(32, 512),
+        train={"data": "default", "model": "default", "loader": "cpu", "device": "cpu", "workers": 0},
+    ),
+    "imagenet": Preset(
+        name="imagenet",
+        description="ResNet-50 on ImageNet-1k, 90 epochs, batch 1K … 1.28M (multi-GPU torchrun with accumulation)",
+        epochs=90,
+        base_batch=256,
+        # MLPerf LARS: 10.0 at < 16K scaled from 256 would overshoot; its LR is set per batch, so LARS
+        # uses the linear rule from a base that gives ≈ 10 at 16K (≈ 0.16 at 256).
+        optimizers=_contestants(sgd_lr=0.1, lars_lr=0.16, lamb_lr=0.004, adamw_lr=0.001, wd=5e-5),
+        lr_factors=(0.5, 1.0, 2.0),
+        warmup_epochs=5,
+        target_accuracy=0.759,
+        diffusion_optimizer="lars",
+        fixed_steps=3519,
+        smallest_batch=1024,
+        diffusion_batches=(1024, 8192, 65536),
+        device_batch=256,
+        train_size=1_281_167,
+        train={"model": "resnet50", "loader": "dali", "amp": "bf16", "channels_last": True, "workers": 8},
+    ),
+}
