@@ -1,0 +1,112 @@
+"""Study planning and cache: LR scaling, batch grids, config hashing, atomic records, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from train.study.cache import NON_RESULT_FIELDS, ResultCache, config_hash, write_json_atomic
+from train.study.presets import PRESETS, OptimizerSpec, power_of_two_batches, scaled_lr
+from train.study.sweep import plan_runs
+
+
+def test_scaled_lr_rules() -> None:
+    assert scaled_lr(0.1, 1024, 256, "linear") == pytest.approx(0.4)
+    assert scaled_lr(0.004, 1024, 256, "sqrt") == pytest.approx(0.008)
+    assert scaled_lr(0.3, 1024, 256, "none") == 0.3
+    with pytest.raises(ValueError, match="lr_scaling"):
+        scaled_lr(0.1, 64, 256, "cubic")
+    with pytest.raises(ValueError, match="batch"):
+        scaled_lr(0.1, 0, 256, "linear")
+
+
+def test_power_of_two_batches_end_at_the_whole_training_set() -> None:
+    assert power_of_two_batches(16, 1437) == (16, 32, 64, 128, 256, 512, 1024, 1437)
+    assert power_of_two_batches(16, 256) == (16, 32, 64, 128, 256)
+    imagenet = power_of_two_batches(1024, 1_281_167)
+    assert imagenet[0] == 1024 and imagenet[-2] == 2**20 and imagenet[-1] == 1_281_167
+    with pytest.raises(ValueError, match="power of two"):
+        power_of_two_batches(24, 1000)
+    with pytest.raises(ValueError, match="train_size"):
+        power_of_two_batches(16, 8)
+
+
+def test_optimizer_spec_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="lr_scaling"):
+        OptimizerSpec("x", "sgd", 0.1, "log", 0.0)
+    with pytest.raises(ValueError, match="base_lr"):
+        OptimizerSpec("x", "sgd", -0.1, "linear", 0.0)
+
+
+def test_plan_covers_the_grid_and_the_fixed_step_runs() -> None:
+    preset = PRESETS["default"]
+    runs = plan_runs(preset, 1437)
+    batches = power_of_two_batches(16, 1437)
+    epoch_runs = [r for r in runs if r.budget == "epochs"]
+    step_runs = [r for r in runs if r.budget == "steps"]
+    assert len(epoch_runs) == len(batches) * len(preset.optimizers) * len(preset.lr_factors)
+    assert [r.batch for r in step_runs] == list(batches)
+    assert len({r.key for r in runs}) == len(runs)
+    for r in step_runs:
+        assert r.config["max_steps"] == preset.fixed_steps
+        assert r.config["epochs"] * math.ceil(1437 / r.batch) >= preset.fixed_steps
+    for r in epoch_runs:
+        spec = preset.optimizer(r.optimizer)
+        assert r.lr == pytest.approx(r.lr_factor * scaled_lr(spec.base_lr, r.batch, preset.base_batch,
+                                                             spec.lr_scaling))
+        assert r.config["lr"] == r.lr and r.config["global_batch"] == r.batch
+        assert r.config["nesterov"] == (r.optimizer == "nesterov")
+    subset = plan_runs(preset, 1437, optimizers=["lars"], batches=[64])
+    assert {(r.optimizer, r.batch) for r in subset} == {("lars", 64)}
+    assert {r.key for r in subset} <= {r.key for r in runs}  # a subset shares the full sweep's cache
+    with pytest.raises(KeyError, match="adam"):
+        plan_runs(preset, 1437, optimizers=["adam"])
+
+
+def test_imagenet_plan_accumulates_on_a_fixed_device_batch() -> None:
+    preset = PRESETS["imagenet"]
+    runs = plan_runs(preset, preset.train_size)
+    assert {r.config["device_batch"] for r in runs} == {256}
+    assert max(r.batch for r in runs) == 1_281_167 and min(r.batch for r in runs) == 1024
+    assert all(r.config["epochs"] == 90 for r in runs if r.budget == "epochs")
+
+
+def test_config_hash_ignores_output_fields_only() -> None:
+    config = dict(plan_runs(PRESETS["quick"], 1437)[0].config)
+    key = config_hash(config)
+    for name in NON_RESULT_FIELDS:
+        assert config_hash({**config, name: "elsewhere"}) == key
+    assert config_hash({**config, "lr": config["lr"] * 2}) != key
+    assert config_hash({**config, "seed": 1}) != key
+    assert config_hash(dict(reversed(list(config.items())))) == key
+
+
+def test_cache_round_trip_and_atomic_replace(tmp_path) -> None:
+    cache = ResultCache(tmp_path / "cache")
+    assert cache.get("abc") is None
+    cache.put("abc", {"result": {"top1": 0.5}})
+    assert cache.get("abc") == {"result": {"top1": 0.5}, "key": "abc"}
+    assert cache.keys() == ["abc"]
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no temp files left
+
+    class Unserialisable:
+        def __repr__(self) -> str:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        write_json_atomic(cache.path("abc"), {"x": Unserialisable()})
+    assert json.loads(cache.path("abc").read_text())["result"] == {"top1": 0.5}  # old record intact
+    assert sorted(os.listdir(tmp_path / "cache")) == ["abc.json"]
+
+
+def test_cache_rejects_corrupt_or_misnamed_records(tmp_path) -> None:
+    cache = ResultCache(tmp_path)
+    cache.path("bad").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad\.json"):
+        cache.get("bad")
+    cache.path("other").write_text(json.dumps({"key": "different"}))
+    with pytest.raises(ValueError, match="different"):
+        cache.get("other")
