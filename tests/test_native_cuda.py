@@ -16,6 +16,7 @@ on the GPU loaded on the CPU and continued there.
 from __future__ import annotations
 
 import copy
+import ctypes
 import shutil
 import subprocess
 import sys
@@ -94,6 +95,222 @@ def test_chunk_planner_host_logic(tmp_path: Path) -> None:
                    check=True, capture_output=True, text=True)
     result = subprocess.run([str(exe)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------- the kernels under host emulation
+# csrc/cuda/test/emu runs the .cu sources unchanged on the CPU (threads as coroutines, blocks in
+# turn), so the kernels' indexing, vector and scalar paths, reductions and skip logic are checked
+# against the reference on every machine. EmulatedCuda has the backend interface of
+# fastlars.backends.reference and stands in for "native" in the optimizers below.
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _cuda_include_dir() -> Path | None:
+    """A directory holding cuda_bf16.h and cuda_runtime_api.h: a toolkit or torch's nvidia wheels."""
+    candidates = [Path(p) / "include" for p in sorted(Path("/usr/local").glob("cuda*"), reverse=True)]
+    for entry in sys.path:
+        candidates += sorted((Path(entry) / "nvidia").glob("*/include"))
+    return next((c for c in candidates if (c / "cuda_bf16.h").is_file() and (c / "cuda_runtime_api.h").is_file()),
+                None)
+
+
+@pytest.fixture(scope="module")
+def emulated_cuda(tmp_path_factory: pytest.TempPathFactory):
+    """Builds csrc/cuda/*.cu + the emulator into a shared library (about 5 s) and wraps it."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    include = _cuda_include_dir()
+    if compiler is None or include is None:
+        pytest.skip(f"needs a C++ compiler ({compiler}) and the CUDA headers ({include}) to emulate the kernels")
+    out = tmp_path_factory.mktemp("cuda_emu")
+    cuda_dir = ROOT / "csrc" / "cuda"
+    flags = ["-std=c++17", "-O1", "-fPIC", "-U_FORTIFY_SOURCE", "-DFASTLARS_CUDA_EMULATION",
+             "-I", str(cuda_dir), "-I", str(include)]
+    objects = []
+    for src in [*sorted(cuda_dir.glob("*.cu")), cuda_dir / "test" / "emu" / "emu_ops.cpp"]:
+        obj = out / (src.stem + ".o")
+        lang = ["-x", "c++", "-include", str(cuda_dir / "test" / "emu" / "cuda_emu.h")] if src.suffix == ".cu" else []
+        subprocess.run([compiler, *flags, *lang, "-c", str(src), "-o", str(obj)], check=True)
+        objects.append(str(obj))
+    lib = out / "libfastlars_cuda_emu.so"
+    subprocess.run([compiler, "-shared", *objects, "-o", str(lib)], check=True)
+    return EmulatedCuda(ctypes.CDLL(str(lib)))
+
+
+def _ptrs(tensors) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+
+
+def _float_ptr(t: torch.Tensor | None):
+    if t is None:
+        return None
+    assert t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+    return ctypes.c_void_p(t.data_ptr())
+
+
+class EmulatedCuda:
+    """The CUDA kernels under host emulation, with the backend interface (tensors on the CPU)."""
+
+    def __init__(self, lib: ctypes.CDLL, wave_bytes: int = 0) -> None:
+        self.lib = lib
+        self.wave_bytes = wave_bytes
+        self.calls = 0
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        return None if device.type == "cpu" else "the emulation runs on host memory"
+
+    def _common(self, params, masters):
+        numel = (ctypes.c_int64 * len(params))(*[p.numel() for p in params])
+        dtype = (ctypes.c_int * len(params))(*[_DTYPE_CODE[p.dtype] for p in params])
+        if masters is None:
+            master_list = [None] * len(params)
+        else:
+            master_list = [None if m.data_ptr() == p.data_ptr() else m for m, p in zip(masters, params)]
+        return numel, dtype, master_list
+
+    @staticmethod
+    def _lr(lr):
+        if isinstance(lr, torch.Tensor):
+            lr = lr.detach().to(torch.float32).reshape(1).contiguous()
+            return lr, _float_ptr(lr), 0.0
+        return None, None, float(lr)
+
+    def grad_norms(self, grads, grad_scale):
+        self.calls += 1
+        out = torch.empty(len(grads), dtype=torch.float32)
+        numel, dtype, _ = self._common(grads, None)
+        scale = None if grad_scale is None else grad_scale.float().reshape(1).contiguous()
+        self.lib.fl_emu_grad_norms(len(grads), _ptrs(grads), numel, dtype, _float_ptr(scale), _float_ptr(out))
+        return out
+
+    def lars_step(self, params, grads, momentum_buffers, master_params, grad_norms, *, lr, h, grad_scale, found_inf):
+        self.calls += 1
+        numel, dtype, masters = self._common(params, master_params)
+        keep, lr_ptr, lr_value = self._lr(lr)
+        lo, hi = h.trust_ratio_bounds or (0.0, 0.0)
+        f = (ctypes.c_double * 6)(h.momentum, h.weight_decay, h.trust_coefficient, h.eps, lo, hi)
+        b = (ctypes.c_int * 6)(h.nesterov, h.trust_clip, h.momentum_style == "mlperf", h.adapt,
+                               h.trust_ratio_bounds is not None, h.maximize)
+        norms = grad_norms.float().contiguous()
+        scale = None if grad_scale is None else grad_scale.float().reshape(1).contiguous()
+        inf = None if found_inf is None else found_inf.float().reshape(1).contiguous()
+        self.lib.fl_emu_lars_step(len(params), _ptrs(params), _ptrs(grads), _ptrs(momentum_buffers), _ptrs(masters),
+                                  numel, dtype, _float_ptr(norms), lr_ptr, ctypes.c_float(lr_value), f, b,
+                                  _float_ptr(scale), _float_ptr(inf), ctypes.c_int64(self.wave_bytes))
+        del keep
+
+    def lamb_step(self, params, grads, exp_avgs, exp_avg_sqs, master_params, steps, *, lr, h, clip_coef, grad_scale,
+                  found_inf):
+        self.calls += 1
+        numel, dtype, masters = self._common(params, master_params)
+        keep, lr_ptr, lr_value = self._lr(lr)
+        lo, hi = h.trust_ratio_bounds or (0.0, 0.0)
+        f = (ctypes.c_double * 6)(h.beta1, h.beta2, h.eps, h.weight_decay, lo, hi)
+        b = (ctypes.c_int * 7)(h.bias_correction, h.grad_averaging, h.decoupled_decay, h.trust_clip, h.adapt,
+                               h.trust_ratio_bounds is not None, h.maximize)
+        step_values = torch.stack([s.float().reshape(()) for s in steps]).contiguous()
+        clip = None if clip_coef is None else clip_coef.float().reshape(1).contiguous()
+        scale = None if grad_scale is None else grad_scale.float().reshape(1).contiguous()
+        inf = None if found_inf is None else found_inf.float().reshape(1).contiguous()
+        self.lib.fl_emu_lamb_step(len(params), _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs),
+                                  _ptrs(masters), numel, dtype, _float_ptr(step_values), lr_ptr,
+                                  ctypes.c_float(lr_value), f, b, _float_ptr(clip), _float_ptr(scale),
+                                  _float_ptr(inf), ctypes.c_int64(self.wave_bytes))
+        del keep
+
+
+@pytest.fixture
+def emulated_native(emulated_cuda, monkeypatch):
+    """backend="native" on the CPU runs the CUDA kernels under emulation for this test."""
+    emulated_cuda.calls = 0
+    monkeypatch.setitem(backends._LOADED, "native", emulated_cuda)
+    return emulated_cuda
+
+
+EMU_SHAPES = [(0,), (1,), (7,), (3, 5), (17, 33), (0,), (1031,), (16_385,), (0,)]
+
+
+def _emu_pair(cls, options, dtype=torch.float32, master=False, base_lr=1.0, steps=8, shapes=EMU_SHAPES, **kw):
+    def make(backend):
+        return lambda params: cls(params, lr=base_lr, backend=backend, master_weights=master, **options)
+
+    ref = run_trajectory(make("reference"), shapes=shapes, dtype=dtype, steps=steps, base_lr=base_lr, **kw)
+    emu = run_trajectory(make("native"), shapes=shapes, dtype=dtype, steps=steps, base_lr=base_lr, **kw)
+    return ref, emu
+
+
+@pytest.mark.parametrize("options", LARS_OPTIONS, ids=str)
+def test_emulated_lars_kernels_match_reference(emulated_native, options) -> None:
+    ref, emu = _emu_pair(fastlars.LARS, options)
+    assert emulated_native.calls > 0
+    assert_same_trajectory(ref, emu, torch.float32)
+
+
+@pytest.mark.parametrize("options", LAMB_OPTIONS, ids=str)
+def test_emulated_lamb_kernels_match_reference(emulated_native, options) -> None:
+    ref, emu = _emu_pair(fastlars.LAMB, options, base_lr=0.01)
+    assert emulated_native.calls > 0
+    assert_same_trajectory(ref, emu, torch.float32)
+
+
+@pytest.mark.parametrize("dtype,master", STORAGE[1:], ids=str)
+@pytest.mark.parametrize("cls,base_lr", ALGOS, ids=["lars", "lamb"])
+def test_emulated_low_precision_storage(emulated_native, cls, base_lr, dtype, master) -> None:
+    ref, emu = _emu_pair(cls, {"weight_decay": 1e-2}, dtype=dtype, master=master, base_lr=base_lr)
+    assert_same_trajectory(ref, emu, dtype)
+
+
+@pytest.mark.parametrize("cls,base_lr", ALGOS, ids=["lars", "lamb"])
+def test_emulated_skip_tensor_lr_and_waves(emulated_native, cls, base_lr) -> None:
+    """Non-finite grads skip the step; a tensor lr is read by the kernels; 1-byte waves (one tensor each)."""
+
+    def hook(step, grads):
+        if step == 3:
+            grads[4].view(-1)[7] = float("nan")
+
+    emulated_native.wave_bytes = 1
+
+    def make(backend):
+        return lambda params: cls(params, lr=torch.tensor(base_lr), weight_decay=1e-2, backend=backend)
+
+    ref = run_trajectory(make("reference"), shapes=EMU_SHAPES, steps=6, base_lr=base_lr, grad_hook=hook)
+    emu = run_trajectory(make("native"), shapes=EMU_SHAPES, steps=6, base_lr=base_lr, grad_hook=hook)
+    emulated_native.wave_bytes = 0
+    assert_same_trajectory(ref, emu, torch.float32)
+    assert emu[1].skipped_steps == 1
+
+
+@pytest.mark.parametrize("cls,base_lr", ALGOS, ids=["lars", "lamb"])
+def test_emulated_more_tensors_than_one_table(emulated_native, cls, base_lr) -> None:
+    shapes = [(0,) if i % 97 == 0 else (1 + (i * 37) % 50,) for i in range(1200)] + [(0,)]
+    ref, emu = _emu_pair(cls, {"weight_decay": 1e-2}, base_lr=base_lr, steps=2, shapes=shapes)
+    assert_same_trajectory(ref, emu, torch.float32)
+
+
+def test_emulated_misaligned_tensors_take_the_scalar_path(emulated_native) -> None:
+    """Views one element into their storage are not 16-byte aligned: the kernels' scalar loop runs."""
+    for cls, base_lr in ALGOS:
+        runs = []
+        for backend in ("reference", "native"):
+            base = [torch.randn(n + 1, generator=torch.Generator().manual_seed(n)) for n in (9, 1031, 16_390)]
+            params = [b[1:].requires_grad_(True) for b in base]
+            opt = cls(params, lr=base_lr, weight_decay=1e-2, backend=backend)
+            for t in range(1, 5):
+                for p, g in zip(params, synthetic_grads(params, t)):
+                    p.grad = g
+                opt.step()
+            runs.append((params, opt))
+        assert_same_trajectory(runs[0], runs[1], torch.float32)
+
+
+def test_emulated_grad_norms(emulated_native) -> None:
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=gen) for n in (0, 1, 7, 16_384, 40_000)]
+    grads.append(torch.randn(1031, generator=gen).to(torch.bfloat16))
+    scale = torch.tensor(8.0)
+    norms = emulated_native.grad_norms(grads, scale)
+    assert torch.equal(norms, emulated_native.grad_norms(grads, scale))
+    expected = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]).float() / 8.0
+    torch.testing.assert_close(norms, expected, rtol=1e-6, atol=0.0)
 
 
 # --------------------------------------------------------------------------- trajectories

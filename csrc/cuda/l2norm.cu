@@ -53,20 +53,20 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 void launch_sumsq(const NormTable& table, DType dtype, float* partials, int grid, cudaStream_t stream) {
   switch (dtype) {
     case DType::kFloat:
-      sumsq_kernel<float><<<grid, kThreads, 0, stream>>>(table, partials);
+      launch(sumsq_kernel<float>, grid, kThreads, stream, table, partials);
       break;
     case DType::kBFloat16:
-      sumsq_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(table, partials);
+      launch(sumsq_kernel<__nv_bfloat16>, grid, kThreads, stream, table, partials);
       break;
     case DType::kHalf:
-      sumsq_kernel<__half><<<grid, kThreads, 0, stream>>>(table, partials);
+      launch(sumsq_kernel<__half>, grid, kThreads, stream, table, partials);
       break;
   }
 }
 
 void launch_norm_finalize(const NormTable& table, const float* partials, const float* grad_scale, float* out,
                           cudaStream_t stream) {
-  norm_finalize_kernel<<<table.count, kFinalizeThreads, 0, stream>>>(table, partials, grad_scale, out);
+  launch(norm_finalize_kernel, table.count, kFinalizeThreads, stream, table, partials, grad_scale, out);
 }
 
 }  // namespace fastlars::cuda

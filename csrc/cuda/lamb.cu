@@ -156,10 +156,10 @@ void lamb_wave(const LambTable& table, const LambOptions& opt, const StepScalars
   static_assert(sizeof(LambTable) + sizeof(LambOptions) + sizeof(StepScalars) <= kParamBytes,
                 "LAMB kernel arguments exceed the parameter space");
   if (opt.adapt) {
-    lamb_pass1<T, Master><<<grid, kThreads, 0, stream>>>(table, opt, s);
-    lamb_ratios<<<table.count, kFinalizeThreads, 0, stream>>>(table, opt, s);
+    launch(lamb_pass1<T, Master>, grid, kThreads, stream, table, opt, s);
+    launch(lamb_ratios, table.count, kFinalizeThreads, stream, table, opt, s);
   }
-  lamb_pass2<T, Master><<<grid, kThreads, 0, stream>>>(table, opt, s);
+  launch(lamb_pass2<T, Master>, grid, kThreads, stream, table, opt, s);
 }
 
 }  // namespace

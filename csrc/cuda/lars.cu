@@ -101,10 +101,10 @@ void lars_wave(const LarsTable& table, const LarsOptions& opt, const StepScalars
   static_assert(sizeof(LarsTable) + sizeof(LarsOptions) + sizeof(StepScalars) <= kParamBytes,
                 "LARS kernel arguments exceed the parameter space");
   if (opt.adapt) {
-    lars_pass1<T, Master><<<grid, kThreads, 0, stream>>>(table, s);
-    lars_ratios<<<table.count, kFinalizeThreads, 0, stream>>>(table, opt, s);
+    launch(lars_pass1<T, Master>, grid, kThreads, stream, table, s);
+    launch(lars_ratios, table.count, kFinalizeThreads, stream, table, opt, s);
   }
-  lars_pass2<T, Master><<<grid, kThreads, 0, stream>>>(table, opt, s);
+  launch(lars_pass2<T, Master>, grid, kThreads, stream, table, opt, s);
 }
 
 }  // namespace

@@ -8,9 +8,11 @@
 // aligned (chunks are a multiple of 8 elements, so an aligned tensor has aligned chunks).
 #pragma once
 
+#ifndef FASTLARS_CUDA_EMULATION  // test/emu/cuda_emu.h stands in for the CUDA headers
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 #include <type_traits>
@@ -154,6 +156,18 @@ __device__ __forceinline__ void sum_slot_partials(const TensorTable<Depth>& t, c
     for (int k = 0; k < N; ++k) acc[k] += partials[N * c + k];
   }
   block_sum<N>(acc);
+}
+
+// Launches kernel(args...) as `grid` blocks of `threads` threads on `stream`. Under the host
+// emulation (csrc/cuda/test/emu) every block runs before this returns.
+template <typename... Params, typename... Args>
+inline void launch(void (*kernel)(Params...), int grid, int threads, cudaStream_t stream, const Args&... args) {
+#ifdef FASTLARS_CUDA_EMULATION
+  (void)stream;
+  emu::run_grid(static_cast<unsigned>(grid), static_cast<unsigned>(threads), [&] { kernel(args...); });
+#else
+  kernel<<<grid, threads, 0, stream>>>(args...);
+#endif
 }
 
 }  // namespace fastlars::cuda

@@ -32,7 +32,7 @@
 #include <string>
 #include <vector>
 
-#include "launch.h"
+#include "host_plan.h"
 
 namespace fastlars::cuda {
 namespace {
@@ -128,63 +128,32 @@ Lr learning_rate(double lr, const std::optional<at::Tensor>& lr_tensor, const at
   return out;
 }
 
-void ratio_bounds(const std::optional<at::ArrayRef<double>>& bounds, bool& has, float& lo, float& hi) {
-  has = bounds.has_value();
-  lo = 0.0f;
-  hi = 0.0f;
-  if (!has) return;
-  TORCH_CHECK(bounds->size() == 2 && (*bounds)[0] <= (*bounds)[1],
-              "trust_ratio_bounds: expected (lo, hi) with lo <= hi, got ", *bounds);
-  lo = static_cast<float>((*bounds)[0]);
-  hi = static_cast<float>((*bounds)[1]);
-}
-
-// ------------------------------------------------------------------------------- bucketing
-struct Bucket {
-  Storage storage;
-  std::vector<int64_t> members;  // positions in the op's lists
-  Plan plan;
+struct Bounds {
+  bool has = false;
+  double lo = 0.0;
+  double hi = 0.0;
 };
 
-// Groups the tensors by storage and plans each bucket's waves; chunk ids run over the whole call.
-template <typename Table>
-std::vector<Bucket> plan_buckets(const std::vector<Storage>& storage, const std::vector<int64_t>& numel,
-                                 int64_t bytes_per_float_elem, int64_t wave_bytes, int64_t& total_chunks) {
-  std::vector<Bucket> buckets;
-  for (size_t i = 0; i < storage.size(); ++i) {
-    auto it = std::find_if(buckets.begin(), buckets.end(), [&](const Bucket& b) {
-      return b.storage.param == storage[i].param && b.storage.master == storage[i].master;
-    });
-    if (it == buckets.end()) it = buckets.insert(buckets.end(), Bucket{storage[i], {}, {}});
-    it->members.push_back(static_cast<int64_t>(i));
-  }
-  total_chunks = 0;
-  for (auto& b : buckets) {
-    std::vector<int64_t> sizes;
-    for (int64_t m : b.members) sizes.push_back(numel[m]);
-    b.plan = plan_waves(sizes, Table::kCapacity, kChunk, bytes_per_float_elem, wave_bytes, total_chunks);
-    total_chunks = b.plan.total_chunks;
-  }
-  return buckets;
+Bounds ratio_bounds(const std::optional<at::ArrayRef<double>>& bounds) {
+  if (!bounds.has_value()) return {};
+  TORCH_CHECK(bounds->size() == 2 && (*bounds)[0] <= (*bounds)[1],
+              "trust_ratio_bounds: expected (lo, hi) with lo <= hi, got ", *bounds);
+  return {true, (*bounds)[0], (*bounds)[1]};
 }
 
-// Fills the table of one wave; lists[l][i] is list l's tensor at op position i (undefined: null).
-template <int Depth>
-TensorTable<Depth> fill_table(const Bucket& b, const Wave& w, const std::array<const at::TensorList*, Depth>& lists,
-                              const std::array<bool, Depth>& present) {
-  TensorTable<Depth> t;
-  t.count = static_cast<int32_t>(w.count);
-  t.first_chunk = w.first_chunk;
-  int64_t end = 0;
-  for (int64_t s = 0; s < w.count; ++s) {
-    const int64_t pos = b.members[b.plan.tensors[w.first + s]];
-    for (int l = 0; l < Depth; ++l) t.ptr[l][s] = present[l] ? (*lists[l])[pos].data_ptr() : nullptr;
-    t.numel[s] = (*lists[0])[pos].numel();
-    end += chunk_count(t.numel[s], kChunk);
-    t.chunk_end[s] = end;
-    t.index[s] = static_cast<int32_t>(pos);
+// The raw pointers of a call's lists; list `master_list` holds null where a tensor keeps no master.
+CallTensors raw_call(const std::vector<at::TensorList>& lists, const std::vector<Storage>& storage, int master_list) {
+  CallTensors call;
+  call.storage = storage;
+  call.ptr.resize(lists.size());
+  for (size_t l = 0; l < lists.size(); ++l) {
+    for (size_t i = 0; i < storage.size(); ++i) {
+      const bool absent = static_cast<int>(l) == master_list && !storage[i].master;
+      call.ptr[l].push_back(absent ? nullptr : lists[l][i].data_ptr());
+    }
   }
-  return t;
+  for (const auto& t : lists[0]) call.numel.push_back(t.numel());
+  return call;
 }
 
 // Per-tensor storage of a step call, after checking every list against its param.
@@ -223,16 +192,11 @@ std::vector<Storage> step_storage(at::TensorList params, at::TensorList grads,
   return storage;
 }
 
-std::vector<int64_t> numels(at::TensorList ts) {
-  std::vector<int64_t> out;
-  for (const auto& t : ts) out.push_back(t.numel());
-  return out;
-}
-
 // ------------------------------------------------------------------------------------ ops
 at::Tensor grad_norms_cuda(at::TensorList grads, const std::optional<at::Tensor>& grad_scale) {
   TORCH_CHECK(!grads.empty(), "grads: empty list (the caller handles that case)");
   const at::Device device = grads[0].device();
+  TORCH_CHECK(device.is_cuda(), "grads[0]: on ", device, "; these are the CUDA kernels");
   const c10::cuda::CUDAGuard guard(device);
   std::vector<Storage> storage;
   for (size_t i = 0; i < grads.size(); ++i) {
@@ -240,26 +204,21 @@ at::Tensor grad_norms_cuda(at::TensorList grads, const std::optional<at::Tensor>
     storage.push_back(Storage{dtype_of(grads[i], "grads", i), false});
   }
   const float* scale = device_scalar(grad_scale, device, "grad_scale");
+  const CallTensors call = raw_call({grads}, storage, -1);
+  const CallPlan plan = plan_call<NormTable>(call, 0, 0);
   const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
-  const std::vector<int64_t> sizes = numels(grads);
-  const bool any_empty = std::find(sizes.begin(), sizes.end(), 0) != sizes.end();
-  at::Tensor out = any_empty ? at::zeros({static_cast<int64_t>(grads.size())}, options)
-                             : at::empty({static_cast<int64_t>(grads.size())}, options);
-  int64_t total = 0;
-  const auto buckets = plan_buckets<NormTable>(storage, sizes, 0, 0, total);
-  if (total == 0) return out;
-  at::Tensor partials = at::empty({total}, options);
+  const int64_t n = static_cast<int64_t>(grads.size());
+  const bool any_empty = std::find(call.numel.begin(), call.numel.end(), 0) != call.numel.end();
+  at::Tensor out = any_empty ? at::zeros({n}, options) : at::empty({n}, options);
+  at::Tensor partials = at::empty({plan.total_chunks}, options);
   const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
   const int sms = device_facts(device.index()).sm_count;
-  for (const auto& b : buckets) {
-    for (const Wave& w : b.plan.waves) {
-      const NormTable table = fill_table<kNormDepth>(b, w, {&grads}, {true});
-      launch_sumsq(table, b.storage.param, partials.data_ptr<float>(), chunk_grid(w.chunks, sms), stream);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      launch_norm_finalize(table, partials.data_ptr<float>(), scale, out.data_ptr<float>(), stream);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  }
+  for_each_wave<kNormDepth>(plan, call, [&](const NormTable& table, Storage st, const Wave& w) {
+    launch_sumsq(table, st.param, partials.data_ptr<float>(), chunk_grid(w.chunks, sms), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_norm_finalize(table, partials.data_ptr<float>(), scale, out.data_ptr<float>(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   return out;
 }
 
@@ -277,38 +236,25 @@ void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   TORCH_CHECK(grad_norms.device() == device && grad_norms.scalar_type() == at::kFloat && grad_norms.dim() == 1 &&
                   grad_norms.numel() == static_cast<int64_t>(params.size()) && grad_norms.is_contiguous(),
               "grad_norms: expected a contiguous 1-D float32 tensor of ", params.size(), " elements on ", device);
-
-  LarsOptions opt{};
-  opt.momentum = static_cast<float>(momentum);
-  opt.weight_decay = static_cast<float>(weight_decay);
-  opt.trust_coefficient = static_cast<float>(trust_coefficient);
-  opt.eps = static_cast<float>(eps);
-  opt.nesterov = nesterov;
-  opt.trust_clip = trust_clip;
-  opt.mlperf_style = mlperf_momentum;
-  opt.adapt = adapt;
-  ratio_bounds(trust_ratio_bounds, opt.has_bounds, opt.ratio_lo, opt.ratio_hi);
-  opt.maximize = maximize;
-  opt.grad_norms = grad_norms.data_ptr<float>();
-
+  const Bounds bounds = ratio_bounds(trust_ratio_bounds);
+  const LarsOptions opt =
+      make_lars_options(momentum, weight_decay, trust_coefficient, eps, nesterov, trust_clip, mlperf_momentum, adapt,
+                        bounds.has, bounds.lo, bounds.hi, maximize, grad_norms.data_ptr<float>());
   const Lr rate = learning_rate(lr, lr_tensor, device);
   const DeviceFacts& facts = device_facts(device.index());
-  int64_t total = 0;
-  const auto buckets = plan_buckets<LarsTable>(storage, numels(params), 4, adapt ? facts.wave_bytes : 0, total);
+  const CallTensors call = raw_call({params, grads, momentum_buffers, master_params}, storage, 3);
+  const CallPlan plan = plan_call<LarsTable>(call, 4, adapt ? facts.wave_bytes : 0);
   const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
-  at::Tensor partials = at::empty({adapt ? total : 0}, options);
+  at::Tensor partials = at::empty({adapt ? plan.total_chunks : 0}, options);
   at::Tensor ratios = at::empty({adapt ? static_cast<int64_t>(params.size()) : 0}, options);
-  StepScalars s{rate.ptr, rate.value, device_scalar(grad_scale, device, "grad_scale"),
-                device_scalar(found_inf, device, "found_inf"), partials.data_ptr<float>(), ratios.data_ptr<float>()};
+  const StepScalars s{rate.ptr, rate.value, device_scalar(grad_scale, device, "grad_scale"),
+                      device_scalar(found_inf, device, "found_inf"), partials.data_ptr<float>(),
+                      ratios.data_ptr<float>()};
   const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
-  for (const auto& b : buckets) {
-    for (const Wave& w : b.plan.waves) {
-      const LarsTable table = fill_table<kLarsDepth>(b, w, {&params, &grads, &momentum_buffers, &master_params},
-                                                     {true, true, true, b.storage.master});
-      launch_lars_wave(table, b.storage, opt, s, chunk_grid(w.chunks, facts.sm_count), stream);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  }
+  for_each_wave<kLarsDepth>(plan, call, [&](const LarsTable& table, Storage st, const Wave& w) {
+    launch_lars_wave(table, st, opt, s, chunk_grid(w.chunks, facts.sm_count), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -324,46 +270,30 @@ void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
   check_lists(params.size(), steps, "steps");
-
-  LambOptions opt{};
-  opt.beta1 = static_cast<float>(beta1);
-  opt.beta2 = static_cast<float>(beta2);
-  opt.beta3 = static_cast<float>(grad_averaging ? 1.0 - beta1 : 1.0);
-  opt.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  opt.eps = static_cast<float>(eps);
-  opt.weight_decay = static_cast<float>(weight_decay);
-  opt.bias_correction = bias_correction;
-  opt.grad_averaging = grad_averaging;
-  opt.decoupled_decay = decoupled_decay;
-  opt.trust_clip = trust_clip;
-  opt.adapt = adapt;
-  ratio_bounds(trust_ratio_bounds, opt.has_bounds, opt.ratio_lo, opt.ratio_hi);
-  opt.maximize = maximize;
-  opt.clip_coef = device_scalar(clip_coef, device, "clip_coef");
   at::Tensor step_values;
   if (bias_correction) {  // one small copy kernel gathers the 0-d step counts into one vector
     step_values = at::stack(steps).to(device, at::kFloat).reshape({-1}).contiguous();
-    opt.steps = step_values.data_ptr<float>();
   }
-
+  const Bounds bounds = ratio_bounds(trust_ratio_bounds);
+  const LambOptions opt = make_lamb_options(
+      beta1, beta2, eps, weight_decay, bias_correction, grad_averaging, decoupled_decay, trust_clip, adapt, bounds.has,
+      bounds.lo, bounds.hi, maximize, bias_correction ? step_values.data_ptr<float>() : nullptr,
+      device_scalar(clip_coef, device, "clip_coef"));
   const Lr rate = learning_rate(lr, lr_tensor, device);
   const DeviceFacts& facts = device_facts(device.index());
-  int64_t total = 0;
-  const auto buckets = plan_buckets<LambTable>(storage, numels(params), 16, adapt ? facts.wave_bytes : 0, total);
+  const CallTensors call = raw_call({params, grads, exp_avgs, exp_avg_sqs, master_params}, storage, 4);
+  const CallPlan plan = plan_call<LambTable>(call, 16, adapt ? facts.wave_bytes : 0);
   const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
-  at::Tensor partials = at::empty({adapt ? 2 * total : 0}, options);
+  at::Tensor partials = at::empty({adapt ? 2 * plan.total_chunks : 0}, options);
   at::Tensor ratios = at::empty({adapt ? static_cast<int64_t>(params.size()) : 0}, options);
-  StepScalars s{rate.ptr, rate.value, device_scalar(grad_scale, device, "grad_scale"),
-                device_scalar(found_inf, device, "found_inf"), partials.data_ptr<float>(), ratios.data_ptr<float>()};
+  const StepScalars s{rate.ptr, rate.value, device_scalar(grad_scale, device, "grad_scale"),
+                      device_scalar(found_inf, device, "found_inf"), partials.data_ptr<float>(),
+                      ratios.data_ptr<float>()};
   const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
-  for (const auto& b : buckets) {
-    for (const Wave& w : b.plan.waves) {
-      const LambTable table = fill_table<kLambDepth>(
-          b, w, {&params, &grads, &exp_avgs, &exp_avg_sqs, &master_params}, {true, true, true, true, b.storage.master});
-      launch_lamb_wave(table, b.storage, opt, s, chunk_grid(w.chunks, facts.sm_count), stream);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  }
+  for_each_wave<kLambDepth>(plan, call, [&](const LambTable& table, Storage st, const Wave& w) {
+    launch_lamb_wave(table, st, opt, s, chunk_grid(w.chunks, facts.sm_count), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace
