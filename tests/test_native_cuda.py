@@ -388,6 +388,38 @@ def test_small_waves_match_reference(native_cuda, monkeypatch, wave_bytes) -> No
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+# ---------------------------------------------------------------------------- op contract
+def _op_samples() -> dict[str, tuple]:
+    """Arguments for each fastlars op, in the schema order csrc/cuda/ops.cpp implements."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def tensors(dtype=torch.float32):
+        return [torch.randn(n, device="cuda", generator=gen).to(dtype) for n in (5, 0, 16_390)]
+
+    params, grads = tensors(), tensors()
+    norms = torch.stack([torch.linalg.vector_norm(g) for g in grads])
+    steps = [torch.ones((), device="cuda") for _ in params]
+    found_inf = torch.zeros(1, device="cuda")
+    return {
+        "grad_norms": (grads, torch.tensor(2.0, device="cuda")),
+        "lars_step_": (params, grads, tensors(), [], norms, 0.1, None, 0.9, 1e-4, 1e-3, 0.0, False, False, True, True,
+                       None, False, None, found_inf),
+        "lamb_step_": (tensors(), grads, tensors(), [t.abs() for t in tensors()], [], steps, 1e-3,
+                       torch.tensor(1e-3, device="cuda"), 0.9, 0.999, 1e-6, 0.01, True, True, False, False, True,
+                       [0.01, 10.0], False, None, None, found_inf),
+    }
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["grad_norms", "lars_step_", "lamb_step_"])
+def test_opcheck(native_cuda, name) -> None:
+    """torch.library.opcheck: schema (mutations declared), fake tensor and dispatch of the CUDA kernels."""
+    import fastlars._ops  # noqa: F401  (defines the schemas and fake kernels)
+
+    assert hasattr(torch.ops.fastlars, name), f"fastlars._ops defines no fastlars::{name}"
+    torch.library.opcheck(getattr(torch.ops.fastlars, name).default, _op_samples()[name])
+
+
 # ------------------------------------------------------------------------------- norms
 @pytest.mark.cuda
 def test_grad_norms_are_deterministic_and_accurate(native_cuda) -> None:
