@@ -286,6 +286,13 @@ def test_emulated_more_tensors_than_one_table(emulated_native, cls, base_lr) -> 
     assert_same_trajectory(ref, emu, torch.float32)
 
 
+@pytest.mark.parametrize("cls,base_lr", ALGOS, ids=["lars", "lamb"])
+def test_emulated_mixed_dtypes_in_one_group(emulated_native, cls, base_lr) -> None:
+    ref = _mixed_dtype_run(cls, base_lr, "reference", "cpu", steps=6)
+    emu = _mixed_dtype_run(cls, base_lr, "native", "cpu", steps=6)
+    assert_same_trajectory(ref, emu, torch.bfloat16)
+
+
 def test_emulated_misaligned_tensors_take_the_scalar_path(emulated_native) -> None:
     """Views one element into their storage are not 16-byte aligned: the kernels' scalar loop runs."""
     for cls, base_lr in ALGOS:
@@ -340,23 +347,25 @@ def test_dtypes_and_master_weights_match_reference(native_cuda, cls, base_lr, dt
     assert_same_trajectory(ref, nat, dtype)
 
 
+def _mixed_dtype_run(cls, base_lr, backend, device, steps=30):
+    """One group of fp32 and bf16 params with master weights: two dtype buckets in one call."""
+    params = make_params([(33, 17), (1031,), (0,), (5, 5), (16_390,)], torch.float32, device)
+    for i in (1, 4):
+        params[i] = params[i].detach().to(torch.bfloat16).requires_grad_(True)
+    opt = cls(params, lr=base_lr, weight_decay=1e-2, master_weights=True, backend=backend)
+    for t in range(1, steps + 1):
+        opt.param_groups[0]["lr"] = lr_at(t, base_lr)
+        for p, g in zip(params, synthetic_grads(params, t)):
+            p.grad = g
+        opt.step()
+    return params, opt
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("cls,base_lr", ALGOS, ids=["lars", "lamb"])
 def test_mixed_dtypes_in_one_group(native_cuda, cls, base_lr) -> None:
-    """One group holding fp32 and bf16 params with master weights: two dtype buckets in one call."""
-
-    def run(backend):
-        params = make_params([(33, 17), (1031,), (0,), (5, 5)], torch.float32, "cuda")
-        params[1] = params[1].detach().to(torch.bfloat16).requires_grad_(True)
-        opt = cls(params, lr=base_lr, weight_decay=1e-2, master_weights=True, backend=backend)
-        for t in range(1, 31):
-            opt.param_groups[0]["lr"] = lr_at(t, base_lr)
-            for p, g in zip(params, synthetic_grads(params, t)):
-                p.grad = g
-            opt.step()
-        return params, opt
-
-    ref, nat = run("reference"), run("native")
+    ref = _mixed_dtype_run(cls, base_lr, "reference", "cuda")
+    nat = _mixed_dtype_run(cls, base_lr, "native", "cuda")
     assert_same_trajectory(ref, nat, torch.bfloat16)
 
 

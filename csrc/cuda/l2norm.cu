@@ -10,7 +10,7 @@ namespace fastlars::cuda {
 namespace {
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) sumsq_kernel(const NormTable table, float* __restrict__ partials) {
+__global__ void __launch_bounds__(kThreads) sumsq_kernel(const __grid_constant__ NormTable table, float* __restrict__ partials) {
   for_each_chunk(table, [&](int slot, int64_t c, int64_t begin, int64_t n) {
     const T* x = static_cast<const T*>(table.ptr[0][slot]) + begin;
     float acc[1] = {0.0f};
@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kThreads) sumsq_kernel(const NormTable table, 
 }
 
 __global__ void __launch_bounds__(kFinalizeThreads)
-    norm_finalize_kernel(const NormTable table, const float* __restrict__ partials, const float* grad_scale,
+    norm_finalize_kernel(const __grid_constant__ NormTable table, const float* __restrict__ partials, const float* grad_scale,
                          float* __restrict__ out) {
   float acc[1];
   sum_slot_partials<1>(table, partials, acc);

@@ -87,7 +87,7 @@ struct LambChunk {
 };
 
 template <typename T, bool Master>
-__global__ void __launch_bounds__(kThreads) lamb_pass1(const LambTable table, const LambOptions opt,
+__global__ void __launch_bounds__(kThreads) lamb_pass1(const __grid_constant__ LambTable table, const LambOptions opt,
                                                        const StepScalars s) {
   using S = std::conditional_t<Master, float, T>;
   if (skipped(s)) return;
@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(kThreads) lamb_pass1(const LambTable table, co
 }
 
 __global__ void __launch_bounds__(kFinalizeThreads)
-    lamb_ratios(const LambTable table, const LambOptions opt, const StepScalars s) {
+    lamb_ratios(const __grid_constant__ LambTable table, const LambOptions opt, const StepScalars s) {
   if (skipped(s)) return;
   float acc[2];
   sum_slot_partials<2>(table, s.partials, acc);
@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 }
 
 template <typename T, bool Master>
-__global__ void __launch_bounds__(kThreads) lamb_pass2(const LambTable table, const LambOptions opt,
+__global__ void __launch_bounds__(kThreads) lamb_pass2(const __grid_constant__ LambTable table, const LambOptions opt,
                                                        const StepScalars s) {
   using S = std::conditional_t<Master, float, T>;
   if (skipped(s)) return;

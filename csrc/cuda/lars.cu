@@ -19,7 +19,7 @@ __device__ __forceinline__ bool skipped(const StepScalars& s) { return s.found_i
 
 // Σ w² per chunk, w the fp32 master when kept, else the param.
 template <typename T, bool Master>
-__global__ void __launch_bounds__(kThreads) lars_pass1(const LarsTable table, const StepScalars s) {
+__global__ void __launch_bounds__(kThreads) lars_pass1(const __grid_constant__ LarsTable table, const StepScalars s) {
   if (skipped(s)) return;
   for_each_chunk(table, [&](int slot, int64_t c, int64_t begin, int64_t n) {
     float acc[1] = {0.0f};
@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kThreads) lars_pass1(const LarsTable table, co
 }
 
 __global__ void __launch_bounds__(kFinalizeThreads)
-    lars_ratios(const LarsTable table, const LarsOptions opt, const StepScalars s) {
+    lars_ratios(const __grid_constant__ LarsTable table, const LarsOptions opt, const StepScalars s) {
   if (skipped(s)) return;
   float acc[1];
   sum_slot_partials<1>(table, s.partials, acc);
@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 }
 
 template <typename T, bool Master>
-__global__ void __launch_bounds__(kThreads) lars_pass2(const LarsTable table, const LarsOptions opt,
+__global__ void __launch_bounds__(kThreads) lars_pass2(const __grid_constant__ LarsTable table, const LarsOptions opt,
                                                        const StepScalars s) {
   using S = std::conditional_t<Master, float, T>;  // momentum buffer dtype
   if (skipped(s)) return;

@@ -2,7 +2,8 @@
 //
 // The launch's tensors travel in the kernel arguments (a TensorTable, up to the 32 KB parameter
 // space CUDA >= 12.1 allows on Volta and newer, 4 KB before), so a launch needs no host-to-device
-// copy and is safe to capture in a CUDA graph. A fixed grid strides over the launch's chunks; each
+// copy and is safe to capture in a CUDA graph. Kernels take the table as a __grid_constant__
+// parameter: indexed in place in the constant bank, never copied to per-thread local memory. A fixed grid strides over the launch's chunks; each
 // block finds the tensor owning its chunk by walking the table's chunk prefix sums forward.
 // Sizes and offsets are 64-bit; 16-byte vector accesses are used where every list of a tensor is
 // aligned (chunks are a multiple of 8 elements, so an aligned tensor has aligned chunks).
