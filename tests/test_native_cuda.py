@@ -509,6 +509,24 @@ def test_grad_scaler_unscales_in_kernel_and_skips_overflow(native_cuda, cls, lr)
     assert_same_trajectory(ref, nat, torch.float16)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls,kw", [(fastlars.LARS, {"lr": 1.0, "weight_decay": 1e-2, "trust_clip": True}),
+                                    (fastlars.LAMB, {"lr": 0.01, "max_grad_norm": 1.0})], ids=["lars", "lamb"])
+def test_step_never_synchronizes_with_the_host(native_cuda, cls, kw) -> None:
+    params = make_params(SHAPES, torch.bfloat16, "cuda")
+    opt = cls(params, backend="native", master_weights=True, **kw)
+    for p, g in zip(params, synthetic_grads(params, 1)):
+        p.grad = g
+    opt.step()  # state creation may allocate; the steps after it are checked
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 # ------------------------------------------------------------------- graphs and compile
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True)], ids=str)

@@ -81,8 +81,10 @@ void check_like(const at::Tensor& t, const at::Tensor& param, const char* what, 
   TORCH_CHECK(t.device() == param.device(), what, "[", i, "]: on ", t.device(), ", its param is on ", param.device());
   TORCH_CHECK(t.sizes() == param.sizes(), what, "[", i, "]: shape ", t.sizes(), " differs from its param's ",
               param.sizes());
-  TORCH_CHECK(t.numel() <= 1 || t.strides() == param.strides(), what, "[", i, "]: strides ", t.strides(),
-              " differ from its param's ", param.strides());
+  bool same_order = true;  // strides of size-1 dimensions do not matter
+  for (int64_t d = 0; d < param.dim(); ++d) same_order &= param.size(d) == 1 || t.stride(d) == param.stride(d);
+  TORCH_CHECK(same_order, what, "[", i, "]: strides ", t.strides(), " order its elements differently from its "
+              "param's ", param.strides());
 }
 
 void check_dense(const at::Tensor& t, const char* what, size_t i, const at::Device& device) {
