@@ -1,14 +1,17 @@
 // Multi-tensor LAMB on CUDA, one wave of tensors at a time (see chunk_plan.h):
 //
-//   pass 1   recompute m', v', u from (w, g, m, v) without writing them; per chunk Σw², Σu²
-//            (reads w, g, m, v: 16 B/elem in fp32)
+//   pass 1   new moments m', v' and the direction u from (w, g, m, v); per chunk Σw², Σu²;
+//            m', v' are written when they are fp32 (reads w, g, m, v; writes m, v: 24 B/elem)
 //   ratios   r_i = lamb_ratio(||w_i||, ||u_i||) from the chunk partials, fixed order, no atomics
-//   pass 2   recompute u and write w − lr·r·u, m', v' (reads w, g, m, v; writes w, m, v: 28 B/elem)
+//   pass 2   u recomputed from the stored m', v' and w; w − lr·r·u written (reads w, m, v; writes
+//            w: 16 B/elem). Together 40 B/elem from HBM where a wave exceeds L2, 28 B (the
+//            compulsory traffic) where pass 2 finds the wave in L2.
 //
-// Recomputing u costs a few FLOPs per element instead of storing it (apex writes u into the grad
-// buffer and reads it back: +8 B/elem); a wave's tensors are sized so that pass 2 finds them in
-// L2. Groups that do not adapt skip pass 1 and the ratios (r = 1). When *found_inf != 0 nothing
-// is written; lr, t, the grad scale and the clip coefficient are read on the device (capturable).
+// u is never stored (apex writes it into the grad buffer and reads it back: +8 B/elem). Moments
+// kept in bf16/fp16 (no master weights) are not written in pass 1: pass 2 then recomputes them
+// from g, so u is always formed from the unrounded fp32 moments, as in the reference. Groups that
+// do not adapt run one fused pass (r = 1). When *found_inf != 0 nothing is written; lr, t, the
+// grad scale and the clip coefficient are read on the device (capturable).
 #include "launch.h"
 #include "multi_tensor_apply.cuh"
 #include "step_math.cuh"
@@ -63,17 +66,22 @@ struct LambChunk {
     return ok;
   }
 
+  template <int W>
+  __device__ __forceinline__ void load_w(int64_t i, float (&w)[W]) const {
+    if constexpr (Master) {
+      load<W>(master, i, w);
+    } else {
+      load<W>(p, i, w);
+    }
+  }
+
   // Loads W elements at i and computes the new moments and u in registers (w decayed when decoupled).
   template <int W>
   __device__ __forceinline__ void compute(int64_t i, const LambOptions& opt, const StepScalars& s,
                                           const math::LambConsts& c, float clip, float (&w)[W], float (&mm)[W],
                                           float (&vv)[W], float (&u)[W]) const {
     float gr[W];
-    if constexpr (Master) {
-      load<W>(master, i, w);
-    } else {
-      load<W>(p, i, w);
-    }
+    load_w<W>(i, w);
     load<W>(g, i, gr);
     load<W>(m, i, mm);
     load<W>(v, i, vv);
@@ -84,7 +92,24 @@ struct LambChunk {
       u[k] = math::lamb_element(w[k], mm[k], vv[k], gk, c);
     }
   }
+
+  // Loads W elements at i whose moments are already the new ones, and forms u from them.
+  template <int W>
+  __device__ __forceinline__ void direction(int64_t i, const math::LambConsts& c, float (&w)[W],
+                                            float (&u)[W]) const {
+    float mm[W], vv[W];
+    load_w<W>(i, w);
+    load<W>(m, i, mm);
+    load<W>(v, i, vv);
+#pragma unroll
+    for (int k = 0; k < W; ++k) u[k] = math::lamb_direction(w[k], mm[k], vv[k], c);
+  }
 };
+
+// Whether pass 1 writes the new moments (they are fp32, so pass 2 reads back exactly what it
+// would recompute) instead of leaving them to pass 2.
+template <typename T, bool Master>
+constexpr bool kStoreMoments = Master || std::is_same_v<T, float>;
 
 template <typename T, bool Master>
 __global__ void __launch_bounds__(kThreads) lamb_pass1(const __grid_constant__ LambTable table, const LambOptions opt,
@@ -104,6 +129,10 @@ __global__ void __launch_bounds__(kThreads) lamb_pass1(const __grid_constant__ L
       for (int k = 0; k < W; ++k) {
         acc[0] += w[k] * w[k];
         acc[1] += u[k] * u[k];
+      }
+      if constexpr (kStoreMoments<T, Master>) {
+        store<W>(chunk.m, i, mm);
+        store<W>(chunk.v, i, vv);
       }
     });
     block_sum<2>(acc);
@@ -126,7 +155,8 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   }
 }
 
-template <typename T, bool Master>
+// FromMoments: m and v already hold the new moments (pass 1 wrote them); else they are updated here.
+template <typename T, bool Master, bool FromMoments>
 __global__ void __launch_bounds__(kThreads) lamb_pass2(const __grid_constant__ LambTable table, const LambOptions opt,
                                                        const StepScalars s) {
   using S = std::conditional_t<Master, float, T>;
@@ -139,12 +169,17 @@ __global__ void __launch_bounds__(kThreads) lamb_pass2(const __grid_constant__ L
     const float step = consts.lr * (opt.adapt ? s.ratios[idx] : 1.0f);
     for_each_element(n, chunk.aligned(), [&](auto width, int64_t i) {
       constexpr int W = decltype(width)::value;
-      float w[W], mm[W], vv[W], u[W];
-      chunk.template compute<W>(i, opt, s, consts, clip, w, mm, vv, u);
+      float w[W], u[W];
+      if constexpr (FromMoments) {
+        chunk.template direction<W>(i, consts, w, u);
+      } else {
+        float mm[W], vv[W];
+        chunk.template compute<W>(i, opt, s, consts, clip, w, mm, vv, u);
+        store<W>(chunk.m, i, mm);
+        store<W>(chunk.v, i, vv);
+      }
 #pragma unroll
       for (int k = 0; k < W; ++k) w[k] = w[k] - step * u[k];
-      store<W>(chunk.m, i, mm);
-      store<W>(chunk.v, i, vv);
       if constexpr (Master) store<W>(chunk.master, i, w);
       store<W>(chunk.p, i, w);
     });
@@ -158,8 +193,10 @@ void lamb_wave(const LambTable& table, const LambOptions& opt, const StepScalars
   if (opt.adapt) {
     launch(lamb_pass1<T, Master>, grid, kThreads, stream, table, opt, s);
     launch(lamb_ratios, table.count, kFinalizeThreads, stream, table, opt, s);
+    launch(lamb_pass2<T, Master, kStoreMoments<T, Master>>, grid, kThreads, stream, table, opt, s);
+  } else {
+    launch(lamb_pass2<T, Master, false>, grid, kThreads, stream, table, opt, s);
   }
-  launch(lamb_pass2<T, Master>, grid, kThreads, stream, table, opt, s);
 }
 
 }  // namespace

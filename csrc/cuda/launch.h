@@ -89,8 +89,8 @@ struct LambOptions {
   const float* clip_coef;  // global-norm clip coefficient, or null
 };
 
-// One wave: pass 1 (Σw², Σu² per chunk, nothing written), per-tensor trust ratios, pass 2
-// (recomputes u and writes w, m, v).
+// One wave: pass 1 (new moments, written when fp32; Σw², Σu² per chunk), per-tensor trust
+// ratios, pass 2 (u recomputed from the moments; w written). See lamb.cu.
 void launch_lamb_wave(const LambTable& table, Storage storage, const LambOptions& opt, const StepScalars& s,
                       int grid, cudaStream_t stream);
 

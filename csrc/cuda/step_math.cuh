@@ -75,13 +75,10 @@ struct LambConsts {
   bool decoupled;
 };
 
-// LAMB moments and update of one element (w is the fp32 weight, g the clipped true gradient):
-//   m ← β1·m + β3·g ;  v ← β2·v + (1−β2)·g² ;  u = (m/bc1) / (√(v/bc2) + ε)
+// LAMB direction of one element from its new moments (w is the fp32 weight):
+//   u = (m/bc1) / (√(v/bc2) + ε)
 //   coupled decay: u += λ·w ;  decoupled decay: w ← w − (lr·λ)·w  (w then enters the ratio decayed)
-// Returns u; m, v and (decoupled) w are updated in the caller's registers.
-FASTLARS_MATH_HD float lamb_element(float& w, float& m, float& v, float g, const LambConsts& c) {
-  m = c.beta1 * m + c.beta3 * g;
-  v = c.beta2 * v + c.one_minus_beta2 * g * g;
+FASTLARS_MATH_HD float lamb_direction(float& w, float m, float v, const LambConsts& c) {
   float u = (m / c.bc1) / (sqrtf(v / c.bc2) + c.eps);
   if (c.weight_decay != 0.0f) {
     if (c.decoupled) {
@@ -91,6 +88,15 @@ FASTLARS_MATH_HD float lamb_element(float& w, float& m, float& v, float g, const
     }
   }
   return u;
+}
+
+// LAMB moments and direction of one element (g the clipped true gradient):
+//   m ← β1·m + β3·g ;  v ← β2·v + (1−β2)·g² ;  then lamb_direction.
+// Returns u; m, v and (decoupled) w are updated in the caller's registers.
+FASTLARS_MATH_HD float lamb_element(float& w, float& m, float& v, float g, const LambConsts& c) {
+  m = c.beta1 * m + c.beta3 * g;
+  v = c.beta2 * v + c.one_minus_beta2 * g * g;
+  return lamb_direction(w, m, v, c);
 }
 
 }  // namespace fastlars::cuda::math
