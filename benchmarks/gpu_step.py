@@ -26,6 +26,7 @@ import argparse
 import datetime as dt
 import importlib
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -180,6 +181,25 @@ def fastlars_case(algorithm: str, backend: str, params: list[Tensor], master: bo
     return opt.step, lambda: compulsory_bytes(params, _state_lists(opt, params, names), _masters(opt, params))
 
 
+def one_wave_case(algorithm: str, params: list[Tensor], master: bool):
+    """fastlars native with FASTLARS_CUDA_WAVE_BYTES=0: one wave per kernel-argument table (fewest
+    launches, no L2 reuse between the passes), to measure what the L2-sized waves buy."""
+    step, bytes_of = fastlars_case(algorithm, "native", params, master)
+
+    def run() -> None:
+        before = os.environ.get("FASTLARS_CUDA_WAVE_BYTES")
+        os.environ["FASTLARS_CUDA_WAVE_BYTES"] = "0"
+        try:
+            step()
+        finally:
+            if before is None:
+                del os.environ["FASTLARS_CUDA_WAVE_BYTES"]
+            else:
+                os.environ["FASTLARS_CUDA_WAVE_BYTES"] = before
+
+    return run, bytes_of
+
+
 def compiled_reference_case(algorithm: str, params: list[Tensor], master: bool):
     """The reference backend's functional step under torch.compile (one graph for the whole list)."""
     opt, names = _fastlars_opt(algorithm, "reference", params, master)
@@ -262,6 +282,9 @@ def plan(sets: list[str]) -> list[tuple[str, str, str, str, Callable]]:
                 for b in fl_backends:
                     cases.append((set_name, storage, alg, f"fastlars.{b}",
                                   lambda p, m, a=alg, b=b: fastlars_case(a, b, p, m)))
+                if "native" in fl_backends:
+                    cases.append((set_name, storage, alg, "fastlars.native(one wave per table)",
+                                  lambda p, m, a=alg: one_wave_case(a, p, m)))
                 cases.append((set_name, storage, alg, "fastlars.reference+torch.compile",
                               lambda p, m, a=alg: compiled_reference_case(a, p, m)))
                 cases.append((set_name, storage, alg, f"timm.{alg.capitalize()}", lambda p, m, a=alg: timm_case(a, p)))

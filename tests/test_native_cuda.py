@@ -380,21 +380,14 @@ def test_more_tensors_than_one_launch_holds(native_cuda, cls, base_lr) -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("wave_bytes", ["1", "4096"])
-def test_small_waves_match_reference(native_cuda, monkeypatch, wave_bytes) -> None:
-    """FASTLARS_CUDA_WAVE_BYTES splits a call into many waves (read once per device: a subprocess)."""
-    code = (
-        "import torch, fastlars, sys\n"
-        "sys.path.insert(0, 'tests')\n"
-        "from harness import run_trajectory, assert_same_trajectory\n"
-        "for cls, lr in ((fastlars.LARS, 1.0), (fastlars.LAMB, 0.01)):\n"
-        "    runs = [run_trajectory(lambda p, b=b: cls(p, lr=lr, weight_decay=1e-2, backend=b),\n"
-        "                           base_lr=lr, device='cuda') for b in ('reference', 'native')]\n"
-        "    assert_same_trajectory(*runs, torch.float32)\n"
-    )
+@pytest.mark.parametrize("wave_bytes", ["1", "4096", "0"])
+@pytest.mark.parametrize("cls,base_lr", ALGOS, ids=["lars", "lamb"])
+def test_wave_sizes_match_reference(native_cuda, monkeypatch, wave_bytes, cls, base_lr) -> None:
+    """FASTLARS_CUDA_WAVE_BYTES: one tensor per wave, small waves, one wave per table."""
     monkeypatch.setenv("FASTLARS_CUDA_WAVE_BYTES", wave_bytes)
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    ref = _trajectory(cls, {"weight_decay": 1e-2}, "reference", base_lr=base_lr)
+    nat = _trajectory(cls, {"weight_decay": 1e-2}, "native", base_lr=base_lr)
+    assert_same_trajectory(ref, nat, torch.float32)
 
 
 # ---------------------------------------------------------------------------- op contract

@@ -40,7 +40,7 @@ namespace {
 // ------------------------------------------------------------------------------ device facts
 struct DeviceFacts {
   int sm_count = 0;
-  int64_t wave_bytes = 0;  // first-pass bytes per wave (half the L2), or the FASTLARS_CUDA_WAVE_BYTES override
+  int64_t half_l2 = 0;  // bytes
 };
 
 const DeviceFacts& device_facts(int device) {
@@ -53,11 +53,17 @@ const DeviceFacts& device_facts(int device) {
     int l2 = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&facts.sm_count, cudaDevAttrMultiProcessorCount, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
-    facts.wave_bytes = static_cast<int64_t>(l2) / 2;
-    if (const char* env = std::getenv("FASTLARS_CUDA_WAVE_BYTES")) facts.wave_bytes = std::atoll(env);
+    facts.half_l2 = static_cast<int64_t>(l2) / 2;
     cache[device] = facts;
   }
   return *cache[device];
+}
+
+// First-pass bytes per wave: half the L2, so pass 2 finds the wave there; FASTLARS_CUDA_WAVE_BYTES
+// overrides it (read at every call, for benchmarks; 0 = one wave per kernel-argument table).
+int64_t wave_bytes(const DeviceFacts& facts) {
+  const char* env = std::getenv("FASTLARS_CUDA_WAVE_BYTES");
+  return env != nullptr && *env != '\0' ? std::atoll(env) : facts.half_l2;
 }
 
 // ---------------------------------------------------------------------------------- checks
@@ -245,7 +251,7 @@ void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const Lr rate = learning_rate(lr, lr_tensor, device);
   const DeviceFacts& facts = device_facts(device.index());
   const CallTensors call = raw_call({params, grads, momentum_buffers, master_params}, storage, 3);
-  const CallPlan plan = plan_call<LarsTable>(call, 4, adapt ? facts.wave_bytes : 0);
+  const CallPlan plan = plan_call<LarsTable>(call, 4, adapt ? wave_bytes(facts) : 0);
   const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
   at::Tensor partials = at::empty({adapt ? plan.total_chunks : 0}, options);
   at::Tensor ratios = at::empty({adapt ? static_cast<int64_t>(params.size()) : 0}, options);
@@ -284,7 +290,7 @@ void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const Lr rate = learning_rate(lr, lr_tensor, device);
   const DeviceFacts& facts = device_facts(device.index());
   const CallTensors call = raw_call({params, grads, exp_avgs, exp_avg_sqs, master_params}, storage, 4);
-  const CallPlan plan = plan_call<LambTable>(call, 16, adapt ? facts.wave_bytes : 0);
+  const CallPlan plan = plan_call<LambTable>(call, 16, adapt ? wave_bytes(facts) : 0);
   const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
   at::Tensor partials = at::empty({adapt ? 2 * plan.total_chunks : 0}, options);
   at::Tensor ratios = at::empty({adapt ? static_cast<int64_t>(params.size()) : 0}, options);
