@@ -211,12 +211,14 @@ def compiled_reference_case(algorithm: str, params: list[Tensor], master: bool):
 
     if algorithm == "lamb":
 
+        @torch.no_grad()
         def step() -> None:
             torch._foreach_add_(steps, 1.0)
             functional.lamb_step(params, grads, state["exp_avg"], state["exp_avg_sq"], steps, lr=group["lr"],
                                  weight_decay=group["weight_decay"], master_params=masters, backend="reference")
     else:
 
+        @torch.no_grad()
         def step() -> None:
             functional.lars_step(params, grads, state["momentum_buffer"], lr=group["lr"], momentum=0.9,
                                  weight_decay=group["weight_decay"], master_params=masters, backend="reference")
@@ -340,10 +342,10 @@ def run(sets: list[str], repeats: int) -> dict[str, Any]:
         params = make_params(PARAM_SETS[set_name](), dtype)
         try:
             step, bytes_of = factory(params, storage != "fp32")
+            times = time_ms(step, repeats)
         except Exception as exc:  # a missing or failing yardstick is recorded, not fatal
             row.skipped = f"{type(exc).__name__}: {exc}"[:300]
         else:
-            times = time_ms(step, repeats)
             row.ms_median, row.ms_p10, row.ms_p90 = times[len(times) // 2], times[len(times) // 10], \
                 times[(9 * len(times)) // 10]
             row.compulsory_bytes = bytes_of()
