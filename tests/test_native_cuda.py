@@ -164,7 +164,7 @@ class EmulatedCuda:
         if masters is None:
             master_list = [None] * len(params)
         else:
-            master_list = [None if m.data_ptr() == p.data_ptr() else m for m, p in zip(masters, params)]
+            master_list = [None if m is p else m for m, p in zip(masters, params)]
         return numel, dtype, master_list
 
     @staticmethod
@@ -318,6 +318,157 @@ def test_emulated_grad_norms(emulated_native) -> None:
     assert torch.equal(norms, emulated_native.grad_norms(grads, scale))
     expected = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]).float() / 8.0
     torch.testing.assert_close(norms, expected, rtol=1e-6, atol=0.0)
+
+
+# ---------------------------------------------------- the torch glue (ops.cpp) under emulation
+# ops.cpp built with FASTLARS_CUDA_EMULATION registers the same functions for the CPU key of the
+# namespace fastlars_emu; the schemas below are the op contract csrc/cuda/ops.cpp implements.
+OP_SCHEMAS = (
+    "grad_norms(Tensor[] grads, Tensor? grad_scale) -> Tensor",
+    "lars_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] master_params, "
+    "Tensor grad_norms, float lr, Tensor? lr_tensor, float momentum, float weight_decay, float trust_coefficient, "
+    "float eps, bool nesterov, bool trust_clip, bool mlperf_momentum, bool adapt, float[]? trust_ratio_bounds, "
+    "bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()",
+    "lamb_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[] master_params, Tensor[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
+    "float weight_decay, bool bias_correction, bool grad_averaging, bool decoupled_decay, bool trust_clip, "
+    "bool adapt, float[]? trust_ratio_bounds, bool maximize, Tensor? clip_coef, Tensor? grad_scale, "
+    "Tensor? found_inf) -> ()",
+)
+
+
+class OpsBackend:
+    """The backend interface over the three fastlars ops of one namespace (what the native backend
+    does on CUDA): lr as a float, or a tensor the kernels read on the device."""
+
+    def __init__(self, namespace: str) -> None:
+        self.ops = getattr(torch.ops, namespace)
+        self.calls = 0
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        return None
+
+    @staticmethod
+    def _lr(lr):
+        return (0.0, lr) if isinstance(lr, torch.Tensor) else (float(lr), None)
+
+    def grad_norms(self, grads, grad_scale):
+        self.calls += 1
+        return self.ops.grad_norms(grads, grad_scale)
+
+    def lars_step(self, params, grads, momentum_buffers, master_params, grad_norms, *, lr, h, grad_scale, found_inf):
+        self.calls += 1
+        lr_value, lr_tensor = self._lr(lr)
+        bounds = None if h.trust_ratio_bounds is None else [float(b) for b in h.trust_ratio_bounds]
+        self.ops.lars_step_(params, grads, momentum_buffers, master_params or [], grad_norms, lr_value, lr_tensor,
+                            h.momentum, h.weight_decay, h.trust_coefficient, h.eps, h.nesterov, h.trust_clip,
+                            h.momentum_style == "mlperf", h.adapt, bounds, h.maximize, grad_scale, found_inf)
+
+    def lamb_step(self, params, grads, exp_avgs, exp_avg_sqs, master_params, steps, *, lr, h, clip_coef, grad_scale,
+                  found_inf):
+        self.calls += 1
+        lr_value, lr_tensor = self._lr(lr)
+        bounds = None if h.trust_ratio_bounds is None else [float(b) for b in h.trust_ratio_bounds]
+        self.ops.lamb_step_(params, grads, exp_avgs, exp_avg_sqs, master_params or [], steps, lr_value, lr_tensor,
+                            h.beta1, h.beta2, h.eps, h.weight_decay, h.bias_correction, h.grad_averaging,
+                            h.decoupled_decay, h.trust_clip, h.adapt, bounds, h.maximize, clip_coef, grad_scale,
+                            found_inf)
+
+
+@pytest.fixture(scope="module")
+def emulated_glue(tmp_path_factory: pytest.TempPathFactory):
+    """Builds ops.cpp + the kernels with FASTLARS_CUDA_EMULATION as a torch extension (about a minute)."""
+    from torch.utils import cpp_extension
+
+    include = _cuda_include_dir()
+    if include is None or shutil.which("c++") is None:
+        pytest.skip("needs a C++ compiler and the CUDA headers to build the emulated glue")
+    build = tmp_path_factory.mktemp("cuda_glue_emu")
+    cuda_dir = ROOT / "csrc" / "cuda"
+    sources = [str(cuda_dir / "ops.cpp")]
+    for cu in sorted(cuda_dir.glob("*.cu")):  # each kernel file as its own C++ translation unit
+        wrapper = build / f"{cu.stem}_emu.cpp"
+        wrapper.write_text(f'#include "{cuda_dir / "test" / "emu" / "cuda_emu.h"}"\n#include "{cu}"\n')
+        sources.append(str(wrapper))
+    library = torch.library.Library("fastlars_emu", "DEF")
+    for schema in OP_SCHEMAS:
+        library.define(schema)
+    cpp_extension.load(
+        name="fastlars_cuda_glue_emu", sources=sources, build_directory=str(build), is_python_module=False,
+        extra_cflags=["-O1", "-U_FORTIFY_SOURCE", "-DFASTLARS_CUDA_EMULATION", f"-I{cuda_dir}", f"-I{include}"],
+    )
+    yield OpsBackend("fastlars_emu")
+    del library
+
+
+@pytest.fixture
+def glue_native(emulated_glue, monkeypatch):
+    """backend="native" on the CPU goes through ops.cpp and the emulated kernels for this test."""
+    emulated_glue.calls = 0
+    monkeypatch.setitem(backends._LOADED, "native", emulated_glue)
+    return emulated_glue
+
+
+def test_op_schemas_match_fastlars_ops() -> None:
+    """The contract ops.cpp implements is the one fastlars._ops defines (once it defines one)."""
+    try:
+        import fastlars._ops  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name != "fastlars._ops":
+            raise
+        pytest.skip("fastlars._ops (the op schemas) is not in this tree yet")
+    for schema in OP_SCHEMAS:
+        name = schema.split("(", 1)[0]
+        assert hasattr(torch.ops.fastlars, name), f"fastlars._ops defines no fastlars::{name}"
+        assert str(getattr(torch.ops.fastlars, name).default._schema) == f"fastlars::{schema}"
+
+
+@pytest.mark.parametrize("cls,base_lr,options", [
+    (fastlars.LARS, 1.0, {"weight_decay": 1e-2, "trust_ratio_bounds": (0.01, 10.0), "nesterov": True}),
+    (fastlars.LARS, 1.0, {"weight_decay": 0.0}),
+    (fastlars.LAMB, 0.01, {"max_grad_norm": 1.0, "decoupled_decay": True}),
+    (fastlars.LAMB, 0.01, {"trust_clip": True}),
+], ids=["lars", "lars-noadapt", "lamb-clip", "lamb-trustclip"])
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32", "bf16+m"])
+def test_emulated_glue_matches_reference(glue_native, cls, base_lr, options, dtype, master) -> None:
+    ref, emu = _emu_pair(cls, options, dtype=dtype, master=master, base_lr=base_lr, steps=5)
+    assert glue_native.calls > 0
+    assert_same_trajectory(ref, emu, dtype)
+
+
+@pytest.mark.parametrize("cls,base_lr", ALGOS, ids=["lars", "lamb"])
+def test_emulated_glue_mixed_dtypes_and_tensor_lr(glue_native, cls, base_lr) -> None:
+    ref = _mixed_dtype_run(cls, base_lr, "reference", "cpu", steps=4)
+    emu = _mixed_dtype_run(cls, base_lr, "native", "cpu", steps=4)
+    assert_same_trajectory(ref, emu, torch.bfloat16)
+
+    def make(backend):
+        return lambda params: cls(params, lr=torch.tensor(base_lr), weight_decay=1e-2, backend=backend)
+
+    ref = run_trajectory(make("reference"), shapes=EMU_SHAPES, steps=4, base_lr=base_lr)
+    emu = run_trajectory(make("native"), shapes=EMU_SHAPES, steps=4, base_lr=base_lr)
+    assert_same_trajectory(ref, emu, torch.float32)
+
+
+def test_emulated_glue_rejects_bad_tensors_by_name(emulated_glue) -> None:
+    ops = torch.ops.fastlars_emu
+    w, g, v = torch.zeros(4, 4), torch.zeros(4, 4), torch.zeros(4, 4)
+    norms = torch.ones(1)
+    args = (0.1, None, 0.9, 0.0, 1e-3, 0.0, False, False, True, True, None, False, None, None)
+    with pytest.raises(RuntimeError, match=r"grads\[0\]: shape"):
+        ops.lars_step_([w], [torch.zeros(4)], [v], [], norms, *args)
+    with pytest.raises(RuntimeError, match=r"momentum_buffers\[0\]: dtype"):
+        ops.lars_step_([w], [g], [v.double()], [], norms, *args)
+    with pytest.raises(RuntimeError, match=r"params\[0\]: dtype"):
+        ops.lars_step_([w.double()], [g.double()], [v.double()], [], norms, *args)
+    with pytest.raises(RuntimeError, match=r"momentum_buffers\[0\]: strides"):
+        ops.lars_step_([w], [g], [v.t()], [], norms, *args)
+    with pytest.raises(RuntimeError, match=r"grad_norms"):
+        ops.lars_step_([w], [g], [v], [], torch.ones(2), *args)
+    with pytest.raises(RuntimeError, match=r"trust_ratio_bounds"):
+        ops.lars_step_([w], [g], [v], [], norms, *args[:10], [2.0, 1.0], *args[11:])
+    with pytest.raises(RuntimeError, match=r"found_inf"):
+        ops.lars_step_([w], [g], [v], [], norms, *args[:-1], torch.zeros(2))
 
 
 # --------------------------------------------------------------------------- trajectories

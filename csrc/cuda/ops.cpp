@@ -19,10 +19,12 @@
 // An empty master_params list means no master weights; an entry equal to its param (an fp32
 // param in a group that keeps masters for its low-precision params) also means none for it.
 #include <ATen/ATen.h>
+#include <torch/library.h>
+#ifndef FASTLARS_CUDA_EMULATION
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -37,26 +39,62 @@
 namespace fastlars::cuda {
 namespace {
 
-// ------------------------------------------------------------------------------ device facts
+// ------------------------------------------------------------------------------ the device
+// With FASTLARS_CUDA_EMULATION this file builds for the tests instead (tests/test_native_cuda.py):
+// the kernels run under csrc/cuda/test/emu on CPU tensors, registered for the CPU key of the
+// namespace fastlars_emu, so CI exercises this glue end to end without a GPU.
+#ifdef FASTLARS_CUDA_EMULATION
+constexpr bool kEmulated = true;
+#define FASTLARS_LAUNCH_CHECK() ((void)0)
+#else
+constexpr bool kEmulated = false;
+#define FASTLARS_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
+#endif
+
+bool on_kernel_device(const at::Device& d) { return kEmulated ? d.is_cpu() : d.is_cuda(); }
+
+// Makes `device` current for the call and names the stream the kernels go to.
+class DeviceScope {
+ public:
+#ifdef FASTLARS_CUDA_EMULATION
+  explicit DeviceScope(const at::Device&) {}
+  cudaStream_t stream() const { return nullptr; }
+#else
+  explicit DeviceScope(const at::Device& d) : guard_(d), stream_(c10::cuda::getCurrentCUDAStream(d.index())) {}
+  cudaStream_t stream() const { return stream_.stream(); }
+
+ private:
+  c10::cuda::CUDAGuard guard_;
+  c10::cuda::CUDAStream stream_;
+#endif
+};
+
 struct DeviceFacts {
   int sm_count = 0;
   int64_t half_l2 = 0;  // bytes
 };
 
-const DeviceFacts& device_facts(int device) {
+const DeviceFacts& device_facts(const at::Device& device) {
+#ifdef FASTLARS_CUDA_EMULATION
+  static const DeviceFacts emulated{2, 64 * 1024};  // small grids and waves: every path is taken
+  (void)device;
+  return emulated;
+#else
   static std::mutex lock;
   static std::vector<std::optional<DeviceFacts>> cache;
+  const int index = device.index();
   std::lock_guard<std::mutex> guard(lock);
-  if (static_cast<int>(cache.size()) <= device) cache.resize(device + 1);
-  if (!cache[device]) {
+  if (static_cast<int>(cache.size()) <= index) cache.resize(index + 1);
+  if (!cache[index]) {
     DeviceFacts facts;
     int l2 = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&facts.sm_count, cudaDevAttrMultiProcessorCount, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&facts.sm_count, cudaDevAttrMultiProcessorCount, index));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, index));
     facts.half_l2 = static_cast<int64_t>(l2) / 2;
-    cache[device] = facts;
+    cache[index] = facts;
   }
-  return *cache[device];
+  return *cache[index];
+#endif
 }
 
 // First-pass bytes per wave: half the L2, so pass 2 finds the wave there; FASTLARS_CUDA_WAVE_BYTES
@@ -174,7 +212,7 @@ std::vector<Storage> step_storage(at::TensorList params, at::TensorList grads,
   TORCH_CHECK(masters.empty() || masters.size() == n, "master_params: holds ", masters.size(),
               " tensors; expected none or one per param (", n, ")");
   const at::Device device = params[0].device();
-  TORCH_CHECK(device.is_cuda(), "params[0]: on ", device, "; these are the CUDA kernels");
+  TORCH_CHECK(on_kernel_device(device), "params[0]: on ", device, "; these are the CUDA kernels");
   std::vector<Storage> storage(n);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
@@ -183,7 +221,9 @@ std::vector<Storage> step_storage(at::TensorList params, at::TensorList grads,
     check_like(grads[i], p, "grads", i);
     TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(), "grads[", i, "]: dtype ", grads[i].scalar_type(),
                 " differs from its param's ", p.scalar_type());
-    const bool master = !masters.empty() && !masters[i].is_same(p) && masters[i].data_ptr() != p.data_ptr();
+    // An entry that is the param itself (or a view of its storage) means: no master for this one.
+    const bool master =
+        !masters.empty() && !masters[i].is_same(p) && !(p.numel() > 0 && masters[i].data_ptr() == p.data_ptr());
     if (master) {
       check_like(masters[i], p, "master_params", i);
       TORCH_CHECK(masters[i].scalar_type() == at::kFloat, "master_params[", i, "]: expected float32, got ",
@@ -204,8 +244,8 @@ std::vector<Storage> step_storage(at::TensorList params, at::TensorList grads,
 at::Tensor grad_norms_cuda(at::TensorList grads, const std::optional<at::Tensor>& grad_scale) {
   TORCH_CHECK(!grads.empty(), "grads: empty list (the caller handles that case)");
   const at::Device device = grads[0].device();
-  TORCH_CHECK(device.is_cuda(), "grads[0]: on ", device, "; these are the CUDA kernels");
-  const c10::cuda::CUDAGuard guard(device);
+  TORCH_CHECK(on_kernel_device(device), "grads[0]: on ", device, "; these are the CUDA kernels");
+  const DeviceScope scope(device);
   std::vector<Storage> storage;
   for (size_t i = 0; i < grads.size(); ++i) {
     check_dense(grads[i], "grads", i, device);
@@ -219,13 +259,13 @@ at::Tensor grad_norms_cuda(at::TensorList grads, const std::optional<at::Tensor>
   const bool any_empty = std::find(call.numel.begin(), call.numel.end(), 0) != call.numel.end();
   at::Tensor out = any_empty ? at::zeros({n}, options) : at::empty({n}, options);
   at::Tensor partials = at::empty({plan.total_chunks}, options);
-  const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
-  const int sms = device_facts(device.index()).sm_count;
+  const cudaStream_t stream = scope.stream();
+  const int sms = device_facts(device).sm_count;
   for_each_wave<kNormDepth>(plan, call, [&](const NormTable& table, Storage st, const Wave& w) {
     launch_sumsq(table, st.param, partials.data_ptr<float>(), chunk_grid(w.chunks, sms), stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FASTLARS_LAUNCH_CHECK();
     launch_norm_finalize(table, partials.data_ptr<float>(), scale, out.data_ptr<float>(), stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FASTLARS_LAUNCH_CHECK();
   });
   return out;
 }
@@ -240,7 +280,7 @@ void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const std::vector<Storage> storage =
       step_storage(params, grads, {{momentum_buffers, "momentum_buffers"}}, master_params);
   const at::Device device = params[0].device();
-  const c10::cuda::CUDAGuard guard(device);
+  const DeviceScope scope(device);
   TORCH_CHECK(grad_norms.device() == device && grad_norms.scalar_type() == at::kFloat && grad_norms.dim() == 1 &&
                   grad_norms.numel() == static_cast<int64_t>(params.size()) && grad_norms.is_contiguous(),
               "grad_norms: expected a contiguous 1-D float32 tensor of ", params.size(), " elements on ", device);
@@ -249,7 +289,7 @@ void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
       make_lars_options(momentum, weight_decay, trust_coefficient, eps, nesterov, trust_clip, mlperf_momentum, adapt,
                         bounds.has, bounds.lo, bounds.hi, maximize, grad_norms.data_ptr<float>());
   const Lr rate = learning_rate(lr, lr_tensor, device);
-  const DeviceFacts& facts = device_facts(device.index());
+  const DeviceFacts& facts = device_facts(device);
   const CallTensors call = raw_call({params, grads, momentum_buffers, master_params}, storage, 3);
   const CallPlan plan = plan_call<LarsTable>(call, 4, adapt ? wave_bytes(facts) : 0);
   const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
@@ -258,10 +298,10 @@ void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const StepScalars s{rate.ptr, rate.value, device_scalar(grad_scale, device, "grad_scale"),
                       device_scalar(found_inf, device, "found_inf"), partials.data_ptr<float>(),
                       ratios.data_ptr<float>()};
-  const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const cudaStream_t stream = scope.stream();
   for_each_wave<kLarsDepth>(plan, call, [&](const LarsTable& table, Storage st, const Wave& w) {
     launch_lars_wave(table, st, opt, s, chunk_grid(w.chunks, facts.sm_count), stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FASTLARS_LAUNCH_CHECK();
   });
 }
 
@@ -276,7 +316,7 @@ void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const std::vector<Storage> storage =
       step_storage(params, grads, {{exp_avgs, "exp_avgs"}, {exp_avg_sqs, "exp_avg_sqs"}}, master_params);
   const at::Device device = params[0].device();
-  const c10::cuda::CUDAGuard guard(device);
+  const DeviceScope scope(device);
   check_lists(params.size(), steps, "steps");
   at::Tensor step_values;
   if (bias_correction) {  // one small copy kernel gathers the 0-d step counts into one vector
@@ -288,7 +328,7 @@ void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
       bounds.lo, bounds.hi, maximize, bias_correction ? step_values.data_ptr<float>() : nullptr,
       device_scalar(clip_coef, device, "clip_coef"));
   const Lr rate = learning_rate(lr, lr_tensor, device);
-  const DeviceFacts& facts = device_facts(device.index());
+  const DeviceFacts& facts = device_facts(device);
   const CallTensors call = raw_call({params, grads, exp_avgs, exp_avg_sqs, master_params}, storage, 4);
   const CallPlan plan = plan_call<LambTable>(call, 16, adapt ? wave_bytes(facts) : 0);
   const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
@@ -297,16 +337,20 @@ void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const StepScalars s{rate.ptr, rate.value, device_scalar(grad_scale, device, "grad_scale"),
                       device_scalar(found_inf, device, "found_inf"), partials.data_ptr<float>(),
                       ratios.data_ptr<float>()};
-  const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const cudaStream_t stream = scope.stream();
   for_each_wave<kLambDepth>(plan, call, [&](const LambTable& table, Storage st, const Wave& w) {
     launch_lamb_wave(table, st, opt, s, chunk_grid(w.chunks, facts.sm_count), stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FASTLARS_LAUNCH_CHECK();
   });
 }
 
 }  // namespace
 
+#ifdef FASTLARS_CUDA_EMULATION
+TORCH_LIBRARY_IMPL(fastlars_emu, CPU, m) {
+#else
 TORCH_LIBRARY_IMPL(fastlars, CUDA, m) {
+#endif
   m.impl("grad_norms", &grad_norms_cuda);
   m.impl("lars_step_", &lars_step_cuda);
   m.impl("lamb_step_", &lamb_step_cuda);
