@@ -1,16 +1,22 @@
 """The native CUDA kernels (csrc/cuda) against the reference backend.
 
-Every GPU test is marked ``cuda`` (skipped with that reason where no GPU is visible) and FAILS,
-rather than skips, when a GPU is visible but fastlars._C has no CUDA kernels: on a GPU machine a
-missing CUDA build is a bug of the install, not a reason to test less. The host logic that needs
-no GPU (the chunk planner the kernels walk) is tested here too, on every machine.
+On every machine (no GPU needed):
+- the chunk planner (csrc/cuda/chunk_plan.h) as a host C++ test;
+- the kernel sources themselves under a host emulation of the CUDA execution model
+  (csrc/cuda/test/emu: threads as coroutines, barriers, warp shuffles), through ctypes and through
+  the torch glue ops.cpp built for the CPU key of a test namespace: every option, every storage
+  dtype, master weights, skips, tensor lr, waves, more tensors than one launch holds, misaligned
+  views, error messages. The emulation checks logic, not speed or memory-model races
+  (compute-sanitizer on a GPU does that: tests/cuda_sanitizer_check.py).
 
-Covered on the GPU: every LARS/LAMB option over harness.SHAPES for 30 steps with a changing lr;
-fp32, bf16 and fp16 params with and without fp32 master weights; more tensors than one launch
-holds (empty ones among them, last included); a tensor of more than 2^31 elements when the GPU has
-the memory; bit-identical norms across runs; GradScaler unscale and found_inf skip; CUDA-graph
-capture with capturable=True and a tensor lr; torch.compile(fullgraph=True); a state_dict saved
-on the GPU loaded on the CPU and continued there.
+On a GPU (marked ``cuda``; skipped with that reason where none is visible, and FAILING rather than
+skipping when a GPU is visible but fastlars._C has no CUDA kernels): every LARS/LAMB option over
+harness.SHAPES for 30 steps with a changing lr; fp32, bf16 and fp16 params with and without fp32
+master weights; more tensors than one launch holds; a tensor of more than 2^31 elements when the
+GPU has the memory; bit-identical norms across runs; GradScaler unscale and found_inf skip; no
+host synchronisation; CUDA-graph capture with capturable=True and a tensor lr;
+torch.compile(fullgraph=True); torch.library.opcheck; a state_dict saved on the GPU continued on
+the CPU.
 """
 
 from __future__ import annotations
