@@ -19,10 +19,6 @@
 namespace fastlars::cuda {
 namespace {
 
-__device__ __forceinline__ float read_lr(const StepScalars& s) { return s.lr_ptr != nullptr ? *s.lr_ptr : s.lr; }
-
-__device__ __forceinline__ bool skipped(const StepScalars& s) { return s.found_inf != nullptr && *s.found_inf != 0.0f; }
-
 __device__ __forceinline__ math::LambConsts lamb_consts(const LambOptions& opt, const StepScalars& s, int idx) {
   math::LambConsts c;
   c.beta1 = opt.beta1;

@@ -13,10 +13,6 @@
 namespace fastlars::cuda {
 namespace {
 
-__device__ __forceinline__ float read_lr(const StepScalars& s) { return s.lr_ptr != nullptr ? *s.lr_ptr : s.lr; }
-
-__device__ __forceinline__ bool skipped(const StepScalars& s) { return s.found_inf != nullptr && *s.found_inf != 0.0f; }
-
 // Σ w² per chunk, w the fp32 master when kept, else the param.
 template <typename T, bool Master>
 __global__ void __launch_bounds__(kThreads) lars_pass1(const __grid_constant__ LarsTable table, const StepScalars s) {

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "launch.h"
 #include "tensor_table.h"
 
 namespace fastlars::cuda {
@@ -158,6 +159,12 @@ __device__ __forceinline__ void sum_slot_partials(const TensorTable<Depth>& t, c
   }
   block_sum<N>(acc);
 }
+
+// The step's learning rate: read on the device when it is a tensor (capturable), else the value.
+__device__ __forceinline__ float read_lr(const StepScalars& s) { return s.lr_ptr != nullptr ? *s.lr_ptr : s.lr; }
+
+// Whether this step is skipped (GradScaler overflow or a non-finite gradient): nothing is written.
+__device__ __forceinline__ bool skipped(const StepScalars& s) { return s.found_inf != nullptr && *s.found_inf != 0.0f; }
 
 // Launches kernel(args...) as `grid` blocks of `threads` threads on `stream`. Under the host
 // emulation (csrc/cuda/test/emu) every block runs before this returns.
