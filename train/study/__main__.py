@@ -26,8 +26,6 @@ from train.study.cache import ResultCache, write_json_atomic
 from train.study.presets import PRESETS, Preset
 from train.study.report import machine, write_report
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The study's command line."""
@@ -63,28 +61,9 @@ def _csv(text: str | None, kind: type, name: str) -> list[Any] | None:
         raise SystemExit(f"--{name}: expected comma-separated {kind.__name__} values, got {text!r}") from exc
 
 
-def count_train_images(data: str) -> int:
-    """Images under DATA/train/<class>/ (for data='default', the trainer's prepared digits folder)."""
-    if data == "default":
-        from train.data import default_dataset
-
-        root = Path(default_dataset())
-    else:
-        root = Path(data)
-    train_dir = root / "train"
-    if not train_dir.is_dir():
-        raise SystemExit(f"--data: {root} has no train/ folder (expected an ImageFolder root with train/ and val/)")
-    count = sum(1 for p in train_dir.glob("*/*") if p.suffix in IMAGE_SUFFIXES)
-    if count == 0:
-        raise SystemExit(f"--data: no images under {train_dir}/<class>/")
-    return count
-
-
-def cli_command(config: dict[str, Any], launcher: str) -> str:
+def cli_command(config: dict[str, Any], launcher: str, config_cls: type) -> str:
     """`launcher -m train` with one flag per non-default trainer field (bools as bare flags)."""
-    from train.config import TrainConfig
-
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
     parts = [launcher, "-m", "train"]
     for name, value in config.items():
         if value is None or value == defaults.get(name) or name in ("quiet",):
@@ -101,7 +80,8 @@ def _rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def print_plan(runs: list[sweep.PlannedRun], preset: Preset, args: argparse.Namespace, out: Path) -> None:
+def print_plan(runs: list[sweep.PlannedRun], preset: Preset, args: argparse.Namespace, out: Path,
+               engine: sweep.Engine) -> None:
     """The runs and, for multi-GPU presets, the torchrun commands that execute them."""
     launcher = (f"torchrun --nnodes={args.nnodes} --nproc_per_node={args.nproc_per_node}"
                 + (" --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:29500" if args.nnodes > 1 else ""))
@@ -112,7 +92,7 @@ def print_plan(runs: list[sweep.PlannedRun], preset: Preset, args: argparse.Name
     print("# or run by run with the trainer:")
     for run in runs:
         print(f"# {run.describe()}")
-        print(cli_command({**run.config, "out": str(out / "runs" / run.key)}, launcher))
+        print(cli_command({**run.config, "out": str(out / "runs" / run.key)}, launcher, engine.config_cls))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,32 +109,34 @@ def main(argv: list[str] | None = None) -> int:
         overrides["device"] = args.device
     data = overrides.get("data", preset.train.get("data"))
     rank, world = _rank()
+    log = print if rank == 0 else (lambda _msg: None)
+    engine = sweep.resolve_engine(log)
     multi_gpu = preset.device_batch is not None
     if preset.train_size is not None:
         train_size = preset.train_size
     elif data is None:
         raise SystemExit(f"preset {preset.name} needs --data")
     else:
-        train_size = count_train_images(data)
+        train_size = engine.train_size(data)
     runs = sweep.plan_runs(preset, train_size, overrides, _csv(args.optimizers, str, "optimizers"),
-                           _csv(args.batches, int, "batches"))
+                           _csv(args.batches, int, "batches"), engine.name)
     if args.plan or (multi_gpu and world == 1):
         if multi_gpu and not args.plan:
             print(f"# preset {preset.name} is for multi-GPU torchrun; printing its plan instead of running it.")
         if multi_gpu and data is None:
             print("# pass --data /path/to/imagenet (ImageFolder with train/ and val/) when launching")
-        print_plan(runs, preset, args, out)
+        print_plan(runs, preset, args, out, engine)
         return 0
     cache = ResultCache(out / "cache")
     started = time.time()
-    log = print if rank == 0 else (lambda _msg: None)
     log(f"study {preset.name}: {len(runs)} runs, training set {train_size} images, out {out}")
-    outcome = sweep.execute(runs, cache, out / "runs", log=log, write=rank == 0)
+    outcome = sweep.execute(runs, cache, out / "runs", engine, log=log, write=rank == 0)
     if rank != 0:
         return 0
     meta = {
         "preset": preset.name, "runs": len(runs), "executed": outcome.executed, "cached": outcome.cached,
-        "machine": machine(), "train_size": train_size, "wall_time_s": round(time.time() - started, 1),
+        "machine": machine(), "engine": engine.name, "train_size": train_size,
+        "wall_time_s": round(time.time() - started, 1),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", "train.study", *(argv or sys.argv[1:])]),
     }

@@ -94,11 +94,15 @@ def findings(records: Sequence[Record], cells: Sequence[Cell], tolerance: float,
             continue
         limit = analysis.perfect_scaling_limit(points)
         missing = [p.batch for p in points if p.steps is None]
+        if len(reached) == 1:
+            trend = f"only B={reached[0].batch} reaches the target ({reached[0].steps} steps)"
+        else:
+            trend = (f"steps to target go from {reached[0].steps} at B={reached[0].batch} to "
+                     f"{reached[-1].steps} at B={reached[-1].batch}; within 2× of perfect scaling up to B={limit}")
         out.append(Finding(
             f"scaling_{opt}", limit is not None and limit > reached[0].batch,
-            f"{opt}: steps to target fall from {reached[0].steps} at B={reached[0].batch} to "
-            f"{reached[-1].steps} at B={reached[-1].batch}; within 2× of perfect scaling up to B={limit}"
-            + (f"; target not reached at B={', '.join(map(str, missing))}" if missing else "") + "."))
+            f"{opt}: {trend}" + (f"; target not reached at B={', '.join(map(str, missing))}" if missing else "")
+            + "."))
 
     fits = analysis.diffusion(records, diffusion_optimizer)
     out.extend(_diffusion_findings(fits, diffusion_optimizer))
@@ -138,7 +142,7 @@ def _diffusion_findings(fits: Sequence[analysis.DiffusionFit], optimizer: str) -
             f"diffusion_{budget}", less,
             f"Fixed-{budget[:-1]} budget ({optimizer}, scaled LR): the largest batch "
             f"(B={big.batch}, {big.steps} steps) "
-            f"ends {'closer to' if less else 'at least as far from'} w_0 than the smallest (B={small.batch}, "
+            f"ends {'closer to' if less else 'no closer to'} w_0 than the smallest (B={small.batch}, "
             f"{small.steps} steps): ‖w_T − w_0‖ = {big.final:.3g} vs {small.final:.3g}; growth exponents "
             f"p (d ∝ t^p) {', '.join(f'{f.exponent:.2f}' for f in row)}; a + b·ln t fits with R² ≥ {r2:.2f}."))
     epoch_row = {f.batch: f for f in fits if f.budget == "epochs"}
@@ -153,8 +157,9 @@ def _diffusion_findings(fits: Sequence[analysis.DiffusionFit], optimizer: str) -
             "regime_adaptation", closes,
             f"Hoffer et al.'s regime adaptation: the top-1 gap between B={both[0]} and B={big} is "
             f"{100 * gap_epochs:.1f} points at a fixed epoch budget and {100 * gap_steps:.1f} points at a fixed "
-            f"step budget — training the large batch for as many steps {'closes' if closes else 'does not close'} "
-            f"{'part of ' if closes and gap_steps > 0 else ''}the gap."))
+            f"step budget — training the large batch for as many steps "
+            + ("does not close the gap." if not closes else
+               "closes part of the gap." if gap_steps > 0 else "closes the gap (the larger batch is ahead).")))
     return out
 
 

@@ -21,6 +21,7 @@ from train.study.cache import ResultCache, config_hash
 from train.study.presets import Preset, scaled_lr
 
 BUDGETS = ("epochs", "steps")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,41 @@ class PlannedRun:
                 f"lr={self.lr:.4g} (×{self.lr_factor:.3g})  [{self.key}]")
 
 
-def trainer_config_fields() -> tuple[str, ...]:
-    """Names of the trainer's TrainConfig fields."""
-    from train.config import TrainConfig
+@dataclass(frozen=True)
+class Engine:
+    """What trains the runs: the contract's config class and train function, and the training-set size."""
 
-    return tuple(f.name for f in dataclasses.fields(TrainConfig))
+    name: str
+    config_cls: type
+    train: Callable[[Any], Any]
+    train_size: Callable[[str], int]
+
+
+def _count_train_images(data: str) -> int:
+    from train.data import default_dataset
+
+    root = Path(default_dataset()) if data == "default" else Path(data)
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise SystemExit(f"--data: {root} has no train/ folder (expected an ImageFolder root with train/ and val/)")
+    count = sum(1 for p in train_dir.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if count == 0:
+        raise SystemExit(f"--data: no images under {train_dir}/<class>/")
+    return count
+
+
+def resolve_engine(log: Callable[[str], None] = print) -> Engine:
+    """The trainer (train.config.TrainConfig + train.engine.train) when it imports; otherwise the
+    study's stand-in trainer for the digits data, announced through `log`."""
+    try:
+        from train.config import TrainConfig
+        from train.engine import train
+    except ImportError as exc:
+        from train.study import minitrainer
+
+        log(f"train.engine is not importable ({exc}); using the study's stand-in trainer (train/study/minitrainer.py)")
+        return Engine("study.minitrainer", minitrainer.TrainConfig, minitrainer.train, minitrainer.train_size)
+    return Engine("train.engine", TrainConfig, train, _count_train_images)
 
 
 def _run_config(preset: Preset, label: str, batch: int, factor: float, budget: str,
@@ -89,8 +120,10 @@ def _run_config(preset: Preset, label: str, batch: int, factor: float, budget: s
 
 
 def plan_runs(preset: Preset, train_size: int, overrides: dict[str, Any] | None = None,
-              optimizers: Iterable[str] | None = None, batches: Iterable[int] | None = None) -> list[PlannedRun]:
+              optimizers: Iterable[str] | None = None, batches: Iterable[int] | None = None,
+              engine: str = "train.engine") -> list[PlannedRun]:
     """Every run of `preset` for a training set of `train_size` images, fixed-epoch grid first.
+    Run keys hash the config together with the `engine` name, so two trainers never share records.
 
     `overrides` replace trainer-config fields in every run (e.g. data path, device); `optimizers`
     and `batches` restrict the grid to a subset (the cache is shared, so a later full run reuses them).
@@ -112,7 +145,8 @@ def plan_runs(preset: Preset, train_size: int, overrides: dict[str, Any] | None 
     runs = []
     for budget, label, batch, factor in plan:
         config = _run_config(preset, label, batch, factor, budget, train_size, overrides)
-        runs.append(PlannedRun(config_hash(config), budget, label, batch, factor, config["lr"], config))
+        key = config_hash({**config, "_engine": engine})
+        runs.append(PlannedRun(key, budget, label, batch, factor, config["lr"], config))
     return runs
 
 
@@ -154,19 +188,14 @@ class SweepOutcome:
     cached: int
 
 
-def execute(runs: list[PlannedRun], cache: ResultCache, run_dir: Path,
-            trainer: Callable[[Any], Any] | None = None, log: Callable[[str], None] = print,
-            write: bool = True) -> SweepOutcome:
-    """Train every run without a cached record (in order) and return all records.
+def execute(runs: list[PlannedRun], cache: ResultCache, run_dir: Path, engine: Engine,
+            log: Callable[[str], None] = print, write: bool = True) -> SweepOutcome:
+    """Train every run without a cached record (in order) with `engine` and return all records.
 
-    `trainer` maps a TrainConfig to a RunResult (default: train.engine.train). Each run trains
-    into `run_dir/<key>/` with resume on, so a run killed half-way continues from the trainer's
-    last checkpoint. `write=False` (non-zero ranks under torchrun) trains but never writes the cache.
+    Each run trains into `run_dir/<key>/` with resume on, so a run killed half-way continues from
+    the trainer's last checkpoint where the trainer keeps one. `write=False` (non-zero ranks under
+    torchrun) trains but never writes the cache.
     """
-    from train.config import TrainConfig
-
-    if trainer is None:
-        from train.engine import train as trainer
     records, executed, cached = [], 0, 0
     start = time.perf_counter()
     for i, run in enumerate(runs, 1):
@@ -178,8 +207,8 @@ def execute(runs: list[PlannedRun], cache: ResultCache, run_dir: Path,
         config = {**run.config, "out": str(run_dir / run.key), "resume": True}
         log(f"[{i}/{len(runs)}] {run.describe()}")
         t0 = time.perf_counter()
-        result = trainer(TrainConfig(**config))
-        record = {**run_record(run, result), "key": run.key}
+        result = engine.train(engine.config_cls(**config))
+        record = {**run_record(run, result), "key": run.key, "engine": engine.name}
         if write:
             cache.put(run.key, record)
         executed += 1
