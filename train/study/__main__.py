@@ -64,7 +64,7 @@ def _csv(text: str | None, kind: type, name: str) -> list[Any] | None:
 def cli_command(config: dict[str, Any], launcher: str, config_cls: type) -> str:
     """`launcher -m train` with one flag per non-default trainer field (bools as bare flags)."""
     defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
-    parts = [launcher, "-m", "train"]
+    parts = ["-m", "train"]
     for name, value in config.items():
         if value is None or value == defaults.get(name) or name in ("quiet",):
             continue
@@ -73,7 +73,7 @@ def cli_command(config: dict[str, Any], launcher: str, config_cls: type) -> str:
             parts.append(flag if value else "--no-" + name.replace("_", "-"))
         else:
             parts += [flag, f"{value:.6g}" if isinstance(value, float) else str(value)]
-    return " ".join(shlex.quote(p) for p in parts)
+    return " ".join([launcher, *(shlex.quote(p) for p in parts)])
 
 
 def _rank() -> tuple[int, int]:
