@@ -7,8 +7,8 @@ Every statement of the generated summary comes from one of these functions:
   from the optimizer's peak batch up to B reaches top-1 ≥ peak − tolerance;
 - `target_scaling`: steps to the target accuracy S(B) against perfect scaling S(B₀)·B₀/B from the
   smallest batch B₀ that reached the target (Shallue et al. 2018), with efficiency S_perfect/S;
-- `diffusion`: ‖w_t − w_0‖ curves per batch for both budgets with least-squares fits
-  d = a + b·ln t (Hoffer et al.'s logarithmic "ultra-slow diffusion") and ln d = c + p·ln t;
+- `diffusion`: ‖w_t − w_0‖ curves per batch for both budgets with least-squares fits after the
+  warmup of d = a + b·ln t (Hoffer et al.'s logarithmic "ultra-slow diffusion") and ln d = c + p·ln t;
 - `noise_scale`: the EMA-smoothed B_simple = tr(Σ)/|G|² each run logged, late in training
   (McCandlish et al. 2018), as the predicted critical batch.
 """
@@ -182,7 +182,8 @@ def curve(record: Record, metric: str) -> list[tuple[int, float]]:
 
 @dataclass(frozen=True)
 class DiffusionFit:
-    """‖w_t − w_0‖ of one run: final distance, fits d = a + b·ln t (r2_log) and ln d = c + p·ln t (exponent p)."""
+    """‖w_t − w_0‖ of one run: final distance, and least-squares fits after the LR warmup (t > W, all
+    points when fewer than 3 lie there) of d = a + b·ln t (slope b, r2_log) and ln d = c + p·ln t (exponent p)."""
 
     batch: int
     budget: str
@@ -224,11 +225,15 @@ def diffusion(records: Iterable[Record], optimizer: str) -> list[DiffusionFit]:
             pts = [(t, d) for t, d in curve(r, "w_dist") if d > 0]
             if len(pts) < 3:
                 continue
+            res, cfg = r["result"], r["config"]
+            warmup = float(cfg.get("warmup_epochs") or 0) * res["steps"] / res["epochs"] if res["epochs"] else 0.0
+            after = [(t, d) for t, d in pts if t > warmup]
+            final = pts[-1][1]
+            pts = after if len(after) >= 3 else pts
             lt = [math.log(t) for t, _ in pts]
             _, b, r2 = _least_squares(lt, [d for _, d in pts])
             _, p, _ = _least_squares(lt, [math.log(d) for _, d in pts])
-            fits.append(DiffusionFit(r["batch"], budget, int(r["result"]["steps"]), float(r["result"]["top1"]),
-                                     pts[-1][1], b, r2, p))
+            fits.append(DiffusionFit(r["batch"], budget, int(res["steps"]), float(res["top1"]), final, b, r2, p))
     return fits
 
 

@@ -144,7 +144,8 @@ def _diffusion_findings(fits: Sequence[analysis.DiffusionFit], optimizer: str) -
             f"(B={big.batch}, {big.steps} steps) "
             f"ends {'closer to' if less else 'no closer to'} w_0 than the smallest (B={small.batch}, "
             f"{small.steps} steps): ‖w_T − w_0‖ = {big.final:.3g} vs {small.final:.3g}; growth exponents "
-            f"p (d ∝ t^p) {', '.join(f'{f.exponent:.2f}' for f in row)}; a + b·ln t fits with R² ≥ {r2:.2f}."))
+            f"p (d ∝ t^p after warmup, B={small.batch}…{big.batch}) {', '.join(f'{f.exponent:.2f}' for f in row)}; "
+            f"a + b·ln t fits with R² ≥ {r2:.2f}."))
     epoch_row = {f.batch: f for f in fits if f.budget == "epochs"}
     step_row = {f.batch: f for f in fits if f.budget == "steps"}
     both = sorted(set(epoch_row) & set(step_row))
