@@ -40,6 +40,7 @@ class Cell:
     lr: float
     lr_factor: float
     lr_at_edge: bool
+    lr_edge: str
     runs: int
     top1: float
     top5: float
@@ -59,7 +60,8 @@ def epoch_records(records: Iterable[Record]) -> list[Record]:
 def best_cells(records: Iterable[Record]) -> list[Cell]:
     """One Cell per (optimizer, batch) of the fixed-epoch runs: the run with the highest final top-1
     (ties: higher top-5, then the smaller LR), sorted by optimizer order of appearance, then batch.
-    `lr_at_edge` is true when that LR is the smallest or largest factor tried (a wider search might do better)."""
+    `lr_at_edge` is true when that LR is the smallest or largest factor tried (a wider search might do better);
+    `lr_edge` says which ("low", "high", or "" inside the range)."""
     groups: dict[tuple[str, int], list[Record]] = {}
     for r in epoch_records(records):
         groups.setdefault((r["optimizer"], r["batch"]), []).append(r)
@@ -70,7 +72,9 @@ def best_cells(records: Iterable[Record]) -> list[Cell]:
         res = best["result"]
         cells.append(Cell(
             optimizer=opt, batch=batch, lr=best["lr"], lr_factor=best["lr_factor"],
-            lr_at_edge=len(factors) > 1 and best["lr_factor"] in (factors[0], factors[-1]), runs=len(runs),
+            lr_at_edge=len(factors) > 1 and best["lr_factor"] in (factors[0], factors[-1]),
+            lr_edge="" if len(factors) < 2 else "low" if best["lr_factor"] == factors[0] else
+            "high" if best["lr_factor"] == factors[-1] else "", runs=len(runs),
             top1=float(res["top1"]), top5=float(res["top5"]), steps=int(res["steps"]),
             steps_to_target=res.get("steps_to_target"), wall_time_s=float(res["wall_time_s"]),
             images_per_s=float(res["images_per_s"]), optimizer_share=float(res["optimizer_share"]), key=best["key"],

@@ -129,9 +129,10 @@ biases and norm layers) at LR factors {factors} × its scaled LR; the table show
 Accuracy "holds" while it stays within {100 * tolerance:.0f} points of the optimizer's peak.
 
 Trained by {_engine_line(meta.get("engine", "train.engine"))}
-Machine: {meta.get("machine", machine())}. {meta.get("runs", len(records))} runs, of which
-{meta.get("executed", "?")} trained in the last invocation and {meta.get("cached", "?")} came from the cache;
-training time of all runs {sum(r["result"]["wall_time_s"] for r in records):.0f} s.
+Machine: {meta.get("machine", machine())}. {meta.get("runs", len(records))} runs
+({meta.get("executed", "?")} trained by the invocation that wrote this report, {meta.get("cached", "?")} read from
+the cache of earlier ones); training time of all runs, as each run measured it:
+{sum(r["result"]["wall_time_s"] for r in records):.0f} s.
 
 ## Summary
 

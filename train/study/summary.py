@@ -80,11 +80,17 @@ def findings(records: Sequence[Record], cells: Sequence[Cell], tolerance: float,
                                f"{_pct(at_largest[best_opt])}; momentum SGD reaches {_pct(at_largest[BASELINE])}."))
 
     edges = [c for c in cells if c.lr_at_edge]
+    per_opt = []
+    for opt in analysis.optimizers_of(edges):
+        low = [str(c.batch) for c in edges if c.optimizer == opt and c.lr_edge == "low"]
+        high = [str(c.batch) for c in edges if c.optimizer == opt and c.lr_edge == "high"]
+        per_opt.append(f"{opt}: " + "; ".join(
+            part for part in (f"lowest LR best at B={', '.join(low)}" if low else "",
+                              f"highest LR best at B={', '.join(high)}" if high else "") if part))
     out.append(Finding("lr_search_interior", not edges,
                        "Every best LR lies inside the searched range." if not edges else
                        f"{len(edges)} of {len(cells)} best LRs lie at the edge of the searched range "
-                       f"({', '.join(f'{c.optimizer}@{c.batch}' for c in edges[:8])}"
-                       f"{', ...' if len(edges) > 8 else ''}): a wider search could change those cells."))
+                       f"({' | '.join(per_opt)}): a wider search could change those cells."))
 
     for opt in analysis.optimizers_of(cells):
         points = analysis.target_scaling(cells, opt)
