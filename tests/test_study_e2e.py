@@ -217,3 +217,17 @@ def test_imagenet_preset_prints_the_torchrun_plan(capsys: pytest.CaptureFixture[
     assert "--global-batch 1281167" in text and "--global-batch 1024 " in text
     assert "--device-batch 256" in text and "--model resnet50" in text
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--optimizers", "adam"], "no optimizer 'adam'"),
+    (["--batches", "16,x"], "--batches"),
+    (["--tolerance", "-1"], None),
+])
+def test_bad_arguments_exit_with_a_clear_message(argv: list[str], match: str | None, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--preset", "quick", "--out", str(tmp_path), *argv])
+    message = str(exc.value.code) if match else capsys.readouterr().err
+    assert (match or "--tolerance") in message
+    assert not (tmp_path / "cache").exists()

@@ -118,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"preset {preset.name} needs --data")
     else:
         train_size = engine.train_size(data)
-    runs = sweep.plan_runs(preset, train_size, overrides, _csv(args.optimizers, str, "optimizers"),
-                           _csv(args.batches, int, "batches"), engine.name)
+    try:
+        runs = sweep.plan_runs(preset, train_size, overrides, _csv(args.optimizers, str, "optimizers"),
+                               _csv(args.batches, int, "batches"), engine.name)
+    except (KeyError, ValueError) as exc:
+        raise SystemExit(f"python -m train.study: {exc.args[0] if exc.args else exc}") from exc
     if args.plan or (multi_gpu and world == 1):
         if multi_gpu and not args.plan:
             print(f"# preset {preset.name} is for multi-GPU torchrun; printing its plan instead of running it.")
