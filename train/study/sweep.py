@@ -53,9 +53,15 @@ class Engine:
 
 
 def _count_train_images(data: str) -> int:
-    from train.data import default_dataset
-
-    root = Path(default_dataset()) if data == "default" else Path(data)
+    if data == "default":
+        try:
+            from train.data import default_dataset
+        except ImportError as exc:
+            raise SystemExit(f"--data default: the trainer offers no train.data.default_dataset() to locate the "
+                             f"bundled ImageFolder ({exc}); pass --data PATH to that folder") from exc
+        root = Path(default_dataset())
+    else:
+        root = Path(data)
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise SystemExit(f"--data: {root} has no train/ folder (expected an ImageFolder root with train/ and val/)")
