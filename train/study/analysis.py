@@ -249,6 +249,7 @@ class NoiseScale:
     optimizer: str
     b_simple: float
     samples: int
+    reached_target: bool
 
 
 def noise_scale(records: Iterable[Record]) -> list[NoiseScale]:
@@ -262,11 +263,13 @@ def noise_scale(records: Iterable[Record]) -> list[NoiseScale]:
             continue
         half = pts[-1][0] / 2
         late = [v for t, v in pts if t >= half] or [pts[-1][1]]
-        out.append(NoiseScale(r["batch"], r["optimizer"], statistics.median(late), len(late)))
+        out.append(NoiseScale(r["batch"], r["optimizer"], statistics.median(late), len(late),
+                              r["result"].get("steps_to_target") is not None))
     return out
 
 
 def predicted_critical_batch(estimates: Sequence[NoiseScale]) -> float | None:
-    """The median B_simple over all runs that measured it (the study's single predicted critical batch)."""
-    values = [e.b_simple for e in estimates]
+    """The median B_simple over the runs that reached the target accuracy (a diverged run's gradients say
+    nothing about the trajectory the others follow); over all runs when none reached it."""
+    values = [e.b_simple for e in estimates if e.reached_target] or [e.b_simple for e in estimates]
     return statistics.median(values) if values else None

@@ -158,8 +158,9 @@ the cache of earlier ones); training time of all runs, as each run measured it:
 
 ## Gradient noise scale (McCandlish et al. 2018)
 
-{"Median late-training B_simple per run (lr factor 1): " + ", ".join(
-    f"{e.optimizer}@{e.batch}: {e.b_simple:.0f}" for e in estimates) if estimates else "No run logged B_simple."}
+{"Median late-training B_simple per run (lr factor 1; † = the run did not reach the target): " + ", ".join(
+    f"{e.optimizer}@{e.batch}: {e.b_simple:.0f}{'' if e.reached_target else '†'}" for e in estimates)
+    if estimates else "No run logged B_simple."}
 
 ![noise scale](noise_scale.png)
 

@@ -115,19 +115,22 @@ def findings(records: Sequence[Record], cells: Sequence[Cell], tolerance: float,
 
     estimates = analysis.noise_scale(records)
     bcrit = analysis.predicted_critical_batch(estimates)
+    reached = sum(e.reached_target for e in estimates)
+    basis = (f"median over the {reached} runs that reached the target" if reached else
+             f"median over all {len(estimates)} runs; none reached the target")
     if bcrit is None:
         out.append(Finding("noise_scale", None, "No run logged a finite B_simple, so no critical batch is predicted."))
     else:
         fall = min((h.falls_at for h in hold.values() if h.falls_at is not None), default=None)
         if fall is None:
             out.append(Finding("noise_scale", None,
-                               f"B_simple (median over {len(estimates)} runs) is {bcrit:.0f}; no optimizer's "
+                               f"B_simple ({basis}) is {bcrit:.0f}; no optimizer's "
                                f"accuracy fell, so there is no observed batch to compare it with."))
         else:
             ratio = bcrit / fall
             agree = 0.5 <= ratio <= 2.0
             out.append(Finding("noise_scale", agree,
-                               f"B_simple (median over {len(estimates)} runs) predicts a critical batch of "
+                               f"B_simple ({basis}) predicts a critical batch of "
                                f"{bcrit:.0f}; accuracy first falls at B={fall} (ratio {ratio:.2f}, "
                                f"{'within' if agree else 'outside'} a factor of 2)."))
     return out
