@@ -7,7 +7,14 @@
 
 namespace {
 
-std::vector<std::string> kernel_devices() { return {}; }
+// Device types with LARS/LAMB kernels registered for the fastlars ops (CPU kernels: not built yet).
+std::vector<std::string> kernel_devices() {
+#ifdef FASTLARS_WITH_CUDA
+  return {"cuda"};
+#else
+  return {};
+#endif
+}
 
 bool built_with_cuda() {
 #ifdef FASTLARS_WITH_CUDA

@@ -1,0 +1,61 @@
+"""The op contract: torch.library schemas and fake (meta) kernels of the compiled fastlars ops.
+
+Defined in Python so that ``import fastlars`` never depends on the compiled library, and so that
+torch.compile can trace the ops (the fakes give output shapes without running a kernel). The
+compiled extension registers device kernels for these exact schemas (csrc/cuda/ops.cpp:
+``TORCH_LIBRARY_IMPL(fastlars, CUDA, m)``).
+
+Ops (all tensors of one call on one device; maths of fastlars.backends.reference):
+
+* ``grad_norms(grads, grad_scale) -> Tensor``: out[i] = ||grads[i]|| / grad_scale, fp32, deterministic.
+* ``lars_step_(params, grads, momentum_buffers, master_params, grad_norms, lr, lr_tensor, ...)``:
+  one LARS update in place; ``master_params`` empty means none; ``lr_tensor`` (read on the device)
+  replaces ``lr`` when given; nothing is written when ``found_inf`` is non-zero.
+* ``lamb_step_(params, grads, exp_avgs, exp_avg_sqs, master_params, steps, lr, lr_tensor, ...)``:
+  one LAMB update in place; ``clip_coef`` multiplies the gradients (global clip); same skip rule.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NAMESPACE = "fastlars"
+
+SCHEMAS = {
+    "grad_norms": "(Tensor[] grads, Tensor? grad_scale) -> Tensor",
+    "lars_step_": (
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] master_params, "
+        "Tensor grad_norms, float lr, Tensor? lr_tensor, float momentum, float weight_decay, "
+        "float trust_coefficient, float eps, bool nesterov, bool trust_clip, bool mlperf_momentum, bool adapt, "
+        "float[]? trust_ratio_bounds, bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()"
+    ),
+    "lamb_step_": (
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor(d!)[] master_params, Tensor[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2, "
+        "float eps, float weight_decay, bool bias_correction, bool grad_averaging, bool decoupled_decay, "
+        "bool trust_clip, bool adapt, float[]? trust_ratio_bounds, bool maximize, Tensor? clip_coef, "
+        "Tensor? grad_scale, Tensor? found_inf) -> ()"
+    ),
+}
+
+_library = torch.library.Library(NAMESPACE, "FRAGMENT")
+for _name, _signature in SCHEMAS.items():
+    if not hasattr(getattr(torch.ops, NAMESPACE), _name):
+        _library.define(_name + _signature)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::grad_norms")
+def _grad_norms_fake(grads: list[Tensor], grad_scale: Tensor | None) -> Tensor:
+    device = grads[0].device if grads else torch.device("cpu")
+    return torch.empty(len(grads), dtype=torch.float32, device=device)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::lars_step_")
+def _lars_step_fake(*args: object) -> None:
+    return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::lamb_step_")
+def _lamb_step_fake(*args: object) -> None:
+    return None
