@@ -417,13 +417,8 @@ def glue_native(emulated_glue, monkeypatch):
 
 
 def test_op_schemas_match_fastlars_ops() -> None:
-    """The contract ops.cpp implements is the one fastlars._ops defines (once it defines one)."""
-    try:
-        import fastlars._ops  # noqa: F401
-    except ModuleNotFoundError as exc:
-        if exc.name != "fastlars._ops":
-            raise
-        pytest.skip("fastlars._ops (the op schemas) is not in this tree yet")
+    """The contract ops.cpp implements is the one fastlars._ops defines."""
+    import fastlars._ops  # noqa: F401
     for schema in OP_SCHEMAS:
         name = schema.split("(", 1)[0]
         assert hasattr(torch.ops.fastlars, name), f"fastlars._ops defines no fastlars::{name}"
