@@ -1,0 +1,37 @@
+"""Models by name: torchvision ResNets for ImageNet-sized data, a small CNN for the bundled digits."""
+
+from __future__ import annotations
+
+from torch import nn
+
+MODELS = ("resnet50", "resnet18", "small_cnn")
+
+
+def small_cnn(num_classes: int) -> nn.Module:
+    """Conv(3→32) BN ReLU, Conv(32→64, stride 2) BN ReLU, Conv(64→64, stride 2) BN ReLU, global average
+    pool, Linear(64→num_classes): about 60K parameters, for 16×16 images on a CPU."""
+    def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    return nn.Sequential(*block(3, 32, 1), *block(32, 64, 2), *block(64, 64, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+
+
+def resolve_model_name(model: str, data: str) -> str:
+    """"default" is small_cnn on the bundled data and resnet50 elsewhere."""
+    if model == "default":
+        return "small_cnn" if data == "default" else "resnet50"
+    return model
+
+
+def build_model(name: str, num_classes: int) -> nn.Module:
+    """The model called `name` (one of MODELS) with a `num_classes`-way classifier, freshly initialised
+    from torch's current RNG state. ResNet-50 zero-initialises the last BN of each residual block, as the
+    large-batch recipes do (Goyal et al. 2017)."""
+    if name == "small_cnn":
+        return small_cnn(num_classes)
+    if name in ("resnet50", "resnet18"):
+        import torchvision
+
+        return getattr(torchvision.models, name)(num_classes=num_classes, zero_init_residual=True)
+    raise ValueError(f"--model must be one of default, {', '.join(MODELS)}, got {name!r}")
