@@ -1,0 +1,141 @@
+"""The trainer's parts on their own: batch arithmetic, config errors, LR schedule, noise-scale and
+diffusion formulas, atomic checkpoints, the command line."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from train import checkpoint
+from train.cli import config_from_args, parser
+from train.config import TrainConfig, accumulation_steps
+from train.metrics import NoiseScale, WeightDiffusion, squared_norm
+from train.models import build_model, resolve_model_name
+from train.optimizers import build_optimizer
+from train.schedule import Schedule, total_updates
+
+
+def test_accumulation_steps_divide_or_say_why() -> None:
+    assert accumulation_steps(1024, 64, 2) == 8
+    assert accumulation_steps(64, 64, 1) == 1
+    with pytest.raises(ValueError, match=r"--global-batch 1000 is not a multiple of --device-batch × world size"):
+        accumulation_steps(1000, 64, 2)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("optimizer", "adagrad", "--optimizer must be one of"),
+    ("global_batch", 0, "--global-batch must be positive"),
+    ("device_batch", -4, "--device-batch must be positive"),
+    ("lr", -0.1, "--lr must be positive"),
+    ("label_smoothing", 1.0, "--label-smoothing must be < 1"),
+    ("warmup_epochs", -1.0, "--warmup-epochs must be ≥ 0"),
+    ("amp", "fp8", "--amp must be one of"),
+    ("shard", "zero3", "--shard must be one of"),
+    ("betas", (0.9, 1.0), "--betas must lie in"),
+])
+def test_config_errors_name_the_flag(field: str, value: object, message: str) -> None:
+    cfg = TrainConfig(**{field: value})
+    with pytest.raises(ValueError, match=message):
+        cfg.check()
+
+
+def test_peak_lr_scaling_rules() -> None:
+    assert TrainConfig(lr=0.3, global_batch=4096).peak_lr() == 0.3
+    assert TrainConfig(base_lr=0.1, global_batch=1024, base_batch=256, lr_scaling="linear").peak_lr() == 0.4
+    assert TrainConfig(base_lr=0.1, global_batch=1024, base_batch=256, lr_scaling="sqrt").peak_lr() == 0.2
+    assert TrainConfig(base_lr=0.1, global_batch=1024, lr_scaling="none").peak_lr() == 0.1
+    assert TrainConfig(optimizer="sgd", global_batch=8192).peak_lr() == pytest.approx(3.2)  # Goyal et al.
+
+
+def test_schedule_warmup_then_poly_decay() -> None:
+    s = Schedule(peak_lr=2.0, total=110, warmup=10, decay="poly", poly_power=2.0)
+    assert [s(t) for t in (1, 5, 10)] == [0.2, 1.0, 2.0]
+    assert s(11) == 2.0
+    assert s(61) == pytest.approx(2.0 * (1 - 50 / 100) ** 2)
+    assert s(110) == pytest.approx(2.0 * (1 / 100) ** 2)
+    cos = Schedule(peak_lr=1.0, total=101, warmup=1, decay="cosine")
+    assert cos(52) == pytest.approx(0.5)  # progress (52 − 1 − 1)/100 = ½
+    step = Schedule(peak_lr=1.0, total=100, warmup=0, decay="step", milestones=(30, 60))
+    assert (step(30), step(31), step(61)) == (1.0, pytest.approx(0.1), pytest.approx(0.01))
+    assert total_updates(2.5, 10, None) == 25 and total_updates(90, 10, 7) == 7
+
+
+def test_noise_scale_recovers_a_known_gradient_noise() -> None:
+    """Per-sample gradients g_i = G + ξ_i with tr(Σ) = d·σ² and |G|² known: B_simple → tr(Σ)/|G|²."""
+    gen = torch.Generator().manual_seed(0)
+    d, sigma, true_g = 50, 2.0, torch.ones(50) * 0.5
+    noise = NoiseScale(horizon=50)
+    for _ in range(2000):
+        samples = true_g + sigma * torch.randn(64, d, generator=gen)
+        g_small, g_big = samples[:16].mean(0), samples.mean(0)
+        noise.update(float(g_small.pow(2).sum()), 16, float(g_big.pow(2).sum()), 64)
+    expected = d * sigma ** 2 / float(true_g.pow(2).sum())
+    assert noise.value == pytest.approx(expected, rel=0.15)
+    with pytest.raises(ValueError, match="0 < B_small < B_big"):
+        noise.update(1.0, 64, 1.0, 64)
+
+
+def test_weight_diffusion_is_the_distance_from_the_start() -> None:
+    model = nn.Linear(3, 2)
+    diffusion = WeightDiffusion(model)
+    assert diffusion.distance(model) == 0.0
+    with torch.no_grad():
+        model.weight.add_(1.0)
+        model.bias.sub_(2.0)
+    assert diffusion.distance(model) == pytest.approx(math.sqrt(6 * 1 + 2 * 4))
+    assert squared_norm([torch.ones(3), None, torch.full((2,), 2.0)]) == 11.0
+
+
+def test_checkpoint_is_atomic_and_checked(tmp_path) -> None:
+    path = tmp_path / "run" / "checkpoint.pt"
+    checkpoint.save_atomic({"t": 3, "rng": checkpoint.rng_states()}, path)
+    assert checkpoint.load(path)["t"] == 3
+    assert not path.with_name("checkpoint.pt.tmp").exists()
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        checkpoint.load(path)
+    torch.save({"format": 99}, path)
+    with pytest.raises(ValueError, match="not a fastlars trainer checkpoint"):
+        checkpoint.load(path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint.load(tmp_path / "missing.pt")
+
+
+def test_rng_states_round_trip() -> None:
+    states = checkpoint.rng_states()
+    first = torch.rand(3)
+    checkpoint.restore_rng_states(states)
+    assert torch.equal(torch.rand(3), first)
+
+
+def test_models_and_optimizer_groups() -> None:
+    assert resolve_model_name("default", "default") == "small_cnn"
+    assert resolve_model_name("default", "/imagenet") == "resnet50"
+    with pytest.raises(ValueError, match="--model must be one of"):
+        build_model("vgg11", 10)
+    model = build_model("small_cnn", 10)
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    opt = build_optimizer(TrainConfig(optimizer="lars"), model, lr=1.0)
+    decayed, plain = opt.param_groups
+    assert all(p.dim() > 1 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert plain["weight_decay"] == 0.0
+    sgd = build_optimizer(TrainConfig(optimizer="sgd", nesterov=True), model, lr=1.0)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["nesterov"]
+
+
+def test_cli_parses_flags_and_rejects_bad_values(capsys) -> None:
+    cfg = config_from_args(["--optimizer", "lamb", "--global-batch", "512", "--device-batch", "64",
+                            "--betas", "0.9", "0.95", "--amp", "bf16", "--channels-last", "--resume"])
+    assert (cfg.optimizer, cfg.global_batch, cfg.device_batch, cfg.betas, cfg.amp, cfg.channels_last, cfg.resume) == \
+        ("lamb", 512, 64, (0.9, 0.95), "bf16", True, True)
+    with pytest.raises(SystemExit):
+        config_from_args(["--global-batch", "-1"])
+    assert "--global-batch must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        config_from_args(["--optimizer", "rmsprop"])
+    help_text = parser().format_help()
+    for flag in ("--data", "--loader", "--lr-scaling", "--poly-power", "--checkpoint-every", "--shard", "--amp"):
+        assert flag in help_text
