@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -113,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"python -m train: error: {exc}", file=sys.stderr)
         return 2
-    print(f"top-1 {result.top1:.4f}  top-5 {result.top5:.4f}  {result.steps} updates  "
-          f"{result.images_per_s:.0f} images/s  optimizer {100 * result.optimizer_share:.1f}% of step time  "
-          f"-> {cfg.out}/result.json")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"top-1 {result.top1:.4f}  top-5 {result.top5:.4f}  {result.steps} updates  "
+              f"{result.images_per_s:.0f} images/s  optimizer {100 * result.optimizer_share:.1f}% of step time  "
+              f"-> {cfg.out}/result.json")
     return 0

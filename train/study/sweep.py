@@ -76,6 +76,7 @@ def resolve_engine(log: Callable[[str], None] = print) -> Engine:
     study's stand-in trainer for the digits data, announced through `log`."""
     try:
         from train.config import TrainConfig
+        from train.data import default_dataset  # noqa: F401  (the engine needs its data package)
         from train.engine import train
     except ImportError as exc:
         from train.study import minitrainer
