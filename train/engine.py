@@ -309,10 +309,13 @@ class _Run:
         return correct1 / max(seen, 1), correct5 / max(seen, 1)
 
     # ------------------------------------------------------------------------------------- loop
-    def _record(self, t: int, loss: Tensor, evaluate: bool) -> None:
+    def _record(self, t: int, loss: Tensor, evaluate: bool, watches: dict[str, Stopwatch]) -> None:
         p = self.progress
+        update_seconds = p.update_seconds + watches["update"].seconds
+        optimizer_seconds = p.optimizer_seconds + watches["optimizer"].seconds
         entry: dict[str, Any] = {"step": t, "epoch": t / self.updates_per_epoch, "lr": self.schedule(t),
                                  "loss": float(loss), "b_simple": None if self.noise is None else self.noise.value,
+                                 "optimizer_share": optimizer_seconds / update_seconds if update_seconds else None,
                                  "top1": None, "top5": None}
         if self.diffusion is not None:
             entry["w_dist"] = self.diffusion.distance(self.raw_model)
@@ -356,7 +359,7 @@ class _Run:
                 evaluate = epoch_end or t == self.total or bool(cfg.eval_every and t % cfg.eval_every == 0)
                 if evaluate or t in self.log_steps:
                     eval_start = time.perf_counter()
-                    self._record(t, loss, evaluate)
+                    self._record(t, loss, evaluate, watches)
                     eval_seconds += time.perf_counter() - eval_start
                 if bar is not None:
                     bar.update(1)
