@@ -104,7 +104,8 @@ class _Run:
         self.train_data, self.eval_data = build_loaders(LoaderConfig(
             root=root, loader=cfg.loader, device=self.device, device_batch=device_batch, image_size=image_size,
             rank=topo.rank, world_size=topo.world_size, seed=cfg.seed, workers=cfg.workers,
-            channels_last=cfg.channels_last, dtype=self.amp_dtype or torch.float32))
+            channels_last=cfg.channels_last, dtype=self.amp_dtype or torch.float32,
+            flip=cfg.data != "default"))  # a mirrored digit is another digit (or none)
         if cfg.global_batch > self.train_data.num_samples and cfg.loader != "synthetic":
             raise ValueError(f"--global-batch {cfg.global_batch} exceeds the training set "
                              f"({self.train_data.num_samples} images)")

@@ -1,0 +1,39 @@
+"""The trainer's data: ImageFolder datasets (or the bundled digits) and the loaders that feed the engine.
+
+Every loader serves the same protocol: `num_classes`, `num_samples`, `resumes_mid_epoch`,
+`updates_per_epoch(G)`, `epoch(e, G, start_update)` yielding this rank's micro-batches in training
+order (train.data.order), and `batches()` yielding this rank's evaluation shard.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from train.data.folders import IMAGE_SUFFIXES, default_dataset, default_image_size, resolve_data
+from train.data.loaders import FolderLoader, LoaderConfig, SyntheticLoader
+
+LOADERS = ("dali", "gpu", "cpu", "synthetic")
+
+__all__ = ["IMAGE_SUFFIXES", "LOADERS", "LoaderConfig", "build_loaders", "default_dataset", "default_image_size",
+           "resolve_data"]
+
+
+def build_loaders(cfg: LoaderConfig) -> tuple[object, object]:
+    """(train loader, eval loader) for cfg.loader, or a ValueError that names the flag and the fix."""
+    if cfg.loader == "synthetic":
+        loader = SyntheticLoader(cfg)
+        return loader, loader
+    if cfg.loader not in LOADERS:
+        raise ValueError(f"--loader must be one of {', '.join(LOADERS)}, got {cfg.loader!r}")
+    if cfg.root is None:
+        raise ValueError(f"--loader {cfg.loader} needs --data")
+    if cfg.loader == "gpu" and cfg.device.type != "cuda":
+        raise ValueError("--loader gpu decodes with nvjpeg on a CUDA device; this process runs on "
+                         f"{cfg.device} (use --loader cpu)")
+    if cfg.loader == "dali":
+        from train.data.dali import DaliLoader
+
+        return DaliLoader(cfg, "train"), DaliLoader(cfg, "val")
+    if cfg.device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device")
+    return FolderLoader(cfg, "train"), FolderLoader(cfg, "val")

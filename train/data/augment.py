@@ -1,0 +1,121 @@
+"""Batched image transforms, the same on CPU and GPU: decode, random-resized crop, flip, normalise.
+
+A micro-batch is transformed in a few tensor ops instead of one PIL pipeline per image. Crop boxes are
+drawn from a torch.Generator the caller seeds per micro-batch, so the same samples get the same crops
+in any process layout and after a resume.
+
+Random-resized crop (Szegedy et al. 2015; torchvision's parameters): for an H×W image, draw an area
+fraction s ~ U(scale) and a log aspect ratio ln r ~ U(ln 3/4, ln 4/3); the box is w = √(sHW·r),
+h = √(sHW/r), accepted if it fits (10 tries, else the central square of side min(H, W)); its corner
+is uniform over the positions where it fits; then bilinear resampling to size×size (roi_align).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.ops import roi_align
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ATTEMPTS = 10
+
+
+def decode(encoded: list[Tensor], paths: list[str], device: torch.device | str = "cpu") -> list[Tensor]:
+    """RGB uint8 [3, H, W] images from encoded files (JPEGs batched, on `device`: nvjpeg on CUDA),
+    with an error naming the file that does not decode."""
+    jpeg = [i for i, p in enumerate(paths) if p.lower().endswith((".jpg", ".jpeg"))]
+    out: list[Tensor | None] = [None] * len(encoded)
+    try:
+        if jpeg:
+            for i, image in zip(jpeg, decode_jpeg([encoded[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)):
+                out[i] = image
+        for i in set(range(len(encoded))) - set(jpeg):
+            out[i] = decode_image(encoded[i], mode=ImageReadMode.RGB).to(device)
+    except RuntimeError:
+        for data, path in zip(encoded, paths):
+            try:
+                decode_image(data, mode=ImageReadMode.RGB)
+            except RuntimeError as exc:
+                raise ValueError(f"--data: cannot decode {path}: {exc}") from exc
+        raise
+    return out  # type: ignore[return-value]
+
+
+def crop_boxes(heights: Tensor, widths: Tensor, scale: tuple[float, float], generator: torch.Generator,
+               ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Tensor:
+    """Random-resized-crop boxes [n, 4] as (x0, y0, x1, y1) in pixels, float64 on the CPU."""
+    n = heights.numel()
+    h_img, w_img = heights.double()[:, None], widths.double()[:, None]
+    area = h_img * w_img * torch.empty(n, ATTEMPTS, dtype=torch.float64).uniform_(*scale, generator=generator)
+    log_r = torch.empty(n, ATTEMPTS, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                                    generator=generator)
+    w = (area * log_r.exp()).sqrt().round()
+    h = (area / log_r.exp()).sqrt().round()
+    fits = (w <= w_img) & (h <= h_img) & (w > 0) & (h > 0)
+    first = torch.where(fits.any(1), fits.double().argmax(1), torch.full((n,), -1))
+    side = torch.minimum(h_img, w_img)[:, 0]
+    pick = first.clamp(min=0)[:, None]
+    w = torch.where(first >= 0, w.gather(1, pick)[:, 0], side)
+    h = torch.where(first >= 0, h.gather(1, pick)[:, 0], side)
+    u = torch.rand(n, 2, dtype=torch.float64, generator=generator)
+    x0 = torch.where(first >= 0, (u[:, 0] * (w_img[:, 0] - w + 1)).floor(), ((w_img[:, 0] - w) / 2).floor())
+    y0 = torch.where(first >= 0, (u[:, 1] * (h_img[:, 0] - h + 1)).floor(), ((h_img[:, 0] - h) / 2).floor())
+    return torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
+
+
+def center_boxes(heights: Tensor, widths: Tensor, crop_fraction: float) -> Tensor:
+    """Central square boxes of side crop_fraction·min(H, W): "resize the shorter side to S/f, then
+    center-crop S" expressed in the original image's pixels."""
+    side = torch.minimum(heights, widths).double() * crop_fraction
+    x0 = (widths.double() - side) / 2
+    y0 = (heights.double() - side) / 2
+    return torch.stack([x0, y0, x0 + side, y0 + side], dim=1)
+
+
+def resample(images: list[Tensor], boxes: Tensor, size: int) -> Tensor:
+    """Each image's box bilinearly resampled to size×size: float [n, 3, size, size] in 0–255, averaging
+    ⌈box side / size⌉² bilinear samples per output pixel when shrinking (at most 4²); a box of exactly
+    size×size at integer corners reproduces the pixels."""
+    device = images[0].device
+    sides = (boxes[:, 2:] - boxes[:, :2]).max().item() if len(boxes) else size
+    samples = max(1, min(4, math.ceil(sides / size)))  # bilinear points per output pixel and axis
+    boxes = boxes.to(device=device, dtype=torch.float32)
+    if all(im.shape == images[0].shape for im in images):
+        batch = torch.stack(images).float()
+        rois = torch.cat([torch.arange(len(images), device=device, dtype=torch.float32)[:, None], boxes], dim=1)
+        return roi_align(batch, rois, output_size=size, spatial_scale=1.0, sampling_ratio=samples, aligned=True)
+    return torch.cat([roi_align(im[None].float(), [box[None]], output_size=size, sampling_ratio=samples,
+                                aligned=True) for im, box in zip(images, boxes)])
+
+
+def finish(batch: Tensor, flip: Tensor | None, dtype: torch.dtype, channels_last: bool) -> Tensor:
+    """Optional horizontal flips (a bool per image), then (x/255 − mean)/std in `dtype`, NCHW or NHWC."""
+    if flip is not None:
+        batch = torch.where(flip.to(batch.device)[:, None, None, None], batch.flip(-1), batch)
+    mean = torch.tensor(IMAGENET_MEAN, device=batch.device)[None, :, None, None] * 255.0
+    std = torch.tensor(IMAGENET_STD, device=batch.device)[None, :, None, None] * 255.0
+    out = ((batch - mean) / std).to(dtype)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out.contiguous()
+
+
+def train_transform(images: list[Tensor], size: int, generator: torch.Generator, flip: bool,
+                    dtype: torch.dtype = torch.float32, channels_last: bool = False) -> Tensor:
+    """Random-resized crop (scale (0.25, 1) below 64 px, else (0.08, 1)), optional flip, normalise."""
+    heights = torch.tensor([im.shape[-2] for im in images])
+    widths = torch.tensor([im.shape[-1] for im in images])
+    boxes = crop_boxes(heights, widths, (0.25, 1.0) if size < 64 else (0.08, 1.0), generator)
+    flips = torch.rand(len(images), generator=generator) < 0.5 if flip else None
+    return finish(resample(images, boxes, size), flips, dtype, channels_last)
+
+
+def eval_transform(images: list[Tensor], size: int, dtype: torch.dtype = torch.float32,
+                   channels_last: bool = False) -> Tensor:
+    """Shorter side to size·8/7 then a central size×size crop (the whole image below 64 px), normalise."""
+    heights = torch.tensor([im.shape[-2] for im in images])
+    widths = torch.tensor([im.shape[-1] for im in images])
+    boxes = center_boxes(heights, widths, 1.0 if size < 64 else 7 / 8)
+    return finish(resample(images, boxes, size), None, dtype, channels_last)

@@ -1,0 +1,125 @@
+"""ImageFolder datasets on disk: the layout check with clear errors, and the bundled digits dataset.
+
+Layout: ROOT/train/<class>/<image> and ROOT/val/<class>/<image>; classes are the sorted folder names
+(the same list in both splits), images the sorted files with an image suffix.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+DIGITS_FOLDER = "digits-jpeg-v1"
+DIGITS_SIZE = 16
+DIGITS_VAL_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """One split: image paths, their class indices, and the class names."""
+
+    paths: tuple[Path, ...]
+    labels: tuple[int, ...]
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def scan_split(root: Path, split: str) -> ImageList:
+    """The images of root/split, or a ValueError starting "--data:" that says what is wrong."""
+    folder = root / split
+    if not folder.is_dir():
+        raise ValueError(f"--data: {root} has no {split}/ folder (expected an ImageFolder root with train/ and val/)")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"--data: {folder} has no class folders")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for index, name in enumerate(classes):
+        images = sorted(p for p in (folder / name).iterdir() if _is_image(p))
+        if not images:
+            raise ValueError(f"--data: class folder {folder / name} has no images ({', '.join(IMAGE_SUFFIXES)})")
+        paths += images
+        labels += [index] * len(images)
+    return ImageList(tuple(paths), tuple(labels), tuple(classes))
+
+
+def resolve_data(data: str) -> Path:
+    """"default" → the bundled digits folder (built on first use); otherwise `data` checked as an
+    ImageFolder root: both splits present, every class folder non-empty, the same classes in both."""
+    root = default_dataset() if data == "default" else Path(data).expanduser()
+    if not root.exists():
+        raise ValueError(f"--data: {root} does not exist")
+    train, val = scan_split(root, "train"), scan_split(root, "val")
+    if train.classes != val.classes:
+        only = sorted(set(train.classes) ^ set(val.classes))
+        raise ValueError(f"--data: train/ and val/ of {root} have different classes (in one only: {only[:5]})")
+    return root
+
+
+def default_image_size(data: str) -> int:
+    """The crop size the model sees: 16 for the bundled digits, 224 otherwise."""
+    return DIGITS_SIZE if data == "default" else 224
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """cache_dir, else $FASTLARS_DATA_CACHE, else ~/.cache/fastlars."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("FASTLARS_DATA_CACHE") or Path.home() / ".cache" / "fastlars")
+
+
+def digits_split() -> tuple[list[int], list[int]]:
+    """Indices of sklearn's digits in the training and validation split: stratified 80/20 with
+    random_state 0 (1,437 / 360 images), the split the study's reports use."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    target = load_digits().target
+    train, val = train_test_split(list(range(len(target))), test_size=DIGITS_VAL_FRACTION, random_state=0,
+                                  stratify=target)
+    return list(train), list(val)
+
+
+def default_dataset(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The bundled dataset as an ImageFolder of JPEGs, written once: sklearn's 1,797 handwritten digits
+    (8×8, 17 grey levels; shipped inside the scikit-learn wheel), scaled to 0–255, upsampled ×2
+    (bilinear) to 16×16, grey replicated to RGB, JPEG quality 95, split by digits_split(). Built in a
+    temporary folder and renamed into place, so concurrent first uses are safe."""
+    root = cache_root(cache_dir) / DIGITS_FOLDER
+    if root.is_dir():
+        return root
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+    from torchvision.io import encode_jpeg
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) * (255.0 / 16.0)
+    images = F.interpolate(images, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
+    images = images.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=DIGITS_FOLDER + ".", dir=root.parent))
+    try:
+        for split, indices in zip(("train", "val"), digits_split()):
+            for i in indices:
+                folder = staging / split / str(int(digits.target[i]))
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"{i:04d}.jpg").write_bytes(encode_jpeg(images[i], quality=95).numpy().tobytes())
+        try:
+            os.rename(staging, root)
+        except OSError:
+            if not root.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root

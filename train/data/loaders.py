@@ -1,0 +1,175 @@
+"""The torch loaders: `cpu` (decode and augment whole micro-batches in DataLoader workers), `gpu`
+(workers read the files; nvjpeg decode and the same batched augmentation on the GPU, prefetched on a
+side stream) and `synthetic` (one random batch generated on the device, for throughput runs)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from train.data import augment, order
+from train.data.folders import ImageList, scan_split
+
+EVAL_BATCH = 256
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """What a loader produces: micro-batches of `device_batch` images of image_size² on `device`,
+    normalised, in `dtype` (NHWC memory when channels_last), for `rank` of `world_size`."""
+
+    root: Path | None
+    loader: str
+    device: torch.device
+    device_batch: int
+    image_size: int
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    workers: int = 2
+    channels_last: bool = False
+    dtype: torch.dtype = torch.float32
+    synthetic_classes: int = 1000
+    synthetic_samples: int = 1_281_167
+    flip: bool = True
+
+
+@dataclass(frozen=True)
+class _Task:
+    indices: tuple[int, ...]
+    seed: int | None  # None: evaluation transform
+
+
+class _Files(Dataset):
+    """DataLoader dataset whose item i is a whole micro-batch: task i's files read (and, when
+    `transform`, decoded and augmented) in the worker."""
+
+    def __init__(self, images: ImageList, tasks: list[_Task], cfg: LoaderConfig, transform: bool) -> None:
+        self.images, self.tasks, self.cfg, self.transform = images, tasks, cfg, transform
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, i: int) -> Any:
+        from torchvision.io import read_file
+
+        task = self.tasks[i]
+        paths = [str(self.images.paths[j]) for j in task.indices]
+        encoded = [read_file(p) for p in paths]
+        labels = torch.tensor([self.images.labels[j] for j in task.indices], dtype=torch.int64)
+        if not self.transform:
+            return encoded, paths, labels, task.seed
+        return _transform(augment.decode(encoded, paths), task.seed, self.cfg), labels
+
+
+def _transform(images: list[Tensor], seed: int | None, cfg: LoaderConfig) -> Tensor:
+    if seed is None:
+        return augment.eval_transform(images, cfg.image_size, cfg.dtype, cfg.channels_last)
+    generator = torch.Generator().manual_seed(seed)
+    return augment.train_transform(images, cfg.image_size, generator, cfg.flip, cfg.dtype, cfg.channels_last)
+
+
+class FolderLoader:
+    """Train and eval batches from an ImageFolder split through the `cpu` or `gpu` path."""
+
+    resumes_mid_epoch = True
+
+    def __init__(self, cfg: LoaderConfig, split: str) -> None:
+        assert cfg.root is not None
+        self.cfg = cfg
+        self.images = scan_split(cfg.root, split)
+        self.num_samples = len(self.images)
+        self.num_classes = len(self.images.classes)
+
+    def updates_per_epoch(self, global_batch: int) -> int:
+        return order.updates_per_epoch(self.num_samples, global_batch)
+
+    def epoch(self, epoch: int, global_batch: int, start_update: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's micro-batches of `epoch` from update `start_update` (see train.data.order)."""
+        cfg = self.cfg
+        tasks = [_Task(tuple(mb.indices.tolist()), mb.seed) for mb in order.micro_batches(
+            self.num_samples, global_batch, cfg.device_batch, cfg.rank, cfg.world_size, cfg.seed, epoch,
+            start_update)]
+        return self._run(tasks)
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's shard of the split (positions rank, rank + W, ...), evaluation transform."""
+        mine = list(range(self.cfg.rank, self.num_samples, self.cfg.world_size))
+        size = max(self.cfg.device_batch, EVAL_BATCH)
+        return self._run([_Task(tuple(mine[i:i + size]), None) for i in range(0, len(mine), size)])
+
+    def _run(self, tasks: list[_Task]) -> Iterator[tuple[Tensor, Tensor]]:
+        cfg = self.cfg
+        gpu = cfg.loader == "gpu"
+        loader = DataLoader(_Files(self.images, tasks, cfg, transform=not gpu), batch_size=None, shuffle=False,
+                            num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None,
+                            pin_memory=cfg.device.type == "cuda" and not gpu, collate_fn=_identity)
+        if gpu:
+            return _gpu_batches(loader, cfg)
+        return ((x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)) for x, y in loader)
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+def _gpu_batches(loader: DataLoader, cfg: LoaderConfig) -> Iterator[tuple[Tensor, Tensor]]:
+    """nvjpeg decode + augmentation of the next micro-batch on a side stream while the current one trains."""
+    stream = torch.cuda.Stream(cfg.device)
+
+    def produce(item: Any) -> tuple[Tensor, Tensor]:
+        encoded, paths, labels, seed = item
+        with torch.cuda.stream(stream):
+            images = augment.decode(encoded, paths, device=cfg.device)
+            return _transform(images, seed, cfg), labels.to(cfg.device, non_blocking=True)
+
+    pending = None
+    for item in loader:
+        ready = produce(item)
+        if pending is not None:
+            yield _hand_over(pending, stream)
+        pending = ready
+    if pending is not None:
+        yield _hand_over(pending, stream)
+
+
+def _hand_over(batch: tuple[Tensor, Tensor], stream: torch.cuda.Stream) -> tuple[Tensor, Tensor]:
+    current = torch.cuda.current_stream(batch[0].device)
+    current.wait_stream(stream)
+    for t in batch:
+        t.record_stream(current)
+    return batch
+
+
+class SyntheticLoader:
+    """Random normalised images and labels, generated once on the device and served every step."""
+
+    resumes_mid_epoch = True
+
+    def __init__(self, cfg: LoaderConfig) -> None:
+        self.cfg = cfg
+        self.num_classes = cfg.synthetic_classes
+        self.num_samples = cfg.synthetic_samples
+        generator = torch.Generator().manual_seed(order.mix_seed(cfg.seed, cfg.rank))
+        images = torch.randn(cfg.device_batch, 3, cfg.image_size, cfg.image_size, generator=generator)
+        self.images = images.to(cfg.device, cfg.dtype)
+        if cfg.channels_last:
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
+        self.labels = torch.randint(0, cfg.synthetic_classes, (cfg.device_batch,), generator=generator).to(cfg.device)
+
+    def updates_per_epoch(self, global_batch: int) -> int:
+        return order.updates_per_epoch(self.num_samples, global_batch)
+
+    def epoch(self, epoch: int, global_batch: int, start_update: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        steps = order.accumulation(global_batch, self.cfg.device_batch, self.cfg.world_size)
+        for _ in range((self.updates_per_epoch(global_batch) - start_update) * steps):
+            yield self.images, self.labels
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        yield self.images, self.labels
