@@ -1,0 +1,151 @@
+"""The trainer end to end on CPU: the bundled-data run, DDP / ZeRO / FSDP2 with gloo equal to one
+process, SIGKILL then --resume equal to an uninterrupted run, and clear errors for bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_RUN = ["--data", "default", "--loader", "cpu", "--workers", "0", "--device", "cpu", "--quiet",
+             "--optimizer", "lamb", "--global-batch", "64", "--lr", "0.02", "--warmup-epochs", "0.2",
+             "--epochs", "1", "--max-steps", "12"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    cache = tmp_path_factory.mktemp("data-cache")
+    return {**os.environ, "FASTLARS_DATA_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_train(args: list[str], env: dict[str, str], nproc: int = 1,
+              timeout: float = 300) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+               str(29500 + os.getpid() % 1000), "-m", "train", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "final_model.pt", map_location="cpu")
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    params = [k for k in a if "running" not in k and "num_batches" not in k]
+    assert params and set(a) == set(b)
+    for k in params:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_default_data_one_epoch_within_two_minutes(env: dict[str, str], tmp_path: Path) -> None:
+    start = time.monotonic()
+    done = run_train(["--data", "default", "--epochs", "1", "--out", str(tmp_path), "--quiet", "--device", "cpu"],
+                     env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - start < 120
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["steps"] == 6 and result["epochs"] == 1.0  # ⌈1,437 / 256⌉ updates
+    assert 0.0 < result["optimizer_share"] < 1.0 and result["images_per_s"] > 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 6 and records[-1]["top1"] == result["top1"]
+
+
+@pytest.mark.parametrize("shard", ["none", "zero", "fsdp2"])
+def test_two_processes_equal_one(env: dict[str, str], tmp_path: Path, shard: str) -> None:
+    """Global batch 64 as 2 ranks × 32 equals 1 process × 32 × 2 accumulation steps: same micro-batches,
+    same BN batches, mean gradient over the same 64 images."""
+    single = run_train([*SMALL_RUN, "--device-batch", "32", "--out", str(tmp_path / "one")], env)
+    assert single.returncode == 0, single.stderr
+    double = run_train([*SMALL_RUN, "--device-batch", "32", "--shard", shard, "--out", str(tmp_path / "two")],
+                       env, nproc=2)
+    assert double.returncode == 0, double.stderr
+    assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), atol=2e-5)
+    one = json.loads((tmp_path / "one" / "result.json").read_text())
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert (one["steps"], two["steps"], one["accumulation_steps"], two["world_size"]) == (12, 12, 2, 2)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(env: dict[str, str], tmp_path: Path) -> None:
+    args = [*SMALL_RUN, "--device-batch", "16", "--max-steps", "16", "--checkpoint-every", "2"]
+    whole = run_train([*args, "--out", str(tmp_path / "whole")], env)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "train", *args, "--out", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        ckpt = out / "checkpoint.pt"
+        if ckpt.exists():
+            try:
+                t = torch.load(ckpt, map_location="cpu", weights_only=False)["progress"]["t"]
+            except Exception:
+                t = 0
+            if t >= 6:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["progress"]["t"]
+    assert 6 <= killed_at < 16
+    resumed = run_train([*args, "--out", str(out), "--resume"], env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_weights(final_weights(tmp_path / "whole"), final_weights(out), atol=0)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 16
+
+
+def make_folder(root: Path, classes: dict[str, int], image: bytes | None = None) -> Path:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for name, count in classes.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                if image is None:
+                    Image.new("RGB", (8, 8), (i * 20 % 255, 40, 90)).save(folder / f"{i}.jpg")
+                else:
+                    (folder / f"{i}.jpg").write_bytes(image)
+    return root
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("missing", "--data"),
+    ("empty_class", "no images"),
+    ("corrupt", "b/0.jpg"),
+    ("indivisible", "--global-batch 30 is not a multiple"),
+    ("model", "--model"),
+])
+def test_bad_inputs_exit_with_a_clear_error(env: dict[str, str], tmp_path: Path, case: str, message: str) -> None:
+    args = ["--loader", "cpu", "--workers", "0", "--device", "cpu", "--quiet", "--epochs", "1", "--out",
+            str(tmp_path / "out"), "--image-size", "8"]
+    data = tmp_path / "data"
+    if case == "missing":
+        args += ["--data", str(tmp_path / "nowhere")]
+    elif case == "empty_class":
+        make_folder(data, {"a": 4, "b": 0})
+        args += ["--data", str(data)]
+    elif case == "corrupt":
+        make_folder(data, {"a": 4})
+        make_folder(tmp_path / "bad", {"b": 1}, image=b"\xff\xd8\xff\xe0 not really a jpeg")
+        for split in ("train", "val"):
+            (tmp_path / "bad" / split / "b").rename(data / split / "b")
+        args += ["--data", str(data), "--global-batch", "5"]
+    elif case == "indivisible":
+        args += ["--data", "default", "--global-batch", "30", "--device-batch", "8"]
+    else:
+        args += ["--data", "default", "--model", "alexnet"]
+    done = run_train(args, env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr
