@@ -7,12 +7,13 @@
 
 namespace {
 
-// Device types with LARS/LAMB kernels registered for the fastlars ops (CPU kernels: not built yet).
+// Device types with LARS/LAMB kernels registered for the fastlars ops (csrc/cpu always, csrc/cuda
+// when compiled in).
 std::vector<std::string> kernel_devices() {
 #ifdef FASTLARS_WITH_CUDA
-  return {"cuda"};
+  return {"cpu", "cuda"};
 #else
-  return {};
+  return {"cpu"};
 #endif
 }
 

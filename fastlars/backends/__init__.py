@@ -42,6 +42,7 @@ def validate_backend_name(name: object) -> str:
 
 
 _LOADED: dict[str, ModuleType] = {}
+_USABLE: set[tuple[str, str]] = set()  # (backend, device type) pairs found usable
 
 
 def load(name: str) -> ModuleType:
@@ -73,9 +74,12 @@ def resolve(name: str, device: torch.device) -> str:
             if unavailable_reason(candidate, device) is None:
                 return candidate
         return "foreach"
+    if (name, device.type) in _USABLE:  # a dict lookup for torch.compile once the backend was checked
+        return name
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise RuntimeError(f"backend={name!r} is not usable on {device}: {reason}")
+    _USABLE.add((name, device.type))
     return name
 
 

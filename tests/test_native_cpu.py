@@ -1,0 +1,278 @@
+"""The native CPU kernels (csrc/cpu, maths of csrc/common/step_math.h) against the reference backend.
+
+Every LARS/LAMB option over harness.SHAPES (empty, 1, odd, multi-chunk) for 30 steps with a changing
+lr, params and state compared; fp32, bf16 and fp16 params with and without fp32 master weights; fp32
+and bf16 params mixed in one group; channels_last params; thread-count independence of the norms;
+GradScaler unscale and overflow skip; a state_dict moved between backends mid-run; opcheck on each
+op; clear errors for bad tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fastlars
+from fastlars import backends
+from harness import SHAPES, assert_same_trajectory, lr_at, make_params, run_trajectory, synthetic_grads
+
+pytestmark = pytest.mark.skipif(
+    backends.unavailable_reason("native", torch.device("cpu")) is not None,
+    reason=f"native CPU kernels not built: {backends.unavailable_reason('native', torch.device('cpu'))}",
+)
+
+LARS_OPTIONS = [
+    {"weight_decay": 1e-2},
+    {"weight_decay": 1e-2, "momentum_style": "torch"},
+    {"weight_decay": 1e-2, "nesterov": True},
+    {"weight_decay": 1e-2, "nesterov": True, "momentum_style": "torch"},
+    {"weight_decay": 1e-2, "trust_clip": True},
+    {"weight_decay": 1e-2, "trust_ratio_bounds": (0.01, 10.0), "eps": 1e-8},
+    {"weight_decay": 0.0},  # adapt defaults to False: ratio 1, no norm pass
+    {"weight_decay": 0.0, "adapt": True, "maximize": True},
+]
+LAMB_OPTIONS = [
+    {},
+    {"bias_correction": False},
+    {"grad_averaging": False},
+    {"decoupled_decay": True},
+    {"trust_clip": True, "trust_ratio_bounds": (0.01, 10.0)},
+    {"max_grad_norm": 1.0},
+    {"weight_decay": 0.0},  # adapt defaults to False: the single-pass path
+    {"weight_decay": 0.0, "adapt": True, "maximize": True},
+]
+ALGOS = [(fastlars.LARS, 1.0), (fastlars.LAMB, 0.01)]
+STORAGE = [(torch.float32, False), (torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False),
+           (torch.float16, False)]
+
+
+def _trajectory(cls, options, backend, dtype=torch.float32, master=False, shapes=SHAPES, base_lr=1.0, **kw):
+    def make(params):
+        return cls(params, lr=base_lr, backend=backend, master_weights=master, **options)
+
+    return run_trajectory(make, shapes=shapes, dtype=dtype, steps=30, base_lr=base_lr, **kw)
+
+
+def test_auto_picks_native_on_cpu(monkeypatch) -> None:
+    from fastlars._extension import extension
+
+    monkeypatch.delenv("FASTLARS_BACKEND", raising=False)
+    assert "cpu" in extension().kernel_devices()
+    assert backends.resolve("auto", torch.device("cpu")) == "native"
+    assert fastlars.LAMB([torch.zeros(3, requires_grad=True)])._backend_for(0, torch.device("cpu")) == "native"
+
+
+@pytest.mark.parametrize("options", LARS_OPTIONS, ids=str)
+def test_lars_options_match_reference(options) -> None:
+    ref = _trajectory(fastlars.LARS, options, "reference")
+    nat = _trajectory(fastlars.LARS, options, "native")
+    assert_same_trajectory(ref, nat, torch.float32)
+
+
+@pytest.mark.parametrize("options", LAMB_OPTIONS, ids=str)
+def test_lamb_options_match_reference(options) -> None:
+    ref = _trajectory(fastlars.LAMB, options, "reference", base_lr=0.01)
+    nat = _trajectory(fastlars.LAMB, options, "native", base_lr=0.01)
+    assert_same_trajectory(ref, nat, torch.float32)
+
+
+@pytest.mark.parametrize("dtype,master", [s for s in STORAGE if s[0] == torch.float32 or s[1]], ids=str)
+@pytest.mark.parametrize("cls,base_lr", ALGOS, ids=["lars", "lamb"])
+def test_dtypes_and_master_weights_match_reference(cls, base_lr, dtype, master) -> None:
+    options = {"weight_decay": 1e-2}
+    ref = _trajectory(cls, options, "reference", dtype=dtype, master=master, base_lr=base_lr)
+    nat = _trajectory(cls, options, "native", dtype=dtype, master=master, base_lr=base_lr)
+    assert_same_trajectory(ref, nat, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("cls,base_lr", ALGOS, ids=["lars", "lamb"])
+def test_low_precision_without_masters_is_as_accurate_as_the_reference(cls, base_lr, dtype) -> None:
+    """bf16/fp16 weights and moments with no fp32 copy: a last-bit difference in a norm flips a rounding
+    of w, and the 30-step trajectories drift apart by a few ulps of the storage dtype. So the rule is
+    flash-attention's: the kernels' error against an fp32 run is at most twice the reference's (plus
+    one storage ulp)."""
+    options = {"weight_decay": 1e-2}
+    exact = _trajectory(cls, options, "reference", dtype=torch.float32, base_lr=base_lr)
+    ref = _trajectory(cls, options, "reference", dtype=dtype, base_lr=base_lr)
+    nat = _trajectory(cls, options, "native", dtype=dtype, base_lr=base_lr)
+    ulp = torch.finfo(dtype).eps
+    for i, (e, r, n) in enumerate(zip(exact[0], ref[0], nat[0])):
+        if e.numel() == 0:
+            continue
+        tensors = [(e.detach(), r.detach(), n.detach())]
+        tensors += [(exact[1].state[e][k], ref[1].state[r][k], nat[1].state[n][k]) for k in nat[1].state[n]
+                    if k != "step"]
+        for x, y, z in tensors:
+            ref_err = (y.float() - x.float()).abs().max().item()
+            nat_err = (z.float() - x.float()).abs().max().item()
+            scale = x.float().abs().max().item()
+            assert nat_err <= 2 * ref_err + ulp * scale, f"tensor {i}: native error {nat_err:.3g} vs {ref_err:.3g}"
+
+
+def _mixed_dtype_run(cls, base_lr, backend, steps=30):
+    """fp32 and bf16 params with masters in one group; bf16 moments next to fp32 ones (no master on one)."""
+    params = make_params([(33, 17), (1031,), (0,), (5, 5), (40_000,)], torch.float32)
+    for i in (1, 4):
+        params[i] = params[i].detach().to(torch.bfloat16).requires_grad_(True)
+    opt = cls([{"params": params[:4], "master_weights": True}, {"params": params[4:]}], lr=base_lr,
+              weight_decay=1e-2, backend=backend)
+    for t in range(1, steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(t, base_lr)
+        for p, g in zip(params, synthetic_grads(params, t)):
+            p.grad = g
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("cls,base_lr", ALGOS, ids=["lars", "lamb"])
+def test_mixed_dtypes_in_one_group(cls, base_lr) -> None:
+    assert_same_trajectory(_mixed_dtype_run(cls, base_lr, "reference"), _mixed_dtype_run(cls, base_lr, "native"),
+                           torch.bfloat16)
+
+
+@pytest.mark.parametrize("cls,base_lr", ALGOS, ids=["lars", "lamb"])
+def test_channels_last_params(cls, base_lr) -> None:
+    def hook(params):
+        return [p.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True) for p in params]
+
+    def run(backend):
+        params = hook(make_params([(8, 3, 5, 5), (16, 8, 3, 3)], torch.float32))
+        opt = cls(params, lr=base_lr, weight_decay=1e-2, backend=backend)
+        for t in range(1, 11):
+            for p, g in zip(params, synthetic_grads(params, t)):
+                p.grad = g.contiguous(memory_format=torch.channels_last)
+            opt.step()
+        return params, opt
+
+    assert_same_trajectory(run("reference"), run("native"), torch.float32)
+
+
+def test_grad_norms_do_not_depend_on_threads() -> None:
+    impl = backends.load("native")
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=gen) for n in (0, 1, 7, 16_384, 16_385, 300_001)]
+    grads.append(torch.randn(4099, generator=gen).to(torch.bfloat16))
+    scale = torch.tensor(1024.0)
+    threads = torch.get_num_threads()
+    try:
+        first = impl.grad_norms(grads, scale)
+        torch.set_num_threads(1)
+        single = impl.grad_norms(grads, scale)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(first, single)
+    expected = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]) / 1024.0
+    torch.testing.assert_close(first.double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("cls,base_lr", ALGOS, ids=["lars", "lamb"])
+def test_nonfinite_gradient_skips_the_whole_step(cls, base_lr) -> None:
+    def poison(step, grads):
+        if step == 7:
+            grads[-1].view(-1)[3] = float("nan")
+
+    ref = _trajectory(cls, {"weight_decay": 1e-2}, "reference", base_lr=base_lr, grad_hook=poison)
+    nat = _trajectory(cls, {"weight_decay": 1e-2}, "native", base_lr=base_lr, grad_hook=poison)
+    assert_same_trajectory(ref, nat, torch.float32)
+    assert nat[1].skipped_steps == 1 and all(torch.isfinite(p).all() for p in nat[0])
+
+
+@pytest.mark.parametrize("cls,lr", ALGOS, ids=["lars", "lamb"])
+def test_grad_scaler_unscales_in_kernel_and_skips_overflow(cls, lr) -> None:
+    def run(backend):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        opt = cls(model.parameters(), lr=lr, weight_decay=1e-2, backend=backend)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
+        x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+        for step in range(12):
+            opt.zero_grad()
+            loss = model(x).square().mean() * (1e35 if step == 4 else 1.0)  # step 4 overflows
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        return model, scaler
+
+    (ref, ref_scaler), (nat, nat_scaler) = run("reference"), run("native")
+    assert ref_scaler.get_scale() == nat_scaler.get_scale() < 2.0**14
+    for a, b in zip(ref.parameters(), nat.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls,base_lr", ALGOS, ids=["lars", "lamb"])
+def test_state_dict_moves_between_backends_mid_run(cls, base_lr) -> None:
+    """15 native steps, state_dict into a reference optimizer, 15 more: equals 30 reference steps."""
+    straight = _trajectory(cls, {"weight_decay": 1e-2}, "reference", base_lr=base_lr)
+    params = make_params(SHAPES, torch.float32)
+    first = cls(params, lr=base_lr, weight_decay=1e-2, backend="native")
+
+    def steps(opt, ts):
+        for t in ts:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(t, base_lr)
+            for p, g in zip(params, synthetic_grads(params, t)):
+                p.grad = g
+            opt.step()
+
+    steps(first, range(1, 16))
+    second = cls(params, lr=base_lr, weight_decay=1e-2, backend="reference")
+    second.load_state_dict(copy.deepcopy(first.state_dict()))
+    steps(second, range(16, 31))
+    assert_same_trajectory(straight, (params, second), torch.float32)
+
+
+def _op_samples() -> dict[str, tuple]:
+    gen = torch.Generator().manual_seed(0)
+
+    def tensors(dtype=torch.float32):
+        return [torch.randn(n, generator=gen).to(dtype) for n in (5, 0, 16_390)]
+
+    params, grads = tensors(), tensors()
+    norms = torch.stack([torch.linalg.vector_norm(g) for g in grads])
+    steps = [torch.ones(()) for _ in params]
+    found_inf = torch.zeros(1)
+    return {
+        "grad_norms": (grads, torch.tensor(2.0)),
+        "lars_step_": (params, grads, tensors(), [], norms, 0.1, None, 0.9, 1e-4, 1e-3, 0.0, False, False, True, True,
+                       None, False, None, found_inf),
+        "lamb_step_": (tensors(), grads, tensors(), [t.abs() for t in tensors()], [], steps, 1e-3,
+                       torch.tensor(1e-3), 0.9, 0.999, 1e-6, 0.01, True, True, False, False, True,
+                       [0.01, 10.0], False, None, None, found_inf),
+    }
+
+
+@pytest.mark.parametrize("name", ["grad_norms", "lars_step_", "lamb_step_"])
+def test_opcheck(name) -> None:
+    """torch.library.opcheck: schema (mutations declared), fake tensor and dispatch of the CPU kernels."""
+    torch.library.opcheck(getattr(torch.ops.fastlars, name).default, _op_samples()[name])
+
+
+def test_kernels_reject_bad_tensors_by_name() -> None:
+    ops = torch.ops.fastlars
+    w, g, v = torch.randn(8), torch.randn(8), torch.zeros(8)
+    norms = torch.ones(1)
+    args = (0.1, None, 0.9, 0.0, 1e-3, 0.0, False, False, True, True, None, False, None, None)
+    with pytest.raises(RuntimeError, match=r"grads\[0\]: shape"):
+        ops.lars_step_([w], [torch.randn(9)], [v], [], norms, *args)
+    with pytest.raises(RuntimeError, match=r"grads\[0\]: dtype"):
+        ops.lars_step_([w], [g.double()], [v], [], norms, *args)
+    with pytest.raises(RuntimeError, match=r"params\[0\]: dtype Double"):
+        ops.lars_step_([w.double()], [g.double()], [v.double()], [], norms, *args)
+    with pytest.raises(RuntimeError, match=r"momentum_buffers: holds 2 tensors"):
+        ops.lars_step_([w], [g], [v, v], [], norms, *args)
+    with pytest.raises(RuntimeError, match=r"master_params\[0\]: expected float32"):
+        ops.lars_step_([w.bfloat16()], [g.bfloat16()], [v], [w.half()], norms, *args)
+    with pytest.raises(RuntimeError, match=r"trust_ratio_bounds"):
+        ops.lars_step_([w], [g], [v], [], norms, *args[:10], [2.0, 1.0], *args[11:])
+    with pytest.raises(RuntimeError, match=r"found_inf: expected one element"):
+        ops.lars_step_([w], [g], [v], [], norms, *args[:-1], torch.zeros(2))
+    with pytest.raises(RuntimeError, match=r"grads\[0\]: the CPU kernels need a dense tensor"):
+        ops.grad_norms([torch.randn(8, 2)[:, 0]], None)
+    before = w.clone()
+    with pytest.raises(RuntimeError):
+        ops.lars_step_([w], [g], [v], [], torch.ones(2), *args)
+    assert torch.equal(w, before)
