@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import math
 import shutil
 import subprocess
 import sys
@@ -754,40 +753,3 @@ def test_state_dict_from_gpu_continues_on_cpu(native_cuda, cls, base_lr) -> None
     steps(params, opt, 11, 20)
     steps(cpu_params, cpu_opt, 11, 20)
     assert_same_trajectory((params, opt), (cpu_params, cpu_opt), torch.bfloat16)
-
-
-# ------------------------------------------------------------------ the GPU benchmark's inputs
-def _gpu_step_module():
-    import importlib.util
-
-    if "gpu_step" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("gpu_step", ROOT / "benchmarks" / "gpu_step.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["gpu_step"] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules["gpu_step"]
-
-
-def test_benchmark_parameter_sets_are_the_real_models() -> None:
-    torchvision = pytest.importorskip("torchvision")
-    gpu_step = _gpu_step_module()
-    resnet = [tuple(p.shape) for p in torchvision.models.resnet50().parameters()]
-    assert gpu_step.resnet50_shapes() == resnet
-    bert = gpu_step.bert_large_shapes()
-    assert len(bert) == 398
-    assert 334e6 < sum(math.prod(s) for s in bert) < 337e6  # BERT-Large with its pre-training heads
-
-
-@pytest.mark.parametrize("cls,names,per_elem", [(fastlars.LAMB, ("exp_avg", "exp_avg_sq"), 28),
-                                                (fastlars.LARS, ("momentum_buffer",), 20)], ids=["lamb", "lars"])
-@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32", "bf16+m"])
-def test_benchmark_counts_compulsory_bytes(cls, names, per_elem, dtype, master) -> None:
-    """28 B per element for LAMB and 20 B for LARS, fp32 or bf16 with fp32 masters (issue 4's budget)."""
-    gpu_step = _gpu_step_module()
-    params = make_params([(10, 3), (7,)], dtype)
-    for p, g in zip(params, synthetic_grads(params, 1)):
-        p.grad = g
-    opt = cls(params, lr=0.1, master_weights=master, backend="reference")
-    opt.step()
-    total = gpu_step.compulsory_bytes(params, gpu_step._state_lists(opt, params, names), gpu_step._masters(opt, params))
-    assert total == per_elem * 37

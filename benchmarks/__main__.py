@@ -1,0 +1,129 @@
+"""`python -m benchmarks`: one optimizer step of fastlars and its peers on real models' parameter sets.
+
+    python -m benchmarks                                   # CPU: ResNet-50 and BERT-base, LAMB and LARS, fp32
+    python -m benchmarks --device cuda --params resnet50,bert_large --dtype fp32,bf16+master
+    python -m benchmarks --share --share-batches 1,4,16    # optimizer share of a ResNet-50 training step
+
+Prints a Markdown table (median step time with min–max, GB/s of compulsory traffic, % of the device's
+measured copy bandwidth, speed-up over each peer) and writes JSON (machine, versions, commit), the
+Markdown and a PNG under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+import fastlars
+from benchmarks.cases import PEERS, unavailable_peers
+from benchmarks.params import PARAM_SETS
+from benchmarks.share import optimizer_share, share_markdown, share_plot
+from benchmarks.suite import DTYPES, machine, markdown, run, write
+from benchmarks.targets import evaluate
+
+
+def _list(value: str, allowed: list[str] | tuple[str, ...], flag: str) -> list[str]:
+    items = [v for v in value.split(",") if v]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"{flag}: unknown {bad or value!r}; choose from {', '.join(allowed)}")
+    return items
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    p.add_argument("--params", default=None, help=f"comma-separated sets: {', '.join(PARAM_SETS)} "
+                   "(default: resnet50,bert_base on CPU, resnet50,bert_large on CUDA)")
+    p.add_argument("--optim", default="lamb,lars", help="lamb, lars or both (comma-separated)")
+    p.add_argument("--dtype", default="fp32", help=f"comma-separated: {', '.join(DTYPES)}")
+    p.add_argument("--backends", default=None, help="fastlars backends (default: every one usable on the device)")
+    p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated: {', '.join(PEERS)}, or 'none'")
+    p.add_argument("--repeat", type=int, default=20, help="timed steps per case (after warm-up)")
+    p.add_argument("--out", default="benchmarks/results", help="folder for JSON, Markdown and PNG")
+    p.add_argument("--share", action="store_true", help="measure the optimizer share of a ResNet-50 training step")
+    p.add_argument("--share-batches", default=None, help="per-device batches (default 1,4,16 CPU; 32,64,128,256 GPU)")
+    p.add_argument("--image-size", type=int, default=224, help="image side for --share (224: ImageNet)")
+    return p
+
+
+def share(device: torch.device, batches: list[int], backends: list[str], optims: list[str], repeats: int,
+          image_size: int, info: dict, out: Path, stem: str) -> int:
+    """--share: the optimizer share table per optimizer, JSON and one PNG per optimizer under `out`."""
+    rows = []
+    for optim in optims:
+        rows += [{**r, "optim": optim} for r in optimizer_share(device, batches, backends, optim, repeats, image_size)]
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"machine": info, "repeats": repeats, "image_size": image_size, "rows": rows}
+    (out / f"share_{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = f"Machine: {info['device']}; {repeats} timed repeats, median; images {image_size}²\n\n" + "\n\n".join(
+        share_markdown([r for r in rows if r["optim"] == o], o) for o in optims)
+    (out / f"share_{stem}.md").write_text(text + "\n")
+    for o in optims:
+        share_plot([r for r in rows if r["optim"] == o], out / f"share_{o}_{stem}.png",
+                   f"ResNet-50 {o.upper()} — {info['device']}")
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    if args.repeat < 3:
+        p.error("--repeat: at least 3")
+    if args.image_size < 64:
+        p.error("--image-size: at least 64 (ResNet-50's last stage needs 2×2 maps for batch 1)")
+    usable = fastlars.available_backends(device)
+    try:
+        sets = _list(args.params or ("resnet50,bert_base" if device.type == "cpu" else "resnet50,bert_large"),
+                     list(PARAM_SETS), "--params")
+        optims = _list(args.optim, ("lamb", "lars"), "--optim")
+        dtypes = _list(args.dtype, list(DTYPES), "--dtype")
+        backends = _list(args.backends, usable, "--backends") if args.backends else list(usable)
+        peers = () if args.peers == "none" else tuple(_list(args.peers, PEERS, "--peers"))
+    except argparse.ArgumentTypeError as exc:
+        p.error(str(exc))
+    for name in ("reference", "foreach", "native", "triton"):
+        if name not in usable:
+            print(f"fastlars.{name}: not measured: {fastlars.backends.unavailable_reason(name, device)}")
+    skipped = unavailable_peers(device)
+    for peer in peers:
+        if peer in skipped:
+            print(f"{peer}: not measured: {skipped[peer]}")
+    requested, peers = peers, tuple(peer for peer in peers if peer not in skipped)
+    info = machine(device)
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", info["device"]).strip("_")[:40]
+    if device.type == "cpu":
+        tag += f"_{info['cpus']}cpu"
+    stem = f"{device.type}_{tag}_{dt.date.today().isoformat()}"
+    out = Path(args.out)
+    if args.share:
+        try:
+            batches = [int(b) for b in (args.share_batches or ("1,4,16" if device.type == "cpu" else
+                                                              "32,64,128,256")).split(",")]
+        except ValueError:
+            p.error(f"--share-batches: comma-separated integers, not {args.share_batches!r}")
+        return share(device, batches, backends, optims, args.repeat, args.image_size, info, out, stem)
+    result = run(device, sets, optims, dtypes, backends, peers, args.repeat)
+    result["not_measured"] = {**{f"fastlars.{b}": fastlars.backends.unavailable_reason(b, device)
+                                 for b in ("reference", "foreach", "native", "triton") if b not in usable},
+                              **{p_: r for p_, r in skipped.items() if p_ in requested}}
+    result["targets"] = evaluate(result)
+    paths = write(result, out, f"step_{stem}")
+    print()
+    print(markdown(result))
+    print("wrote " + ", ".join(str(p_) for p_ in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Timing, memory bandwidth and compulsory traffic.
+
+Compulsory bytes of one step: read w (the fp32 master when kept), g and every state buffer; write w
+(master and param when kept) and every state buffer. fp32 LAMB/AdamW: 28 B per element; LARS/SGD
+with momentum: 20 B. Achieved bandwidth = compulsory bytes / median step time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Step times in milliseconds over the timed repeats."""
+
+    median: float
+    low: float
+    high: float
+    repeats: int
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 3) -> Timing:
+    """Time `fn` after `warmup` calls: CUDA events around each call on a GPU, a monotonic host clock
+    (perf_counter) on the CPU. Returns the median with the min and max."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) for start, end in events]
+    else:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return Timing(statistics.median(times), min(times), max(times), repeats)
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int | None = None, repeats: int = 10) -> float:
+    """Large-array copy bandwidth of `device` in GB/s, counting the read and the write (2·nbytes per
+    copy): 2 GiB on a GPU, 512 MiB on the CPU (beyond every cache)."""
+    nbytes = nbytes or ((2 << 30) if device.type == "cuda" else (512 << 20))
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    timing = time_ms(lambda: dst.copy_(src), device, repeats, warmup=2)
+    return 2 * nbytes / (timing.median * 1e-3) / 1e9
+
+
+def _bytes(tensors: list[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def compulsory_bytes(params: list[Tensor], state: dict[str, list[Tensor]], masters: list[Tensor] | None) -> int:
+    """Bytes one step must read and write at least (see the module docstring)."""
+    grads = [p.grad for p in params]
+    weights = masters if masters is not None else params
+    buffers = [t for ts in state.values() for t in ts]
+    read = _bytes(weights) + _bytes(grads) + _bytes(buffers)
+    write = _bytes(weights) + _bytes(buffers) + (_bytes(params) if masters is not None else 0)
+    return read + write
+
+
+def state_lists(opt: torch.optim.Optimizer, params: list[Tensor], names: tuple[str, ...]) -> dict[str, list[Tensor]]:
+    """The optimizer's state buffers `names` of each param, as lists."""
+    return {n: [opt.state[p][n] for p in params] for n in names}
+
+
+def masters(opt: torch.optim.Optimizer, params: list[Tensor]) -> list[Tensor] | None:
+    """fastlars' fp32 master copies (the param itself where none is kept), or None without any."""
+    found = [opt.state[p].get("master_param") for p in params]
+    return None if all(m is None for m in found) else [m if m is not None else p for m, p in zip(found, params)]
