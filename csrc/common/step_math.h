@@ -71,17 +71,18 @@ struct LambConsts {
   float beta1, beta2;
   float beta3;                // 1 − β1 (grad_averaging) or 1, rounded from double as the reference does
   float one_minus_beta2;      // 1 − β2, rounded from double
-  float bc1, bc2;             // 1 − β^t (bias_correction) or 1
+  float inv_bc1, inv_bc2;     // 1 / (1 − β^t) (bias_correction) or 1: a multiply per element, not a divide
   float eps, weight_decay, lr;
+  bool has_decay;             // weight_decay != 0 (a separate flag so a kernel can make it a constant)
   bool decoupled;
 };
 
 // LAMB direction of one element from its new moments (w is the fp32 weight):
-//   u = (m/bc1) / (√(v/bc2) + ε)
+//   u = (m·(1/bc1)) / (√(v·(1/bc2)) + ε)     (bc = 1 − β^t; within an ulp of the reference's m/bc1)
 //   coupled decay: u += λ·w ;  decoupled decay: w ← w − (lr·λ)·w  (w then enters the ratio decayed)
 FASTLARS_HD float lamb_direction(float& w, float m, float v, const LambConsts& c) {
-  float u = (m / c.bc1) / (sqrtf(v / c.bc2) + c.eps);
-  if (c.weight_decay != 0.0f) {
+  float u = (m * c.inv_bc1) / (sqrtf(v * c.inv_bc2) + c.eps);
+  if (c.has_decay) {
     if (c.decoupled) {
       w = w - (c.lr * c.weight_decay) * w;
     } else {

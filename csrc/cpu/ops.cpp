@@ -131,30 +131,64 @@ void store_weight(const StepTensors& ts, const Chunk& c, const float* w) {
 }
 
 // ------------------------------------------------------------------------------ hot loops
-struct GradTransform {
-  const float* scale;  // null: not unscaled
-  bool maximize;
-  float clip;  // global clip coefficient (1 when off)
-};
-
-FASTLARS_CPU_CLONES void lars_chunk(float* w, float* v, const float* g, int64_t n, GradTransform gt, float lr,
-                                    float ratio, float momentum, float weight_decay, bool nesterov, bool mlperf) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float gi = math::true_grad(g[i], gt.scale, gt.maximize);
-    math::lars_element(w[i], v[i], gi, lr, ratio, momentum, weight_decay, nesterov, mlperf);
+// The options are template parameters, so after inlining the shared maths has no branch left in the
+// element loops and they vectorise (gcc does not unswitch these loops on its own).
+// Calls f.template operator()<B0, B1, ...>() with the runtime flags as compile-time constants.
+template <bool... Fixed, typename F>
+void with_flags(const F& f) {
+  f.template operator()<Fixed...>();
+}
+template <bool... Fixed, typename F, typename... Rest>
+void with_flags(const F& f, bool flag, Rest... rest) {
+  if (flag) {
+    with_flags<Fixed..., true>(f, rest...);
+  } else {
+    with_flags<Fixed..., false>(f, rest...);
   }
 }
 
-// Pass 1 of LAMB: new moments in m, v (in place) and Σw², Σu² of the chunk (w itself untouched).
-FASTLARS_CPU_CLONES void lamb_moments_chunk(const float* w, float* m, float* v, const float* g, int64_t n,
-                                            GradTransform gt, const math::LambConsts& c, float* sums) {
-  float ww[16] = {}, uu[16] = {};
+template <bool kScaled, bool kMaximize, bool kNesterov, bool kMlperf>
+void lars_chunk(float* __restrict__ w, float* __restrict__ v, const float* __restrict__ g, int64_t n, float scale,
+                float lr, float ratio, float momentum, float weight_decay) {
+  const float* s = kScaled ? &scale : nullptr;
   for (int64_t i = 0; i < n; ++i) {
+    const float gi = math::true_grad(g[i], s, kMaximize);
+    math::lars_element(w[i], v[i], gi, lr, ratio, momentum, weight_decay, kNesterov, kMlperf);
+  }
+}
+
+template <bool kScaled, bool kMaximize, bool kDecay, bool kDecoupled>
+math::LambConsts fixed(math::LambConsts c) {
+  c.has_decay = kDecay;
+  c.decoupled = kDecoupled;
+  return c;
+}
+
+// Pass 1 of LAMB: new moments in m, v (in place) and Σw², Σu² of the chunk (w itself untouched).
+// Blocks of 16 elements with 16 partial sums each, so the loop vectorises without reassociating.
+template <bool kScaled, bool kMaximize, bool kDecay, bool kDecoupled>
+void lamb_moments_chunk(const float* __restrict__ w, float* __restrict__ m, float* __restrict__ v,
+                        const float* __restrict__ g, int64_t n, float scale, float clip, math::LambConsts consts,
+                        float* sums) {
+  const math::LambConsts c = fixed<kScaled, kMaximize, kDecay, kDecoupled>(consts);
+  const float* s = kScaled ? &scale : nullptr;
+  float ww[16] = {}, uu[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    for (int k = 0; k < 16; ++k) {
+      float wi = w[i + k];
+      const float gi = math::true_grad(g[i + k], s, kMaximize) * clip;
+      const float u = math::lamb_element(wi, m[i + k], v[i + k], gi, c);
+      ww[k] += wi * wi;
+      uu[k] += u * u;
+    }
+  }
+  for (int k = 0; i < n; ++i, ++k) {
     float wi = w[i];
-    const float gi = math::true_grad(g[i], gt.scale, gt.maximize) * gt.clip;
+    const float gi = math::true_grad(g[i], s, kMaximize) * clip;
     const float u = math::lamb_element(wi, m[i], v[i], gi, c);
-    ww[i % 16] += wi * wi;
-    uu[i % 16] += u * u;
+    ww[k] += wi * wi;
+    uu[k] += u * u;
   }
   float sw = 0.0f, su = 0.0f;
   for (int k = 0; k < 16; ++k) {
@@ -166,8 +200,10 @@ FASTLARS_CPU_CLONES void lamb_moments_chunk(const float* w, float* m, float* v, 
 }
 
 // Pass 2 of LAMB from stored fp32 moments: w ← w' − (lr·r)·u.
-FASTLARS_CPU_CLONES void lamb_apply_chunk(float* w, const float* m, const float* v, int64_t n,
-                                          const math::LambConsts& c, float step) {
+template <bool kScaled, bool kMaximize, bool kDecay, bool kDecoupled>
+void lamb_apply_chunk(float* __restrict__ w, const float* __restrict__ m, const float* __restrict__ v, int64_t n,
+                      math::LambConsts consts, float step) {
+  const math::LambConsts c = fixed<kScaled, kMaximize, kDecay, kDecoupled>(consts);
   for (int64_t i = 0; i < n; ++i) {
     float wi = w[i];
     const float u = math::lamb_direction(wi, m[i], v[i], c);
@@ -177,11 +213,14 @@ FASTLARS_CPU_CLONES void lamb_apply_chunk(float* w, const float* m, const float*
 
 // One whole LAMB element pass (moments from the old ones and g, then the update): pass 2 with
 // low-precision moments, and the only pass of a group that does not adapt.
-FASTLARS_CPU_CLONES void lamb_full_chunk(float* w, float* m, float* v, const float* g, int64_t n, GradTransform gt,
-                                         const math::LambConsts& c, float step) {
+template <bool kScaled, bool kMaximize, bool kDecay, bool kDecoupled>
+void lamb_full_chunk(float* __restrict__ w, float* __restrict__ m, float* __restrict__ v, const float* __restrict__ g,
+                     int64_t n, float scale, float clip, math::LambConsts consts, float step) {
+  const math::LambConsts c = fixed<kScaled, kMaximize, kDecay, kDecoupled>(consts);
+  const float* s = kScaled ? &scale : nullptr;
   for (int64_t i = 0; i < n; ++i) {
     float wi = w[i];
-    const float gi = math::true_grad(g[i], gt.scale, gt.maximize) * gt.clip;
+    const float gi = math::true_grad(g[i], s, kMaximize) * clip;
     const float u = math::lamb_element(wi, m[i], v[i], gi, c);
     w[i] = wi - step * u;
   }
@@ -250,13 +289,15 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
     }
   }
   const float scale_value = scale.value_or(1.0f);
-  const GradTransform gt{scale.has_value() ? &scale_value : nullptr, maximize, 1.0f};
   for_each_chunk(chunks, 3, [&](int64_t, const Chunk& c, float* scratch) {
     float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
     float* v = load(ts.buffers[0][c.tensor], c.begin, c.size, scratch + kChunk);
     const float* g = load(ts.grad[c.tensor], c.begin, c.size, scratch + 2 * kChunk);
-    lars_chunk(w, v, g, c.size, gt, rate, ratios[c.tensor], static_cast<float>(momentum),
-               static_cast<float>(weight_decay), nesterov, mlperf_momentum);
+    with_flags([&]<bool kScaled, bool kMaximize, bool kNesterov, bool kMlperf>() {
+      lars_chunk<kScaled, kMaximize, kNesterov, kMlperf>(w, v, g, c.size, scale_value, rate, ratios[c.tensor],
+                                                         static_cast<float>(momentum),
+                                                         static_cast<float>(weight_decay));
+    }, scale.has_value(), maximize, nesterov, mlperf_momentum);
     store(ts.buffers[0][c.tensor], c.begin, c.size, v);
     store_weight(ts, c, w);
   });
@@ -289,18 +330,20 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     c.eps = static_cast<float>(eps);
     c.weight_decay = static_cast<float>(weight_decay);
     c.lr = rate;
+    c.has_decay = weight_decay != 0.0;
     c.decoupled = decoupled_decay;
-    c.bc1 = c.bc2 = 1.0f;
+    c.inv_bc1 = c.inv_bc2 = 1.0f;
     if (bias_correction) {
       const float t = host_scalar(steps[i], "steps").value();
-      c.bc1 = 1.0f - powf(c.beta1, t);
-      c.bc2 = 1.0f - powf(c.beta2, t);
+      c.inv_bc1 = 1.0f / (1.0f - powf(c.beta1, t));
+      c.inv_bc2 = 1.0f / (1.0f - powf(c.beta2, t));
     }
   }
   if (skip.has_value() && *skip != 0.0f) return;
 
   const float scale_value = scale.value_or(1.0f);
-  const GradTransform gt{scale.has_value() ? &scale_value : nullptr, maximize, clip.value_or(1.0f)};
+  const float clip_value = clip.value_or(1.0f);
+  const bool has_decay = weight_decay != 0.0;
   const std::vector<Chunk> chunks = plan_chunks(ts.numel);
   const auto& m_slots = ts.buffers[0];
   const auto& v_slots = ts.buffers[1];
@@ -315,7 +358,10 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
       float* m = moments(m_slots[c.tensor], c.begin, c.size, scratch + kChunk);
       float* v = moments(v_slots[c.tensor], c.begin, c.size, scratch + 2 * kChunk);
       const float* g = load(ts.grad[c.tensor], c.begin, c.size, scratch + 3 * kChunk);
-      lamb_moments_chunk(w, m, v, g, c.size, gt, consts[c.tensor], &partials[2 * k]);
+      with_flags([&]<bool kScaled, bool kMaximize, bool kDecay, bool kDecoupled>() {
+        lamb_moments_chunk<kScaled, kMaximize, kDecay, kDecoupled>(w, m, v, g, c.size, scale_value, clip_value,
+                                                                   consts[c.tensor], &partials[2 * k]);
+      }, scale.has_value(), maximize, has_decay, decoupled_decay);
     });
     const std::vector<double> w_sums = per_tensor_sums(chunks, partials, n, 2, 0);
     const std::vector<double> u_sums = per_tensor_sums(chunks, partials, n, 2, 1);
@@ -332,10 +378,16 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     float* m = load(m_slots[c.tensor], c.begin, c.size, scratch + kChunk);
     float* v = load(v_slots[c.tensor], c.begin, c.size, scratch + 2 * kChunk);
     if (moments_written) {
-      lamb_apply_chunk(w, m, v, c.size, consts[c.tensor], steps_by_tensor[c.tensor]);
+      with_flags([&]<bool kScaled, bool kMaximize, bool kDecay, bool kDecoupled>() {
+        lamb_apply_chunk<kScaled, kMaximize, kDecay, kDecoupled>(w, m, v, c.size, consts[c.tensor],
+                                                                 steps_by_tensor[c.tensor]);
+      }, false, false, has_decay, decoupled_decay);
     } else {
       const float* g = load(ts.grad[c.tensor], c.begin, c.size, scratch + 3 * kChunk);
-      lamb_full_chunk(w, m, v, g, c.size, gt, consts[c.tensor], steps_by_tensor[c.tensor]);
+      with_flags([&]<bool kScaled, bool kMaximize, bool kDecay, bool kDecoupled>() {
+        lamb_full_chunk<kScaled, kMaximize, kDecay, kDecoupled>(w, m, v, g, c.size, scale_value, clip_value,
+                                                                consts[c.tensor], steps_by_tensor[c.tensor]);
+      }, scale.has_value(), maximize, has_decay, decoupled_decay);
       store(m_slots[c.tensor], c.begin, c.size, m);
       store(v_slots[c.tensor], c.begin, c.size, v);
     }

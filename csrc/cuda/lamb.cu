@@ -27,14 +27,15 @@ __device__ __forceinline__ math::LambConsts lamb_consts(const LambOptions& opt, 
   c.one_minus_beta2 = opt.one_minus_beta2;
   if (opt.bias_correction) {
     const float t = opt.steps[idx];
-    c.bc1 = 1.0f - powf(opt.beta1, t);
-    c.bc2 = 1.0f - powf(opt.beta2, t);
+    c.inv_bc1 = 1.0f / (1.0f - powf(opt.beta1, t));
+    c.inv_bc2 = 1.0f / (1.0f - powf(opt.beta2, t));
   } else {
-    c.bc1 = 1.0f;
-    c.bc2 = 1.0f;
+    c.inv_bc1 = 1.0f;
+    c.inv_bc2 = 1.0f;
   }
   c.eps = opt.eps;
   c.weight_decay = opt.weight_decay;
+  c.has_decay = opt.weight_decay != 0.0f;
   c.lr = read_lr(s);
   c.decoupled = opt.decoupled_decay;
   return c;
