@@ -46,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default=None, help="fastlars backends (default: every one usable on the device)")
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated: {', '.join(PEERS)}, or 'none'")
     p.add_argument("--repeat", type=int, default=20, help="timed steps per case (after warm-up)")
+    p.add_argument("--budget", type=float, default=30.0,
+                   help="seconds of timed steps per case at most (slow peers get fewer repeats, never < 5)")
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON, Markdown and PNG")
     p.add_argument("--share", action="store_true", help="measure the optimizer share of a ResNet-50 training step")
     p.add_argument("--share-batches", default=None, help="per-device batches (default 1,4,16 CPU; 32,64,128,256 GPU)")
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             p.error(f"--share-batches: comma-separated integers, not {args.share_batches!r}")
         return share(device, batches, backends, optims, args.repeat, args.image_size, info, out, stem)
-    result = run(device, sets, optims, dtypes, backends, peers, args.repeat)
+    result = run(device, sets, optims, dtypes, backends, peers, args.repeat, args.budget)
     result["not_measured"] = {**{f"fastlars.{b}": fastlars.backends.unavailable_reason(b, device)
                                  for b in ("reference", "foreach", "native", "triton") if b not in usable},
                               **{p_: r for p_, r in skipped.items() if p_ in requested}}

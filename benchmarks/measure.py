@@ -27,11 +27,21 @@ class Timing:
     repeats: int
 
 
-def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 3) -> Timing:
+def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 3,
+            budget_s: float | None = None) -> Timing:
     """Time `fn` after `warmup` calls: CUDA events around each call on a GPU, a monotonic host clock
-    (perf_counter) on the CPU. Returns the median with the min and max."""
+    (perf_counter) on the CPU. Returns the median with the min and max. With `budget_s`, a slow `fn`
+    gets fewer repeats (never fewer than 5) so that repeats × (its last warm-up call's time) ≲ budget_s."""
     for _ in range(warmup):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        last = time.perf_counter() - t0
+    if budget_s is not None and warmup:
+        repeats = max(min(repeats, 5), min(repeats, int(budget_s / max(last, 1e-9))))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
@@ -58,6 +68,18 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int | None = None, repeats:
     dst = torch.empty_like(src)
     timing = time_ms(lambda: dst.copy_(src), device, repeats, warmup=2)
     return 2 * nbytes / (timing.median * 1e-3) / 1e9
+
+
+def inplace_bandwidth_gbs(device: torch.device, nbytes: int | None = None, repeats: int = 10) -> float:
+    """In-place stream bandwidth in GB/s: x += y over fp32 arrays of `nbytes` each, counting 3·nbytes
+    (read x, read y, write x). An optimizer step updates its buffers in place like this; a copy into
+    another array also pays a read-for-ownership of the destination on CPUs, which `copy_bandwidth_gbs`
+    does not count, so a step can exceed 100% of "copy" on a CPU but not of this."""
+    nbytes = nbytes or ((2 << 30) if device.type == "cuda" else (512 << 20))
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    y = torch.ones_like(x)
+    timing = time_ms(lambda: x.add_(y), device, repeats, warmup=2)
+    return 3 * nbytes / (timing.median * 1e-3) / 1e9
 
 
 def _bytes(tensors: list[Tensor]) -> int:

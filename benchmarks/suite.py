@@ -17,7 +17,7 @@ import torch
 
 import fastlars
 from benchmarks.cases import Case, fastlars_case, one_wave_case, peer_cases
-from benchmarks.measure import copy_bandwidth_gbs, time_ms
+from benchmarks.measure import copy_bandwidth_gbs, inplace_bandwidth_gbs, time_ms
 from benchmarks.params import PARAM_SETS, make_params
 from benchmarks.targets import evaluate, targets_markdown
 
@@ -39,6 +39,8 @@ class Row:
     compulsory_bytes: int | None = None
     gb_per_s: float | None = None
     fraction_of_copy: float | None = None
+    fraction_of_inplace: float | None = None
+    repeats: int | None = None
     skipped: str | None = None
 
 
@@ -93,10 +95,12 @@ def plan(optim: str, backends: list[str], peers: tuple[str, ...], device: torch.
 
 
 def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[str], backends: list[str],
-        peers: tuple[str, ...], repeats: int, log: Any = print) -> dict[str, Any]:
-    """Every (set, dtype, optim, case), one after the other in this process; JSON-ready result."""
+        peers: tuple[str, ...], repeats: int, budget_s: float | None = None, log: Any = print) -> dict[str, Any]:
+    """Every (set, dtype, optim, case), one after the other in this process; JSON-ready result.
+    `budget_s` caps the timed seconds of a slow case (see time_ms)."""
     copy_bw = copy_bandwidth_gbs(device)
-    log(f"copy bandwidth of {device}: {copy_bw:.1f} GB/s")
+    inplace_bw = inplace_bandwidth_gbs(device)
+    log(f"{device}: copy bandwidth {copy_bw:.1f} GB/s, in-place x += y bandwidth {inplace_bw:.1f} GB/s")
     rows: list[Row] = []
     for set_name in sets:
         shapes = PARAM_SETS[set_name].shapes()
@@ -108,7 +112,7 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
                     params = make_params(shapes, dtype, device)
                     try:
                         step, bytes_of = case.factory(params, master)
-                        timing = time_ms(step, device, repeats)
+                        timing = time_ms(step, device, repeats, budget_s=budget_s)
                     except Exception as exc:
                         row.skipped = f"{type(exc).__name__}: {exc}"[:200]
                     else:
@@ -116,13 +120,16 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
                         row.compulsory_bytes = bytes_of()
                         row.gb_per_s = row.compulsory_bytes / (timing.median * 1e-3) / 1e9
                         row.fraction_of_copy = row.gb_per_s / copy_bw
+                        row.fraction_of_inplace = row.gb_per_s / inplace_bw
+                        row.repeats = timing.repeats
                     rows.append(row)
                     log(line(row))
                     step = bytes_of = params = None
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-    return {"machine": machine(device), "copy_bandwidth_gbs": copy_bw, "repeats": repeats,
+    return {"machine": machine(device), "copy_bandwidth_gbs": copy_bw, "inplace_bandwidth_gbs": inplace_bw,
+            "repeats": repeats, "budget_s": budget_s,
             "rows": [asdict(r) for r in rows]}
 
 
@@ -130,7 +137,7 @@ def line(r: Row) -> str:
     head = f"{r.param_set:<10} {r.dtype:<11} {r.optim:<4} {r.implementation:<40}"
     if r.skipped:
         return f"{head} skipped: {r.skipped}"
-    return (f"{head} {r.ms_median:9.2f} ms ({r.ms_min:.2f}–{r.ms_max:.2f})  {r.gb_per_s:6.1f} GB/s  "
+    return (f"{head} {r.ms_median:9.2f} ms ({r.ms_min:.2f}–{r.ms_max:.2f}, n={r.repeats})  {r.gb_per_s:6.1f} GB/s  "
             f"{100 * r.fraction_of_copy:5.1f}% of copy")
 
 
@@ -140,20 +147,22 @@ def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     out = [f"Machine: {m['device']} ({m.get('cpus', '')} CPUs, {m['threads']} threads)" if m["device_type"] == "cpu"
            else f"Machine: {m['device']}", f"torch {m['torch']}, fastlars {m['fastlars']}, commit {m['commit'][:10]}, "
-           f"{m['date_utc']}; copy bandwidth {result['copy_bandwidth_gbs']:.1f} GB/s; {result['repeats']} timed steps "
-           "per case, median (min–max)", ""]
+           f"{m['date_utc']}; copy bandwidth {result['copy_bandwidth_gbs']:.1f} GB/s (2 B per copied byte), in-place "
+           f"x += y {result.get('inplace_bandwidth_gbs', float('nan')):.1f} GB/s (3 B per element byte); "
+           f"{result['repeats']} timed steps per case (n: fewer for slow peers, at least 5), median (min–max)", ""]
     rows = [Row(**r) for r in result["rows"]]
     keys = list(dict.fromkeys((r.param_set, r.dtype, r.optim) for r in rows))
     for key in keys:
         group = [r for r in rows if (r.param_set, r.dtype, r.optim) == key]
         out += [f"**{key[0]}, {key[1]}, {key[2].upper()}**", "",
-                "| implementation | step time ms | GB/s | % of copy |", "|---|---:|---:|---:|"]
+                "| implementation | step time ms (n) | GB/s | % of copy | % of in-place |", "|---|---:|---:|---:|---:|"]
         for r in group:
             if r.skipped:
-                out.append(f"| {r.implementation} | skipped: {r.skipped} | | |")
+                out.append(f"| {r.implementation} | skipped: {r.skipped} | | | |")
             else:
-                out.append(f"| {r.implementation} | {r.ms_median:.2f} ({r.ms_min:.2f}–{r.ms_max:.2f}) | "
-                           f"{r.gb_per_s:.1f} | {100 * r.fraction_of_copy:.0f}% |")
+                inplace = f"{100 * r.fraction_of_inplace:.0f}%" if r.fraction_of_inplace is not None else ""
+                out.append(f"| {r.implementation} | {r.ms_median:.2f} ({r.ms_min:.2f}–{r.ms_max:.2f}, {r.repeats}) | "
+                           f"{r.gb_per_s:.1f} | {100 * r.fraction_of_copy:.0f}% | {inplace} |")
         ours = [r for r in group if not r.peer and not r.skipped]
         peers = [r for r in group if r.peer and not r.skipped]
         if ours and peers:
