@@ -31,8 +31,11 @@ def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: i
             budget_s: float | None = None) -> Timing:
     """Time `fn` after `warmup` calls: CUDA events around each call on a GPU, a monotonic host clock
     (perf_counter) on the CPU. Returns the median with the min and max. With `budget_s`, a slow `fn`
-    gets fewer repeats (never fewer than 5) so that repeats × (its last warm-up call's time) ≲ budget_s."""
-    for _ in range(warmup):
+    gets fewer repeats so that repeats × (its last warm-up call's time) ≲ budget_s: never fewer than 5,
+    or 3 when one call alone takes over budget_s / 5, which also ends the warm-up after two calls (the
+    first may compile)."""
+    last = 0.0
+    for i in range(warmup):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -40,8 +43,11 @@ def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: i
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         last = time.perf_counter() - t0
+        if budget_s is not None and i >= 1 and last > budget_s / 5:
+            break
     if budget_s is not None and warmup:
-        repeats = max(min(repeats, 5), min(repeats, int(budget_s / max(last, 1e-9))))
+        floor = 3 if last > budget_s / 5 else 5
+        repeats = max(min(repeats, floor), min(repeats, int(budget_s / max(last, 1e-9))))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
