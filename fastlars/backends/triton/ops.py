@@ -1,0 +1,232 @@
+"""The Triton ops: ``fastlars::triton_grad_norms``, ``triton_lars_step_``, ``triton_lamb_step_``.
+
+Their schemas are those of the native ops (:data:`fastlars._ops.SCHEMAS`, mutations declared), with a
+fake kernel each, so torch.compile puts them in a graph as single opaque nodes. The kernels are
+registered with ``torch.library`` for the CPU and CUDA dispatch keys and launch the Triton kernels of
+:mod:`fastlars.backends.triton.kernels` directly. ``torch.library.triton_op`` is not used: it traces
+the launch code with fake tensors, which have no data pointers, and the multi-tensor kernels read
+their tensors through a table of data pointers.
+
+Launches per group and storage-dtype bucket (all on the caller's stream, no host synchronisation):
+grad_norms 2 (Σg² per chunk, per-tensor sum); LARS 3 (Σw², per-tensor sum, update; 1 when the group
+does not adapt); LAMB 3 (pass 1, per-tensor sums, pass 2; 1 when the group does not adapt).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from fastlars import _ops
+from fastlars.backends.triton import kernels, tables
+
+PREFIX = "triton_"
+
+_TL_DTYPES = {
+    torch.float32: triton.language.float32,
+    torch.float16: triton.language.float16,
+    torch.bfloat16: triton.language.bfloat16,
+}
+
+INTERPRETED = kernels.INTERPRETED
+
+# Elements per chunk (one program each) and per inner block. The interpreter runs a block as numpy
+# arrays, so it gets few large blocks; multi-chunk tensors are still covered by any tensor > CHUNK.
+CHUNK = 65_536
+UPDATE_BLOCK = 16_384 if INTERPRETED else 2_048
+UPDATE_WARPS = 8
+REDUCE_BLOCK = 256
+
+
+def _sumsq_launcher():
+    if INTERPRETED:
+        return lambda grid, *args, **kw: kernels.sumsq_partials_kernel[grid](*args, BLOCK=UPDATE_BLOCK, **kw)
+    tuned = triton.autotune(configs=kernels.block_configs(), key=["DTYPE"])(kernels.sumsq_partials_kernel)
+    return lambda grid, *args, **kw: tuned[grid](*args, **kw)
+
+
+_sumsq = _sumsq_launcher()
+
+
+def _tl(dtype: torch.dtype) -> object:
+    try:
+        return _TL_DTYPES[dtype]
+    except KeyError:
+        raise TypeError(f"triton backend: tensors must be float32, float16 or bfloat16, not {dtype}") from None
+
+
+_zero_flags: dict[torch.device, Tensor] = {}
+
+
+def _flag(found_inf: Tensor | None, device: torch.device) -> Tensor:
+    """found_inf as an fp32 scalar on ``device``; a cached zero when there is none."""
+    if found_inf is not None:
+        return found_inf.to(device=device, dtype=torch.float32).reshape(1)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(1, device=device)
+    zero = _zero_flags.get(device)
+    if zero is None:
+        zero = _zero_flags[device] = torch.zeros(1, device=device)
+    return zero
+
+
+def _scalar(value: Tensor | None, device: torch.device, dummy: Tensor) -> tuple[Tensor, bool]:
+    """(tensor to pass, present?) for an optional device scalar."""
+    if value is None:
+        return dummy, False
+    return value.to(device=device, dtype=torch.float32).reshape(1), True
+
+
+def _lr_args(lr: float, lr_tensor: Tensor | None, device: torch.device, dummy: Tensor) -> tuple[float, Tensor, bool]:
+    """(lr float, lr tensor, read the tensor?): a tensor lr is read on the device unless it lives on the host."""
+    if lr_tensor is None:
+        return float(lr), dummy, False
+    if lr_tensor.device.type == "cpu" and device.type != "cpu":
+        return float(lr_tensor), dummy, False  # a host tensor: reading it costs no device sync
+    return 0.0, lr_tensor.to(device=device, dtype=torch.float32).reshape(1), True
+
+
+def _sumsq_per_tensor(b: tables.Bucket, rows: list[int], out: Tensor, n_out: int) -> None:
+    """out[k·n_out + index[i]] = Σ x² of tensor i of table row rows[k] (same dtype for every row)."""
+    partial = torch.empty(len(rows) * max(b.n_chunks, 1), dtype=torch.float32, device=out.device)
+    for k, row in enumerate(rows):
+        if b.n_chunks:
+            _sumsq((b.n_chunks,), b.addr, b.numel, b.chunk_tensor, b.chunk_start, partial[k * b.n_chunks:],
+                   b.n_tensors, row, DTYPE=_tl(b.dtypes[row]), CHUNK=CHUNK)
+    kernels.sum_chunks_kernel[(b.n_tensors, len(rows))](
+        partial, b.first_chunk, b.index, out, out, b.n_chunks, n_out, SQRT=False, HAS_SCALE=False, BLOCK=REDUCE_BLOCK
+    )
+
+
+def grad_norms_impl(grads: list[Tensor], grad_scale: Tensor | None) -> Tensor:
+    """out[i] = ||grads[i]|| / grad_scale, fp32: per-chunk Σg², then a fixed-order sum per tensor."""
+    device = grads[0].device if grads else torch.device("cpu")
+    out = torch.empty(len(grads), dtype=torch.float32, device=device)
+    for b in tables.buckets([grads], CHUNK) if grads else []:
+        scale, has_scale = _scalar(grad_scale, device, out)
+        partial = torch.empty(max(b.n_chunks, 1), dtype=torch.float32, device=device)
+        if b.n_chunks:
+            _sumsq((b.n_chunks,), b.addr, b.numel, b.chunk_tensor, b.chunk_start, partial, b.n_tensors, 0,
+                   DTYPE=_tl(b.dtypes[0]), CHUNK=CHUNK)
+        kernels.sum_chunks_kernel[(b.n_tensors, 1)](
+            partial, b.first_chunk, b.index, out, scale, b.n_chunks, len(grads),
+            SQRT=True, HAS_SCALE=has_scale, BLOCK=REDUCE_BLOCK,
+        )
+    return out
+
+
+def lars_step_impl(
+    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], master_params: list[Tensor],
+    grad_norms: Tensor, lr: float, lr_tensor: Tensor | None, momentum: float, weight_decay: float,
+    trust_coefficient: float, eps: float, nesterov: bool, trust_clip: bool, mlperf_momentum: bool, adapt: bool,
+    trust_ratio_bounds: list[float] | None, maximize: bool, grad_scale: Tensor | None, found_inf: Tensor | None,
+) -> None:
+    """LARS in place (maths of fastlars.backends.reference.lars_step); see kernels.lars_update_kernel."""
+    if not params:
+        return
+    device = params[0].device
+    lists = [params, grads, momentum_buffers] + ([master_params] if master_params else [])
+    master = bool(master_params)
+    gnorm = grad_norms.to(device=device, dtype=torch.float32)
+    wsq = torch.empty(len(params), dtype=torch.float32, device=device) if adapt else gnorm
+    flag = _flag(found_inf, device)
+    scale, has_scale = _scalar(grad_scale, device, flag)
+    lr_value, lr_t, lr_is_tensor = _lr_args(lr, lr_tensor, device, flag)
+    lo, hi = trust_ratio_bounds if trust_ratio_bounds is not None else (0.0, 0.0)
+    for b in tables.buckets(lists, CHUNK):
+        if adapt:
+            _sumsq_per_tensor(b, [3 if master else 0], wsq, len(params))
+        if not b.n_chunks:
+            continue
+        kernels.lars_update_kernel[(b.n_chunks,)](
+            b.addr, b.numel, b.chunk_tensor, b.chunk_start, b.index, b.n_tensors,
+            gnorm, wsq, lr_value, lr_t, scale, flag,
+            float(momentum), float(weight_decay), float(trust_coefficient), float(eps), float(lo), float(hi),
+            P_DTYPE=_tl(b.dtypes[0]), G_DTYPE=_tl(b.dtypes[1]), V_DTYPE=_tl(b.dtypes[2]), MASTER=master,
+            ADAPT=bool(adapt), NESTEROV=bool(nesterov), TRUST_CLIP=bool(trust_clip), MLPERF=bool(mlperf_momentum),
+            BOUNDS=trust_ratio_bounds is not None, MAXIMIZE=bool(maximize), LR_TENSOR=lr_is_tensor,
+            HAS_SCALE=has_scale, CHUNK=CHUNK, BLOCK=UPDATE_BLOCK, num_warps=UPDATE_WARPS,
+        )
+
+
+def lamb_step_impl(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    master_params: list[Tensor], steps: list[Tensor], lr: float, lr_tensor: Tensor | None, beta1: float,
+    beta2: float, eps: float, weight_decay: float, bias_correction: bool, grad_averaging: bool,
+    decoupled_decay: bool, trust_clip: bool, adapt: bool, trust_ratio_bounds: list[float] | None, maximize: bool,
+    clip_coef: Tensor | None, grad_scale: Tensor | None, found_inf: Tensor | None,
+) -> None:
+    """LAMB in place (maths of fastlars.backends.reference.lamb_step); see kernels.lamb_kernel."""
+    if not params:
+        return
+    device = params[0].device
+    n_out = len(params)
+    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([master_params] if master_params else [])
+    master = bool(master_params)
+    flag = _flag(found_inf, device)
+    scale, has_scale = _scalar(grad_scale, device, flag)
+    clip, has_clip = _scalar(clip_coef, device, flag)
+    lr_value, lr_t, lr_is_tensor = _lr_args(lr, lr_tensor, device, flag)
+    bc1 = bc2 = flag
+    if bias_correction:  # bc_k = 1 − β_k^t with torch's pow, exactly as the reference computes it
+        t = torch.stack([s.reshape(()) for s in steps]).to(device, torch.float32)
+        bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+    sums = torch.empty(2 * n_out, dtype=torch.float32, device=device) if adapt else flag
+    lo, hi = trust_ratio_bounds if trust_ratio_bounds is not None else (0.0, 0.0)
+    for b in tables.buckets(lists, CHUNK):
+        if not b.n_chunks:
+            continue
+        store_moments = bool(adapt) and b.dtypes[2] == torch.float32 and b.dtypes[3] == torch.float32
+        scalars = (
+            sums, n_out, bc1, bc2, lr_value, lr_t, scale, flag, clip,
+            float(beta1), float(beta2), (1.0 - beta1) if grad_averaging else 1.0,
+            float(eps), float(weight_decay), float(lo), float(hi),
+        )
+        options = dict(
+            P_DTYPE=_tl(b.dtypes[0]), G_DTYPE=_tl(b.dtypes[1]), S_DTYPE=_tl(b.dtypes[2]), MASTER=master,
+            STORE_MOMENTS=store_moments, ADAPT=bool(adapt), BIAS_CORRECTION=bool(bias_correction),
+            DECOUPLED=bool(decoupled_decay), TRUST_CLIP=bool(trust_clip), BOUNDS=trust_ratio_bounds is not None,
+            MAXIMIZE=bool(maximize), LR_TENSOR=lr_is_tensor, HAS_SCALE=has_scale, HAS_CLIP=has_clip,
+            CHUNK=CHUNK, BLOCK=UPDATE_BLOCK, num_warps=UPDATE_WARPS,
+        )
+        table = (b.addr, b.numel, b.chunk_tensor, b.chunk_start, b.index, b.n_tensors)
+        if b.dtypes[2] != b.dtypes[3]:
+            raise TypeError(f"triton backend: exp_avg is {b.dtypes[2]} but exp_avg_sq is {b.dtypes[3]}")
+        if adapt:
+            partial = torch.empty(2 * b.n_chunks, dtype=torch.float32, device=device)
+            kernels.lamb_kernel[(b.n_chunks,)](*table, partial, b.n_chunks, *scalars, PASS=1, FROM_MOMENTS=False,
+                                               **options)
+            kernels.sum_chunks_kernel[(b.n_tensors, 2)](
+                partial, b.first_chunk, b.index, sums, sums, b.n_chunks, n_out,
+                SQRT=False, HAS_SCALE=False, BLOCK=REDUCE_BLOCK,
+            )
+        kernels.lamb_kernel[(b.n_chunks,)](*table, flag, 0, *scalars, PASS=2, FROM_MOMENTS=store_moments,
+                                           **options)
+
+
+# ---------------------------------------------------------------------------------- op contract
+_library = torch.library.Library(_ops.NAMESPACE, "FRAGMENT")
+_IMPLS = {"grad_norms": grad_norms_impl, "lars_step_": lars_step_impl, "lamb_step_": lamb_step_impl}
+for _name, _signature in _ops.SCHEMAS.items():
+    _op_name = PREFIX + _name
+    if not hasattr(getattr(torch.ops, _ops.NAMESPACE), _op_name):
+        _library.define(_op_name + _signature)
+        for _key in ("CPU", "CUDA"):
+            _library.impl(_op_name, _IMPLS[_name], _key)
+
+
+@torch.library.register_fake(f"{_ops.NAMESPACE}::{PREFIX}grad_norms")
+def _grad_norms_fake(grads: list[Tensor], grad_scale: Tensor | None) -> Tensor:
+    device = grads[0].device if grads else torch.device("cpu")
+    return torch.empty(len(grads), dtype=torch.float32, device=device)
+
+
+@torch.library.register_fake(f"{_ops.NAMESPACE}::{PREFIX}lars_step_")
+def _lars_step_fake(*args: object) -> None:
+    return None
+
+
+@torch.library.register_fake(f"{_ops.NAMESPACE}::{PREFIX}lamb_step_")
+def _lamb_step_fake(*args: object) -> None:
+    return None

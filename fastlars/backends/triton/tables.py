@@ -1,0 +1,122 @@
+"""Host side of the multi-tensor kernels: buckets of same-dtype tensors and their chunk tables.
+
+A *bucket* is the set of entries (parameter i with its gradient, buffers, master) whose storage dtypes
+agree, so one kernel specialisation serves all of them. Its device-side table holds
+
+* ``addr``: int64 [lists, n] data pointers (row per list: params, grads, buffers..., masters);
+* ``numel``: int64 [n] element counts;
+* ``chunk_tensor`` (int32) / ``chunk_start`` (int64): for chunk c, its tensor and first element;
+  tensor i owns ceil(numel_i / CHUNK) consecutive chunks, empty tensors none;
+* ``first_chunk``: int32 [n + 1], the chunk range of each tensor, for the per-tensor reductions;
+* ``index``: int32 [n], the entry's position in the caller's lists (per-tensor norms and steps).
+
+Tables are cached by (pointers, sizes): an optimizer passes the same tensors every step, so after
+the first step nothing is copied to the device, which also keeps CUDA-graph capture free of copies.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_CACHE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One kernel launch's worth of tensors: their device tables and the dtype of each list."""
+
+    dtypes: tuple[torch.dtype, ...]
+    addr: Tensor
+    numel: Tensor
+    chunk_tensor: Tensor
+    chunk_start: Tensor
+    first_chunk: Tensor
+    index: Tensor
+    n_tensors: int
+    n_chunks: int
+
+
+_cache: OrderedDict[tuple, Bucket] = OrderedDict()
+
+
+def _check_layout(entry: list[Tensor], where: int) -> None:
+    """Every tensor of an entry is dense with the layout of the first, so flat index k means the same element."""
+    first = entry[0]
+    for t in entry:
+        if t.shape != first.shape:
+            raise ValueError(
+                f"triton backend: tensor {where} has shape {tuple(t.shape)}, its param {tuple(first.shape)}"
+            )
+        if t.device != first.device:
+            raise ValueError(f"triton backend: tensor {where} is on {t.device}, its param on {first.device}")
+        if t.numel() > 1 and not _dense(t):
+            raise ValueError(
+                f"triton backend: tensor {where} is not dense (strides {t.stride()}); pass contiguous tensors"
+            )
+        if t.numel() > 1 and t.stride() != first.stride():
+            raise ValueError(f"triton backend: tensor {where} has strides {t.stride()}, its param {first.stride()}; "
+                             "give gradients and state the layout of their parameter")
+
+
+def _dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the strides, sorted, are the running products of the sizes."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def buckets(lists: list[list[Tensor]], chunk: int) -> list[Bucket]:
+    """Split entries i (one tensor from each list) into same-dtype buckets with cached device tables."""
+    n = len(lists[0])
+    device = lists[0][0].device
+    groups: dict[tuple[torch.dtype, ...], list[int]] = {}
+    for i in range(n):
+        entry = [lst[i] for lst in lists]
+        _check_layout(entry, i)
+        groups.setdefault(tuple(t.dtype for t in entry), []).append(i)
+    return [_bucket(lists, dtypes, idx, chunk, device) for dtypes, idx in groups.items()]
+
+
+def _bucket(lists: list[list[Tensor]], dtypes: tuple[torch.dtype, ...], idx: list[int], chunk: int,
+            device: torch.device) -> Bucket:
+    ptrs = tuple(tuple(lst[i].data_ptr() for i in idx) for lst in lists)
+    numels = tuple(lists[0][i].numel() for i in idx)
+    key = (device, chunk, dtypes, ptrs, numels, tuple(idx))
+    hit = _cache.get(key)
+    if hit is not None:
+        _cache.move_to_end(key)
+        return hit
+    chunk_tensor: list[int] = []
+    chunk_start: list[int] = []
+    first_chunk = [0]
+    for j, numel in enumerate(numels):
+        for start in range(0, numel, chunk):
+            chunk_tensor.append(j)
+            chunk_start.append(start)
+        first_chunk.append(len(chunk_tensor))
+
+    def on_device(values: object, dtype: torch.dtype) -> Tensor:
+        return torch.tensor(values, dtype=dtype).to(device)
+
+    bucket = Bucket(
+        dtypes=dtypes,
+        addr=on_device(list(ptrs), torch.int64),
+        numel=on_device(list(numels), torch.int64),
+        chunk_tensor=on_device(chunk_tensor or [0], torch.int32),
+        chunk_start=on_device(chunk_start or [0], torch.int64),
+        first_chunk=on_device(first_chunk, torch.int32),
+        index=on_device(idx, torch.int32),
+        n_tensors=len(idx),
+        n_chunks=len(chunk_tensor),
+    )
+    _cache[key] = bucket
+    if len(_cache) > _CACHE_SIZE:
+        _cache.popitem(last=False)
+    return bucket
