@@ -1,0 +1,255 @@
+"""The Triton backend: availability rules, the interpreted CPU suite, and the GPU suite.
+
+On every machine: the kernels against the reference on CPU tensors under the Triton interpreter
+(tests/test_triton_interpreted.py, run here in a subprocess because TRITON_INTERPRET=1 changes triton
+for the whole process); without the interpreter the backend is unavailable on CPU with a reason that
+names TRITON_INTERPRET, and naming it raises; without triton, ``import fastlars`` still works and the
+backend says why it is unavailable.
+
+On a GPU (marked ``cuda``): every LARS/LAMB option over harness.SHAPES for 30 steps; bf16/fp16 params
+with and without fp32 masters; GradScaler with an overflow step; no host synchronisation; CUDA-graph
+capture with a tensor lr; torch.compile(fullgraph=True) with inductor; opcheck on the CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastlars
+from fastlars import backends
+from harness import SHAPES, assert_same_trajectory, lr_at, make_params, run_trajectory, synthetic_grads
+
+ROOT = Path(__file__).resolve().parent.parent
+_TRITON_MISSING = backends.unavailable_reason("triton", torch.device("cuda"))
+
+
+def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=environ,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(_TRITON_MISSING is not None, reason=f"triton backend: {_TRITON_MISSING}")
+def test_interpreted_suite() -> None:
+    """tests/test_triton_interpreted.py in its own process with TRITON_INTERPRET=1; it must pass entirely."""
+    environ = os.environ | {"TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning",
+           str(ROOT / "tests" / "test_triton_interpreted.py")]
+    result = subprocess.run(cmd, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=900)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert result.returncode == 0, f"interpreted Triton suite failed:\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
+    assert " passed" in summary and "skipped" not in summary, summary
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="this process runs triton's interpreter")
+@pytest.mark.skipif(_TRITON_MISSING is not None, reason=f"triton backend: {_TRITON_MISSING}")
+def test_cpu_needs_the_interpreter() -> None:
+    reason = backends.unavailable_reason("triton", torch.device("cpu"))
+    assert reason is not None and "TRITON_INTERPRET=1" in reason
+    assert "triton" not in backends.available_backends("cpu")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        fastlars.LARS([torch.zeros(3, requires_grad=True)], lr=0.1, backend="triton")
+    assert backends.resolve("auto", torch.device("cpu")) != "triton"
+
+
+def test_without_triton_fastlars_imports_and_explains() -> None:
+    result = _run_python("""
+        import sys
+        sys.modules["triton"] = None  # makes `import triton` raise ImportError
+        import torch, fastlars
+        from fastlars import backends
+        reason = backends.unavailable_reason("triton", torch.device("cuda"))
+        assert reason is not None and "triton cannot be imported" in reason, reason
+        assert "triton" not in fastlars.available_backends("cpu")
+        try:
+            fastlars.LAMB([torch.zeros(3, requires_grad=True)], backend="triton")
+        except RuntimeError as exc:
+            assert "triton cannot be imported" in str(exc), exc
+        else:
+            raise AssertionError("backend='triton' without triton did not raise")
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------ GPU
+LARS_OPTIONS = [
+    {"weight_decay": 1e-2},
+    {"weight_decay": 1e-2, "momentum_style": "torch"},
+    {"weight_decay": 1e-2, "nesterov": True},
+    {"weight_decay": 1e-2, "nesterov": True, "momentum_style": "torch"},
+    {"weight_decay": 1e-2, "trust_clip": True},
+    {"weight_decay": 1e-2, "trust_ratio_bounds": (0.01, 10.0), "eps": 1e-8},
+    {"weight_decay": 0.0},
+    {"weight_decay": 0.0, "adapt": True, "maximize": True},
+]
+LAMB_OPTIONS = [
+    {},
+    {"bias_correction": False},
+    {"grad_averaging": False},
+    {"decoupled_decay": True},
+    {"trust_clip": True, "trust_ratio_bounds": (0.01, 10.0)},
+    {"max_grad_norm": 1.0},
+    {"weight_decay": 0.0},
+    {"weight_decay": 0.0, "adapt": True, "maximize": True},
+]
+ALGOS = [(fastlars.LARS, 1.0), (fastlars.LAMB, 0.01)]
+STORAGE = [(torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False), (torch.float16, False)]
+
+
+@pytest.fixture
+def triton_cuda() -> None:
+    """Fail (not skip) when a GPU is visible but the Triton backend cannot use it."""
+    reason = backends.unavailable_reason("triton", torch.device("cuda"))
+    assert reason is None, f"triton backend unusable on CUDA: {reason}"
+
+
+def _trajectory(cls, options, backend, dtype=torch.float32, master=False, base_lr=1.0, **kw):
+    def make(params):
+        return cls(params, lr=base_lr, backend=backend, master_weights=master, **options)
+
+    return run_trajectory(make, shapes=SHAPES, dtype=dtype, steps=30, base_lr=base_lr, device="cuda", **kw)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("options", LARS_OPTIONS, ids=str)
+def test_gpu_lars_options_match_reference(triton_cuda, options) -> None:
+    assert_same_trajectory(_trajectory(fastlars.LARS, options, "reference"),
+                           _trajectory(fastlars.LARS, options, "triton"), torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("options", LAMB_OPTIONS, ids=str)
+def test_gpu_lamb_options_match_reference(triton_cuda, options) -> None:
+    assert_same_trajectory(_trajectory(fastlars.LAMB, options, "reference", base_lr=0.01),
+                           _trajectory(fastlars.LAMB, options, "triton", base_lr=0.01), torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,master", STORAGE, ids=str)
+@pytest.mark.parametrize("cls,base_lr", ALGOS, ids=["lars", "lamb"])
+def test_gpu_low_precision_matches_reference(triton_cuda, cls, base_lr, dtype, master) -> None:
+    options = {"weight_decay": 1e-2}
+    assert_same_trajectory(_trajectory(cls, options, "reference", dtype, master, base_lr),
+                           _trajectory(cls, options, "triton", dtype, master, base_lr), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls,lr", ALGOS, ids=["lars", "lamb"])
+def test_gpu_grad_scaler_with_overflow(triton_cuda, cls, lr) -> None:
+    def run(backend):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).cuda()
+        opt = cls(fastlars.param_groups(model, 1e-2), lr=lr, backend=backend)
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16)
+        gen = torch.Generator().manual_seed(1)
+        for t in range(12):
+            x = torch.randn(64, 16, generator=gen).cuda()
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = model(x).float().square().mean() * (1e6 if t == 5 else 1.0)
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        return list(model.parameters()), opt
+
+    assert_same_trajectory(run("reference"), run("triton"), torch.float16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls,kw", [(fastlars.LARS, {"lr": 1.0, "weight_decay": 1e-2, "trust_clip": True}),
+                                    (fastlars.LAMB, {"lr": 0.01, "max_grad_norm": 1.0})], ids=["lars", "lamb"])
+def test_gpu_step_never_synchronizes_with_the_host(triton_cuda, cls, kw) -> None:
+    params = make_params(SHAPES, torch.bfloat16, "cuda")
+    opt = cls(params, backend="triton", master_weights=True, **kw)
+    for p, g in zip(params, synthetic_grads(params, 1)):
+        p.grad = g
+    opt.step()  # compiles the kernels, autotunes, builds the tables
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls,kw,base_lr", [(fastlars.LARS, {"weight_decay": 1e-2, "trust_clip": True}, 1.0),
+                                            (fastlars.LAMB, {"max_grad_norm": 1.0}, 0.01)], ids=["lars", "lamb"])
+def test_gpu_cuda_graph_capture_with_tensor_lr(triton_cuda, cls, kw, base_lr) -> None:
+    eager_params = make_params(SHAPES, torch.float32, "cuda")
+    eager = cls(eager_params, lr=torch.tensor(base_lr, device="cuda"), capturable=True, backend="triton", **kw)
+    params = make_params(SHAPES, torch.float32, "cuda")
+    lr = torch.tensor(base_lr, device="cuda")
+    opt = cls(params, lr=lr, capturable=True, backend="triton", **kw)
+    grads = [torch.zeros_like(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for g, new in zip(grads, synthetic_grads(params, 1)):
+            g.copy_(new)
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    for p, new in zip(eager_params, synthetic_grads(eager_params, 1)):
+        p.grad = new
+    eager.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for t in range(2, 31):
+        lr.fill_(lr_at(t, base_lr))
+        eager.param_groups[0]["lr"].fill_(lr_at(t, base_lr))
+        for g, new in zip(grads, synthetic_grads(params, t)):
+            g.copy_(new)
+        graph.replay()
+        for p, new in zip(eager_params, synthetic_grads(eager_params, t)):
+            p.grad = new
+        eager.step()
+    torch.cuda.synchronize()
+    assert_same_trajectory((eager_params, eager), (params, opt), torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls,base_lr", ALGOS, ids=["lars", "lamb"])
+def test_gpu_compiled_step_fullgraph(triton_cuda, cls, base_lr) -> None:
+    torch._dynamo.reset()
+    eager = make_params(SHAPES, torch.float32, "cuda")
+    params = make_params(SHAPES, torch.float32, "cuda")
+    eager_opt = cls(eager, lr=base_lr, weight_decay=1e-2, backend="triton")
+    opt = cls(params, lr=base_lr, weight_decay=1e-2, backend="triton")
+    step = torch.compile(opt.step, fullgraph=True)
+    for t in range(1, 11):
+        for p, q, g in zip(params, eager, synthetic_grads(params, t)):
+            p.grad, q.grad = g, g.clone()
+        step()
+        eager_opt.step()
+    assert_same_trajectory((eager, eager_opt), (params, opt), torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["grad_norms", "lars_step_", "lamb_step_"])
+def test_gpu_opcheck(triton_cuda, name) -> None:
+    params = [p.detach() for p in make_params([(0,), (5,), (3, 4), (70_000,)], torch.float32, "cuda")]
+    grads = synthetic_grads(params, 1)
+    like = [torch.zeros_like(p) for p in params]
+    norms = torch.stack([g.norm() for g in grads])
+    one = torch.tensor(1.0, device="cuda")
+    samples = {
+        "grad_norms": (grads, torch.tensor(2.0, device="cuda")),
+        "lars_step_": (params, grads, like, [], norms, 0.1, None, 0.9, 1e-2, 1e-3, 0.0, False, False, True, True,
+                       None, False, None, torch.tensor(0.0, device="cuda")),
+        "lamb_step_": (params, grads, like, [torch.zeros_like(p) for p in params], [], [one] * 4, 0.01,
+                       torch.tensor(0.01, device="cuda"), 0.9, 0.999, 1e-6, 1e-2, True, True, False, False, True,
+                       None, False, None, None, None),
+    }
+    torch.library.opcheck(getattr(torch.ops.fastlars, "triton_" + name).default, samples[name])
