@@ -18,7 +18,7 @@ from torch import Tensor
 
 from train.data import augment, order
 from train.data.folders import scan_split
-from train.data.loaders import LoaderConfig
+from train.data.loaders import LoaderConfig, flips
 
 PACKAGE_HINT = ("pip install nvidia-dali-cuda130 (CUDA 13; nvidia-dali-cuda120 for CUDA 12), or "
                 "pip install 'fastlars[dali]'; --loader gpu needs no DALI")
@@ -62,7 +62,7 @@ class DaliLoader:
         std = [s * 255 for s in augment.IMAGENET_STD]
         size = cfg.image_size
 
-        @pipeline_def(batch_size=batch, num_threads=max(1, cfg.workers), device_id=cfg.device.index or 0
+        @pipeline_def(batch_size=batch, num_threads=max(1, cfg.workers), device_id=(cfg.device.index or 0)
                       if on_gpu else None, seed=seed & 0x7FFFFFFF, prefetch_queue_depth=2)
         def pipe() -> Any:
             jpegs, label = fn.readers.file(files=files, labels=labels, shard_id=cfg.rank if sharded else 0,
@@ -74,7 +74,7 @@ class DaliLoader:
                     jpegs, device=decoder, output_type=types.RGB, num_attempts=10,
                     random_area=[0.25 if size < 64 else 0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3])
                 images = fn.resize(images, resize_x=size, resize_y=size)
-                mirror = fn.random.coin_flip(probability=0.5) if cfg.flip else 0
+                mirror = fn.random.coin_flip(probability=0.5) if flips(cfg) else 0
             else:
                 images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
                 images = fn.resize(images, resize_shorter=size if size < 64 else round(size * 8 / 7))

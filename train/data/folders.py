@@ -16,6 +16,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DIGITS_FOLDER = "digits-jpeg-v1"
 DIGITS_SIZE = 16
 DIGITS_VAL_FRACTION = 0.2
+NO_FLIP_MARKER = "no-flip"  # a file of this name in an ImageFolder root turns horizontal flips off
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,12 @@ def resolve_data(data: str) -> Path:
     return root
 
 
+def dataset_flips(root: Path) -> bool:
+    """Whether training images of the dataset at `root` may be mirrored: yes unless the root holds a
+    file named "no-flip" (the bundled digits do: a mirrored digit is another digit, or none)."""
+    return not (root / NO_FLIP_MARKER).exists()
+
+
 def default_image_size(data: str) -> int:
     """The crop size the model sees: 16 for the bundled digits, 224 otherwise."""
     return DIGITS_SIZE if data == "default" else 224
@@ -93,10 +100,13 @@ def digits_split() -> tuple[list[int], list[int]]:
 def default_dataset(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The bundled dataset as an ImageFolder of JPEGs, written once: sklearn's 1,797 handwritten digits
     (8×8, 17 grey levels; shipped inside the scikit-learn wheel), scaled to 0–255, upsampled ×2
-    (bilinear) to 16×16, grey replicated to RGB, JPEG quality 95, split by digits_split(). Built in a
-    temporary folder and renamed into place, so concurrent first uses are safe."""
+    (bilinear) to 16×16, grey replicated to RGB, JPEG quality 95, split by digits_split(), with a
+    "no-flip" marker (dataset_flips). Built in a temporary folder and renamed into place, so
+    concurrent first uses are safe: the loser of the race removes its copy and uses the winner's."""
     root = cache_root(cache_dir) / DIGITS_FOLDER
     if root.is_dir():
+        if not (root / NO_FLIP_MARKER).exists():  # built before the marker existed
+            (root / NO_FLIP_MARKER).touch()
         return root
     import torch
     import torch.nn.functional as F
@@ -115,6 +125,7 @@ def default_dataset(cache_dir: str | os.PathLike[str] | None = None) -> Path:
                 folder = staging / split / str(int(digits.target[i]))
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / f"{i:04d}.jpg").write_bytes(encode_jpeg(images[i], quality=95).numpy().tobytes())
+        (staging / NO_FLIP_MARKER).write_text("a mirrored digit is another digit (or none)\n")
         try:
             os.rename(staging, root)
         except OSError:
