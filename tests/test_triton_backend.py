@@ -79,6 +79,69 @@ def test_without_triton_fastlars_imports_and_explains() -> None:
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
+# ------------------------------------------------------- the compiled (GPU) kernels, built without a GPU
+def _specialisations():
+    """(kernel name, constexprs) for the compiled paths: every dtype, pass and option flag at least once."""
+    import triton.language as tl
+
+    f32, bf16, f16 = tl.float32, tl.bfloat16, tl.float16
+    out = [("sumsq_partials_kernel", {"DTYPE": d, "CHUNK": 65_536, "BLOCK": 2048}) for d in (f32, bf16, f16)]
+    out += [("sum_chunks_kernel", {"SQRT": q, "HAS_SCALE": q, "BLOCK": 256}) for q in (True, False)]
+    lars = ["MASTER", "ADAPT", "NESTEROV", "TRUST_CLIP", "MLPERF", "BOUNDS", "MAXIMIZE", "LR_TENSOR", "HAS_SCALE"]
+    for p_dtype, flags in [(f32, "ADAPT MLPERF"), (bf16, " ".join(lars)), (f16, "NESTEROV HAS_SCALE")]:
+        master = "MASTER" in flags
+        v_dtype = f32 if master else p_dtype
+        out.append(("lars_update_kernel", {"P_DTYPE": p_dtype, "G_DTYPE": p_dtype, "V_DTYPE": v_dtype,
+                                           **{f: f in flags for f in lars}, "CHUNK": 65_536, "BLOCK": 2048}))
+    lamb = ["MASTER", "STORE_MOMENTS", "FROM_MOMENTS", "ADAPT", "BIAS_CORRECTION", "DECOUPLED", "TRUST_CLIP",
+            "BOUNDS", "MAXIMIZE", "LR_TENSOR", "HAS_SCALE", "HAS_CLIP"]
+    for p_dtype, pass_, flags in [(f32, 1, "STORE_MOMENTS ADAPT BIAS_CORRECTION"),
+                                  (f32, 2, "STORE_MOMENTS FROM_MOMENTS ADAPT DECOUPLED TRUST_CLIP BOUNDS LR_TENSOR"),
+                                  (bf16, 1, "MASTER STORE_MOMENTS ADAPT HAS_SCALE HAS_CLIP MAXIMIZE"),
+                                  (bf16, 2, "ADAPT DECOUPLED BOUNDS MAXIMIZE"), (f16, 2, "BIAS_CORRECTION")]:
+        master = "MASTER" in flags
+        out.append(("lamb_kernel", {"P_DTYPE": p_dtype, "G_DTYPE": p_dtype, "S_DTYPE": f32 if master or p_dtype == f32
+                                    else p_dtype, "PASS": pass_, **{f: f in flags for f in lamb},
+                                    "CHUNK": 65_536, "BLOCK": 2048}))
+    return out
+
+
+_POINTER_TYPES = {"addr_table": "*i64", "numel_ptr": "*i64", "chunk_tensor_ptr": "*i32", "chunk_start_ptr": "*i64",
+                  "index_ptr": "*i32", "first_chunk_ptr": "*i32"}
+_INT_ARGS = {"n_tensors", "row", "n_chunks", "n_out"}
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="this process runs triton's interpreter")
+@pytest.mark.skipif(_TRITON_MISSING is not None, reason=f"triton backend: {_TRITON_MISSING}")
+def test_kernels_compile_for_sm90_without_a_gpu(tmp_path, monkeypatch) -> None:
+    """triton.compile of every specialisation to an sm_90 cubin: the compiled path type-checks and lowers.
+
+    The interpreter runs the helpers as plain Python; this catches what only the compiler rejects.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fastlars.backends.triton import kernels
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    for name, constexprs in _specialisations():
+        fn = getattr(kernels, name)
+        signature = {}
+        for arg in fn.arg_names:
+            if arg in constexprs:
+                signature[arg] = "constexpr"
+            elif arg in _INT_ARGS:
+                signature[arg] = "i32"
+            elif arg.endswith("_ptr") or arg == "addr_table":
+                signature[arg] = _POINTER_TYPES.get(arg, "*fp32")
+            else:
+                signature[arg] = "fp32"
+        compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": 8})
+        assert compiled.asm.get("cubin"), f"{name} {constexprs}: no cubin"
+
+
 # ------------------------------------------------------------------------------------ GPU
 LARS_OPTIONS = [
     {"weight_decay": 1e-2},
