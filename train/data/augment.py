@@ -77,19 +77,18 @@ def center_boxes(heights: Tensor, widths: Tensor, crop_fraction: float) -> Tenso
 
 
 def resample(images: list[Tensor], boxes: Tensor, size: int) -> Tensor:
-    """Each image's box bilinearly resampled to size×size: float [n, 3, size, size] in 0–255, averaging
-    ⌈box side / size⌉² bilinear samples per output pixel when shrinking (at most 4²); a box of exactly
-    size×size at integer corners reproduces the pixels."""
+    """Each image's box bilinearly resampled to size×size: float [n, 3, size, size] in 0–255. An output
+    pixel averages ⌈box height / size⌉ × ⌈box width / size⌉ bilinear samples (roi_align's adaptive
+    grid, chosen per box), so shrinking does not alias and an image's result does not depend on the
+    other images of its batch; a box of exactly size×size at integer corners reproduces the pixels."""
     device = images[0].device
-    sides = (boxes[:, 2:] - boxes[:, :2]).max().item() if len(boxes) else size
-    samples = max(1, min(4, math.ceil(sides / size)))  # bilinear points per output pixel and axis
     boxes = boxes.to(device=device, dtype=torch.float32)
     if all(im.shape == images[0].shape for im in images):
         batch = torch.stack(images).float()
         rois = torch.cat([torch.arange(len(images), device=device, dtype=torch.float32)[:, None], boxes], dim=1)
-        return roi_align(batch, rois, output_size=size, spatial_scale=1.0, sampling_ratio=samples, aligned=True)
-    return torch.cat([roi_align(im[None].float(), [box[None]], output_size=size, sampling_ratio=samples,
-                                aligned=True) for im, box in zip(images, boxes)])
+        return roi_align(batch, rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
+    return torch.cat([roi_align(im[None].float(), [box[None]], output_size=size, sampling_ratio=0, aligned=True)
+                      for im, box in zip(images, boxes)])
 
 
 def finish(batch: Tensor, flip: Tensor | None, dtype: torch.dtype, channels_last: bool) -> Tensor:
