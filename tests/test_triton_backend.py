@@ -4,7 +4,8 @@ On every machine: the kernels against the reference on CPU tensors under the Tri
 (tests/test_triton_interpreted.py, run here in a subprocess because TRITON_INTERPRET=1 changes triton
 for the whole process); without the interpreter the backend is unavailable on CPU with a reason that
 names TRITON_INTERPRET, and naming it raises; without triton, ``import fastlars`` still works and the
-backend says why it is unavailable.
+backend says why it is unavailable; every kernel specialisation compiles to an sm_90 cubin (no GPU
+needed to compile).
 
 On a GPU (marked ``cuda``): every LARS/LAMB option over harness.SHAPES for 30 steps; bf16/fp16 params
 with and without fp32 masters; GradScaler with an overflow step; no host synchronisation; CUDA-graph
