@@ -43,7 +43,7 @@ def test_interpreted_suite() -> None:
     environ = os.environ | {"TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning",
            str(ROOT / "tests" / "test_triton_interpreted.py")]
-    result = subprocess.run(cmd, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(cmd, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=800)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     assert result.returncode == 0, f"interpreted Triton suite failed:\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
     assert " passed" in summary and "skipped" not in summary, summary
