@@ -1,8 +1,8 @@
 // Multi-tensor plumbing of the CPU kernels: one call covers every tensor of a param group.
 //
 // The elements of all tensors are cut into chunks of kChunk elements (a tensor's last chunk may be
-// shorter; empty tensors have none), and at::parallel_for hands ranges of chunks to threads, so a
-// few huge tensors and many small ones load the threads alike. Per-chunk partial sums go to a
+// shorter; empty tensors have none), and at::parallel_for hands ranges of at least kGrainChunks
+// chunks to threads, so a few huge tensors and many small ones load the threads alike. Per-chunk partial sums go to a
 // vector indexed by chunk and are added per tensor in chunk order: norms do not depend on the
 // number of threads. Tensors that are not fp32 are converted chunk by chunk into thread-local fp32
 // scratch (and back), so every kernel body is one fp32 loop.
@@ -46,9 +46,13 @@ inline std::vector<Chunk> plan_chunks(const std::vector<int64_t>& numels) {
 
 // Runs body(chunk, scratch) over all chunks on the intra-op thread pool; `arrays` fp32 scratch
 // arrays of kChunk elements per thread range.
+// A call with fewer than kGrainChunks chunks (a small model) runs on the calling thread: waking the
+// pool costs more than the work, and far more when the cores are oversubscribed.
+constexpr int64_t kGrainChunks = 8;
+
 template <typename Body>
 void for_each_chunk(const std::vector<Chunk>& chunks, int arrays, const Body& body) {
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), kGrainChunks, [&](int64_t lo, int64_t hi) {
     std::vector<float> scratch(static_cast<size_t>(arrays) * kChunk);
     for (int64_t c = lo; c < hi; ++c) body(c, chunks[c], scratch.data());
   });
