@@ -58,9 +58,7 @@ def parser() -> argparse.ArgumentParser:
 def share(device: torch.device, batches: list[int], backends: list[str], optims: list[str], repeats: int,
           image_size: int, info: dict, out: Path, stem: str) -> int:
     """--share: the optimizer share table per optimizer, JSON and one PNG per optimizer under `out`."""
-    rows = []
-    for optim in optims:
-        rows += [{**r, "optim": optim} for r in optimizer_share(device, batches, backends, optim, repeats, image_size)]
+    rows = optimizer_share(device, batches, backends, optims, repeats, image_size)
     out.mkdir(parents=True, exist_ok=True)
     result = {"machine": info, "repeats": repeats, "image_size": image_size, "rows": rows}
     (out / f"share_{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -115,10 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             p.error(f"--share-batches: comma-separated integers, not {args.share_batches!r}")
         return share(device, batches, backends, optims, args.repeat, args.image_size, info, out, stem)
-    result = run(device, sets, optims, dtypes, backends, peers, args.repeat, args.budget)
-    result["not_measured"] = {**{f"fastlars.{b}": fastlars.backends.unavailable_reason(b, device)
-                                 for b in ("reference", "foreach", "native", "triton") if b not in usable},
-                              **{p_: r for p_, r in skipped.items() if p_ in requested}}
+    not_measured = {**{f"fastlars.{b}": fastlars.backends.unavailable_reason(b, device)
+                       for b in ("reference", "foreach", "native", "triton") if b not in usable},
+                    **{p_: r for p_, r in skipped.items() if p_ in requested}}
+    result = run(device, sets, optims, dtypes, backends, peers, args.repeat, args.budget,
+                 on_row=lambda partial: write({**partial, "not_measured": not_measured}, out, f"step_{stem}",
+                                              with_plot=False))
+    result["not_measured"] = not_measured
     result["targets"] = evaluate(result)
     paths = write(result, out, f"step_{stem}")
     print()

@@ -17,14 +17,15 @@ from benchmarks.cases import fastlars_optimizer
 from benchmarks.measure import time_ms
 
 
-def optimizer_share(device: torch.device, batches: list[int], backends: list[str], optim: str, repeats: int,
+def optimizer_share(device: torch.device, batches: list[int], backends: list[str], optims: list[str], repeats: int,
                     image_size: int = 224, log: Any = print) -> list[dict[str, Any]]:
-    """Rows (batch, implementation, forward+backward ms, step ms, share) for ResNet-50 in fp32."""
+    """Rows (batch, optim, implementation, forward+backward ms, step ms, share) for ResNet-50 in fp32;
+    forward+backward is timed once per batch and shared by every optimizer's row."""
     import torchvision
 
     torch.manual_seed(0)
     model = torchvision.models.resnet50().to(device)
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     rows = []
     for batch in batches:
         x = torch.randn(batch, 3, image_size, image_size, device=device)
@@ -35,23 +36,25 @@ def optimizer_share(device: torch.device, batches: list[int], backends: list[str
             F.cross_entropy(model(x), y).backward()
 
         compute = time_ms(forward_backward, device, repeats, warmup=1)
-        candidates = [(f"fastlars.{b}", lambda b=b: fastlars_optimizer(optim, b, params, False)) for b in backends]
-        if optim == "lamb":
-            candidates.append(("timm.Lamb", lambda: _timm(optim, params)))
-            candidates.append(("torch.AdamW(fused)", lambda: torch.optim.AdamW(params, lr=1e-3, fused=True)))
-        else:
-            candidates.append(("timm.Lars", lambda: _timm(optim, params)))
-            candidates.append(("torch.SGD(fused, momentum)",
-                               lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True)))
-        for name, build in candidates:
-            opt = build()
-            step = time_ms(opt.step, device, repeats, warmup=1)
-            row = {"batch": batch, "implementation": name, "forward_backward_ms": compute.median,
-                   "step_ms": step.median, "share": step.median / (compute.median + step.median)}
-            rows.append(row)
-            log(f"batch {batch:>4} {name:<32} fwd+bwd {compute.median:9.1f} ms  step {step.median:8.1f} ms  "
-                f"share {100 * row['share']:5.1f}%")
-            opt.state.clear()
+        for optim in optims:
+            candidates = [(f"fastlars.{b}", lambda b=b, o=optim: fastlars_optimizer(o, b, params, False))
+                          for b in backends]
+            candidates.append((f"timm.{optim.capitalize()}", lambda o=optim: _timm(o, params)))
+            if optim == "lamb":
+                candidates.append(("torch.AdamW(fused)", lambda: torch.optim.AdamW(params, lr=1e-3, fused=True)))
+            else:
+                candidates.append(("torch.SGD(fused, momentum)",
+                                   lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True)))
+            for name, build in candidates:
+                opt = build()
+                step = time_ms(opt.step, device, repeats, warmup=1)
+                row = {"batch": batch, "optim": optim, "implementation": name,
+                       "forward_backward_ms": compute.median, "step_ms": step.median,
+                       "share": step.median / (compute.median + step.median)}
+                rows.append(row)
+                log(f"batch {batch:>4} {optim} {name:<32} fwd+bwd {compute.median:9.1f} ms  step {step.median:8.1f} ms"
+                    f"  share {100 * row['share']:5.1f}%")
+                opt.state.clear()
     return rows
 
 

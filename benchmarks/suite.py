@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ def machine(device: torch.device) -> dict[str, Any]:
     else:
         info["device"] = _cpu_name()
         info["cpus"] = os.cpu_count()
+        info["loadavg_1_5_15min_at_start"] = os.getloadavg()  # other processes competing for the cores
     for module in ("triton", "timm", "torch_optimizer", "apex", "deepspeed"):
         try:
             info[module] = getattr(importlib.import_module(module), "__version__", "installed")
@@ -95,13 +97,17 @@ def plan(optim: str, backends: list[str], peers: tuple[str, ...], device: torch.
 
 
 def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[str], backends: list[str],
-        peers: tuple[str, ...], repeats: int, budget_s: float | None = None, log: Any = print) -> dict[str, Any]:
+        peers: tuple[str, ...], repeats: int, budget_s: float | None = None, log: Any = print,
+        on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Every (set, dtype, optim, case), one after the other in this process; JSON-ready result.
-    `budget_s` caps the timed seconds of a slow case (see time_ms)."""
+    `budget_s` caps the timed seconds of a slow case (see time_ms); `on_row` gets the result so far
+    (with "partial": True) after every row, so an interrupted run keeps what it measured."""
     copy_bw = copy_bandwidth_gbs(device)
     inplace_bw = inplace_bandwidth_gbs(device)
     log(f"{device}: copy bandwidth {copy_bw:.1f} GB/s, in-place x += y bandwidth {inplace_bw:.1f} GB/s")
-    rows: list[Row] = []
+    result: dict[str, Any] = {"machine": machine(device), "copy_bandwidth_gbs": copy_bw,
+                              "inplace_bandwidth_gbs": inplace_bw, "repeats": repeats, "budget_s": budget_s,
+                              "partial": True, "rows": []}
     for set_name in sets:
         shapes = PARAM_SETS[set_name].shapes()
         for dtype_name in dtypes:
@@ -122,15 +128,16 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
                         row.fraction_of_copy = row.gb_per_s / copy_bw
                         row.fraction_of_inplace = row.gb_per_s / inplace_bw
                         row.repeats = timing.repeats
-                    rows.append(row)
+                    result["rows"].append(asdict(row))
                     log(line(row))
+                    if on_row is not None:
+                        on_row(result)
                     step = bytes_of = params = None
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-    return {"machine": machine(device), "copy_bandwidth_gbs": copy_bw, "inplace_bandwidth_gbs": inplace_bw,
-            "repeats": repeats, "budget_s": budget_s,
-            "rows": [asdict(r) for r in rows]}
+    result["partial"] = False
+    return result
 
 
 def line(r: Row) -> str:
@@ -145,11 +152,14 @@ def markdown(result: dict[str, Any]) -> str:
     """Per (set, dtype, optim): a table of every implementation, then fastlars' speed-up over each peer
     (peer median / fastlars median)."""
     m = result["machine"]
-    out = [f"Machine: {m['device']} ({m.get('cpus', '')} CPUs, {m['threads']} threads)" if m["device_type"] == "cpu"
+    out = ["**Partial run: interrupted before every case was measured.**", ""] if result.get("partial") else []
+    out += [f"Machine: {m['device']} ({m.get('cpus', '')} CPUs, {m['threads']} threads)" if m["device_type"] == "cpu"
            else f"Machine: {m['device']}", f"torch {m['torch']}, fastlars {m['fastlars']}, commit {m['commit'][:10]}, "
            f"{m['date_utc']}; copy bandwidth {result['copy_bandwidth_gbs']:.1f} GB/s (2 B per copied byte), in-place "
            f"x += y {result.get('inplace_bandwidth_gbs', float('nan')):.1f} GB/s (3 B per element byte); "
-           f"{result['repeats']} timed steps per case (n: fewer for slow peers, at least 5), median (min–max)", ""]
+           f"{result['repeats']} timed steps per case (n: fewer for slow cases, at least 3), median (min–max)"
+           + (f"; load average at start {', '.join(f'{x:.1f}' for x in m['loadavg_1_5_15min_at_start'])} (1, 5, 15 min)"
+              if "loadavg_1_5_15min_at_start" in m else ""), ""]
     rows = [Row(**r) for r in result["rows"]]
     keys = list(dict.fromkeys((r.param_set, r.dtype, r.optim) for r in rows))
     for key in keys:
@@ -204,11 +214,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write(result: dict[str, Any], out: Path, stem: str) -> list[Path]:
-    """JSON, Markdown and PNG of a result under `out`."""
+def write(result: dict[str, Any], out: Path, stem: str, with_plot: bool = True) -> list[Path]:
+    """JSON, Markdown and (with_plot) PNG of a result under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"]
     paths[0].write_text(json.dumps(result, indent=2) + "\n")
     paths[1].write_text(markdown(result) + "\n")
-    plot(result, paths[2])
-    return paths
+    if with_plot:
+        plot(result, paths[2])
+    return paths if with_plot else paths[:2]

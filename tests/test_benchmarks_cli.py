@@ -69,3 +69,18 @@ def test_cpu_targets_are_ratios_of_the_medians() -> None:
     text = markdown(result)
     assert "| fastlars.native | 0.90× | 5.00× |" in text  # speed-up = peer median / ours
     assert "| resnet50 fp32: timm Lamb / LAMB native step time | 5.00 | >= 6.0 | no |" in text
+
+
+def test_cli_share_writes_table_json_and_plot(tmp_path, capsys) -> None:
+    """--share at one tiny batch: one row per (optim, implementation), shares in (0, 1), files written."""
+    assert main(["--device", "cpu", "--share", "--share-batches", "1", "--image-size", "64", "--repeat", "3",
+                 "--backends", "native", "--optim", "lars", "--out", str(tmp_path)]) == 0
+    (json_path,) = tmp_path.glob("share_cpu_*.json")
+    rows = json.loads(json_path.read_text())["rows"]
+    assert [(r["batch"], r["optim"], r["implementation"]) for r in rows] == [
+        (1, "lars", "fastlars.native"), (1, "lars", "timm.Lars"), (1, "lars", "torch.SGD(fused, momentum)")]
+    for r in rows:
+        assert 0 < r["share"] < 1
+        assert r["share"] == pytest.approx(r["step_ms"] / (r["step_ms"] + r["forward_backward_ms"]))
+    assert next(tmp_path.glob("share_lars_cpu_*.png")).stat().st_size > 0
+    assert "| 1 |" in capsys.readouterr().out
