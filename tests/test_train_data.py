@@ -269,7 +269,7 @@ def test_synthetic_loader() -> None:
     x, y = batches[0]
     assert x.shape == (4, 3, 8, 8) and x.is_contiguous(memory_format=torch.channels_last)
     assert y.dtype == torch.int64 and int(y.max()) < 7
-    assert len(list(val.batches())) == 1
+    assert len(list(val.batches())) == 1 and val.num_samples == 4
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -304,6 +304,15 @@ def test_corrupt_jpeg_names_the_file(tmp_path: Path, damage: str) -> None:
     train, _ = build_loaders(config(resolve_data(str(root)), device_batch=10))
     with pytest.raises(ValueError, match=f"--data: cannot decode {re.escape(str(bad))}"):
         list(train.epoch(0, 10))
+
+
+def test_png_named_jpg_still_decodes(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "data", {"a": 3, "b": 3})
+    disguised = root / "train" / "a" / "001.jpg"
+    disguised.write_bytes(_png(torch.full((3, 16, 16), 200, dtype=torch.uint8)))
+    train, _ = build_loaders(config(root, device_batch=6))
+    ((x, _),) = list(train.epoch(0, 6))
+    assert x.shape == (6, 3, 16, 16) and torch.isfinite(x).all()
 
 
 def test_unknown_loader_and_missing_root(folder: Path) -> None:

@@ -10,19 +10,21 @@ from __future__ import annotations
 import torch
 
 from train.data.folders import IMAGE_SUFFIXES, default_dataset, default_image_size, resolve_data
-from train.data.loaders import FolderLoader, LoaderConfig, SyntheticLoader
+from train.data.loaders import FolderLoader, LoaderConfig, SyntheticEval, SyntheticLoader
+from train.data.protocol import EvalLoader, TrainLoader
 
 LOADERS = ("dali", "gpu", "cpu", "synthetic")
 
-__all__ = ["IMAGE_SUFFIXES", "LOADERS", "LoaderConfig", "build_loaders", "default_dataset", "default_image_size",
-           "resolve_data"]
+__all__ = ["IMAGE_SUFFIXES", "LOADERS", "EvalLoader", "LoaderConfig", "TrainLoader", "build_loaders",
+           "default_dataset", "default_image_size", "resolve_data"]
 
 
-def build_loaders(cfg: LoaderConfig) -> tuple[object, object]:
-    """(train loader, eval loader) for cfg.loader, or a ValueError that names the flag and the fix."""
+def build_loaders(cfg: LoaderConfig) -> tuple[TrainLoader, EvalLoader]:
+    """(train loader, eval loader) for cfg.loader, or a ValueError that names the flag and the fix:
+    an unknown loader, no --data, `dali` without the nvidia-dali wheel, `gpu` without CUDA."""
     if cfg.loader == "synthetic":
         loader = SyntheticLoader(cfg)
-        return loader, loader
+        return loader, SyntheticEval(loader)
     if cfg.loader not in LOADERS:
         raise ValueError(f"--loader must be one of {', '.join(LOADERS)}, got {cfg.loader!r}")
     if cfg.root is None:

@@ -25,24 +25,28 @@ ATTEMPTS = 10
 
 
 def decode(encoded: list[Tensor], paths: list[str], device: torch.device | str = "cpu") -> list[Tensor]:
-    """RGB uint8 [3, H, W] images from encoded files (JPEGs batched, on `device`: nvjpeg on CUDA),
-    with an error naming the file that does not decode."""
+    """RGB uint8 [3, H, W] images on `device` from encoded files: the JPEGs in one batched call (nvjpeg
+    on CUDA), other formats one by one. When the batched call fails, each file is decoded alone, with
+    the format sniffed from its bytes on the CPU (a PNG named .jpg, a CMYK JPEG nvjpeg refuses), and a
+    file that still does not decode raises a ValueError naming it."""
     jpeg = [i for i, p in enumerate(paths) if p.lower().endswith((".jpg", ".jpeg"))]
     out: list[Tensor | None] = [None] * len(encoded)
     try:
         if jpeg:
             for i, image in zip(jpeg, decode_jpeg([encoded[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)):
                 out[i] = image
-        for i in set(range(len(encoded))) - set(jpeg):
+        for i in sorted(set(range(len(encoded))) - set(jpeg)):
             out[i] = decode_image(encoded[i], mode=ImageReadMode.RGB).to(device)
     except RuntimeError:
-        for data, path in zip(encoded, paths):
-            try:
-                decode_image(data, mode=ImageReadMode.RGB)
-            except RuntimeError as exc:
-                raise ValueError(f"--data: cannot decode {path}: {exc}") from exc
-        raise
+        out = [_decode_one(data, path).to(device) for data, path in zip(encoded, paths)]
     return out  # type: ignore[return-value]
+
+
+def _decode_one(data: Tensor, path: str) -> Tensor:
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except RuntimeError as exc:
+        raise ValueError(f"--data: cannot decode {path}: {exc}") from exc
 
 
 def crop_boxes(heights: Tensor, widths: Tensor, scale: tuple[float, float], generator: torch.Generator,

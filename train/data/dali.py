@@ -49,6 +49,7 @@ class DaliLoader:
         self.num_classes = len(self.images.classes)
 
     def updates_per_epoch(self, global_batch: int) -> int:
+        """U = ⌈N / global_batch⌉."""
         return order.updates_per_epoch(self.num_samples, global_batch)
 
     def _pipeline(self, seed: int, training: bool, files: list[str], labels: list[int], batch: int,

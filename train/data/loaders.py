@@ -121,6 +121,7 @@ class FolderLoader:
         self.num_classes = len(self.images.classes)
 
     def updates_per_epoch(self, global_batch: int) -> int:
+        """U = ⌈N / global_batch⌉."""
         return order.updates_per_epoch(self.num_samples, global_batch)
 
     def epoch(self, epoch: int, global_batch: int, start_update: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
@@ -198,12 +199,22 @@ class SyntheticLoader:
         self.labels = torch.randint(0, cfg.synthetic_classes, (cfg.device_batch,), generator=generator).to(cfg.device)
 
     def updates_per_epoch(self, global_batch: int) -> int:
+        """U = ⌈N / global_batch⌉."""
         return order.updates_per_epoch(self.num_samples, global_batch)
 
     def epoch(self, epoch: int, global_batch: int, start_update: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """The same batch, U·A − start_update·A times (A = accumulation)."""
         steps = order.accumulation(global_batch, self.cfg.device_batch, self.cfg.world_size)
-        for _ in range((self.updates_per_epoch(global_batch) - start_update) * steps):
-            yield self.images, self.labels
+        return iter([(self.images, self.labels)] * ((self.updates_per_epoch(global_batch) - start_update) * steps))
+
+
+class SyntheticEval:
+    """The synthetic batch as a one-batch validation set."""
+
+    def __init__(self, train: SyntheticLoader) -> None:
+        self.train = train
+        self.num_samples = len(train.labels)
 
     def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        yield self.images, self.labels
+        """The one batch."""
+        return iter([(self.train.images, self.train.labels)])
