@@ -322,6 +322,38 @@ def test_unknown_loader_and_missing_root(folder: Path) -> None:
         build_loaders(config(None))
 
 
+def test_gpu_path_equals_cpu_path_on_cpu(folder: Path) -> None:
+    """The gpu loader's split (workers read bytes; decode and augment in the main process) serves the
+    cpu loader's batches when run on the CPU without streams."""
+    from train.data.loaders import FolderLoader
+
+    gpu_split = FolderLoader(config(folder, loader="gpu", workers=2), "train")
+    assert_same(list(gpu_split.epoch(1, 16, start_update=1)), epoch(folder, 1, 16, start_update=1))
+    gpu_eval = FolderLoader(config(folder, loader="gpu"), "val")
+    _, cpu_eval = build_loaders(config(folder))
+    assert_same(list(gpu_eval.batches()), list(cpu_eval.batches()))
+
+
+@pytest.mark.cuda
+def test_gpu_loader_on_cuda(digits: Path) -> None:
+    """nvjpeg + GPU augmentation: the cpu loader's samples and crops, pixels within JPEG-decoder
+    differences (nvjpeg's IDCT is not libjpeg's; the grey digits have no chroma to upsample)."""
+    cuda = torch.device("cuda")
+    kw: dict[str, object] = {"device_batch": 64, "dtype": torch.bfloat16, "channels_last": True}
+    gpu_train, gpu_val = build_loaders(config(digits, loader="gpu", device=cuda, workers=2, **kw))
+    ref = epoch(digits, 0, 128, start_update=8, **kw)
+    got = list(gpu_train.epoch(0, 128, start_update=8))
+    assert len(got) == len(ref) == 2 * 4  # U = ⌈1,437 / 128⌉ = 12
+    for (x, y), (xr, yr) in zip(got, ref):
+        assert x.device.type == "cuda" and x.dtype == torch.bfloat16
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(y.cpu(), yr)
+        assert (x.float().cpu() - xr.float()).abs().mean() < 0.05  # 1 grey level is 0.017
+    _, cpu_val = build_loaders(config(digits, device_batch=64))
+    got_val = torch.cat([x.float().cpu() for x, _ in gpu_val.batches()])
+    assert (got_val - torch.cat([x for x, _ in cpu_val.batches()])).abs().mean() < 0.05
+
+
 def test_gpu_loader_without_cuda_is_a_clear_error(folder: Path) -> None:
     with pytest.raises(ValueError, match=r"--loader gpu decodes with nvjpeg on a CUDA device; .* cpu"):
         build_loaders(config(folder, loader="gpu"))

@@ -5,7 +5,7 @@ side stream) and `synthetic` (one random batch generated on the device, for thro
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,13 +154,15 @@ def _identity(item: Any) -> Any:
 
 
 def _gpu_batches(loader: DataLoader, cfg: LoaderConfig) -> Iterator[tuple[Tensor, Tensor]]:
-    """nvjpeg decode + augmentation of the next micro-batch on a side stream while the current one trains."""
-    stream = torch.cuda.Stream(cfg.device)
+    """Decode (nvjpeg) and augment micro-batch k+1 on a side stream while micro-batch k trains on the
+    current one. On a CPU device (only reachable by building FolderLoader directly, as the tests do)
+    the same steps run without streams."""
+    stream = torch.cuda.Stream(cfg.device) if cfg.device.type == "cuda" else None
     flip = flips(cfg)
 
     def produce(item: Any) -> tuple[Tensor, Tensor]:
         encoded, paths, labels, seed = item
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
             images = augment.decode(encoded, paths, device=cfg.device)
             return _transform(images, seed, cfg, flip), labels.to(cfg.device, non_blocking=True)
 
@@ -174,7 +176,11 @@ def _gpu_batches(loader: DataLoader, cfg: LoaderConfig) -> Iterator[tuple[Tensor
         yield _hand_over(pending, stream)
 
 
-def _hand_over(batch: tuple[Tensor, Tensor], stream: torch.cuda.Stream) -> tuple[Tensor, Tensor]:
+def _hand_over(batch: tuple[Tensor, Tensor], stream: torch.cuda.Stream | None) -> tuple[Tensor, Tensor]:
+    """Make the consumer's stream wait for the side stream, and keep the batch's memory from being
+    reused by the side stream until the consumer is done with it."""
+    if stream is None:
+        return batch
     current = torch.cuda.current_stream(batch[0].device)
     current.wait_stream(stream)
     for t in batch:
