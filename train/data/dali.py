@@ -113,16 +113,15 @@ class DaliLoader:
         if start_update:
             raise ValueError("--loader dali resumes only at epoch boundaries")
         steps = order.accumulation(global_batch, self.cfg.device_batch, self.cfg.world_size)
-        files = [str(p) for p in self.images.paths]
-        pipeline = self._pipeline(order.mix_seed(self.cfg.seed, epoch, self.cfg.rank), True, files,
-                                  list(self.images.labels), self.cfg.device_batch)
+        pipeline = self._pipeline(order.mix_seed(self.cfg.seed, epoch, self.cfg.rank), True, self.images.paths(),
+                                  self.images.labels.tolist(), self.cfg.device_batch)
         return self._serve(pipeline, self.updates_per_epoch(global_batch) * steps)
 
     def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's shard of the split (positions rank, rank + W, ...), eval transform, no padding."""
-        files = [str(p) for p in self.images.paths]
+        files, labels = self.images.paths(), self.images.labels.tolist()
         size = max(self.cfg.device_batch, 256)
         shard = list(range(len(files)))[self.cfg.rank::self.cfg.world_size]
-        pipeline = self._pipeline(0, False, [files[i] for i in shard], [self.images.labels[i] for i in shard], size,
+        pipeline = self._pipeline(0, False, [files[i] for i in shard], [labels[i] for i in shard], size,
                                   sharded=False)
         return self._serve(pipeline, None)

@@ -12,6 +12,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DIGITS_FOLDER = "digits-jpeg-v1"
 DIGITS_SIZE = 16
@@ -21,18 +24,30 @@ NO_FLIP_MARKER = "no-flip"  # a file of this name in an ImageFolder root turns h
 
 @dataclass(frozen=True)
 class ImageList:
-    """One split: image paths, their class indices, and the class names."""
+    """One split: the images as paths relative to `folder` ("<class>/<file>", fixed-width bytes in
+    one numpy array: no Python object per image, so forked DataLoader workers do not copy them on
+    touch, as lists of 1.28M strings are), their class indices and the class names."""
 
-    paths: tuple[Path, ...]
-    labels: tuple[int, ...]
+    folder: Path
+    files: np.ndarray
+    labels: torch.Tensor
     classes: tuple[str, ...]
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.files)
+
+    def path(self, i: int) -> str:
+        """The full path of image i."""
+        return os.path.join(self.folder, os.fsdecode(self.files[i]))
+
+    def paths(self) -> list[str]:
+        """All full paths, in order."""
+        return [self.path(i) for i in range(len(self))]
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+def _images(folder: Path) -> list[str]:
+    with os.scandir(folder) as entries:  # d_type from the directory: no stat per file on most filesystems
+        return sorted(e.name for e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES and e.is_file())
 
 
 def scan_split(root: Path, split: str) -> ImageList:
@@ -40,18 +55,20 @@ def scan_split(root: Path, split: str) -> ImageList:
     folder = root / split
     if not folder.is_dir():
         raise ValueError(f"--data: {root} has no {split}/ folder (expected an ImageFolder root with train/ and val/)")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    with os.scandir(folder) as entries:
+        classes = sorted(e.name for e in entries if e.is_dir())
     if not classes:
         raise ValueError(f"--data: {folder} has no class folders")
-    paths: list[Path] = []
-    labels: list[int] = []
-    for index, name in enumerate(classes):
-        images = sorted(p for p in (folder / name).iterdir() if _is_image(p))
+    files: list[bytes] = []
+    counts: list[int] = []
+    for name in classes:
+        images = _images(folder / name)
         if not images:
             raise ValueError(f"--data: class folder {folder / name} has no images ({', '.join(IMAGE_SUFFIXES)})")
-        paths += images
-        labels += [index] * len(images)
-    return ImageList(tuple(paths), tuple(labels), tuple(classes))
+        files += [os.fsencode(os.path.join(name, image)) for image in images]
+        counts.append(len(images))
+    labels = torch.repeat_interleave(torch.arange(len(classes)), torch.tensor(counts))
+    return ImageList(folder, np.array(files), labels, tuple(classes))
 
 
 def resolve_data(data: str) -> Path:
@@ -108,7 +125,6 @@ def default_dataset(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         if not (root / NO_FLIP_MARKER).exists():  # built before the marker existed
             (root / NO_FLIP_MARKER).touch()
         return root
-    import torch
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
     from torchvision.io import encode_jpeg

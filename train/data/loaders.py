@@ -51,7 +51,7 @@ def flips(cfg: LoaderConfig) -> bool:
 
 @dataclass(frozen=True)
 class _Task:
-    indices: tuple[int, ...]
+    indices: Tensor  # int64 positions in the split
     seed: int | None  # None: evaluation transform
 
 
@@ -68,8 +68,8 @@ class _Files(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         task = self.tasks[i]
-        paths = [str(self.images.paths[j]) for j in task.indices]
-        labels = torch.tensor([self.images.labels[j] for j in task.indices], dtype=torch.int64)
+        paths = [self.images.path(j) for j in task.indices.tolist()]
+        labels = self.images.labels[task.indices]
         with _one_thread():
             encoded = [_read(p) for p in paths]
             if not self.transform:
@@ -127,16 +127,15 @@ class FolderLoader:
     def epoch(self, epoch: int, global_batch: int, start_update: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's micro-batches of `epoch` from update `start_update` (see train.data.order)."""
         cfg = self.cfg
-        tasks = [_Task(tuple(mb.indices.tolist()), mb.seed) for mb in order.micro_batches(
+        tasks = [_Task(mb.indices, mb.seed) for mb in order.micro_batches(
             self.num_samples, global_batch, cfg.device_batch, cfg.rank, cfg.world_size, cfg.seed, epoch,
             start_update)]
         return self._run(tasks)
 
     def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's shard of the split (positions rank, rank + W, ...), evaluation transform."""
-        mine = list(range(self.cfg.rank, self.num_samples, self.cfg.world_size))
-        size = max(self.cfg.device_batch, EVAL_BATCH)
-        return self._run([_Task(tuple(mine[i:i + size]), None) for i in range(0, len(mine), size)])
+        mine = torch.arange(self.cfg.rank, self.num_samples, self.cfg.world_size)
+        return self._run([_Task(chunk, None) for chunk in mine.split(max(self.cfg.device_batch, EVAL_BATCH))])
 
     def _run(self, tasks: list[_Task]) -> Iterator[tuple[Tensor, Tensor]]:
         cfg = self.cfg
