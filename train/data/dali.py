@@ -1,10 +1,13 @@
 """The `dali` loader: NVIDIA DALI decodes JPEGs on the GPU (nvjpeg, "mixed" device), random-resized
-crops, flips and normalises there and hands NHWC fp16/bf16 batches to torch.
+crops, flips and normalises there and hands NHWC fp16 (or fp32) batches to torch; DALI has no
+bfloat16, so bf16 runs get its fp16 output cast on the device.
 
 DALI's random state cannot be saved, so each epoch builds its pipeline with seeds derived from
 (seed, epoch, rank) and a resume restarts at the last epoch boundary (resumes_mid_epoch = False).
 The reader shards the files over ranks (shard_id = rank) and pads the last batch; an epoch serves
 exactly the U·A micro-batches the engine asks for, wrapping around the shard when it needs more.
+The order is the reader's own (a shuffle buffer per shard), not train.data.order's, so a run with
+W ranks is not sample-for-sample one process with W-fold accumulation, as it is with cpu and gpu.
 Without a GPU the same pipeline runs with CPU operators (device_id None), which is how it is tested.
 """
 
@@ -63,8 +66,12 @@ class DaliLoader:
         std = [s * 255 for s in augment.IMAGENET_STD]
         size = cfg.image_size
 
-        @pipeline_def(batch_size=batch, num_threads=max(1, cfg.workers), device_id=(cfg.device.index or 0)
-                      if on_gpu else None, seed=seed & 0x7FFFFFFF, prefetch_queue_depth=2)
+        device_id = None  # CPU operators only
+        if on_gpu:
+            device_id = cfg.device.index if cfg.device.index is not None else torch.cuda.current_device()
+
+        @pipeline_def(batch_size=batch, num_threads=max(1, cfg.workers), device_id=device_id,
+                      seed=seed & 0x7FFFFFFF, prefetch_queue_depth=2)
         def pipe() -> Any:
             jpegs, label = fn.readers.file(files=files, labels=labels, shard_id=cfg.rank if sharded else 0,
                                            num_shards=cfg.world_size if sharded else 1,
