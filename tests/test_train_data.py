@@ -188,6 +188,19 @@ def test_loader_shapes_and_counts(folder: Path) -> None:
         assert y.min() >= 0 and y.max() < 3
 
 
+def test_small_splits_held_in_memory_read_the_same_bytes(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from train.data import files
+
+    images = scan_split(folder, "train")
+    held, direct = files.FileReader(images), files.FileReader(images, cache=False)
+    assert held.buffer is not None and direct.buffer is None
+    assert all(torch.equal(held.read(i), direct.read(i)) for i in range(len(images)))
+    cached = epoch(folder, 0, 16)
+    monkeypatch.setattr(files, "SMALL_SPLIT_BYTES", 100)  # too big to hold: read file by file
+    assert files.FileReader(images).buffer is None
+    assert_same(epoch(folder, 0, 16), cached)
+
+
 def test_indivisible_global_batch(folder: Path) -> None:
     train, _ = build_loaders(config(folder, world_size=2))
     with pytest.raises(ValueError, match=r"--global-batch 24 is not a multiple of .* 8 × 2 = 16"):

@@ -15,7 +15,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from train.data import augment, order
-from train.data.folders import ImageList, dataset_flips, scan_split
+from train.data.files import FileReader
+from train.data.folders import dataset_flips, scan_split
 
 EVAL_BATCH = 256
 
@@ -59,8 +60,8 @@ class _Files(Dataset):
     """DataLoader dataset whose item i is a whole micro-batch: task i's files read (and, when
     `transform`, decoded and augmented) in the worker."""
 
-    def __init__(self, images: ImageList, tasks: list[_Task], cfg: LoaderConfig, transform: bool) -> None:
-        self.images, self.tasks, self.cfg, self.transform = images, tasks, cfg, transform
+    def __init__(self, files: FileReader, tasks: list[_Task], cfg: LoaderConfig, transform: bool) -> None:
+        self.files, self.images, self.tasks, self.cfg, self.transform = files, files.images, tasks, cfg, transform
         self.flip = flips(cfg)
 
     def __len__(self) -> int:
@@ -71,18 +72,10 @@ class _Files(Dataset):
         paths = [self.images.path(j) for j in task.indices.tolist()]
         labels = self.images.labels[task.indices]
         with _one_thread():
-            encoded = [_read(p) for p in paths]
+            encoded = [self.files.read(j) for j in task.indices.tolist()]
             if not self.transform:
                 return encoded, paths, labels, task.seed
             return _transform(augment.decode(encoded, paths), task.seed, self.cfg, self.flip), labels
-
-
-def _read(path: str) -> Tensor:
-    """A file's bytes as a uint8 tensor (an empty file gives an empty tensor, which fails to decode
-    with the file named)."""
-    with open(path, "rb") as f:
-        data = bytearray(f.read())
-    return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
 @contextmanager
@@ -117,6 +110,7 @@ class FolderLoader:
         assert cfg.root is not None
         self.cfg = cfg
         self.images = scan_split(cfg.root, split)
+        self.files = FileReader(self.images)
         self.num_samples = len(self.images)
         self.num_classes = len(self.images.classes)
 
@@ -140,7 +134,7 @@ class FolderLoader:
     def _run(self, tasks: list[_Task]) -> Iterator[tuple[Tensor, Tensor]]:
         cfg = self.cfg
         gpu = cfg.loader == "gpu"
-        loader = DataLoader(_Files(self.images, tasks, cfg, transform=not gpu), batch_size=None, shuffle=False,
+        loader = DataLoader(_Files(self.files, tasks, cfg, transform=not gpu), batch_size=None, shuffle=False,
                             num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None,
                             pin_memory=cfg.device.type == "cuda" and not gpu, collate_fn=_identity)
         if gpu:
