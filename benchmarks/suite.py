@@ -207,7 +207,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.barh(names, [r.ms_median for r in group], color=["tab:gray" if r.peer else "tab:blue" for r in group],
                 xerr=[[r.ms_median - r.ms_min for r in group], [r.ms_max - r.ms_median for r in group]])
         ax.invert_yaxis()
-        ax.set_xlabel("step time, ms (median, min–max)")
+        ax.set_xscale("log")
+        ax.set_xlabel("step time, ms, log scale (median, min–max)")
         ax.set_title(f"{key[0]} {key[1]} {key[2].upper()} — {result['machine']['device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
