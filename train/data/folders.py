@@ -6,6 +6,7 @@ Layout: ROOT/train/<class>/<image> and ROOT/val/<class>/<image>; classes are the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -123,7 +124,8 @@ def default_dataset(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     root = cache_root(cache_dir) / DIGITS_FOLDER
     if root.is_dir():
         if not (root / NO_FLIP_MARKER).exists():  # built before the marker existed
-            (root / NO_FLIP_MARKER).touch()
+            with contextlib.suppress(OSError):  # a read-only shared cache: flips stay the caller's choice
+                (root / NO_FLIP_MARKER).touch()
         return root
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
