@@ -308,13 +308,13 @@ def test_bad_folders_give_data_errors(tmp_path: Path, case: str) -> None:
         resolve_data(str(root))
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not-a-jpeg", "empty"])
-def test_corrupt_jpeg_names_the_file(tmp_path: Path, damage: str) -> None:
+@pytest.mark.parametrize(("damage", "workers"), [("truncated", 0), ("not-a-jpeg", 0), ("empty", 0), ("truncated", 2)])
+def test_corrupt_jpeg_names_the_file(tmp_path: Path, damage: str, workers: int) -> None:
     root = make_folder(tmp_path / "data", {"a": 5, "b": 5})
     bad = root / "train" / "b" / "002.jpg"
     data = bad.read_bytes()
     bad.write_bytes({"truncated": data[:len(data) // 3], "not-a-jpeg": b"GIF89a" + data[6:], "empty": b""}[damage])
-    train, _ = build_loaders(config(resolve_data(str(root)), device_batch=10))
+    train, _ = build_loaders(config(resolve_data(str(root)), device_batch=10, workers=workers))
     with pytest.raises(ValueError, match=f"--data: cannot decode {re.escape(str(bad))}"):
         list(train.epoch(0, 10))
 
