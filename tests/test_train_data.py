@@ -247,6 +247,16 @@ def test_resample_of_the_whole_image_at_its_size_is_exact() -> None:
     assert torch.equal(augment.resample(images, boxes, 16), torch.stack(images).float())
 
 
+def test_resample_groups_shapes_without_changing_results() -> None:
+    generator = torch.Generator().manual_seed(1)
+    shapes = [(20, 30), (30, 20), (20, 30), (17, 17), (30, 20), (20, 30)]
+    images = [torch.randint(0, 256, (3, h, w), generator=generator, dtype=torch.uint8) for h, w in shapes]
+    heights, widths = torch.tensor([h for h, _ in shapes]), torch.tensor([w for _, w in shapes])
+    boxes = augment.crop_boxes(heights, widths, (0.08, 1.0), generator)
+    alone = torch.cat([augment.resample([im], box[None], 12) for im, box in zip(images, boxes)])
+    assert torch.equal(augment.resample(images, boxes, 12), alone)
+
+
 def test_flips_follow_the_dataset(folder: Path, digits: Path) -> None:
     assert dataset_flips(folder) and not dataset_flips(digits)
     flipped = epoch(folder, 0, 16, flip=True)

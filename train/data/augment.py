@@ -87,12 +87,21 @@ def resample(images: list[Tensor], boxes: Tensor, size: int) -> Tensor:
     other images of its batch; a box of exactly size×size at integer corners reproduces the pixels."""
     device = images[0].device
     boxes = boxes.to(device=device, dtype=torch.float32)
-    if all(im.shape == images[0].shape for im in images):
-        batch = torch.stack(images).float()
-        rois = torch.cat([torch.arange(len(images), device=device, dtype=torch.float32)[:, None], boxes], dim=1)
-        return roi_align(batch, rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
-    return torch.cat([roi_align(im[None].float(), [box[None]], output_size=size, sampling_ratio=0, aligned=True)
-                      for im, box in zip(images, boxes)])
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):  # one roi_align per distinct image shape
+        groups.setdefault(tuple(image.shape), []).append(i)
+    if len(groups) == 1:
+        return _roi_align(torch.stack(images).float(), boxes, size)
+    out = torch.empty(len(images), images[0].shape[0], size, size, device=device)
+    for members in groups.values():
+        index = torch.tensor(members, device=device)
+        out[index] = _roi_align(torch.stack([images[i] for i in members]).float(), boxes[index], size)
+    return out
+
+
+def _roi_align(batch: Tensor, boxes: Tensor, size: int) -> Tensor:
+    rois = torch.cat([torch.arange(len(batch), device=batch.device, dtype=torch.float32)[:, None], boxes], dim=1)
+    return roi_align(batch, rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
 
 
 def finish(batch: Tensor, flip: Tensor | None, dtype: torch.dtype, channels_last: bool) -> Tensor:
