@@ -105,13 +105,18 @@ def _roi_align(batch: Tensor, boxes: Tensor, size: int) -> Tensor:
 
 
 def finish(batch: Tensor, flip: Tensor | None, dtype: torch.dtype, channels_last: bool) -> Tensor:
-    """Optional horizontal flips (a bool per image), then (x/255 − mean)/std in `dtype`, NCHW or NHWC."""
-    if flip is not None:
-        batch = torch.where(flip.to(batch.device)[:, None, None, None], batch.flip(-1), batch)
-    mean = torch.tensor(IMAGENET_MEAN, device=batch.device)[None, :, None, None] * 255.0
-    std = torch.tensor(IMAGENET_STD, device=batch.device)[None, :, None, None] * 255.0
-    out = ((batch - mean) / std).to(dtype)
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out.contiguous()
+    """Optional horizontal flips (a bool per image; done in place, `batch` is scratch), then
+    x·a + b with a = 1/(255·std), b = −mean/std, i.e. (x/255 − mean)/std, written once in `dtype`,
+    NCHW or NHWC (channels_last) memory."""
+    device = batch.device
+    if flip is not None and bool(flip.any()):
+        index = flip.nonzero()[:, 0].to(device)
+        batch[index] = batch[index].flip(-1)
+    std = torch.tensor(IMAGENET_STD, device=device)[None, :, None, None]
+    bias = -torch.tensor(IMAGENET_MEAN, device=device)[None, :, None, None] / std
+    out = torch.empty(batch.shape, dtype=dtype, device=device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return torch.addcmul(bias, batch, 1.0 / (255.0 * std), out=out)
 
 
 def train_transform(images: list[Tensor], size: int, generator: torch.Generator, flip: bool,
