@@ -82,7 +82,10 @@ def _extensions() -> tuple[list, dict]:
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cxx_flags = ["-O3", "-fno-math-errno"]  # errno-free sqrtf vectorises; torch adds the C++ standard (C++20)
+    # errno-free sqrtf vectorises; no contraction into fused multiply-adds, which would round differently
+    # from the reference and between the instruction-set builds of csrc/cpu/kernels_*.cpp; torch adds the
+    # C++ standard (C++20)
+    cxx_flags = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
     sources = ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     include_dirs = [str(ROOT / "csrc")]
     if use_cuda:

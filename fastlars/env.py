@@ -23,7 +23,8 @@ def env_report() -> str:
         lines.append(f"fastlars._C: not loaded: {extension_error()}")
     else:
         kernels = getattr(ext, "kernel_devices", lambda: [])()
-        lines.append(f"fastlars._C: loaded, kernels for {', '.join(kernels) or 'no device'}")
+        isa = getattr(ext, "cpu_isa", lambda: "unknown")()
+        lines.append(f"fastlars._C: loaded, kernels for {', '.join(kernels) or 'no device'}; CPU loops: {isa}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         device = torch.device(dev)

@@ -6,10 +6,14 @@
 
 #include <math.h>
 
+// A file may define FASTLARS_HD itself first (csrc/cpu/kernels.inc makes the functions static, so each
+// instruction-set build of the CPU element loops keeps its own copy).
+#ifndef FASTLARS_HD
 #if defined(__CUDACC__)
 #define FASTLARS_HD __host__ __device__ __forceinline__
 #else
 #define FASTLARS_HD inline
+#endif
 #endif
 
 namespace fastlars::math {
@@ -77,27 +81,31 @@ struct LambConsts {
   bool decoupled;
 };
 
+// w after LAMB's decoupled decay, w − (lr·λ)·w; w itself without it.
+FASTLARS_HD float lamb_decayed_weight(float w, const LambConsts& c) {
+  return (c.has_decay && c.decoupled) ? w - (c.lr * c.weight_decay) * w : w;
+}
+
 // LAMB direction of one element from its new moments (w is the fp32 weight):
 //   u = (m·(1/bc1)) / (√(v·(1/bc2)) + ε)     (bc = 1 − β^t; within an ulp of the reference's m/bc1)
 //   coupled decay: u += λ·w ;  decoupled decay: w ← w − (lr·λ)·w  (w then enters the ratio decayed)
 FASTLARS_HD float lamb_direction(float& w, float m, float v, const LambConsts& c) {
   float u = (m * c.inv_bc1) / (sqrtf(v * c.inv_bc2) + c.eps);
-  if (c.has_decay) {
-    if (c.decoupled) {
-      w = w - (c.lr * c.weight_decay) * w;
-    } else {
-      u = u + c.weight_decay * w;
-    }
-  }
+  if (c.has_decay && !c.decoupled) u = u + c.weight_decay * w;
+  w = lamb_decayed_weight(w, c);
   return u;
 }
 
-// LAMB moments and direction of one element (g the clipped true gradient):
-//   m ← β1·m + β3·g ;  v ← β2·v + (1−β2)·g² ;  then lamb_direction.
-// Returns u; m, v and (decoupled) w are updated in the caller's registers.
-FASTLARS_HD float lamb_element(float& w, float& m, float& v, float g, const LambConsts& c) {
+// LAMB moments of one element (g the clipped true gradient): m ← β1·m + β3·g ; v ← β2·v + (1−β2)·g².
+// lamb_element: the moments, then lamb_direction; returns u, with m, v and (decoupled) w updated in
+// the caller's registers.
+FASTLARS_HD void lamb_moments(float& m, float& v, float g, const LambConsts& c) {
   m = c.beta1 * m + c.beta3 * g;
   v = c.beta2 * v + c.one_minus_beta2 * g * g;
+}
+
+FASTLARS_HD float lamb_element(float& w, float& m, float& v, float g, const LambConsts& c) {
+  lamb_moments(m, v, g, c);
   return lamb_direction(w, m, v, c);
 }
 

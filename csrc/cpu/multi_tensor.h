@@ -51,11 +51,16 @@ inline std::vector<Chunk> plan_chunks(const std::vector<int64_t>& numels) {
 constexpr int64_t kGrainChunks = 8;
 
 template <typename Body>
-void for_each_chunk(const std::vector<Chunk>& chunks, int arrays, const Body& body) {
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), kGrainChunks, [&](int64_t lo, int64_t hi) {
+void for_each_chunk(const Chunk* chunks, int64_t count, int arrays, const Body& body) {
+  at::parallel_for(0, count, kGrainChunks, [&](int64_t lo, int64_t hi) {
     std::vector<float> scratch(static_cast<size_t>(arrays) * kChunk);
     for (int64_t c = lo; c < hi; ++c) body(c, chunks[c], scratch.data());
   });
+}
+
+template <typename Body>
+void for_each_chunk(const std::vector<Chunk>& chunks, int arrays, const Body& body) {
+  for_each_chunk(chunks.data(), static_cast<int64_t>(chunks.size()), arrays, body);
 }
 
 // Sum over chunks of each tensor of per-chunk partials (in chunk order, in double).
@@ -121,19 +126,6 @@ inline void store(const Slot& slot, int64_t begin, int64_t n, const float* src) 
     default:
       narrow_half(src, static_cast<c10::Half*>(slot.base) + begin, n);
   }
-}
-
-// Σ x² in fp32 with 16 independent accumulators (vectorises without reassociating a single sum).
-FASTLARS_CPU_CLONES inline float sum_of_squares(const float* x, int64_t n) {
-  float acc[16] = {};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    for (int k = 0; k < 16; ++k) acc[k] += x[i + k] * x[i + k];
-  }
-  for (; i < n; ++i) acc[i % 16] += x[i] * x[i];
-  float total = 0.0f;
-  for (float a : acc) total += a;
-  return total;
 }
 
 }  // namespace fastlars::cpu

@@ -1,11 +1,14 @@
 // The CPU kernels of the fastlars ops (schemas in fastlars/_ops.py), registered for the CPU dispatch
 // key. Each op handles the whole tensor list of a param group in parallel passes over chunks of all
-// tensors (multi_tensor.h), with the per-element arithmetic of csrc/common/step_math.h.
+// tensors (multi_tensor.h); the element loops (kernels.h) are built per x86 instruction set around the
+// per-element arithmetic of csrc/common/step_math.h.
 //
 // grad_norms:  out[i] = ||g_i|| / grad_scale                         one pass, reads g
-// lars_step_:  pass 1 ||w_i|| (adapting groups only); pass 2 the update   reads w twice, g and v once
-// lamb_step_:  pass 1 new m, v (written when fp32) and ||w_i||, ||u_i||; pass 2 recomputes u from the
-//              stored moments and writes w (bf16/fp16 moments: recomputed from the old ones and g, so
+// lars_step_:  per group of tensors (tensor_groups.h; adapting groups only): pass 1 ||w_i||, pass 2
+//              the update
+// lamb_step_:  per group of tensors (tensor_groups.h): pass 1 new m, v (written when fp32), u into a
+//              workspace, ||w_i||, ||u_i||; pass 2 w ← w − lr·r_i·u from the stored u (bf16/fp16
+//              moments: pass 1 works on copies and pass 2 recomputes them from the old ones and g, so
 //              u never sees rounded moments, as in the reference); groups that do not adapt take one pass.
 // Scalars held in tensors (lr_tensor, grad_scale, found_inf, clip_coef, steps) live on the CPU here,
 // so reading them costs no synchronisation; found_inf != 0 returns before anything is written.
@@ -18,6 +21,8 @@
 #include <vector>
 
 #include "../common/step_math.h"
+#include "kernels.h"
+#include "tensor_groups.h"
 #include "multi_tensor.h"
 
 namespace fastlars::cpu {
@@ -130,102 +135,6 @@ void store_weight(const StepTensors& ts, const Chunk& c, const float* w) {
   if (ts.master[c.tensor]) store(ts.param[c.tensor], c.begin, c.size, w);
 }
 
-// ------------------------------------------------------------------------------ hot loops
-// The options are template parameters, so after inlining the shared maths has no branch left in the
-// element loops and they vectorise (gcc does not unswitch these loops on its own).
-// Calls f.template operator()<B0, B1, ...>() with the runtime flags as compile-time constants.
-template <bool... Fixed, typename F>
-void with_flags(const F& f) {
-  f.template operator()<Fixed...>();
-}
-template <bool... Fixed, typename F, typename... Rest>
-void with_flags(const F& f, bool flag, Rest... rest) {
-  if (flag) {
-    with_flags<Fixed..., true>(f, rest...);
-  } else {
-    with_flags<Fixed..., false>(f, rest...);
-  }
-}
-
-template <bool kScaled, bool kMaximize, bool kNesterov, bool kMlperf>
-void lars_chunk(float* __restrict__ w, float* __restrict__ v, const float* __restrict__ g, int64_t n, float scale,
-                float lr, float ratio, float momentum, float weight_decay) {
-  const float* s = kScaled ? &scale : nullptr;
-  for (int64_t i = 0; i < n; ++i) {
-    const float gi = math::true_grad(g[i], s, kMaximize);
-    math::lars_element(w[i], v[i], gi, lr, ratio, momentum, weight_decay, kNesterov, kMlperf);
-  }
-}
-
-template <bool kScaled, bool kMaximize, bool kDecay, bool kDecoupled>
-math::LambConsts fixed(math::LambConsts c) {
-  c.has_decay = kDecay;
-  c.decoupled = kDecoupled;
-  return c;
-}
-
-// Pass 1 of LAMB: new moments in m, v (in place) and Σw², Σu² of the chunk (w itself untouched).
-// Blocks of 16 elements with 16 partial sums each, so the loop vectorises without reassociating.
-template <bool kScaled, bool kMaximize, bool kDecay, bool kDecoupled>
-void lamb_moments_chunk(const float* __restrict__ w, float* __restrict__ m, float* __restrict__ v,
-                        const float* __restrict__ g, int64_t n, float scale, float clip, math::LambConsts consts,
-                        float* sums) {
-  const math::LambConsts c = fixed<kScaled, kMaximize, kDecay, kDecoupled>(consts);
-  const float* s = kScaled ? &scale : nullptr;
-  float ww[16] = {}, uu[16] = {};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    for (int k = 0; k < 16; ++k) {
-      float wi = w[i + k];
-      const float gi = math::true_grad(g[i + k], s, kMaximize) * clip;
-      const float u = math::lamb_element(wi, m[i + k], v[i + k], gi, c);
-      ww[k] += wi * wi;
-      uu[k] += u * u;
-    }
-  }
-  for (int k = 0; i < n; ++i, ++k) {
-    float wi = w[i];
-    const float gi = math::true_grad(g[i], s, kMaximize) * clip;
-    const float u = math::lamb_element(wi, m[i], v[i], gi, c);
-    ww[k] += wi * wi;
-    uu[k] += u * u;
-  }
-  float sw = 0.0f, su = 0.0f;
-  for (int k = 0; k < 16; ++k) {
-    sw += ww[k];
-    su += uu[k];
-  }
-  sums[0] = sw;
-  sums[1] = su;
-}
-
-// Pass 2 of LAMB from stored fp32 moments: w ← w' − (lr·r)·u.
-template <bool kScaled, bool kMaximize, bool kDecay, bool kDecoupled>
-void lamb_apply_chunk(float* __restrict__ w, const float* __restrict__ m, const float* __restrict__ v, int64_t n,
-                      math::LambConsts consts, float step) {
-  const math::LambConsts c = fixed<kScaled, kMaximize, kDecay, kDecoupled>(consts);
-  for (int64_t i = 0; i < n; ++i) {
-    float wi = w[i];
-    const float u = math::lamb_direction(wi, m[i], v[i], c);
-    w[i] = wi - step * u;
-  }
-}
-
-// One whole LAMB element pass (moments from the old ones and g, then the update): pass 2 with
-// low-precision moments, and the only pass of a group that does not adapt.
-template <bool kScaled, bool kMaximize, bool kDecay, bool kDecoupled>
-void lamb_full_chunk(float* __restrict__ w, float* __restrict__ m, float* __restrict__ v, const float* __restrict__ g,
-                     int64_t n, float scale, float clip, math::LambConsts consts, float step) {
-  const math::LambConsts c = fixed<kScaled, kMaximize, kDecay, kDecoupled>(consts);
-  const float* s = kScaled ? &scale : nullptr;
-  for (int64_t i = 0; i < n; ++i) {
-    float wi = w[i];
-    const float gi = math::true_grad(g[i], s, kMaximize) * clip;
-    const float u = math::lamb_element(wi, m[i], v[i], gi, c);
-    w[i] = wi - step * u;
-  }
-}
-
 // ------------------------------------------------------------------------------------ ops
 at::Tensor grad_norms_cpu(at::TensorList grads, const std::optional<at::Tensor>& grad_scale) {
   const size_t n = grads.size();
@@ -240,8 +149,9 @@ at::Tensor grad_norms_cpu(at::TensorList grads, const std::optional<at::Tensor>&
   const std::optional<float> scale = host_scalar(grad_scale, "grad_scale");
   const std::vector<Chunk> chunks = plan_chunks(numels);
   std::vector<float> partials(chunks.size());
+  const ElementKernels& kernels = element_kernels();
   for_each_chunk(chunks, 1, [&](int64_t k, const Chunk& c, float* scratch) {
-    partials[k] = sum_of_squares(load(slots[c.tensor], c.begin, c.size, scratch), c.size);
+    partials[k] = kernels.sum_of_squares(load(slots[c.tensor], c.begin, c.size, scratch), c.size);
   });
   const std::vector<double> sums = per_tensor_sums(chunks, partials, n);
   at::Tensor out = at::empty({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kFloat));
@@ -272,35 +182,48 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   const float rate = host_scalar(lr_tensor, "lr_tensor").value_or(static_cast<float>(lr));
   if (skip.has_value() && *skip != 0.0f) return;
 
+  const ElementKernels& kernels = element_kernels();
   const std::vector<Chunk> chunks = plan_chunks(ts.numel);
-  std::vector<float> ratios(n, 1.0f);
-  if (adapt) {
-    std::vector<float> partials(chunks.size());
-    for_each_chunk(chunks, 1, [&](int64_t k, const Chunk& c, float* scratch) {
-      partials[k] = sum_of_squares(load(ts.weight[c.tensor], c.begin, c.size, scratch), c.size);
+  const LarsArgs args{scale.has_value(), maximize, nesterov, mlperf_momentum, scale.value_or(1.0f), rate, 1.0f,
+                      static_cast<float>(momentum), static_cast<float>(weight_decay)};
+  const auto update = [&](const Chunk* first, int64_t count, const std::vector<float>& ratios) {
+    for_each_chunk(first, count, 3, [&](int64_t, const Chunk& c, float* scratch) {
+      float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
+      float* v = load(ts.buffers[0][c.tensor], c.begin, c.size, scratch + kChunk);
+      const float* g = load(ts.grad[c.tensor], c.begin, c.size, scratch + 2 * kChunk);
+      LarsArgs tensor_args = args;
+      tensor_args.ratio = ratios[c.tensor];
+      kernels.lars_update(w, v, g, c.size, tensor_args);
+      store(ts.buffers[0][c.tensor], c.begin, c.size, v);
+      store_weight(ts, c, w);
     });
-    const std::vector<double> sums = per_tensor_sums(chunks, partials, n);
-    const at::Tensor norms = grad_norms.contiguous();
-    const float* g_norm = norms.data_ptr<float>();
-    for (size_t i = 0; i < n; ++i) {
-      ratios[i] = math::lars_ratio(static_cast<float>(std::sqrt(sums[i])), g_norm[i], rate,
+  };
+  std::vector<float> ratios(n, 1.0f);
+  if (!adapt) {
+    update(chunks.data(), static_cast<int64_t>(chunks.size()), ratios);
+    return;
+  }
+  // Per group (tensor_groups.h): ||w|| of its tensors, their ratios, then their update.
+  const at::Tensor norms = grad_norms.contiguous();
+  const float* g_norm = norms.data_ptr<float>();
+  const GroupPlan plan = plan_groups(ts.numel);
+  std::vector<float> partials(chunks.size());
+  for (const TensorGroup& group : plan.groups) {
+    const Chunk* first = chunks.data() + group.first_chunk;
+    const int64_t count = static_cast<int64_t>(group.end_chunk - group.first_chunk);
+    for_each_chunk(first, count, 1, [&](int64_t k, const Chunk& c, float* scratch) {
+      partials[group.first_chunk + k] =
+          kernels.sum_of_squares(load(ts.weight[c.tensor], c.begin, c.size, scratch), c.size);
+    });
+    for (size_t i = group.first_tensor; i < group.end_tensor; ++i) {
+      double sum = 0.0;  // in chunk order: the norms do not depend on the threads
+      for (size_t k = plan.first_chunk[i]; k < plan.first_chunk[i + 1]; ++k) sum += partials[k];
+      ratios[i] = math::lars_ratio(static_cast<float>(std::sqrt(sum)), g_norm[i], rate,
                                    static_cast<float>(trust_coefficient), static_cast<float>(weight_decay),
                                    static_cast<float>(eps), true, trust_clip, bounds.has, bounds.lo, bounds.hi);
     }
+    update(first, count, ratios);
   }
-  const float scale_value = scale.value_or(1.0f);
-  for_each_chunk(chunks, 3, [&](int64_t, const Chunk& c, float* scratch) {
-    float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
-    float* v = load(ts.buffers[0][c.tensor], c.begin, c.size, scratch + kChunk);
-    const float* g = load(ts.grad[c.tensor], c.begin, c.size, scratch + 2 * kChunk);
-    with_flags([&]<bool kScaled, bool kMaximize, bool kNesterov, bool kMlperf>() {
-      lars_chunk<kScaled, kMaximize, kNesterov, kMlperf>(w, v, g, c.size, scale_value, rate, ratios[c.tensor],
-                                                         static_cast<float>(momentum),
-                                                         static_cast<float>(weight_decay));
-    }, scale.has_value(), maximize, nesterov, mlperf_momentum);
-    store(ts.buffers[0][c.tensor], c.begin, c.size, v);
-    store_weight(ts, c, w);
-  });
 }
 
 void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -341,58 +264,89 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   }
   if (skip.has_value() && *skip != 0.0f) return;
 
-  const float scale_value = scale.value_or(1.0f);
-  const float clip_value = clip.value_or(1.0f);
-  const bool has_decay = weight_decay != 0.0;
+  const ElementKernels& kernels = element_kernels();
+  std::vector<LambArgs> args(n);
+  for (size_t i = 0; i < n; ++i) {
+    args[i] = LambArgs{scale.has_value(), maximize, scale.value_or(1.0f), clip.value_or(1.0f), consts[i]};
+  }
   const std::vector<Chunk> chunks = plan_chunks(ts.numel);
   const auto& m_slots = ts.buffers[0];
   const auto& v_slots = ts.buffers[1];
+  if (!adapt) {  // one pass: moments and update, step = lr
+    for_each_chunk(chunks, 4, [&](int64_t, const Chunk& c, float* scratch) {
+      float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
+      float* m = load(m_slots[c.tensor], c.begin, c.size, scratch + kChunk);
+      float* v = load(v_slots[c.tensor], c.begin, c.size, scratch + 2 * kChunk);
+      const float* g = load(ts.grad[c.tensor], c.begin, c.size, scratch + 3 * kChunk);
+      kernels.lamb_full(w, m, v, g, c.size, args[c.tensor], rate);
+      store(m_slots[c.tensor], c.begin, c.size, m);
+      store(v_slots[c.tensor], c.begin, c.size, v);
+      store_weight(ts, c, w);
+    });
+    return;
+  }
+
+  // fp32 moments are written in place by pass 1; low-precision ones are worked on as copies there and
+  // recomputed from the old values and g in pass 2, so u never sees rounded moments (as in the reference).
+  const auto moments = ts.fp32_state ? load : load_copy;
+  const GroupPlan plan = plan_groups(ts.numel);
+  float* const workspace = update_workspace(plan);
+  std::vector<float> partials(2 * chunks.size());
   std::vector<float> steps_by_tensor(n, rate);
-  if (adapt) {
-    std::vector<float> partials(2 * chunks.size());
-    // When every moment is fp32, pass 1 writes them in place; otherwise it works on copies and pass 2
-    // recomputes them from the old values.
-    const auto moments = ts.fp32_state ? load : load_copy;
-    for_each_chunk(chunks, 4, [&](int64_t k, const Chunk& c, float* scratch) {
+  for (const TensorGroup& group : plan.groups) {
+    const bool store_u = stores_update(group);
+    const Chunk* first = chunks.data() + group.first_chunk;
+    const int64_t count = static_cast<int64_t>(group.end_chunk - group.first_chunk);
+    const auto u_of = [&](const Chunk& c) -> float* {
+      return store_u ? workspace + plan.offset[c.tensor] + c.begin : nullptr;
+    };
+
+    for_each_chunk(first, count, 4, [&](int64_t k, const Chunk& c, float* scratch) {
       const float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
       float* m = moments(m_slots[c.tensor], c.begin, c.size, scratch + kChunk);
       float* v = moments(v_slots[c.tensor], c.begin, c.size, scratch + 2 * kChunk);
       const float* g = load(ts.grad[c.tensor], c.begin, c.size, scratch + 3 * kChunk);
-      with_flags([&]<bool kScaled, bool kMaximize, bool kDecay, bool kDecoupled>() {
-        lamb_moments_chunk<kScaled, kMaximize, kDecay, kDecoupled>(w, m, v, g, c.size, scale_value, clip_value,
-                                                                   consts[c.tensor], &partials[2 * k]);
-      }, scale.has_value(), maximize, has_decay, decoupled_decay);
+      kernels.lamb_moments(w, m, v, g, u_of(c), c.size, args[c.tensor], &partials[2 * (group.first_chunk + k)]);
     });
-    const std::vector<double> w_sums = per_tensor_sums(chunks, partials, n, 2, 0);
-    const std::vector<double> u_sums = per_tensor_sums(chunks, partials, n, 2, 1);
-    for (size_t i = 0; i < n; ++i) {
-      const float ratio = math::lamb_ratio(static_cast<float>(std::sqrt(w_sums[i])),
-                                           static_cast<float>(std::sqrt(u_sums[i])), true, trust_clip, bounds.has,
-                                           bounds.lo, bounds.hi);
+
+    for (size_t i = group.first_tensor; i < group.end_tensor; ++i) {
+      double w_sum = 0.0, u_sum = 0.0;  // in chunk order: the norms do not depend on the threads
+      for (size_t k = plan.first_chunk[i]; k < plan.first_chunk[i + 1]; ++k) {
+        w_sum += partials[2 * k];
+        u_sum += partials[2 * k + 1];
+      }
+      const float ratio = math::lamb_ratio(static_cast<float>(std::sqrt(w_sum)), static_cast<float>(std::sqrt(u_sum)),
+                                           true, trust_clip, bounds.has, bounds.lo, bounds.hi);
       steps_by_tensor[i] = rate * ratio;
     }
+
+    for_each_chunk(first, count, 4, [&](int64_t, const Chunk& c, float* scratch) {
+      float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
+      const float step = steps_by_tensor[c.tensor];
+      if (ts.fp32_state) {
+        if (store_u) {
+          kernels.lamb_apply_stored(w, u_of(c), c.size, args[c.tensor], step);
+        } else {
+          float* m = load(m_slots[c.tensor], c.begin, c.size, scratch + kChunk);
+          float* v = load(v_slots[c.tensor], c.begin, c.size, scratch + 2 * kChunk);
+          kernels.lamb_apply_recomputed(w, m, v, c.size, args[c.tensor], step);
+        }
+      } else {
+        float* m = load(m_slots[c.tensor], c.begin, c.size, scratch + kChunk);
+        float* v = load(v_slots[c.tensor], c.begin, c.size, scratch + 2 * kChunk);
+        const float* g = load(ts.grad[c.tensor], c.begin, c.size, scratch + 3 * kChunk);
+        if (store_u) {
+          kernels.lamb_moments_only(m, v, g, c.size, args[c.tensor]);
+          kernels.lamb_apply_stored(w, u_of(c), c.size, args[c.tensor], step);
+        } else {
+          kernels.lamb_full(w, m, v, g, c.size, args[c.tensor], step);
+        }
+        store(m_slots[c.tensor], c.begin, c.size, m);
+        store(v_slots[c.tensor], c.begin, c.size, v);
+      }
+      store_weight(ts, c, w);
+    });
   }
-  const bool moments_written = adapt && ts.fp32_state;
-  for_each_chunk(chunks, 4, [&](int64_t, const Chunk& c, float* scratch) {
-    float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
-    float* m = load(m_slots[c.tensor], c.begin, c.size, scratch + kChunk);
-    float* v = load(v_slots[c.tensor], c.begin, c.size, scratch + 2 * kChunk);
-    if (moments_written) {
-      with_flags([&]<bool kScaled, bool kMaximize, bool kDecay, bool kDecoupled>() {
-        lamb_apply_chunk<kScaled, kMaximize, kDecay, kDecoupled>(w, m, v, c.size, consts[c.tensor],
-                                                                 steps_by_tensor[c.tensor]);
-      }, false, false, has_decay, decoupled_decay);
-    } else {
-      const float* g = load(ts.grad[c.tensor], c.begin, c.size, scratch + 3 * kChunk);
-      with_flags([&]<bool kScaled, bool kMaximize, bool kDecay, bool kDecoupled>() {
-        lamb_full_chunk<kScaled, kMaximize, kDecay, kDecoupled>(w, m, v, g, c.size, scale_value, clip_value,
-                                                                consts[c.tensor], steps_by_tensor[c.tensor]);
-      }, scale.has_value(), maximize, has_decay, decoupled_decay);
-      store(m_slots[c.tensor], c.begin, c.size, m);
-      store(v_slots[c.tensor], c.begin, c.size, v);
-    }
-    store_weight(ts, c, w);
-  });
 }
 
 }  // namespace

@@ -242,7 +242,10 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         return torch.device("cpu")
 
     def _views(self, item: GroupWork) -> GroupViews:
-        local = distributed.local
+        def local(t: Tensor) -> Tensor:
+            return t
+        if item.reduce is not None:  # a sharded group: its DTensors' local shards
+            local = distributed.local
         masters = self._masters(item)
         return GroupViews(
             params=[local(p) for p in item.params],

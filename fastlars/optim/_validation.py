@@ -138,14 +138,16 @@ def check_group_params(group_index: int, params: list[Any], capturable: bool, lr
 
 def check_grad(group_index: int, param_index: int, param: Tensor, grad: Tensor) -> None:
     """A gradient the kernels can use: dense, real, same dtype, device and shape as its parameter."""
-    name = describe(group_index, param_index, param)
+    problem = None
     if grad.is_sparse:
-        raise RuntimeError(f"{name}: sparse gradients are not supported")
-    if grad.is_complex():
-        raise RuntimeError(f"{name}: complex gradients are not supported")
-    if grad.device != param.device:
-        raise RuntimeError(f"{name}: gradient is on {grad.device}, parameter on {param.device}")
-    if grad.dtype != param.dtype:
-        raise RuntimeError(f"{name}: gradient dtype {grad.dtype} differs from the parameter's {param.dtype}")
-    if grad.shape != param.shape:
-        raise RuntimeError(f"{name}: gradient shape {tuple(grad.shape)} differs from the parameter's")
+        problem = "sparse gradients are not supported"
+    elif grad.is_complex():
+        problem = "complex gradients are not supported"
+    elif grad.device != param.device:
+        problem = f"gradient is on {grad.device}, parameter on {param.device}"
+    elif grad.dtype != param.dtype:
+        problem = f"gradient dtype {grad.dtype} differs from the parameter's {param.dtype}"
+    elif grad.shape != param.shape:
+        problem = f"gradient shape {tuple(grad.shape)} differs from the parameter's"
+    if problem is not None:
+        raise RuntimeError(f"{describe(group_index, param_index, param)}: {problem}")

@@ -1,0 +1,69 @@
+// The element loops of the CPU kernels, compiled once per x86 instruction set (kernels_avx512.cpp,
+// kernels_avx2.cpp, kernels_baseline.cpp each include kernels.inc under its own target) and picked
+// once, at the first step, for the CPU the process runs on. Every build does the same fp32 operations
+// in the same order (no fused multiply-add, sums in 16 fixed partial accumulators), so the results are
+// bit-identical whichever build runs; only the vector width differs.
+//
+// Nothing here includes ATen: these files are compiled for instruction sets the rest of the library
+// must not assume.
+#pragma once
+
+#include <cstdint>
+
+#include "../common/step_math.h"
+
+namespace fastlars::cpu {
+
+// LARS per-tensor inputs of the update loop (scale: the GradScaler scale when `scaled`).
+struct LarsArgs {
+  bool scaled, maximize, nesterov, mlperf;
+  float scale, lr, ratio, momentum, weight_decay;
+};
+
+// LAMB per-tensor inputs of the element loops (clip: the global-norm clip coefficient, 1 when off).
+struct LambArgs {
+  bool scaled, maximize;
+  float scale, clip;
+  math::LambConsts consts;  // its has_decay and decoupled flags select the loop
+};
+
+// One instruction-set build of the element loops. n is a chunk's length; all pointers are fp32.
+struct ElementKernels {
+  const char* isa;
+  // Σ x².
+  float (*sum_of_squares)(const float* x, int64_t n);
+  // LARS: v, w ← lars_element(...) for every element.
+  void (*lars_update)(float* w, float* v, const float* g, int64_t n, const LarsArgs& a);
+  // LAMB pass 1: new m, v in place, sums[0] = Σw'², sums[1] = Σu² (w' decoupled-decayed; w is not
+  // written), and u itself into u_out unless it is null.
+  void (*lamb_moments)(const float* w, float* m, float* v, const float* g, float* u_out, int64_t n,
+                       const LambArgs& a, float* sums);
+  // LAMB pass 2 from a stored u: w ← w' − step·u.
+  void (*lamb_apply_stored)(float* w, const float* u, int64_t n, const LambArgs& a, float step);
+  // LAMB pass 2 recomputing u from the new moments: w ← w' − step·u(m, v).
+  void (*lamb_apply_recomputed)(float* w, const float* m, const float* v, int64_t n, const LambArgs& a,
+                                float step);
+  // The new moments only (pass 2 of low-precision moments, whose pass 1 worked on copies).
+  void (*lamb_moments_only)(float* m, float* v, const float* g, int64_t n, const LambArgs& a);
+  // Moments and update in one pass (a group that does not adapt: step is lr).
+  void (*lamb_full)(float* w, float* m, float* v, const float* g, int64_t n, const LambArgs& a, float step);
+};
+
+namespace isa_baseline {
+extern const ElementKernels kernels;
+}
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTLARS_CPU_X86_BUILDS 1
+namespace isa_avx2 {
+extern const ElementKernels kernels;
+}
+namespace isa_avx512 {
+extern const ElementKernels kernels;
+}
+#endif
+
+// The fastest build this CPU runs, chosen at the first call. FASTLARS_CPU_ISA=baseline|avx2|avx512
+// caps the choice (a build the CPU cannot run is never chosen).
+const ElementKernels& element_kernels();
+
+}  // namespace fastlars::cpu

@@ -1,0 +1,16 @@
+// The element loops for x86-64 CPUs with AVX2 (8 floats per vector). No "fma": a fused multiply-add
+// would round differently from the baseline build and the reference (setup.py also turns contraction off).
+#include <cstdint>
+#include <math.h>
+
+// The shared maths as static functions compiled for the baseline: inlined into the loops below, which
+// are compiled for the target; no copy of them built for the target can leak to other files.
+#define FASTLARS_HD static inline __attribute__((always_inline))
+#include "kernels.h"
+
+#ifdef FASTLARS_CPU_X86_BUILDS
+#pragma GCC target("avx2")
+#define FASTLARS_ISA_NAMESPACE isa_avx2
+#define FASTLARS_ISA_NAME "avx2"
+#include "kernels.inc"
+#endif

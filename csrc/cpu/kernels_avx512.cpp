@@ -1,0 +1,16 @@
+// The element loops for x86-64 CPUs with AVX-512F (16 floats per vector, 512-bit vectors preferred).
+// AVX-512F has fused multiply-adds; setup.py compiles with -ffp-contract=off so none is formed.
+#include <cstdint>
+#include <math.h>
+
+// The shared maths as static functions compiled for the baseline: inlined into the loops below, which
+// are compiled for the target; no copy of them built for the target can leak to other files.
+#define FASTLARS_HD static inline __attribute__((always_inline))
+#include "kernels.h"
+
+#ifdef FASTLARS_CPU_X86_BUILDS
+#pragma GCC target("avx512f,prefer-vector-width=512")
+#define FASTLARS_ISA_NAMESPACE isa_avx512
+#define FASTLARS_ISA_NAME "avx512"
+#include "kernels.inc"
+#endif

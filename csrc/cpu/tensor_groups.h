@@ -1,0 +1,83 @@
+// How the CPU kernels order their two passes over a param group so that the second pass finds in
+// cache what the first one read.
+//
+// LARS and LAMB need a tensor's whole norms before any element of it can be updated, so every element
+// is visited twice. The cores of a CPU read memory at a fixed rate and a step's time follows the
+// number of arrays read from memory; a second read is cheap only while the array is still cached.
+// So tensors are taken in groups of consecutive tensors of about kGroupElements elements (a bigger
+// tensor alone), and both passes of a group run before the next group starts: a group's arrays fit in
+// the caches. (Measured on a 2-core AMD EPYC: LAMB over 100 tensors of 200K elements, 18 ms per step
+// in groups against 24 ms with all tensors' pass 1 first; a tensor too big for the caches gains nothing.)
+//
+// LAMB also keeps the direction u = m̂ / (√v̂ + ε) of pass 1 in a workspace for pass 2, instead of
+// recomputing its square root and division (pass 2 reads w and u rather than w, m and v). A tensor of
+// more than kMaxStoredElements recomputes u instead, which bounds the workspace (one per calling
+// thread, kept between steps).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "multi_tensor.h"
+
+namespace fastlars::cpu {
+
+// 1 MiB per fp32 array: a LAMB group's five arrays (w, m, v, g, u) take 5 MiB of L2 + L3.
+constexpr int64_t kGroupElements = int64_t{1} << 18;
+constexpr int64_t kMaxStoredElements = int64_t{1} << 24;  // a 64 MiB workspace at most
+
+struct TensorGroup {
+  size_t first_tensor, end_tensor;  // tensors [first_tensor, end_tensor)
+  size_t first_chunk, end_chunk;    // their chunks, [first_chunk, end_chunk) of plan_chunks' order
+  int64_t elements;
+};
+
+struct GroupPlan {
+  std::vector<TensorGroup> groups;
+  std::vector<size_t> first_chunk;  // per tensor, and one past the last: tensor t owns [first_chunk[t], first_chunk[t+1])
+  std::vector<int64_t> offset;      // per tensor: its first element's index within its group
+};
+
+inline GroupPlan plan_groups(const std::vector<int64_t>& numels) {
+  GroupPlan plan;
+  const size_t n = numels.size();
+  plan.first_chunk.assign(n + 1, 0);
+  for (size_t t = 0; t < n; ++t) plan.first_chunk[t + 1] = plan.first_chunk[t] + (numels[t] + kChunk - 1) / kChunk;
+  plan.offset.assign(n, 0);
+  size_t t = 0;
+  while (t < n) {
+    TensorGroup group{t, t, plan.first_chunk[t], plan.first_chunk[t], 0};
+    while (t < n && (group.elements == 0 || group.elements + numels[t] <= kGroupElements)) {
+      plan.offset[t] = group.elements;
+      group.elements += numels[t];
+      ++t;
+    }
+    group.end_tensor = t;
+    group.end_chunk = plan.first_chunk[t];
+    plan.groups.push_back(group);
+  }
+  return plan;
+}
+
+// Whether LAMB keeps a group's u in the workspace between the passes.
+inline bool stores_update(const TensorGroup& group) { return group.elements <= kMaxStoredElements; }
+
+// The calling thread's LAMB workspace, large enough for every group of `plan` that stores u
+// (uninitialised; grown, never shrunk).
+inline float* update_workspace(const GroupPlan& plan) {
+  int64_t elements = 0;
+  for (const TensorGroup& group : plan.groups) {
+    if (stores_update(group)) elements = std::max(elements, group.elements);
+  }
+  thread_local std::unique_ptr<float[]> buffer;
+  thread_local int64_t capacity = 0;
+  if (elements > capacity) {
+    buffer.reset(new float[static_cast<size_t>(elements)]);
+    capacity = elements;
+  }
+  return buffer.get();
+}
+
+}  // namespace fastlars::cpu
