@@ -91,20 +91,21 @@ def test_default_dataset_layout_counts_and_decodable(digits: Path) -> None:
     assert not dataset_flips(digits)
 
 
-def test_default_dataset_split_is_the_studys(digits: Path) -> None:
+def test_default_dataset_split_is_stratified_and_fixed(digits: Path) -> None:
     from sklearn.datasets import load_digits
 
-    from train.study.minitrainer import digits_split as study_split
-
     train_idx, val_idx = digits_split()
-    _, y_train, x_val, _ = study_split()
-    data = load_digits()
-    assert torch.equal(torch.tensor(data.images[val_idx], dtype=torch.float32).unsqueeze(1) / 16.0, x_val)
-    assert torch.equal(torch.tensor(data.target[train_idx]), y_train)
+    assert digits_split() == (train_idx, val_idx)
+    target = load_digits().target
+    assert (len(train_idx), len(val_idx)) == (1437, 360)
+    assert sorted(train_idx + val_idx) == list(range(len(target)))
+    for label in range(10):  # stratified: every class 20% in validation, to within one image
+        in_class = int((target == label).sum())
+        assert abs(int((target[val_idx] == label).sum()) - 0.2 * in_class) <= 1
     files = {split: sorted(int(p.stem) for p in (digits / split).rglob("*.jpg")) for split in ("train", "val")}
     assert files == {"train": sorted(train_idx), "val": sorted(val_idx)}
     labels = {int(p.stem): int(p.parent.name) for p in (digits / "val").rglob("*.jpg")}
-    assert all(labels[i] == data.target[i] for i in val_idx)
+    assert all(labels[i] == target[i] for i in val_idx)
 
 
 def test_default_dataset_is_built_once(digits: Path) -> None:

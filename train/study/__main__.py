@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     data = overrides.get("data", preset.train.get("data"))
     rank, world = _rank()
     log = print if rank == 0 else (lambda _msg: None)
-    engine = sweep.resolve_engine(log)
+    engine = sweep.resolve_engine()
     multi_gpu = preset.device_batch is not None
     if preset.train_size is not None:
         train_size = preset.train_size

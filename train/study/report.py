@@ -94,13 +94,6 @@ def _diffusion_table(fits: Sequence[analysis.DiffusionFit]) -> str:
     return "\n".join(lines)
 
 
-def _engine_line(engine: str) -> str:
-    if engine == "study.minitrainer":
-        return ("the study's stand-in trainer (train/study/minitrainer.py: digits as in-memory 8×8 tensors, "
-                "small CNN, fp32, one process), because train.engine was not importable when this ran.")
-    return f"`{engine}`."
-
-
 def write_report(records: Sequence[Record], preset: Preset, out: Path, tolerance: float,
                  meta: dict[str, Any]) -> Path:
     """Write every report file into `out` and return the path of report.md."""
@@ -128,7 +121,7 @@ large-batch recipe (LR scaling rule, {preset.warmup_epochs:g} warmup epochs, {pr
 biases and norm layers) at LR factors {factors} × its scaled LR; the table shows the best.
 Accuracy "holds" while it stays within {100 * tolerance:.0f} points of the optimizer's peak.
 
-Trained by {_engine_line(meta.get("engine", "train.engine"))}
+Trained by `{meta.get("engine", "train.engine")}`.
 Machine: {meta.get("machine", machine())}. {meta.get("runs", len(records))} runs
 ({meta.get("executed", "?")} trained by the invocation that wrote this report, {meta.get("cached", "?")} read from
 the cache of earlier ones); training time of all runs, as each run measured it:

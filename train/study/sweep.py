@@ -71,18 +71,11 @@ def _count_train_images(data: str) -> int:
     return count
 
 
-def resolve_engine(log: Callable[[str], None] = print) -> Engine:
-    """The trainer (train.config.TrainConfig + train.engine.train) when it imports; otherwise the
-    study's stand-in trainer for the digits data, announced through `log`."""
-    try:
-        from train.config import TrainConfig
-        from train.data import default_dataset  # noqa: F401  (the engine needs its data package)
-        from train.engine import train
-    except ImportError as exc:
-        from train.study import minitrainer
+def resolve_engine() -> Engine:
+    """The trainer: train.config.TrainConfig and train.engine.train."""
+    from train.config import TrainConfig
+    from train.engine import train
 
-        log(f"train.engine is not importable ({exc}); using the study's stand-in trainer (train/study/minitrainer.py)")
-        return Engine("study.minitrainer", minitrainer.TrainConfig, minitrainer.train, minitrainer.train_size)
     return Engine("train.engine", TrainConfig, train, _count_train_images)
 
 
