@@ -2,7 +2,8 @@
 #   make study   # the batch-size scaling study on the bundled real dataset (the main job)
 #   make test    # the test suite (what CI runs)
 # Setup: a .venv with torch (the CUDA build 2.14.1 from this machine's package cache; a current one
-# elsewhere), the test/bench/train extras, and fastlars built in place with its compiled extension.
+# elsewhere), the test/bench/train/dali extras (DALI: its CPU pipeline is tested here), and fastlars
+# built in place with its compiled extension.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,7 +22,7 @@ $(VENV)/.deps: pyproject.toml
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PIP) install -q --no-build-isolation -e ".[test,bench,train]"
+	$(PIP) install -q --no-build-isolation -e ".[test,bench,train,dali]"
 	$(PY) -c "import fastlars; print(fastlars.env_report())"
 	touch $@
 
