@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -44,8 +45,20 @@ inline std::vector<Chunk> plan_chunks(const std::vector<int64_t>& numels) {
   return chunks;
 }
 
-// Runs body(chunk, scratch) over all chunks on the intra-op thread pool; `arrays` fp32 scratch
-// arrays of kChunk elements per thread range.
+// `arrays` fp32 scratch arrays of kChunk elements for the calling thread, kept between calls: a fresh
+// zeroed buffer per thread and pass would add its memset to every step.
+inline float* thread_scratch(int arrays) {
+  thread_local std::unique_ptr<float[]> buffer;
+  thread_local int capacity = 0;
+  if (arrays > capacity) {
+    buffer.reset(new float[static_cast<size_t>(arrays) * kChunk]);
+    capacity = arrays;
+  }
+  return buffer.get();
+}
+
+// Runs body(chunk, scratch) over all chunks on the intra-op thread pool, with `arrays` fp32 scratch
+// arrays of kChunk elements per thread.
 // A call with fewer than kGrainChunks chunks (a small model) runs on the calling thread: waking the
 // pool costs more than the work, and far more when the cores are oversubscribed.
 constexpr int64_t kGrainChunks = 8;
@@ -53,8 +66,8 @@ constexpr int64_t kGrainChunks = 8;
 template <typename Body>
 void for_each_chunk(const Chunk* chunks, int64_t count, int arrays, const Body& body) {
   at::parallel_for(0, count, kGrainChunks, [&](int64_t lo, int64_t hi) {
-    std::vector<float> scratch(static_cast<size_t>(arrays) * kChunk);
-    for (int64_t c = lo; c < hi; ++c) body(c, chunks[c], scratch.data());
+    float* scratch = thread_scratch(arrays);
+    for (int64_t c = lo; c < hi; ++c) body(c, chunks[c], scratch);
   });
 }
 

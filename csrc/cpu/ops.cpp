@@ -290,11 +290,12 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   // recomputed from the old values and g in pass 2, so u never sees rounded moments (as in the reference).
   const auto moments = ts.fp32_state ? load : load_copy;
   const GroupPlan plan = plan_groups(ts.numel);
-  float* const workspace = update_workspace(plan);
+  const int64_t stored_limit = max_stored_elements();
+  float* const workspace = update_workspace(plan, stored_limit);
   std::vector<float> partials(2 * chunks.size());
   std::vector<float> steps_by_tensor(n, rate);
   for (const TensorGroup& group : plan.groups) {
-    const bool store_u = stores_update(group);
+    const bool store_u = group.elements <= stored_limit;
     const Chunk* first = chunks.data() + group.first_chunk;
     const int64_t count = static_cast<int64_t>(group.end_chunk - group.first_chunk);
     const auto u_of = [&](const Chunk& c) -> float* {

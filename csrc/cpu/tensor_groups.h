@@ -11,12 +11,13 @@
 //
 // LAMB also keeps the direction u = m̂ / (√v̂ + ε) of pass 1 in a workspace for pass 2, instead of
 // recomputing its square root and division (pass 2 reads w and u rather than w, m and v). A tensor of
-// more than kMaxStoredElements recomputes u instead, which bounds the workspace (one per calling
+// more than max_stored_elements() recomputes u instead, which bounds the workspace (one per calling
 // thread, kept between steps).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <vector>
 
@@ -26,7 +27,14 @@ namespace fastlars::cpu {
 
 // 1 MiB per fp32 array: a LAMB group's five arrays (w, m, v, g, u) take 5 MiB of L2 + L3.
 constexpr int64_t kGroupElements = int64_t{1} << 18;
-constexpr int64_t kMaxStoredElements = int64_t{1} << 24;  // a 64 MiB workspace at most
+
+// The most elements LAMB's workspace holds: FASTLARS_LAMB_WORKSPACE_ELEMENTS, else 2^26 (256 MiB),
+// read at every step. The workspace is as large as the largest group that stores u, so its memory is at
+// most one fp32 copy of the largest tensor.
+inline int64_t max_stored_elements() {
+  const char* limit = std::getenv("FASTLARS_LAMB_WORKSPACE_ELEMENTS");
+  return limit != nullptr ? std::strtoll(limit, nullptr, 10) : int64_t{1} << 26;
+}
 
 struct TensorGroup {
   size_t first_tensor, end_tensor;  // tensors [first_tensor, end_tensor)
@@ -61,15 +69,12 @@ inline GroupPlan plan_groups(const std::vector<int64_t>& numels) {
   return plan;
 }
 
-// Whether LAMB keeps a group's u in the workspace between the passes.
-inline bool stores_update(const TensorGroup& group) { return group.elements <= kMaxStoredElements; }
-
-// The calling thread's LAMB workspace, large enough for every group of `plan` that stores u
-// (uninitialised; grown, never shrunk).
-inline float* update_workspace(const GroupPlan& plan) {
+// The calling thread's LAMB workspace, large enough for every group of `plan` whose elements are at
+// most `limit` (uninitialised; grown, never shrunk).
+inline float* update_workspace(const GroupPlan& plan, int64_t limit) {
   int64_t elements = 0;
   for (const TensorGroup& group : plan.groups) {
-    if (stores_update(group)) elements = std::max(elements, group.elements);
+    if (group.elements <= limit) elements = std::max(elements, group.elements);
   }
   thread_local std::unique_ptr<float[]> buffer;
   thread_local int64_t capacity = 0;
