@@ -36,6 +36,7 @@ class QuickStudy:
     meta_resume: dict
     meta_again: dict
     records: list[dict]
+    survivors: list[int]
 
 
 def _command(out: Path) -> list[str]:
@@ -48,6 +49,23 @@ def _env() -> dict[str, str]:
 
 def _snapshot(cache: Path) -> dict[str, tuple[int, bytes]]:
     return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(cache.glob("*.json"))}
+
+
+def _live_processes_of_group(pgid: int, wait_s: float) -> list[int]:
+    """Pids (not zombies) left in process group `pgid` once `wait_s` has passed or none is left (Linux /proc)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        live = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                live.append(int(stat.parent.name))
+        if not live or time.monotonic() > deadline:
+            return live
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +86,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> QuickStudy:
     proc.wait()
     proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
+    survivors = _live_processes_of_group(proc.pid, wait_s=15.0)
     before = _snapshot(cache)
 
     resumed = subprocess.run(_command(out), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
@@ -79,7 +98,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> QuickStudy:
     assert again.returncode == 0, again.stderr[-3000:]
     meta_again = json.loads((out / "study.json").read_text())
     records = [json.loads(p.read_text()) for p in sorted(cache.glob("*.json"))]
-    return QuickStudy(out, meta_resume["runs"], before, after, meta_resume, meta_again, records)
+    return QuickStudy(out, meta_resume["runs"], before, after, meta_resume, meta_again, records, survivors)
 
 
 def test_killed_study_resumes_without_redoing_finished_runs(quick: QuickStudy) -> None:
@@ -89,6 +108,13 @@ def test_killed_study_resumes_without_redoing_finished_runs(quick: QuickStudy) -
     for name, snap in quick.before_resume.items():
         assert quick.after_resume[name] == snap, f"{name} was rewritten on resume"
     assert len(quick.after_resume) == quick.total
+
+
+def test_parallel_workers_die_with_a_killed_study(quick: QuickStudy) -> None:
+    """The quick preset trains one run per core at once in worker processes; SIGKILL of the study leaves
+    none of them running (and so none writing into a run folder the resumed study trains again)."""
+    assert quick.meta_resume["jobs"] == (os.cpu_count() or 1)
+    assert quick.survivors == [], f"study workers still alive after the kill: {quick.survivors}"
 
 
 def test_second_invocation_trains_nothing(quick: QuickStudy) -> None:

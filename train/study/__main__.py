@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", help="comma-separated subset of global batch sizes")
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="accuracy 'holds' while within this top-1 fraction of its peak (default: %(default)s)")
+    p.add_argument("--jobs", type=int,
+                   help="runs trained at once on a CPU device, each with cpu_count/jobs threads "
+                        "(default: one per core on CPU, 1 on a GPU or under torchrun)")
     p.add_argument("--plan", action="store_true", help="print the runs (and their torchrun commands) and exit")
     p.add_argument("--nproc-per-node", type=int, default=8, help="GPUs per node in printed torchrun commands")
     p.add_argument("--nnodes", type=int, default=1, help="nodes in printed torchrun commands")
@@ -49,7 +52,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--tolerance must be non-negative, got {args.tolerance}")
     if args.epochs is not None and not args.epochs > 0:
         p.error(f"--epochs must be positive, got {args.epochs}")
+    if args.jobs is not None and args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
     return args
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _csv(text: str | None, kind: type, name: str) -> list[Any] | None:
@@ -133,11 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     cache = ResultCache(out / "cache")
     started = time.time()
     log(f"study {preset.name}: {len(runs)} runs, training set {train_size} images, out {out}")
-    outcome = sweep.execute(runs, cache, out / "runs", engine, log=log, write=rank == 0)
+    device = overrides.get("device", preset.train.get("device", "cpu"))
+    on_cpu = device == "cpu" or (device == "auto" and not _cuda_available())
+    jobs = args.jobs or ((os.cpu_count() or 1) if on_cpu and world == 1 else 1)
+    outcome = sweep.execute(runs, cache, out / "runs", engine, log=log, write=rank == 0, jobs=jobs)
     if rank != 0:
         return 0
     meta = {
         "preset": preset.name, "runs": len(runs), "executed": outcome.executed, "cached": outcome.cached,
+        "jobs": jobs,
         "machine": machine(), "engine": engine.name, "train_size": train_size,
         "wall_time_s": round(time.time() - started, 1),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -113,6 +113,7 @@ def write_report(records: Sequence[Record], preset: Preset, out: Path, tolerance
     fits = analysis.diffusion(records, preset.diffusion_optimizer)
     estimates = analysis.noise_scale(records)
     factors = ", ".join(f"{f:.3g}" for f in preset.lr_factors)
+    trained_s = sum(r["result"]["wall_time_s"] for r in records)
     text = f"""# Batch-size scaling study: `{preset.name}` preset
 
 {preset.description}. Each optimizer trains {preset.epochs:g} epochs at every global batch with the
@@ -124,8 +125,8 @@ Accuracy "holds" while it stays within {100 * tolerance:.0f} points of the optim
 Trained by `{meta.get("engine", "train.engine")}`.
 Machine: {meta.get("machine", machine())}. {meta.get("runs", len(records))} runs
 ({meta.get("executed", "?")} trained by the invocation that wrote this report, {meta.get("cached", "?")} read from
-the cache of earlier ones); training time of all runs, as each run measured it:
-{sum(r["result"]["wall_time_s"] for r in records):.0f} s.
+the cache of earlier ones, {meta.get("jobs", 1)} at a time); training time of all runs, as each run measured
+it: {trained_s:.0f} s; wall time of the invocation: {meta.get("wall_time_s", 0):.0f} s.
 
 ## Summary
 

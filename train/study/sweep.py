@@ -9,8 +9,13 @@ Two budgets are planned (Hoffer et al. 2017 compare them):
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
+import multiprocessing
+import os
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -189,31 +194,69 @@ class SweepOutcome:
 
 
 def execute(runs: list[PlannedRun], cache: ResultCache, run_dir: Path, engine: Engine,
-            log: Callable[[str], None] = print, write: bool = True) -> SweepOutcome:
-    """Train every run without a cached record (in order) with `engine` and return all records.
+            log: Callable[[str], None] = print, write: bool = True, jobs: int = 1) -> SweepOutcome:
+    """Train every run without a cached record with `engine` and return all records, in plan order.
 
     Each run trains into `run_dir/<key>/` with resume on, so a run killed half-way continues from
     the trainer's last checkpoint where the trainer keeps one. `write=False` (non-zero ranks under
-    torchrun) trains but never writes the cache.
+    torchrun) trains but never writes the cache. `jobs` > 1 trains that many runs at once in worker
+    processes of cpu_count // jobs intra-op threads each (small CPU models gain nothing from a
+    second thread, so two one-thread runs on two cores take half the time of one after the other);
+    the workers die with the study, so a killed study leaves no run behind it writing.
     """
-    records, executed, cached = [], 0, 0
-    start = time.perf_counter()
-    for i, run in enumerate(runs, 1):
+    records: dict[int, dict[str, Any]] = {}
+    pending = []
+    for i, run in enumerate(runs):
         record = cache.get(run.key)
         if record is not None:
-            cached += 1
-            records.append(record)
-            continue
-        config = {**run.config, "out": str(run_dir / run.key), "resume": True}
-        log(f"[{i}/{len(runs)}] {run.describe()}")
-        t0 = time.perf_counter()
-        result = engine.train(engine.config_cls(**config))
+            records[i] = record
+        else:
+            pending.append(i)
+    cached = len(records)
+    start = time.perf_counter()
+
+    def finish(i: int, result: Any, seconds: float) -> None:
+        run = runs[i]
         record = {**run_record(run, result), "key": run.key, "engine": engine.name}
         if write:
             cache.put(run.key, record)
-        executed += 1
-        records.append(record)
+        records[i] = record
         res = record["result"]
-        log(f"    top1={res.get('top1')} steps={res.get('steps')} {time.perf_counter() - t0:.1f}s "
-            f"(study {time.perf_counter() - start:.0f}s)")
-    return SweepOutcome(records, executed, cached)
+        log(f"[{len(records)}/{len(runs)}] {run.describe()}\n    top1={res.get('top1')} steps={res.get('steps')} "
+            f"{seconds:.1f}s (study {time.perf_counter() - start:.0f}s)")
+
+    def config(i: int) -> dict[str, Any]:
+        return {**runs[i].config, "out": str(run_dir / runs[i].key), "resume": True}
+
+    if jobs <= 1 or len(pending) <= 1:
+        for i in pending:
+            result, seconds = _train_one(engine, config(i))
+            finish(i, result, seconds)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
+                                                    initargs=(threads,)) as pool:
+            futures = {pool.submit(_train_one, engine, config(i)): i for i in pending}
+            for future in concurrent.futures.as_completed(futures):
+                result, seconds = future.result()
+                finish(futures[future], result, seconds)
+    return SweepOutcome([records[i] for i in range(len(runs))], len(pending), cached)
+
+
+def _train_one(engine: Engine, config: dict[str, Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    result = engine.train(engine.config_cls(**config))
+    return result, time.perf_counter() - t0
+
+
+def _worker_init(threads: int) -> None:
+    """A sweep worker: `threads` intra-op threads, and killed when the study process dies (Linux)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
