@@ -79,7 +79,10 @@ def train(cfg: TrainConfig) -> RunResult:
     cfg.check()
     topo, created = launch.init(cfg.device)
     try:
-        return _Run(cfg, topo).run()
+        result = _Run(cfg, topo).run()
+        if created:  # no rank tears the group down while another still has collectives in flight
+            dist.barrier()
+        return result
     finally:
         if created:
             dist.destroy_process_group()
