@@ -206,7 +206,7 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   // Per group (tensor_groups.h): ||w|| of its tensors, their ratios, then their update.
   const at::Tensor norms = grad_norms.contiguous();
   const float* g_norm = norms.data_ptr<float>();
-  const GroupPlan plan = plan_groups(ts.numel);
+  const GroupPlan plan = plan_groups(chunks, ts.numel);
   std::vector<float> partials(chunks.size());
   for (const TensorGroup& group : plan.groups) {
     const Chunk* first = chunks.data() + group.first_chunk;
@@ -216,9 +216,7 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
           kernels.sum_of_squares(load(ts.weight[c.tensor], c.begin, c.size, scratch), c.size);
     });
     for (size_t i = group.first_tensor; i < group.end_tensor; ++i) {
-      double sum = 0.0;  // in chunk order: the norms do not depend on the threads
-      for (size_t k = plan.first_chunk[i]; k < plan.first_chunk[i + 1]; ++k) sum += partials[k];
-      ratios[i] = math::lars_ratio(static_cast<float>(std::sqrt(sum)), g_norm[i], rate,
+      ratios[i] = math::lars_ratio(static_cast<float>(std::sqrt(plan.tensor_sum(partials, i))), g_norm[i], rate,
                                    static_cast<float>(trust_coefficient), static_cast<float>(weight_decay),
                                    static_cast<float>(eps), true, trust_clip, bounds.has, bounds.lo, bounds.hi);
     }
@@ -243,9 +241,13 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   const std::optional<float> scale = host_scalar(grad_scale, "grad_scale");
   const std::optional<float> clip = host_scalar(clip_coef, "clip_coef");
   const float rate = host_scalar(lr_tensor, "lr_tensor").value_or(static_cast<float>(lr));
-  std::vector<math::LambConsts> consts(n);
+  std::vector<LambArgs> args(n);
   for (size_t i = 0; i < n; ++i) {
-    math::LambConsts& c = consts[i];
+    args[i].scaled = scale.has_value();
+    args[i].maximize = maximize;
+    args[i].scale = scale.value_or(1.0f);
+    args[i].clip = clip.value_or(1.0f);
+    math::LambConsts& c = args[i].consts;
     c.beta1 = static_cast<float>(beta1);
     c.beta2 = static_cast<float>(beta2);
     c.beta3 = static_cast<float>(grad_averaging ? 1.0 - beta1 : 1.0);
@@ -265,10 +267,6 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   if (skip.has_value() && *skip != 0.0f) return;
 
   const ElementKernels& kernels = element_kernels();
-  std::vector<LambArgs> args(n);
-  for (size_t i = 0; i < n; ++i) {
-    args[i] = LambArgs{scale.has_value(), maximize, scale.value_or(1.0f), clip.value_or(1.0f), consts[i]};
-  }
   const std::vector<Chunk> chunks = plan_chunks(ts.numel);
   const auto& m_slots = ts.buffers[0];
   const auto& v_slots = ts.buffers[1];
@@ -289,7 +287,7 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   // fp32 moments are written in place by pass 1; low-precision ones are worked on as copies there and
   // recomputed from the old values and g in pass 2, so u never sees rounded moments (as in the reference).
   const auto moments = ts.fp32_state ? load : load_copy;
-  const GroupPlan plan = plan_groups(ts.numel);
+  const GroupPlan plan = plan_groups(chunks, ts.numel);
   const int64_t stored_limit = max_stored_elements();
   float* const workspace = update_workspace(plan, stored_limit);
   std::vector<float> partials(2 * chunks.size());
@@ -311,13 +309,9 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     });
 
     for (size_t i = group.first_tensor; i < group.end_tensor; ++i) {
-      double w_sum = 0.0, u_sum = 0.0;  // in chunk order: the norms do not depend on the threads
-      for (size_t k = plan.first_chunk[i]; k < plan.first_chunk[i + 1]; ++k) {
-        w_sum += partials[2 * k];
-        u_sum += partials[2 * k + 1];
-      }
-      const float ratio = math::lamb_ratio(static_cast<float>(std::sqrt(w_sum)), static_cast<float>(std::sqrt(u_sum)),
-                                           true, trust_clip, bounds.has, bounds.lo, bounds.hi);
+      const float w_norm = static_cast<float>(std::sqrt(plan.tensor_sum(partials, i, 2, 0)));
+      const float u_norm = static_cast<float>(std::sqrt(plan.tensor_sum(partials, i, 2, 1)));
+      const float ratio = math::lamb_ratio(w_norm, u_norm, true, trust_clip, bounds.has, bounds.lo, bounds.hi);
       steps_by_tensor[i] = rate * ratio;
     }
 

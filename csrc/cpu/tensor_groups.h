@@ -46,13 +46,23 @@ struct GroupPlan {
   std::vector<TensorGroup> groups;
   std::vector<size_t> first_chunk;  // per tensor, and one past the last: tensor t owns [first_chunk[t], first_chunk[t+1])
   std::vector<int64_t> offset;      // per tensor: its first element's index within its group
+
+  // Σ over tensor t's chunks of partials[stride·k + at], in chunk order and in double, so a norm does
+  // not depend on the number of threads.
+  double tensor_sum(const std::vector<float>& partials, size_t t, int stride = 1, int at = 0) const {
+    double sum = 0.0;
+    for (size_t k = first_chunk[t]; k < first_chunk[t + 1]; ++k) sum += partials[stride * k + at];
+    return sum;
+  }
 };
 
-inline GroupPlan plan_groups(const std::vector<int64_t>& numels) {
+// Groups over the tensors of `numels`, whose chunks are `chunks` (plan_chunks(numels)).
+inline GroupPlan plan_groups(const std::vector<Chunk>& chunks, const std::vector<int64_t>& numels) {
   GroupPlan plan;
   const size_t n = numels.size();
   plan.first_chunk.assign(n + 1, 0);
-  for (size_t t = 0; t < n; ++t) plan.first_chunk[t + 1] = plan.first_chunk[t] + (numels[t] + kChunk - 1) / kChunk;
+  for (const Chunk& c : chunks) ++plan.first_chunk[c.tensor + 1];
+  for (size_t t = 0; t < n; ++t) plan.first_chunk[t + 1] += plan.first_chunk[t];
   plan.offset.assign(n, 0);
   size_t t = 0;
   while (t < n) {
