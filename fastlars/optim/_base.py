@@ -69,12 +69,14 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._check_options(defaults)
-        self._skipped: Tensor | None = None
         self._resolved: dict[tuple[int, torch.device], str] = {}
         self.stats_group: Any | None = None
         """A process group over which the skip flag and LAMB's ||G|| are summed every step (set by
         fastlars.distributed.zero_redundancy_optimizer); None: this optimizer's tensors only."""
         super().__init__(params, defaults)
+        # Created here, not at the first step: torch.compile (torch 2.11) cannot set a new attribute
+        # on the optimizer inside a compiled step, and a CUDA graph wants it allocated before capture.
+        self._skipped = torch.zeros((), device=self._home_device())
 
     # ----------------------------------------------------------------- options and groups
     def _check_options(self, group: Mapping[str, Any]) -> None:
@@ -109,7 +111,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
     @property
     def skipped_steps(self) -> int:
         """How many step() calls changed nothing because a gradient was non-finite (reads the device)."""
-        return 0 if self._skipped is None else int(self._skipped.item())
+        return int(self._skipped.item())
 
     def _gather(self) -> list[GroupWork]:
         work = []
@@ -183,7 +185,9 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         if self.stats_group is not None:
             found_inf, global_grad_norm = self._reduce_over_stats_group(found_inf, global_grad_norm)
         found_inf = (found_inf > 0).float()
-        self._skipped = found_inf.clone() if self._skipped is None else self._skipped.add_(found_inf)
+        if self._skipped.device != home:  # the parameters moved after the optimizer was made
+            self._skipped = self._skipped.to(home)
+        self._skipped.add_(found_inf)
 
         keep = 1.0 - found_inf
         for item in work:

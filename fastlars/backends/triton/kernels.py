@@ -42,6 +42,21 @@ def device_function(fn: Callable) -> Callable:
 _block_sum = tl.sum.fn if INTERPRETED else tl.sum  # the same reasoning for the block reduction
 
 
+if INTERPRETED:
+
+    def _trip(x):
+        """A loaded scalar as a ``range`` bound: a Python int under the interpreter (triton 3.6's
+        interpreter converts a 1-element array with int(), which numpy >= 2.5 refuses)."""
+        return int(x.handle.data.item())
+
+else:
+
+    @triton.jit
+    def _trip(x):
+        """A loaded scalar as a ``range`` bound (the identity when compiled)."""
+        return x
+
+
 @device_function
 def _typed(addr_table, row, i, n_tensors, DTYPE: tl.constexpr):
     """Pointer to tensor ``i`` of table row ``row`` (``addr_table`` is int64 [rows, n_tensors])."""
@@ -60,7 +75,7 @@ def sumsq_partials_kernel(
     n = tl.load(numel_ptr + i)
     x_ptr = _typed(addr_table, row, i, n_tensors, DTYPE)
     acc = tl.zeros([BLOCK], tl.float32)
-    for off in range(0, tl.minimum(n - start, CHUNK), BLOCK):
+    for off in range(0, _trip(tl.minimum(n - start, CHUNK)), BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + idx, mask=idx < n, other=0.0).to(tl.float32)
         acc += x * x
@@ -82,7 +97,7 @@ def sum_chunks_kernel(
     hi = tl.load(first_chunk_ptr + i + 1)
     base = partial_ptr + k.to(tl.int64) * n_chunks
     acc = tl.zeros([BLOCK], tl.float32)
-    for s in range(lo, hi, BLOCK):
+    for s in range(_trip(lo), _trip(hi), BLOCK):
         idx = s + tl.arange(0, BLOCK)
         acc += tl.load(base + idx, mask=idx < hi, other=0.0)
     total = _block_sum(acc, 0)
@@ -184,7 +199,7 @@ def lars_update_kernel(
         w_ptr = _typed(addr_table, 3, i, n_tensors, tl.float32)
     else:
         w_ptr = p_ptr
-    for off in range(0, tl.minimum(n - start, CHUNK), BLOCK):
+    for off in range(0, _trip(tl.minimum(n - start, CHUNK)), BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
         mask = idx < n
         w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
@@ -303,7 +318,7 @@ def lamb_kernel(
         w_ptr = p_ptr
     acc_w = tl.zeros([BLOCK], tl.float32)
     acc_u = tl.zeros([BLOCK], tl.float32)
-    for off in range(0, tl.minimum(n - start, CHUNK), BLOCK):
+    for off in range(0, _trip(tl.minimum(n - start, CHUNK)), BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
         mask = idx < n
         store = idx < n_store
