@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fastlars.backends._common import LambHyper, LarsHyper, Scalar
-from fastlars.backends.reference import lamb_trust_ratio, lars_trust_ratio
+from fastlars.backends.reference import l2_norm, lamb_trust_ratio, lars_trust_ratio
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -25,11 +25,19 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
+def norms(tensors: list[Tensor]) -> Tensor:
+    """``out[i] = ||tensors[i]||`` in fp32: one torch._foreach_norm on an accelerator; on the CPU, whose
+    fp32 norm kernel loses precision with size (see reference.l2_norm), the reference's norm per tensor."""
+    if tensors[0].device.type == "cpu":
+        return torch.stack([l2_norm(t) for t in tensors])
+    return torch.stack(torch._foreach_norm(tensors, dtype=torch.float32))
+
+
 def grad_norms(grads: list[Tensor], grad_scale: Tensor | None) -> Tensor:
     """Per-tensor fp32 L2 norms of the unscaled gradients: ``out[i] = ||grads[i] / grad_scale||``."""
     if not grads:
         return torch.zeros(0, dtype=torch.float32)
-    out = torch.stack(torch._foreach_norm(grads, dtype=torch.float32))
+    out = norms(grads)
     if grad_scale is not None:
         out = out / grad_scale.to(out.device, torch.float32).reshape(())
     return out
@@ -59,7 +67,7 @@ def lars_step(
     g = _true_grads(grads, grad_scale, h.maximize)
     d = torch._foreach_add(g, w, alpha=h.weight_decay) if h.weight_decay != 0.0 else g
     if weight_norms is None:
-        weight_norms = torch.stack(torch._foreach_norm(w, dtype=torch.float32))
+        weight_norms = norms(w)
     ratios = lars_trust_ratio(weight_norms, grad_norms.to(weight_norms.device), lr, h)
     ratios = ratios.expand(len(params))
     v = torch._foreach_mul(_as_fp32(momentum_buffers), h.momentum)
@@ -132,8 +140,8 @@ def lamb_step(
             w = torch._foreach_sub(w, torch._foreach_mul(w, lr * h.weight_decay))
         else:
             torch._foreach_add_(u, w, alpha=h.weight_decay)
-    w_norms = torch.stack(torch._foreach_norm(w, dtype=torch.float32))
-    u_norms = torch.stack(torch._foreach_norm(u, dtype=torch.float32))
+    w_norms = norms(w)
+    u_norms = norms(u)
     if reduce_sumsq is not None:
         n = len(params)
         totals = reduce_sumsq(torch.cat([w_norms.square(), u_norms.square()])).sqrt()
