@@ -95,7 +95,7 @@ def _extensions() -> tuple[list, dict]:
             sources,
             include_dirs=include_dirs + _nvidia_wheel_includes(),
             define_macros=[("FASTLARS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "-fmad=false"]},
         )
     else:
         ext = CppExtension("fastlars._C", sources, include_dirs=include_dirs, extra_compile_args=cxx_flags)

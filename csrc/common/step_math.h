@@ -1,7 +1,9 @@
 // Per-element and per-tensor LARS/LAMB arithmetic shared by the CPU kernels (csrc/cpu) and the CUDA
 // kernels (csrc/cuda), in fp32, in the same order of operations as fastlars/backends/reference.py (the
 // spec) so results agree to rounding. FASTLARS_HD makes every function __host__ __device__ under nvcc
-// and a plain inline function elsewhere, so the CPU tests run the exact arithmetic the GPU runs.
+// and a plain inline function elsewhere, so the CPU tests run the arithmetic the GPU runs: nvcc builds
+// with -fmad=false and the host with -ffp-contract=off (setup.py), so neither fuses a*b+c; the device's
+// powf (LAMB's bias corrections) may differ from glibc's in the last bit.
 #pragma once
 
 #include <math.h>
@@ -18,7 +20,7 @@
 
 namespace fastlars::math {
 
-// The gradient of the loss: g / grad_scale (scale <= 0 or absent: not divided), negated for maximize.
+// The gradient of the loss: g / grad_scale (absent: g), negated for maximize.
 FASTLARS_HD float true_grad(float g, const float* grad_scale, bool maximize) {
   if (grad_scale != nullptr) g = g / *grad_scale;
   return maximize ? -g : g;

@@ -22,6 +22,7 @@
 #include <torch/library.h>
 #ifndef FASTLARS_CUDA_EMULATION
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
@@ -74,7 +75,7 @@ struct DeviceFacts {
   int64_t half_l2 = 0;  // bytes
 };
 
-const DeviceFacts& device_facts(const at::Device& device) {
+DeviceFacts device_facts(const at::Device& device) {  // by value: the cache may grow meanwhile
 #ifdef FASTLARS_CUDA_EMULATION
   static const DeviceFacts emulated{2, 64 * 1024};  // small grids and waves: every path is taken
   (void)device;
@@ -165,6 +166,11 @@ Lr learning_rate(double lr, const std::optional<at::Tensor>& lr_tensor, const at
   const at::Tensor& t = *lr_tensor;
   TORCH_CHECK(t.numel() == 1, "lr_tensor: expected one element, got ", t.numel());
   if (t.device().is_cpu()) {
+#ifndef FASTLARS_CUDA_EMULATION
+    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+                "lr_tensor: on the CPU while a CUDA graph is being captured; its value would be frozen into "
+                "the graph (put lr on the params' device)");
+#endif
     out.value = t.item<float>();  // host memory: no device synchronisation
     return out;
   }
@@ -289,7 +295,7 @@ void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
       make_lars_options(momentum, weight_decay, trust_coefficient, eps, nesterov, trust_clip, mlperf_momentum, adapt,
                         bounds.has, bounds.lo, bounds.hi, maximize, grad_norms.data_ptr<float>());
   const Lr rate = learning_rate(lr, lr_tensor, device);
-  const DeviceFacts& facts = device_facts(device);
+  const DeviceFacts facts = device_facts(device);
   const CallTensors call = raw_call({params, grads, momentum_buffers, master_params}, storage, 3);
   const CallPlan plan = plan_call<LarsTable>(call, 4, adapt ? wave_bytes(facts) : 0);
   const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
@@ -318,6 +324,10 @@ void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const at::Device device = params[0].device();
   const DeviceScope scope(device);
   check_lists(params.size(), steps, "steps");
+  for (size_t i = 0; i < steps.size(); ++i) {
+    TORCH_CHECK(steps[i].device() == device, "steps[", i, "]: on ", steps[i].device(), ", the params are on ",
+                device, " (a host-to-device copy would block and cannot be captured in a CUDA graph)");
+  }
   at::Tensor step_values;
   if (bias_correction) {  // one small copy kernel gathers the 0-d step counts into one vector
     step_values = at::stack(steps).to(device, at::kFloat).reshape({-1}).contiguous();
@@ -328,7 +338,7 @@ void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
       bounds.lo, bounds.hi, maximize, bias_correction ? step_values.data_ptr<float>() : nullptr,
       device_scalar(clip_coef, device, "clip_coef"));
   const Lr rate = learning_rate(lr, lr_tensor, device);
-  const DeviceFacts& facts = device_facts(device);
+  const DeviceFacts facts = device_facts(device);
   const CallTensors call = raw_call({params, grads, exp_avgs, exp_avg_sqs, master_params}, storage, 4);
   const CallPlan plan = plan_call<LambTable>(call, 16, adapt ? wave_bytes(facts) : 0);
   const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
