@@ -9,7 +9,7 @@
 # Stages, each under its own time limit so the whole run ends inside one 10-minute device call:
 #   build          pip install --no-build-isolation --no-deps -e .   (CUDA kernels for the visible GPU's arch)
 #   tests          every test marked `cuda` (native CUDA and Triton vs the reference, CUDA graphs, compile)
-#   sanitizer      compute-sanitizer memcheck and racecheck over tests/cuda_sanitizer_check.py
+#   memcheck, racecheck  compute-sanitizer over tests/cuda_sanitizer_check.py
 #   bench          benchmarks/gpu_step.py: BERT-Large and ResNet-50, fp32 and bf16+master, every backend,
 #                  every peer but the compiled reference (its compile alone would take the stage's time)
 #   bench_compile  native vs the reference under torch.compile, ResNet-50 fp32, in $OUT/compile
@@ -43,14 +43,15 @@ stage() {  # stage NAME SECONDS COMMAND...
   fi
 }
 
-stage build 150 python3 -m pip install --no-build-isolation --no-deps -e .
+stage build 140 python3 -m pip install --no-build-isolation --no-deps -e .
 python3 -c "import fastlars; print(fastlars.env_report())" 2>&1 | tee -a "$log"
 stage tests 200 python3 -m pytest -v -m cuda -p no:cacheprovider --durations=25 tests/
 grep -E "^(FAILED|ERROR)|passed|failed" "$log" | tail -15
-stage sanitizer 70 bash -c 'for tool in memcheck racecheck; do
-    compute-sanitizer --tool $tool --error-exitcode 1 --target-processes all python3 tests/cuda_sanitizer_check.py || exit 1
-  done'
+# memcheck and racecheck as separate stages, so a slow racecheck cannot cost memcheck its verdict
+sanitize=(--error-exitcode 1 --target-processes all python3 tests/cuda_sanitizer_check.py)
+stage memcheck 50 compute-sanitizer --tool memcheck "${sanitize[@]}"
+stage racecheck 40 compute-sanitizer --tool racecheck "${sanitize[@]}"
 stage bench 100 python3 benchmarks/gpu_step.py --out "$out" --budget 2 --peers timm,torch_optimizer,torch_fused,apex,deepspeed
-stage bench_compile 70 python3 benchmarks/gpu_step.py --out "$out/compile" --budget 2 --params resnet50 --dtype fp32 \
+stage bench_compile 60 python3 benchmarks/gpu_step.py --out "$out/compile" --budget 2 --params resnet50 --dtype fp32 \
   --backends native --peers reference+compile
 exit "$failed"
