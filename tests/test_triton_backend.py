@@ -235,7 +235,7 @@ def test_gpu_step_never_synchronizes_with_the_host(triton_cuda, cls, kw) -> None
     opt = cls(params, backend="triton", master_weights=True, **kw)
     for p, g in zip(params, synthetic_grads(params, 1)):
         p.grad = g
-    opt.step()  # compiles the kernels, autotunes, builds the tables
+    opt.step()  # compiles the kernels, builds the tables
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -281,6 +281,39 @@ def test_gpu_cuda_graph_capture_with_tensor_lr(triton_cuda, cls, kw, base_lr) ->
         eager.step()
     torch.cuda.synchronize()
     assert_same_trajectory((eager_params, eager), (params, opt), torch.float32)
+
+
+@pytest.mark.cuda
+def test_gpu_captured_tables_are_kept_and_new_ones_refused_in_capture(triton_cuda) -> None:
+    """The device tables a captured graph reads survive cache eviction; a table that would have to be
+    built (copied from the host) during a capture is refused with a clear error."""
+    from fastlars.backends.triton import tables
+
+    params = make_params(SHAPES, torch.float32, "cuda")
+    opt = fastlars.LARS(params, lr=torch.tensor(1.0, device="cuda"), weight_decay=1e-2, capturable=True,
+                        backend="triton")
+    for p, g in zip(params, synthetic_grads(params, 1)):
+        p.grad = g
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    captured = set(tables._captured)
+    assert captured and captured <= set(tables._cache)
+    others = [torch.zeros(3 + i, device="cuda") for i in range(tables._CACHE_SIZE + 5)]
+    for t in others:
+        tables.buckets([[t]], 4096)
+    assert captured <= set(tables._cache) and len(tables._cache) <= tables._CACHE_SIZE + len(captured)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in params)
+    fresh = torch.zeros(7, device="cuda")
+    with pytest.raises(RuntimeError, match="no device table yet"), torch.cuda.graph(torch.cuda.CUDAGraph()):
+        tables.buckets([[fresh]], 4096)
 
 
 @pytest.mark.cuda

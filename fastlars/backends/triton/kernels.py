@@ -352,8 +352,3 @@ def lamb_kernel(
     if PASS == 1:
         tl.store(partial_ptr + c, _block_sum(acc_w, 0))
         tl.store(partial_ptr + n_chunks + c, _block_sum(acc_u, 0))
-
-
-def block_configs() -> list[triton.Config]:
-    """Block sizes and warp counts the GPU autotuner tries for the sum-of-squares kernel."""
-    return [triton.Config({"BLOCK": b}, num_warps=w) for b in (1024, 2048, 4096) for w in (4, 8)]

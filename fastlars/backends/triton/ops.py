@@ -11,14 +11,18 @@ Launches per group and storage-dtype bucket (all on the caller's stream, no host
 grad_norms 2 (Σg² per chunk, per-tensor sum); LARS 3 (Σw², per-tensor sum, update; 1 when the group
 does not adapt); LAMB 3 (pass 1, per-tensor sums, pass 2; 1 when the group does not adapt).
 
-Block sizes on a GPU: the sum-of-squares kernel is autotuned (triton.autotune over
-kernels.block_configs(), keyed by dtype; it only writes a scratch vector, so re-running it to time it
-is harmless). The update kernels write parameters and state in place, so timing them by re-running
-would apply the update several times unless every mutated tensor were snapshotted (a second copy of
-the optimizer state); they use a fixed 2048-element block with 8 warps until that is measured.
+Block sizes: one fixed configuration (2048-element blocks, 8 warps on a GPU), not autotuned: the
+order in which Σx² is added depends on the block size and warp count, so a per-process autotuner
+choice would make the norms, and the trust ratios, differ between runs and between DDP ranks.
+The update kernels write parameters and state in place, so they could not be timed by re-running
+anyway. Every op runs under a device guard for its tensors' GPU, on that device's current stream.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
 
 import torch
 import triton
@@ -46,14 +50,8 @@ UPDATE_WARPS = 8
 REDUCE_BLOCK = 256
 
 
-def _sumsq_launcher():
-    if INTERPRETED:
-        return lambda grid, *args, **kw: kernels.sumsq_partials_kernel[grid](*args, BLOCK=UPDATE_BLOCK, **kw)
-    tuned = triton.autotune(configs=kernels.block_configs(), key=["DTYPE"])(kernels.sumsq_partials_kernel)
-    return lambda grid, *args, **kw: tuned[grid](*args, **kw)
-
-
-_sumsq = _sumsq_launcher()
+def _sumsq(grid, *args, **kw) -> None:
+    kernels.sumsq_partials_kernel[grid](*args, BLOCK=UPDATE_BLOCK, num_warps=UPDATE_WARPS, **kw)
 
 
 def _tl(dtype: torch.dtype) -> object:
@@ -212,6 +210,20 @@ def lamb_step_impl(
                                            **options)
 
 
+def _on_tensor_device(impl: Callable) -> Callable:
+    """Run ``impl`` with its tensors' GPU as the current device: Triton launches on the current device's
+    current stream, which torch.library does not set for Python kernels (params on cuda:1 while cuda:0
+    is current would otherwise be launched on the wrong GPU)."""
+
+    @functools.wraps(impl)
+    def run(tensors: list[Tensor], *args: object, **kwargs: object) -> object:
+        guard = torch.cuda.device(tensors[0].device) if tensors and tensors[0].is_cuda else contextlib.nullcontext()
+        with guard:
+            return impl(tensors, *args, **kwargs)
+
+    return run
+
+
 # ---------------------------------------------------------------------------------- op contract
 _library = torch.library.Library(_ops.NAMESPACE, "FRAGMENT")
 _IMPLS = {"grad_norms": grad_norms_impl, "lars_step_": lars_step_impl, "lamb_step_": lamb_step_impl}
@@ -220,7 +232,7 @@ for _name, _signature in _ops.SCHEMAS.items():
     if not hasattr(getattr(torch.ops, _ops.NAMESPACE), _op_name):
         _library.define(_op_name + _signature)
         for _key in ("CPU", "CUDA"):
-            _library.impl(_op_name, _IMPLS[_name], _key)
+            _library.impl(_op_name, _on_tensor_device(_IMPLS[_name]), _key)
 
 
 @torch.library.register_fake(f"{_ops.NAMESPACE}::{PREFIX}grad_norms")

@@ -11,7 +11,10 @@ agree, so one kernel specialisation serves all of them. Its device-side table ho
 * ``index``: int32 [n], the entry's position in the caller's lists (per-tensor norms and steps).
 
 Tables are cached by (pointers, sizes): an optimizer passes the same tensors every step, so after
-the first step nothing is copied to the device, which also keeps CUDA-graph capture free of copies.
+the first step nothing is copied to the device. A new table (first step, or gradients that moved) is
+copied from pinned memory without blocking the host. Under CUDA-graph capture a new table is refused
+(the graph would keep reading a host buffer that gets reused), and the tables a capture used are never
+evicted, since the graph keeps their addresses.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class Bucket:
 
 
 _cache: OrderedDict[tuple, Bucket] = OrderedDict()
+_captured: set[tuple] = set()
+"""Keys of tables a CUDA graph captured: their device memory must outlive the graph, so never evicted."""
 
 
 def _check_layout(entry: list[Tensor], where: int) -> None:
@@ -89,10 +94,17 @@ def _bucket(lists: list[list[Tensor]], dtypes: tuple[torch.dtype, ...], idx: lis
     ptrs = tuple(tuple(lst[i].data_ptr() for i in idx) for lst in lists)
     numels = tuple(lists[0][i].numel() for i in idx)
     key = (device, chunk, dtypes, ptrs, numels, tuple(idx))
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     hit = _cache.get(key)
     if hit is not None:
         _cache.move_to_end(key)
+        if capturing:
+            _captured.add(key)
         return hit
+    if capturing:
+        raise RuntimeError("triton backend: these tensors have no device table yet and none can be built while a "
+                           "CUDA graph is being captured; run one step outside the capture first (warm-up), and "
+                           "keep gradients at fixed addresses (zero_grad(set_to_none=False))")
     chunk_tensor: list[int] = []
     chunk_start: list[int] = []
     first_chunk = [0]
@@ -103,7 +115,10 @@ def _bucket(lists: list[list[Tensor]], dtypes: tuple[torch.dtype, ...], idx: lis
         first_chunk.append(len(chunk_tensor))
 
     def on_device(values: object, dtype: torch.dtype) -> Tensor:
-        return torch.tensor(values, dtype=dtype).to(device)
+        host = torch.tensor(values, dtype=dtype)
+        if device.type == "cuda":  # pinned: an asynchronous copy, no wait for the stream's queued work
+            host = host.pin_memory()
+        return host.to(device, non_blocking=True)
 
     bucket = Bucket(
         dtypes=dtypes,
@@ -117,6 +132,6 @@ def _bucket(lists: list[list[Tensor]], dtypes: tuple[torch.dtype, ...], idx: lis
         n_chunks=len(chunk_tensor),
     )
     _cache[key] = bucket
-    if len(_cache) > _CACHE_SIZE:
-        _cache.popitem(last=False)
+    for old in [k for k in _cache if k not in _captured][: max(0, len(_cache) - _CACHE_SIZE)]:
+        del _cache[old]
     return bucket
