@@ -37,8 +37,9 @@ stage() {  # stage NAME SECONDS COMMAND...
   if ((status == 0)); then
     echo "== $name passed in $((SECONDS - start)) s" | tee -a "$log"
   else
-    echo "== $name FAILED (status $status) after $((SECONDS - start)) s; its log ends:" | tee -a "$log"
-    tail -c +"$((offset + 1))" "$log" | tail -n 41 | head -n 40
+    echo "== $name FAILED (status $status) after $((SECONDS - start)) s; its log ends:"
+    tail -c +"$((offset + 1))" "$log" | tail -n 40
+    echo "== $name FAILED (status $status)" >>"$log"
     failed=$((failed + 1))
   fi
 }
