@@ -202,6 +202,38 @@ def test_small_splits_held_in_memory_read_the_same_bytes(folder: Path, monkeypat
     assert_same(epoch(folder, 0, 16), cached)
 
 
+def test_images_decoded_once_serve_the_same_batches(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small split is decoded once per process and its eval batches built once; both give exactly the
+    batches of decoding every epoch, over several epochs (each epoch's crops differ)."""
+    from train.data import decoded, loaders
+
+    calls = []
+    real_decode = augment.decode
+
+    def counted(encoded: list, paths: list, **kw: object) -> list:
+        calls.append(len(encoded))
+        return real_decode(encoded, paths, **kw)
+
+    monkeypatch.setattr(augment, "decode", counted)
+    train, val = build_loaders(config(folder))
+    kept = [list(train.epoch(e, 16)) for e in range(3)]
+    evals = [list(val.batches()) for _ in range(2)]
+    assert sum(calls) == 37 + 37  # every train and val image decoded once in three epochs and two evaluations
+    assert train._decoded.kept_bytes == sum(im.numel() for im in train._decoded.get(list(range(37))))
+    assert_same(evals[0], evals[1])
+
+    monkeypatch.setattr(decoded, "KEPT_DECODED_BYTES", 0)  # nothing fits: decoded on every use
+    monkeypatch.setattr(loaders, "KEPT_EVAL_BYTES", 0)
+    calls.clear()
+    fresh_train, fresh_val = build_loaders(config(folder))
+    for e in range(3):
+        assert_same(list(fresh_train.epoch(e, 16)), kept[e])
+    assert_same(list(fresh_val.batches()), evals[0])
+    assert_same(list(fresh_val.batches()), evals[0])
+    assert sum(calls) == 3 * 48 + 2 * 37  # 3 epochs of 3 updates × 16 samples (wrap-around), two evaluations
+    assert not torch.equal(kept[0][0][0], kept[1][0][0])
+
+
 def test_indivisible_global_batch(folder: Path) -> None:
     train, _ = build_loaders(config(folder, world_size=2))
     with pytest.raises(ValueError, match=r"--global-batch 24 is not a multiple of .* 8 × 2 = 16"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
@@ -51,24 +52,28 @@ def _decode_one(data: Tensor, path: str) -> Tensor:
 
 def crop_boxes(heights: Tensor, widths: Tensor, scale: tuple[float, float], generator: torch.Generator,
                ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Tensor:
-    """Random-resized-crop boxes [n, 4] as (x0, y0, x1, y1) in pixels, float64 on the CPU."""
+    """Random-resized-crop boxes [n, 4] as (x0, y0, x1, y1) in pixels, float64 on the CPU. One draw of
+    n × (2·ATTEMPTS + 2) uniforms from `generator` per call (area fractions, log aspect ratios, corner),
+    the arithmetic in NumPy: a micro-batch of 32 takes a few dozen microseconds instead of the 0.4 ms
+    of as many small torch ops."""
     n = heights.numel()
-    h_img, w_img = heights.double()[:, None], widths.double()[:, None]
-    area = h_img * w_img * torch.empty(n, ATTEMPTS, dtype=torch.float64).uniform_(*scale, generator=generator)
-    log_r = torch.empty(n, ATTEMPTS, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]),
-                                                                    generator=generator)
-    w = (area * log_r.exp()).sqrt().round()
-    h = (area / log_r.exp()).sqrt().round()
+    u = torch.rand(n, 2 * ATTEMPTS + 2, dtype=torch.float64, generator=generator).numpy()
+    h_img = heights.double().numpy()[:, None]
+    w_img = widths.double().numpy()[:, None]
+    area = h_img * w_img * (scale[0] + (scale[1] - scale[0]) * u[:, :ATTEMPTS])
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(lo + (hi - lo) * u[:, ATTEMPTS:2 * ATTEMPTS])
+    w = np.round(np.sqrt(area * aspect))
+    h = np.round(np.sqrt(area / aspect))
     fits = (w <= w_img) & (h <= h_img) & (w > 0) & (h > 0)
-    first = torch.where(fits.any(1), fits.double().argmax(1), torch.full((n,), -1))
-    side = torch.minimum(h_img, w_img)[:, 0]
-    pick = first.clamp(min=0)[:, None]
-    w = torch.where(first >= 0, w.gather(1, pick)[:, 0], side)
-    h = torch.where(first >= 0, h.gather(1, pick)[:, 0], side)
-    u = torch.rand(n, 2, dtype=torch.float64, generator=generator)
-    x0 = torch.where(first >= 0, (u[:, 0] * (w_img[:, 0] - w + 1)).floor(), ((w_img[:, 0] - w) / 2).floor())
-    y0 = torch.where(first >= 0, (u[:, 1] * (h_img[:, 0] - h + 1)).floor(), ((h_img[:, 0] - h) / 2).floor())
-    return torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
+    found, first = fits.any(1), fits.argmax(1)
+    rows = np.arange(n)
+    side = np.minimum(h_img, w_img)[:, 0]
+    w = np.where(found, w[rows, first], side)
+    h = np.where(found, h[rows, first], side)
+    x0 = np.where(found, np.floor(u[:, -2] * (w_img[:, 0] - w + 1)), np.floor((w_img[:, 0] - w) / 2))
+    y0 = np.where(found, np.floor(u[:, -1] * (h_img[:, 0] - h + 1)), np.floor((h_img[:, 0] - h) / 2))
+    return torch.from_numpy(np.stack([x0, y0, x0 + w, y0 + h], axis=1))
 
 
 def center_boxes(heights: Tensor, widths: Tensor, crop_fraction: float) -> Tensor:

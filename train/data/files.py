@@ -1,6 +1,6 @@
 """Reading the encoded images of a split: one file per read, or, for a small split, every file read
-once into one buffer at start (the files are still decoded every epoch; only the open/read/close per
-image and epoch goes away, a third of the cpu loader's time on the 16×16 digits)."""
+once into one buffer at start (only the open/read/close per image and epoch goes away, a third of the
+cpu loader's time on the 16×16 digits; train.data.decoded keeps such a split's decoded images too)."""
 
 from __future__ import annotations
 

@@ -15,10 +15,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from train.data import augment, order
+from train.data.decoded import DecodedImages
 from train.data.files import FileReader
 from train.data.folders import dataset_flips, scan_split
 
 EVAL_BATCH = 256
+KEPT_EVAL_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,13 @@ class _Task:
 
 class _Files(Dataset):
     """DataLoader dataset whose item i is a whole micro-batch: task i's files read (and, when
-    `transform`, decoded and augmented) in the worker."""
+    `transform`, decoded and augmented) in the worker; with `decoded`, images decoded in an earlier
+    epoch are taken from it instead of decoded again."""
 
-    def __init__(self, files: FileReader, tasks: list[_Task], cfg: LoaderConfig, transform: bool) -> None:
+    def __init__(self, files: FileReader, tasks: list[_Task], cfg: LoaderConfig, transform: bool,
+                 decoded: DecodedImages | None = None) -> None:
         self.files, self.images, self.tasks, self.cfg, self.transform = files, files.images, tasks, cfg, transform
+        self.decoded = decoded
         self.flip = flips(cfg)
 
     def __len__(self) -> int:
@@ -69,9 +74,11 @@ class _Files(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         task = self.tasks[i]
-        paths = [self.images.path(j) for j in task.indices.tolist()]
         labels = self.images.labels[task.indices]
         with _one_thread():
+            if self.transform and self.decoded is not None:
+                return _transform(self.decoded.get(task.indices.tolist()), task.seed, self.cfg, self.flip), labels
+            paths = [self.images.path(j) for j in task.indices.tolist()]
             encoded = [self.files.read(j) for j in task.indices.tolist()]
             if not self.transform:
                 return encoded, paths, labels, task.seed
@@ -102,7 +109,11 @@ def _transform(images: list[Tensor], seed: int | None, cfg: LoaderConfig, flip: 
 
 
 class FolderLoader:
-    """Train and eval batches from an ImageFolder split through the `cpu` or `gpu` path."""
+    """Train and eval batches from an ImageFolder split through the `cpu` or `gpu` path.
+
+    A split small enough to be held in memory (FileReader) is decoded once per process on the cpu
+    path (DecodedImages), and its evaluation batches, which no random draw changes, are built once
+    and served again while they total at most KEPT_EVAL_BYTES."""
 
     resumes_mid_epoch = True
 
@@ -113,6 +124,8 @@ class FolderLoader:
         self.files = FileReader(self.images)
         self.num_samples = len(self.images)
         self.num_classes = len(self.images.classes)
+        self._decoded = DecodedImages(self.files) if self.files.buffer is not None and cfg.loader == "cpu" else None
+        self._eval_batches: list[tuple[Tensor, Tensor]] | None = None
 
     def updates_per_epoch(self, global_batch: int) -> int:
         """U = ⌈N / global_batch⌉."""
@@ -128,13 +141,21 @@ class FolderLoader:
 
     def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's shard of the split (positions rank, rank + W, ...), evaluation transform."""
+        if self._eval_batches is not None:
+            return iter(self._eval_batches)
         mine = torch.arange(self.cfg.rank, self.num_samples, self.cfg.world_size)
-        return self._run([_Task(chunk, None) for chunk in mine.split(max(self.cfg.device_batch, EVAL_BATCH))])
+        batches = self._run([_Task(chunk, None) for chunk in mine.split(max(self.cfg.device_batch, EVAL_BATCH))])
+        itemsize = torch.empty(0, dtype=self.cfg.dtype).element_size()
+        if self._decoded is None or len(mine) * 3 * self.cfg.image_size ** 2 * itemsize > KEPT_EVAL_BYTES:
+            return batches
+        self._eval_batches = list(batches)
+        return iter(self._eval_batches)
 
     def _run(self, tasks: list[_Task]) -> Iterator[tuple[Tensor, Tensor]]:
         cfg = self.cfg
         gpu = cfg.loader == "gpu"
-        loader = DataLoader(_Files(self.files, tasks, cfg, transform=not gpu), batch_size=None, shuffle=False,
+        loader = DataLoader(_Files(self.files, tasks, cfg, transform=not gpu, decoded=self._decoded),
+                            batch_size=None, shuffle=False,
                             num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None,
                             pin_memory=cfg.device.type == "cuda" and not gpu, collate_fn=_identity)
         if gpu:
