@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -9,7 +10,14 @@ import os
 import pytest
 
 from train.study.cache import NON_RESULT_FIELDS, ResultCache, config_hash, write_json_atomic
-from train.study.presets import PRESETS, OptimizerSpec, power_of_two_batches, scaled_lr
+from train.study.presets import (
+    PRESETS,
+    OptimizerSpec,
+    power_of_two_batches,
+    scaled_lr,
+    warmup_epochs,
+    with_lars_recipe,
+)
 from train.study.sweep import plan_runs
 
 
@@ -39,31 +47,70 @@ def test_optimizer_spec_rejects_bad_values() -> None:
         OptimizerSpec("x", "sgd", 0.1, "log", 0.0)
     with pytest.raises(ValueError, match="base_lr"):
         OptimizerSpec("x", "sgd", -0.1, "linear", 0.0)
+    with pytest.raises(ValueError, match="warmup"):
+        OptimizerSpec("x", "lars", 0.1, "linear", 0.0, warmup="step")
 
 
 def test_plan_covers_the_grid_and_the_fixed_step_runs() -> None:
     preset = PRESETS["default"]
     runs = plan_runs(preset, 1437)
-    batches = power_of_two_batches(16, 1437)
+    batches = power_of_two_batches(preset.smallest_batch, 1437)
     epoch_runs = [r for r in runs if r.budget == "epochs"]
     step_runs = [r for r in runs if r.budget == "steps"]
-    assert len(epoch_runs) == len(batches) * len(preset.optimizers) * len(preset.lr_factors)
-    assert [r.batch for r in step_runs] == list(batches)
+    seeds = len(preset.seeds)
+    assert seeds >= 3
+    assert len(epoch_runs) == len(batches) * len(preset.optimizers) * len(preset.lr_factors) * seeds
+    assert sorted((r.batch, r.seed) for r in step_runs) == sorted(
+        (b, s) for b in preset.diffusion_batches for s in preset.seeds)
     assert len({r.key for r in runs}) == len(runs)
     for r in step_runs:
-        assert r.config["max_steps"] == preset.fixed_steps
+        assert r.config["max_steps"] == preset.fixed_steps == r.steps
         assert r.config["epochs"] * math.ceil(1437 / r.batch) >= preset.fixed_steps
     for r in epoch_runs:
         spec = preset.optimizer(r.optimizer)
         assert r.lr == pytest.approx(r.lr_factor * scaled_lr(spec.base_lr, r.batch, preset.base_batch,
                                                              spec.lr_scaling))
-        assert r.config["lr"] == r.lr and r.config["global_batch"] == r.batch
+        assert r.config["lr"] == r.lr and r.config["global_batch"] == r.batch and r.config["seed"] == r.seed
         assert r.config["nesterov"] == (r.optimizer == "nesterov")
+        assert r.config["noise_scale"] == (r.lr_factor == 1.0)
+        assert r.steps == math.ceil(preset.epochs * math.ceil(1437 / r.batch))
     subset = plan_runs(preset, 1437, optimizers=["lars"], batches=[64])
     assert {(r.optimizer, r.batch) for r in subset} == {("lars", 64)}
     assert {r.key for r in subset} <= {r.key for r in runs}  # a subset shares the full sweep's cache
     with pytest.raises(KeyError, match="adam"):
         plan_runs(preset, 1437, optimizers=["adam"])
+
+
+def test_warmup_rules_and_the_lars_recipes() -> None:
+    assert warmup_epochs(2, 1024, 64, "fixed", 15) == 2
+    assert warmup_epochs(2, 256, 64, "sqrt", 15) == pytest.approx(4.0)
+    assert warmup_epochs(2, 32, 64, "sqrt", 15) == 2  # never below the base warmup
+    assert warmup_epochs(2, 1437, 64, "sqrt", 15) == 7.5  # at most half the budget
+    with pytest.raises(ValueError, match="warmup"):
+        warmup_epochs(2, 64, 64, "cubic", 15)
+    preset = PRESETS["default"]
+    for recipe, scaling, warmup in (("linear", "linear", "fixed"), ("mlperf", "sqrt", "sqrt")):
+        variant = with_lars_recipe(preset, recipe)
+        spec = variant.optimizer("lars")
+        assert (spec.lr_scaling, spec.warmup, spec.trust_coefficient) == (scaling, warmup, 0.001)
+        assert [o.label for o in variant.optimizers] == [o.label for o in preset.optimizers]
+        run = next(r for r in plan_runs(variant, 1437, optimizers=["lars"], batches=[256]) if r.lr_factor == 1.0)
+        assert run.config["warmup_epochs"] == warmup_epochs(preset.warmup_epochs, 256, 64, warmup, preset.epochs)
+        assert run.config["trust_coefficient"] == 0.001
+    with pytest.raises(ValueError, match="recipe"):
+        with_lars_recipe(preset, "cosine")
+    both = PRESETS["lars-recipes"]
+    assert {o.label: o.warmup for o in both.optimizers} == {"sgd": "fixed", "lars": "fixed", "lars_mlperf": "sqrt"}
+
+
+def test_presets_reject_a_grid_that_is_not_logarithmic() -> None:
+    preset = PRESETS["quick"]
+    with pytest.raises(ValueError, match="log grid"):
+        dataclasses.replace(preset, lr_factors=(0.5, 1.0, 3.0), lr_step=3.0)
+    with pytest.raises(ValueError, match="seeds"):
+        dataclasses.replace(preset, seeds=(1, 1))
+    with pytest.raises(ValueError, match="max_lr_extensions"):
+        dataclasses.replace(preset, max_lr_extensions=-1)
 
 
 def test_imagenet_plan_accumulates_on_a_fixed_device_batch() -> None:

@@ -1,12 +1,15 @@
 """`python -m train.study`: the batch-size scaling study (sweep, cache, analysis, report).
 
-    python -m train.study --preset default            # bundled digits data on CPU, ≤ 15 min on 2 cores
-    python -m train.study --preset quick              # smoke test, ≤ 3 min
+    python -m train.study --preset default            # bundled digits data on CPU, ≤ 10 min on 2 cores
+    python -m train.study --preset quick              # smoke test, ≈ 30 s
+    python -m train.study --preset lars-recipes       # both LARS recipes against momentum SGD
     python -m train.study --preset imagenet --data /path/to/imagenet   # prints the torchrun plan
     torchrun --nproc_per_node=8 -m train.study --preset imagenet --data /path/to/imagenet  # runs it
 
-Finished runs are cached under OUT/cache/<config hash>.json; a second invocation (or one after a
-kill) trains only what is missing, then rewrites the report from all records.
+Every (optimizer, batch, LR) trains once per seed; the LR grid of each (optimizer, batch) is extended
+while its best mean top-1 lies at an edge. Finished runs are cached under OUT/cache/<config hash>.json;
+a second invocation (or one after a kill) trains only what is missing, then rewrites the report from
+all records.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from typing import Any
 
 from train.study import sweep
 from train.study.cache import ResultCache, write_json_atomic
-from train.study.presets import PRESETS, Preset
-from train.study.report import machine, write_report
+from train.study.presets import LARS_RECIPES, PRESETS, Preset, lars_recipe_of, with_lars_recipe
+from train.study.progress import SweepBar
+from train.study.report import headline, machine, write_report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,8 +43,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, help="epoch budget; overrides the preset")
     p.add_argument("--optimizers", help="comma-separated subset of the preset's optimizers")
     p.add_argument("--batches", help="comma-separated subset of global batch sizes")
+    p.add_argument("--seeds", type=int, help="seeds per (optimizer, batch, LR): 0 … N−1 (default: the preset's)")
+    p.add_argument("--lars-recipe", choices=LARS_RECIPES,
+                   help="LARS LR and warmup rule of the preset's 'lars' (default: the preset's)")
+    p.add_argument("--max-lr-extensions", type=int,
+                   help="LR factors tried beyond the initial grid per (optimizer, batch) (default: the preset's)")
     p.add_argument("--tolerance", type=float, default=0.02,
-                   help="accuracy 'holds' while within this top-1 fraction of its peak (default: %(default)s)")
+                   help="accuracy 'holds' while its drop from the peak is surely below this top-1 fraction "
+                        "(default: %(default)s)")
+    p.add_argument("--confidence", type=float, default=0.95,
+                   help="two-sided confidence of every interval and decision (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.add_argument("--jobs", type=int,
                    help="runs trained at once on a CPU device, each with cpu_count/jobs threads "
                         "(default: one per core on CPU, 1 on a GPU or under torchrun)")
@@ -54,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--epochs must be positive, got {args.epochs}")
     if args.jobs is not None and args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.seeds is not None and args.seeds < 1:
+        p.error(f"--seeds must be at least 1, got {args.seeds}")
+    if args.max_lr_extensions is not None and args.max_lr_extensions < 0:
+        p.error(f"--max-lr-extensions must be ≥ 0, got {args.max_lr_extensions}")
+    if not 0 < args.confidence < 1:
+        p.error(f"--confidence must lie in (0, 1), got {args.confidence}")
     return args
 
 
@@ -97,7 +116,8 @@ def print_plan(runs: list[sweep.PlannedRun], preset: Preset, args: argparse.Name
     launcher = (f"torchrun --nnodes={args.nnodes} --nproc_per_node={args.nproc_per_node}"
                 + (" --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:29500" if args.nnodes > 1 else ""))
     data = args.data or preset.train.get("data", "/path/to/imagenet")
-    print(f"# preset {preset.name}: {len(runs)} runs — {preset.description}")
+    print(f"# preset {preset.name}: {len(runs)} runs to start with, then up to {preset.max_lr_extensions} more LR "
+          f"factors per (optimizer, batch) × {len(preset.seeds)} seeds — {preset.description}")
     print(f"# the whole study, cached and resumable (rank 0 writes {out}):")
     print(f"{launcher} -m train.study --preset {preset.name} --data {shlex.quote(str(data))} --out {out}")
     print("# or run by run with the trainer:")
@@ -112,6 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     if args.epochs is not None:
         preset = dataclasses.replace(preset, epochs=args.epochs)
+    if args.seeds is not None:
+        preset = dataclasses.replace(preset, seeds=tuple(range(args.seeds)))
+    if args.max_lr_extensions is not None:
+        preset = dataclasses.replace(preset, max_lr_extensions=args.max_lr_extensions)
+    if args.lars_recipe is not None:
+        try:
+            preset = with_lars_recipe(preset, args.lars_recipe)
+        except KeyError as exc:
+            raise SystemExit(f"--lars-recipe: {exc.args[0]}") from exc
     out = args.out or Path("runs") / f"study-{preset.name}"
     overrides: dict[str, Any] = {}
     if args.data is not None:
@@ -143,25 +172,40 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cache = ResultCache(out / "cache")
     started = time.time()
-    log(f"study {preset.name}: {len(runs)} runs, training set {train_size} images, out {out}")
     device = overrides.get("device", preset.train.get("device", "cpu"))
     on_cpu = device == "cpu" or (device == "auto" and not _cuda_available())
     jobs = args.jobs or ((os.cpu_count() or 1) if on_cpu and world == 1 else 1)
-    outcome = sweep.execute(runs, cache, out / "runs", engine, log=log, write=rank == 0, jobs=jobs)
+    log(f"study {preset.name}: {len(runs)} runs to start with ({len(preset.seeds)} seeds), training set "
+        f"{train_size} images, {jobs} at a time, out {out}")
+    bar = SweepBar(preset.name, enabled=rank == 0 and not args.no_progress)
+    try:
+        outcome = sweep.execute(runs, cache, out / "runs", engine,
+                                follow_up=sweep.lr_search(preset, train_size, overrides, engine.name),
+                                progress=bar, write=rank == 0, jobs=jobs)
+    finally:
+        bar.close()
     if rank != 0:
         return 0
     meta = {
-        "preset": preset.name, "runs": len(runs), "executed": outcome.executed, "cached": outcome.cached,
-        "jobs": jobs,
+        "preset": preset.name, "runs": len(outcome.records), "initial_runs": len(runs),
+        "executed": outcome.executed, "cached": outcome.cached, "seeds": list(preset.seeds),
+        "lars_recipe": _lars_recipe(preset), "jobs": jobs,
         "machine": machine(), "engine": engine.name, "train_size": train_size,
         "wall_time_s": round(time.time() - started, 1),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", "train.study", *(argv or sys.argv[1:])]),
     }
     write_json_atomic(out / "study.json", meta)
-    report = write_report(outcome.records, preset, args.report_dir or out, args.tolerance, meta)
+    report = write_report(outcome.records, preset, args.report_dir or out, args.tolerance, meta, args.confidence)
+    log(headline(outcome.records, preset, args.tolerance, args.confidence))
     log(f"trained {outcome.executed}, cached {outcome.cached}, {meta['wall_time_s']:.0f} s; report: {report}")
     return 0
+
+
+def _lars_recipe(preset: Preset) -> str | None:
+    """Which LARS recipe the preset's "lars" follows (None: no such contestant)."""
+    labels = [o.label for o in preset.optimizers]
+    return lars_recipe_of(preset.optimizer("lars")) if "lars" in labels else None
 
 
 if __name__ == "__main__":

@@ -1,16 +1,24 @@
 """What a sweep shows, computed from its run records (the dicts `sweep.execute` returns).
 
-Every statement of the generated summary comes from one of these functions:
-- `best_cells`: per (optimizer, batch) under the fixed-epoch budget, the run with the best final
-  top-1 over the LR search (Nado et al. 2021);
-- `holding`: how far each optimizer holds its accuracy — the largest batch B such that every batch
-  from the optimizer's peak batch up to B reaches top-1 ≥ peak − tolerance;
-- `target_scaling`: steps to the target accuracy S(B) against perfect scaling S(B₀)·B₀/B from the
-  smallest batch B₀ that reached the target (Shallue et al. 2018), with efficiency S_perfect/S;
-- `diffusion`: ‖w_t − w_0‖ curves per batch for both budgets with least-squares fits after the
-  warmup of d = a + b·ln t (Hoffer et al.'s logarithmic "ultra-slow diffusion") and ln d = c + p·ln t;
+Runs of the same (optimizer, batch, LR factor) with different seeds form a trial; every number below
+is a mean over seeds with a t interval (train.study.stats, `confidence` two-sided). Every statement
+of the generated summary comes from one of these functions:
+- `best_cells`: per (optimizer, batch) under the fixed-epoch budget, the trial with the best mean
+  final top-1 over the LR search (train.study.search; Nado et al. 2021);
+- `holding`: how far each optimizer holds its accuracy. Its peak batch B* has the highest mean top-1;
+  at each larger batch B the interval of d(B) = top-1(B) − top-1(B*) decides: "holds" when it lies
+  wholly above −tolerance, "falls" when wholly below, "unclear" otherwise. It holds for certain up to
+  `holds_to` (every batch in (B*, holds_to] holds) and at most up to `could_hold_to` (the batch before
+  the first that falls), so its true limit lies in [holds_to, could_hold_to];
+- `compare_holding`: "X holds to a larger batch than Y" is "yes" when X.holds_to > Y.could_hold_to,
+  "no" when X.could_hold_to ≤ Y.holds_to, and "cannot tell" when the two ranges overlap otherwise;
+- `target_scaling`: steps to the target accuracy S(B) (mean over seeds, when every seed reached it)
+  against perfect scaling S(B₀)·B₀/B from the smallest batch B₀ that reached it (Shallue et al. 2018);
+- `diffusion`: ‖w_t − w_0‖ per run for both budgets with least-squares fits after the warmup of
+  d = a + b·ln t (Hoffer et al.'s logarithmic "ultra-slow diffusion") and ln d = c + p·ln t, and
+  `diffusion_by_batch` their intervals over seeds;
 - `noise_scale`: the EMA-smoothed B_simple = tr(Σ)/|G|² each run logged, late in training
-  (McCandlish et al. 2018), as the predicted critical batch.
+  (McCandlish et al. 2018), and `predicted_critical_batch` its median and quartiles over runs.
 """
 
 from __future__ import annotations
@@ -21,7 +29,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from train.study import search, stats
+from train.study.stats import Interval
+
 Record = dict[str, Any]
+HOLDS, FALLS, UNCLEAR = "holds", "falls", "unclear"
+YES, NO, CANNOT_TELL = "yes", "no", "cannot tell"
 
 
 def _finite(value: Any) -> float | None:
@@ -31,54 +44,117 @@ def _finite(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-@dataclass(frozen=True)
-class Cell:
-    """The best-LR run of one optimizer at one global batch (fixed-epoch budget)."""
-
-    optimizer: str
-    batch: int
-    lr: float
-    lr_factor: float
-    lr_at_edge: bool
-    lr_edge: str
-    runs: int
-    top1: float
-    top5: float
-    steps: int
-    steps_to_target: int | None
-    wall_time_s: float
-    images_per_s: float
-    optimizer_share: float
-    key: str
-
-
 def epoch_records(records: Iterable[Record]) -> list[Record]:
     """The fixed-epoch runs."""
     return [r for r in records if r["budget"] == "epochs"]
 
 
-def best_cells(records: Iterable[Record]) -> list[Cell]:
-    """One Cell per (optimizer, batch) of the fixed-epoch runs: the run with the highest final top-1
-    (ties: higher top-5, then the smaller LR), sorted by optimizer order of appearance, then batch.
-    `lr_at_edge` is true when that LR is the smallest or largest factor tried (a wider search might do better);
-    `lr_edge` says which ("low", "high", or "" inside the range)."""
-    groups: dict[tuple[str, int], list[Record]] = {}
+def seed_of(record: Record) -> int:
+    """The run's seed (records written before seeds were swept carry it only in their config)."""
+    return int(record.get("seed", record["config"].get("seed", 0)))
+
+
+@dataclass(frozen=True)
+class Trial:
+    """The runs of one (optimizer, batch, LR factor) under the fixed-epoch budget, one per seed, in seed order."""
+
+    optimizer: str
+    batch: int
+    lr_factor: float
+    lr: float
+    runs: tuple[Record, ...]
+
+    def values(self, metric: str) -> list[float]:
+        """`metric` of the run results, one value per seed."""
+        return [float(r["result"][metric]) for r in self.runs]
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """The seeds of the runs."""
+        return tuple(seed_of(r) for r in self.runs)
+
+
+def trials(records: Iterable[Record]) -> list[Trial]:
+    """Fixed-epoch runs grouped by (optimizer, batch, lr factor), in order of first appearance."""
+    groups: dict[tuple[str, int, float], list[Record]] = {}
     for r in epoch_records(records):
-        groups.setdefault((r["optimizer"], r["batch"]), []).append(r)
+        groups.setdefault((r["optimizer"], r["batch"], float(r["lr_factor"])), []).append(r)
+    return [Trial(opt, batch, factor, float(runs[0]["lr"]), tuple(sorted(runs, key=seed_of)))
+            for (opt, batch, factor), runs in groups.items()]
+
+
+def factor_scores(cell_trials: Sequence[Trial]) -> list[search.FactorScore]:
+    """The search's view of one cell's trials: mean top-1 and top-5 per factor."""
+    return [search.FactorScore(t.lr_factor, statistics.fmean(t.values("top1")), statistics.fmean(t.values("top5")))
+            for t in sorted(cell_trials, key=lambda t: t.lr_factor)]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """The best-LR trial of one optimizer at one global batch (fixed-epoch budget).
+
+    top1/top5: mean over seeds with its interval; top1_runs: the per-seed values. lr_edge: "low",
+    "high" or "" (inside the searched range); edge_unresolved: the best is still at an edge after the
+    search stopped (its extension limit was spent). steps_to_target: mean over seeds when every seed
+    reached the target (None otherwise), reached: how many seeds did.
+    """
+
+    optimizer: str
+    batch: int
+    lr: float
+    lr_factor: float
+    factors: tuple[float, ...]
+    extensions: int
+    lr_edge: str
+    edge_unresolved: bool
+    top1: Interval
+    top5: Interval
+    top1_runs: tuple[float, ...]
+    steps: int
+    steps_to_target: float | None
+    reached: int
+    seeds: int
+    wall_time_s: float
+    images_per_s: float
+    optimizer_share: float
+    keys: tuple[str, ...]
+
+    @property
+    def lr_at_edge(self) -> bool:
+        """Whether the best LR is the smallest or largest factor tried."""
+        return self.lr_edge != search.INSIDE
+
+
+def best_cells(records: Iterable[Record], initial_factors: Sequence[float], max_extensions: int,
+               confidence: float = 0.95) -> list[Cell]:
+    """One Cell per (optimizer, batch) of the fixed-epoch runs: the trial the LR search calls best,
+    sorted by optimizer order of appearance, then batch. `initial_factors` and `max_extensions` are the
+    preset's, to count the extensions and tell a spent search from one that may go on."""
+    by_cell: dict[tuple[str, int], list[Trial]] = {}
+    for t in trials(records):
+        by_cell.setdefault((t.optimizer, t.batch), []).append(t)
     cells = []
-    for (opt, batch), runs in groups.items():
-        best = max(runs, key=lambda r: (r["result"]["top1"], r["result"]["top5"], -r["lr"]))
-        factors = sorted(r["lr_factor"] for r in runs)
-        res = best["result"]
+    for (opt, batch), cell_trials in by_cell.items():
+        scores = factor_scores(cell_trials)
+        chosen = search.best(scores)
+        trial = next(t for t in cell_trials if t.lr_factor == chosen.factor)
+        factors = tuple(s.factor for s in scores)
+        extensions = search.extensions_used(factors, initial_factors)
+        side = search.edge(scores) if len(factors) > 1 else search.INSIDE
+        reached = [r["result"].get("steps_to_target") for r in trial.runs]
+        done = [s for s in reached if s is not None]
         cells.append(Cell(
-            optimizer=opt, batch=batch, lr=best["lr"], lr_factor=best["lr_factor"],
-            lr_at_edge=len(factors) > 1 and best["lr_factor"] in (factors[0], factors[-1]),
-            lr_edge="" if len(factors) < 2 else "low" if best["lr_factor"] == factors[0] else
-            "high" if best["lr_factor"] == factors[-1] else "", runs=len(runs),
-            top1=float(res["top1"]), top5=float(res["top5"]), steps=int(res["steps"]),
-            steps_to_target=res.get("steps_to_target"), wall_time_s=float(res["wall_time_s"]),
-            images_per_s=float(res["images_per_s"]), optimizer_share=float(res["optimizer_share"]), key=best["key"],
-        ))
+            optimizer=opt, batch=batch, lr=trial.lr, lr_factor=trial.lr_factor, factors=factors,
+            extensions=extensions, lr_edge=side,
+            edge_unresolved=side != search.INSIDE and extensions >= max_extensions,
+            top1=stats.mean_interval(trial.values("top1"), confidence),
+            top5=stats.mean_interval(trial.values("top5"), confidence),
+            top1_runs=tuple(trial.values("top1")), steps=int(trial.runs[0]["result"]["steps"]),
+            steps_to_target=statistics.fmean(done) if len(done) == len(reached) else None, reached=len(done),
+            seeds=len(trial.runs), wall_time_s=statistics.fmean(trial.values("wall_time_s")),
+            images_per_s=statistics.fmean(trial.values("images_per_s")),
+            optimizer_share=statistics.fmean(trial.values("optimizer_share")),
+            keys=tuple(r["key"] for r in trial.runs)))
     order = {opt: i for i, opt in enumerate(dict.fromkeys(r["optimizer"] for r in epoch_records(records)))}
     return sorted(cells, key=lambda c: (order[c.optimizer], c.batch))
 
@@ -94,43 +170,74 @@ def batches_of(cells: Sequence[Cell]) -> list[int]:
 
 
 @dataclass(frozen=True)
-class Holding:
-    """How far one optimizer holds its accuracy as the batch grows at a fixed epoch budget.
+class BatchVerdict:
+    """One batch beyond the peak: the interval of its top-1 minus the peak's, and the verdict on it."""
 
-    peak: best top-1 over batches (at peak_batch); holds_to: the largest batch B with
-    top-1(b) ≥ peak − tolerance for every b in [peak_batch, B]; falls_at: the next batch after
-    holds_to (None when it holds to the largest batch); drop: peak − top-1 at the largest batch.
-    """
+    batch: int
+    difference: Interval
+    verdict: str
+
+
+@dataclass(frozen=True)
+class Holding:
+    """How far one optimizer holds its accuracy as the batch grows at a fixed epoch budget (module
+    docstring): the peak, the verdict at every larger batch, the certain and the possible limit, the
+    first batch that certainly falls (None: none does) and the drop from the peak to the largest batch."""
 
     optimizer: str
-    peak: float
+    peak: Interval
     peak_batch: int
+    verdicts: tuple[BatchVerdict, ...]
     holds_to: int
+    could_hold_to: int
     falls_at: int | None
     largest_batch: int
-    drop: float
+    drop: Interval
+
+    @property
+    def settled(self) -> bool:
+        """Whether the limit is known exactly (holds_to == could_hold_to)."""
+        return self.holds_to == self.could_hold_to
 
 
-def holding(cells: Sequence[Cell], tolerance: float) -> dict[str, Holding]:
+def holding(cells: Sequence[Cell], tolerance: float, confidence: float = 0.95) -> dict[str, Holding]:
     """Holding per optimizer, with `tolerance` in top-1 fraction (0.02 = two percentage points)."""
     if tolerance < 0:
         raise ValueError(f"tolerance must be non-negative, got {tolerance}")
     out = {}
     for opt in optimizers_of(cells):
         row = sorted((c for c in cells if c.optimizer == opt), key=lambda c: c.batch)
-        peak_cell = max(row, key=lambda c: (c.top1, -c.batch))
-        holds_to, falls_at = peak_cell.batch, None
+        peak = max(row, key=lambda c: (c.top1.estimate, -c.batch))
+        verdicts = []
         for c in row:
-            if c.batch <= peak_cell.batch:
+            if c.batch <= peak.batch:
                 continue
-            if c.top1 >= peak_cell.top1 - tolerance:
-                holds_to = c.batch
-            else:
-                falls_at = c.batch
+            d = stats.difference_interval(c.top1_runs, peak.top1_runs, confidence)
+            side = stats.versus_margin(d, -tolerance)
+            verdicts.append(BatchVerdict(c.batch, d, {stats.ABOVE: HOLDS, stats.BELOW: FALLS}.get(side, UNCLEAR)))
+        holds_to = peak.batch
+        for v in verdicts:
+            if v.verdict != HOLDS:
                 break
-        out[opt] = Holding(opt, peak_cell.top1, peak_cell.batch, holds_to, falls_at, row[-1].batch,
-                           peak_cell.top1 - row[-1].top1)
+            holds_to = v.batch
+        falls_at = next((v.batch for v in verdicts if v.verdict == FALLS), None)
+        could = peak.batch
+        for v in verdicts:
+            if v.verdict == FALLS:
+                break
+            could = v.batch
+        out[opt] = Holding(opt, peak.top1, peak.batch, tuple(verdicts), holds_to, could, falls_at, row[-1].batch,
+                           stats.difference_interval(peak.top1_runs, row[-1].top1_runs, confidence))
     return out
+
+
+def compare_holding(a: Holding, b: Holding) -> str:
+    """Whether `a` holds its accuracy to a larger batch than `b`: YES, NO or CANNOT_TELL (module docstring)."""
+    if a.holds_to > b.could_hold_to:
+        return YES
+    if a.could_hold_to <= b.holds_to:
+        return NO
+    return CANNOT_TELL
 
 
 @dataclass(frozen=True)
@@ -138,7 +245,7 @@ class ScalingPoint:
     """Steps to target at one batch, the perfect-scaling prediction and their ratio."""
 
     batch: int
-    steps: int | None
+    steps: float | None
     perfect: float | None
     efficiency: float | None
 
@@ -184,6 +291,17 @@ def curve(record: Record, metric: str) -> list[tuple[int, float]]:
     return points
 
 
+def band(records: Sequence[Record], metric: str) -> list[tuple[int, float, float, float]]:
+    """(step, mean, min, max) of `metric` over runs at the steps every run logged (the runs of one
+    configuration over seeds log the same steps)."""
+    curves = [dict(curve(r, metric)) for r in records]
+    if not curves:
+        return []
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return [(t, statistics.fmean(c[t] for c in curves), min(c[t] for c in curves), max(c[t] for c in curves))
+            for t in steps]
+
+
 @dataclass(frozen=True)
 class DiffusionFit:
     """‖w_t − w_0‖ of one run: final distance, and least-squares fits after the LR warmup (t > W, all
@@ -191,6 +309,7 @@ class DiffusionFit:
 
     batch: int
     budget: str
+    seed: int
     steps: int
     top1: float
     final: float
@@ -211,13 +330,13 @@ def _least_squares(x: Sequence[float], y: Sequence[float]) -> tuple[float, float
 
 
 def diffusion_runs(records: Iterable[Record], optimizer: str) -> dict[str, list[Record]]:
-    """The runs whose ‖w_t − w_0‖ curves are compared: `optimizer` at lr factor 1, by budget, by batch."""
+    """The runs whose ‖w_t − w_0‖ curves are compared: `optimizer` at lr factor 1, by budget, by batch and seed."""
     out: dict[str, list[Record]] = {"epochs": [], "steps": []}
     for r in records:
         if r["optimizer"] == optimizer and r["lr_factor"] == 1.0 and curve(r, "w_dist"):
             out[r["budget"]].append(r)
     for runs in out.values():
-        runs.sort(key=lambda r: r["batch"])
+        runs.sort(key=lambda r: (r["batch"], seed_of(r)))
     return out
 
 
@@ -237,8 +356,40 @@ def diffusion(records: Iterable[Record], optimizer: str) -> list[DiffusionFit]:
             lt = [math.log(t) for t, _ in pts]
             _, b, r2 = _least_squares(lt, [d for _, d in pts])
             _, p, _ = _least_squares(lt, [math.log(d) for _, d in pts])
-            fits.append(DiffusionFit(r["batch"], budget, int(res["steps"]), float(res["top1"]), final, b, r2, p))
+            fits.append(DiffusionFit(r["batch"], budget, seed_of(r), int(res["steps"]), float(res["top1"]), final,
+                                     b, r2, p))
     return fits
+
+
+@dataclass(frozen=True)
+class DiffusionSummary:
+    """The fits of one (budget, batch) over seeds: intervals of the final distance, the exponent p,
+    the log slope b and top-1; the smallest R² of the logarithmic fits; the per-seed fits."""
+
+    budget: str
+    batch: int
+    steps: int
+    final: Interval
+    exponent: Interval
+    log_slope: Interval
+    top1: Interval
+    min_r2_log: float
+    fits: tuple[DiffusionFit, ...]
+
+
+def diffusion_by_batch(fits: Sequence[DiffusionFit], confidence: float = 0.95) -> list[DiffusionSummary]:
+    """One DiffusionSummary per (budget, batch), sorted by budget then batch."""
+    groups: dict[tuple[str, int], list[DiffusionFit]] = {}
+    for f in fits:
+        groups.setdefault((f.budget, f.batch), []).append(f)
+    out = []
+    for (budget, batch), group in sorted(groups.items()):
+        def interval(values: list[float]) -> Interval:
+            return stats.mean_interval(values, confidence)
+        out.append(DiffusionSummary(budget, batch, group[0].steps, interval([f.final for f in group]),
+                                    interval([f.exponent for f in group]), interval([f.log_slope for f in group]),
+                                    interval([f.top1 for f in group]), min(f.r2_log for f in group), tuple(group)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -247,6 +398,7 @@ class NoiseScale:
 
     batch: int
     optimizer: str
+    seed: int
     b_simple: float
     samples: int
     reached_target: bool
@@ -263,13 +415,29 @@ def noise_scale(records: Iterable[Record]) -> list[NoiseScale]:
             continue
         half = pts[-1][0] / 2
         late = [v for t, v in pts if t >= half] or [pts[-1][1]]
-        out.append(NoiseScale(r["batch"], r["optimizer"], statistics.median(late), len(late),
+        out.append(NoiseScale(r["batch"], r["optimizer"], seed_of(r), statistics.median(late), len(late),
                               r["result"].get("steps_to_target") is not None))
     return out
 
 
-def predicted_critical_batch(estimates: Sequence[NoiseScale]) -> float | None:
-    """The median B_simple over the runs that reached the target accuracy (a diverged run's gradients say
-    nothing about the trajectory the others follow); over all runs when none reached it."""
-    values = [e.b_simple for e in estimates if e.reached_target] or [e.b_simple for e in estimates]
-    return statistics.median(values) if values else None
+@dataclass(frozen=True)
+class CriticalBatch:
+    """The predicted critical batch: median B_simple over `runs` runs with its quartiles; `basis` says
+    which runs ("reached": those that reached the target; "all": none did)."""
+
+    median: float
+    q1: float
+    q3: float
+    runs: int
+    basis: str
+
+
+def predicted_critical_batch(estimates: Sequence[NoiseScale]) -> CriticalBatch | None:
+    """The median and quartiles of B_simple over the runs that reached the target accuracy (a diverged
+    run's gradients say nothing about the trajectory the others follow); over all runs when none did."""
+    reached = [e.b_simple for e in estimates if e.reached_target]
+    values, basis = (reached, "reached") if reached else ([e.b_simple for e in estimates], "all")
+    if not values:
+        return None
+    q1, median, q3 = stats.quartiles(values)
+    return CriticalBatch(median, q1, q3, len(values), basis)

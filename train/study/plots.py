@@ -1,18 +1,22 @@
 """The study's PNG figures, drawn from run records and the analysis (matplotlib, Agg backend).
 
 Each function writes one file and returns its path:
-- accuracy_vs_batch.png: best-LR final top-1 against global batch (log₂ x), one line per optimizer;
-- steps_to_target.png: steps to the target accuracy against batch (log-log), with each optimizer's
-  perfect-scaling line S(B₀)·B₀/B dashed;
-- diffusion.png: ‖w_t − w_0‖ against step (log x), one curve per batch, fixed-epoch and fixed-step panels;
-- noise_scale.png: EMA-smoothed B_simple against step per batch, with the batch where accuracy first
-  falls drawn as a horizontal line.
+- accuracy_vs_batch.png: best-LR mean final top-1 against global batch (log₂ x), one line per
+  optimizer, error bars the interval over seeds;
+- steps_to_target.png: mean steps to the target accuracy against batch (log-log), error bars the
+  range over seeds, with each optimizer's perfect-scaling line S(B₀)·B₀/B dashed;
+- diffusion.png: ‖w_t − w_0‖ against step (log x), per batch the mean over seeds with the band
+  between the smallest and largest seed, fixed-epoch and fixed-step panels;
+- noise_scale.png: EMA-smoothed B_simple against step per batch, mean over seeds with a min–max band,
+  with the batch where accuracy first surely falls drawn as a horizontal line.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -33,30 +37,44 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 def accuracy_vs_batch(cells: Sequence[Cell], path: Path, title: str) -> Path:
-    """Final top-1 (best LR) against batch per optimizer."""
+    """Mean final top-1 (best LR) against batch per optimizer, with the intervals as error bars (an
+    unbounded interval, from a single seed, draws none)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for opt in analysis.optimizers_of(cells):
+    for i, opt in enumerate(analysis.optimizers_of(cells)):
         row = sorted((c for c in cells if c.optimizer == opt), key=lambda c: c.batch)
-        ax.plot([c.batch for c in row], [100 * c.top1 for c in row], marker="o", label=opt)
+        mean = [100 * c.top1.estimate for c in row]
+        low = [0.0 if math.isinf(c.top1.low) else 100 * (c.top1.estimate - c.top1.low) for c in row]
+        high = [0.0 if math.isinf(c.top1.high) else 100 * (c.top1.high - c.top1.estimate) for c in row]
+        # neighbouring optimizers' bars sit side by side instead of on top of each other
+        shift = 2 ** ((i - (len(analysis.optimizers_of(cells)) - 1) / 2) * 0.04)
+        ax.errorbar([c.batch * shift for c in row], mean, yerr=[low, high], marker="o", capsize=3, label=opt)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("global batch size")
     ax.set_ylabel("final top-1 (%) at best LR")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend()
     return _save(fig, path)
 
 
-def steps_to_target(cells: Sequence[Cell], target: float, path: Path) -> Path:
-    """Steps to target against batch with the perfect-scaling line of each optimizer."""
+def steps_to_target(cells: Sequence[Cell], records: Sequence[Record], target: float, path: Path) -> Path:
+    """Mean steps to target against batch (range over seeds as error bars) with the perfect-scaling line
+    of each optimizer."""
+    by_key = {r["key"]: r for r in records}
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, opt in enumerate(analysis.optimizers_of(cells)):
         color = f"C{i}"
         points = analysis.target_scaling(cells, opt)
+        row = {c.batch: c for c in cells if c.optimizer == opt}
         reached = [p for p in points if p.steps is not None]
         if not reached:
             continue
-        ax.plot([p.batch for p in reached], [p.steps for p in reached], marker="o", color=color, label=opt)
+        spans = []
+        for p in reached:
+            values = [by_key[k]["result"]["steps_to_target"] for k in row[p.batch].keys]
+            spans.append((p.steps - min(values), max(values) - p.steps))
+        ax.errorbar([p.batch for p in reached], [p.steps for p in reached], yerr=list(zip(*spans)), marker="o",
+                    capsize=3, color=color, label=opt)
         perfect = [p for p in points if p.perfect is not None]
         ax.plot([p.batch for p in perfect], [p.perfect for p in perfect], linestyle="--", color=color, alpha=0.5)
     ax.plot([], [], linestyle="--", color="gray", label="perfect scaling")
@@ -64,54 +82,66 @@ def steps_to_target(cells: Sequence[Cell], target: float, path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("global batch size")
     ax.set_ylabel(f"steps to {100 * target:.0f}% top-1")
-    ax.set_title("steps to target vs batch (dashed: perfect scaling)")
+    ax.set_title("steps to target vs batch (mean, range over seeds; dashed: perfect scaling)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
+def _bands(ax: plt.Axes, runs: Sequence[Record], metric: str, colors: dict[int, Any], positive: bool = False) -> bool:
+    """One mean curve per batch over its runs (seeds) with a min–max band; whether anything was drawn."""
+    drawn = False
+    for batch in sorted({r["batch"] for r in runs}):
+        points = analysis.band([r for r in runs if r["batch"] == batch], metric)
+        if positive:
+            points = [p for p in points if p[2] > 0]
+        if not points:
+            continue
+        drawn = True
+        steps = [p[0] for p in points]
+        ax.plot(steps, [p[1] for p in points], color=colors[batch], label=f"B={batch}")
+        ax.fill_between(steps, [p[2] for p in points], [p[3] for p in points], color=colors[batch], alpha=0.2,
+                        linewidth=0)
+    return drawn
+
+
+def _batch_colors(batches: Sequence[int]) -> dict[int, Any]:
+    cmap = plt.get_cmap("viridis")
+    ordered = sorted(set(batches))
+    return {b: cmap(i / max(1, len(ordered) - 1)) for i, b in enumerate(ordered)}
+
+
 def diffusion(records: Sequence[Record], optimizer: str, fixed_steps: int, path: Path) -> Path:
-    """‖w_t − w_0‖ against step (log x) per batch, for the fixed-epoch and fixed-step budgets."""
+    """‖w_t − w_0‖ against step (log x) per batch, mean over seeds with a min–max band, for the
+    fixed-epoch and fixed-step budgets."""
     runs = analysis.diffusion_runs(records, optimizer)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
-    batches = sorted({r["batch"] for rs in runs.values() for r in rs})
-    cmap = plt.get_cmap("viridis")
-    colors = {b: cmap(i / max(1, len(batches) - 1)) for i, b in enumerate(batches)}
+    colors = _batch_colors([r["batch"] for rs in runs.values() for r in rs])
     titles = {"epochs": "fixed epoch budget", "steps": f"fixed step budget ({fixed_steps} steps)"}
     for ax, budget in zip(axes, ("epochs", "steps")):
-        for r in runs[budget]:
-            pts = analysis.curve(r, "w_dist")
-            ax.plot([t for t, _ in pts], [d for _, d in pts], color=colors[r["batch"]], label=f"B={r['batch']}")
+        drawn = _bands(ax, runs[budget], "w_dist", colors)
         ax.set_xscale("log")
         ax.set_xlabel("step t")
         ax.set_title(f"{optimizer}: {titles[budget]}")
         ax.grid(True, which="both", alpha=0.3)
-        if runs[budget]:
+        if drawn:
             ax.legend(fontsize=7)
-    axes[0].set_ylabel("‖w_t − w_0‖")
+    axes[0].set_ylabel("‖w_t − w_0‖ (mean, min–max over seeds)")
     return _save(fig, path)
 
 
 def noise_scale(records: Sequence[Record], optimizer: str, fall_batch: int | None, path: Path) -> Path:
-    """B_simple over training per batch (the diffusion optimizer's scaled-LR runs) and the batch where
-    accuracy first falls."""
+    """B_simple over training per batch (the diffusion optimizer's scaled-LR runs; mean over seeds with a
+    min–max band) and the batch where accuracy first surely falls."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     rows = [r for r in analysis.epoch_records(records) if r["optimizer"] == optimizer and r["lr_factor"] == 1.0]
-    cmap = plt.get_cmap("viridis")
-    rows.sort(key=lambda r: r["batch"])
-    plotted = False
-    for i, r in enumerate(rows):
-        pts = [(t, v) for t, v in analysis.curve(r, "b_simple") if v > 0]
-        if pts:
-            plotted = True
-            ax.plot([t for t, _ in pts], [v for _, v in pts], color=cmap(i / max(1, len(rows) - 1)),
-                    label=f"B={r['batch']}")
+    plotted = _bands(ax, rows, "b_simple", _batch_colors([r["batch"] for r in rows]), positive=True)
     if fall_batch is not None:
-        ax.axhline(fall_batch, color="red", linestyle="--", label=f"accuracy falls at B={fall_batch}")
+        ax.axhline(fall_batch, color="red", linestyle="--", label=f"accuracy first surely falls at B={fall_batch}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("step t")
-    ax.set_ylabel("B_simple (EMA)")
+    ax.set_ylabel("B_simple (EMA; mean, min–max over seeds)")
     ax.set_title(f"gradient noise scale ({optimizer})" + ("" if plotted else ": not measured"))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)

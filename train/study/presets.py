@@ -1,23 +1,35 @@
-"""Study presets: which batch sizes, optimizers, learning rates and recipe a sweep runs.
+"""Study presets: which batch sizes, optimizers, learning rates, seeds and recipe a sweep runs.
 
 A preset fixes everything except the dataset location and the output folder. Every run of a
 preset shares the large-batch recipe (the LR scaling rule, linear warmup, polynomial decay, label
 smoothing; biases and norm layers excluded from decay and adaptation, which the trainer does) and
-differs only in global batch B, optimizer, and the LR search factor f:
+differs only in global batch B, optimizer, seed (initialisation and data order) and the LR search
+factor f:
 
     lr(B, f) = f · base_lr · s(B / base_batch),   s(r) = r (linear), √r (sqrt), 1 (none)
 
-so every optimizer is compared at its best of `len(lr_factors)` learning rates around its scaled
-value (Nado et al. 2021: untuned baselines make large-batch comparisons meaningless).
+The factors start as the log grid `lr_factors` (neighbours `lr_step` apart, 1 among them) and are
+extended by one more factor of `lr_step` beyond an edge while the best mean top-1 lies at that edge,
+at most `max_lr_extensions` times per (optimizer, batch) (train.study.search), so every optimizer is
+compared at a best LR inside its searched range (Nado et al. 2021: untuned baselines make large-batch
+comparisons meaningless).
+
+The warmup of an optimizer is the preset's `warmup_epochs` ("fixed") or, for the MLPerf form of LARS,
+grows with the batch ("sqrt"): W(B) = min(warmup_epochs · max(1, √(B / base_batch)), epochs / 2).
+MLPerf's ResNet-50 LARS raises both its peak LR (10 → 25 → 31.2 from 16K to 64K: about B^0.4) and its
+warmup (5 → 25 epochs) with the batch; `LARS_RECIPES` holds both LARS forms the study compares.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 LR_RULES = ("linear", "sqrt", "none")
+WARMUP_RULES = ("fixed", "sqrt")
 
 
 def scaled_lr(base_lr: float, batch: int, base_batch: int, rule: str) -> float:
@@ -35,6 +47,16 @@ def scaled_lr(base_lr: float, batch: int, base_batch: int, rule: str) -> float:
     if rule == "none":
         return base_lr
     raise ValueError(f"lr_scaling must be one of {LR_RULES}, got {rule!r}")
+
+
+def warmup_epochs(base_epochs: float, batch: int, base_batch: int, rule: str, epochs: float) -> float:
+    """Warmup epochs at global batch `batch`: `base_epochs` ("fixed"), or
+    min(base_epochs · max(1, √(batch/base_batch)), epochs/2) ("sqrt", the MLPerf LARS shape)."""
+    if rule == "fixed":
+        return base_epochs
+    if rule == "sqrt":
+        return min(base_epochs * max(1.0, math.sqrt(batch / base_batch)), epochs / 2)
+    raise ValueError(f"warmup must be one of {WARMUP_RULES}, got {rule!r}")
 
 
 def power_of_two_batches(smallest: int, train_size: int) -> tuple[int, ...]:
@@ -57,7 +79,8 @@ class OptimizerSpec:
     """One contestant: a trainer optimizer name with its own base LR, scaling rule and options.
 
     `label` names it in tables ("sgd", "nesterov", "lars", "lamb", "adamw"); `optimizer`,
-    `nesterov`, `momentum` and `weight_decay` are passed to the trainer's config unchanged.
+    `nesterov`, `momentum`, `weight_decay` and `trust_coefficient` are passed to the trainer's config
+    unchanged; `warmup` is the warmup rule (WARMUP_RULES, see warmup_epochs).
     """
 
     label: str
@@ -67,18 +90,24 @@ class OptimizerSpec:
     weight_decay: float
     momentum: float = 0.9
     nesterov: bool = False
+    warmup: str = "fixed"
+    trust_coefficient: float = 0.001
 
     def __post_init__(self) -> None:
         if self.lr_scaling not in LR_RULES:
             raise ValueError(f"{self.label}: lr_scaling must be one of {LR_RULES}, got {self.lr_scaling!r}")
+        if self.warmup not in WARMUP_RULES:
+            raise ValueError(f"{self.label}: warmup must be one of {WARMUP_RULES}, got {self.warmup!r}")
         if not self.base_lr > 0:
             raise ValueError(f"{self.label}: base_lr must be positive, got {self.base_lr}")
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A whole sweep: the fixed-epoch grid (batches × optimizers × lr_factors) and the fixed-step
-    diffusion runs (Hoffer et al. 2017) of `diffusion_optimizer` at lr factor 1 on `diffusion_batches`.
+    """A whole sweep: the fixed-epoch grid (batches × optimizers × LR factors × seeds, the factors
+    starting at `lr_factors` and extended as the module docstring says) and the fixed-step diffusion
+    runs (Hoffer et al. 2017) of `diffusion_optimizer` at lr factor 1 on `diffusion_batches`, each
+    seed. `seeds` seed the initialisation and the data order of every cell's runs.
 
     `batches=None` means powers of two from `smallest_batch` up to the training-set size, then the
     whole training set. `train_size` fixes the training-set size where the data need not be present
@@ -105,7 +134,9 @@ class Preset:
     decay: str = "poly"
     poly_power: float = 2.0
     label_smoothing: float = 0.1
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
+    lr_step: float = 3.0
+    max_lr_extensions: int = 0
     train_size: int | None = None
     train: dict[str, Any] = field(default_factory=dict)
 
@@ -117,6 +148,16 @@ class Preset:
             raise ValueError(f"preset {self.name}: diffusion_optimizer {self.diffusion_optimizer!r} not in {labels}")
         if 1.0 not in self.lr_factors:
             raise ValueError(f"preset {self.name}: lr_factors must contain 1.0 (the scaled LR), got {self.lr_factors}")
+        if not self.lr_step > 1:
+            raise ValueError(f"preset {self.name}: lr_step must be > 1, got {self.lr_step}")
+        factors = sorted(self.lr_factors)
+        if any(not math.isclose(b / a, self.lr_step, rel_tol=1e-9) for a, b in itertools.pairwise(factors)):
+            raise ValueError(f"preset {self.name}: lr_factors {self.lr_factors} are not a log grid of step "
+                             f"{self.lr_step:g}")
+        if self.max_lr_extensions < 0:
+            raise ValueError(f"preset {self.name}: max_lr_extensions must be ≥ 0, got {self.max_lr_extensions}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"preset {self.name}: seeds must be distinct and at least one, got {self.seeds}")
         if self.fixed_steps <= 0:
             raise ValueError(f"preset {self.name}: fixed_steps must be positive, got {self.fixed_steps}")
 
@@ -137,14 +178,44 @@ class Preset:
         return power_of_two_batches(self.smallest_batch, train_size)
 
 
+LARS_RECIPES = ("linear", "mlperf")
+
+
+def lars_spec(recipe: str, base_lr: float, weight_decay: float, label: str = "lars") -> OptimizerSpec:
+    """LARS in one of LARS_RECIPES, both with MLPerf's trust coefficient η = 0.001 and ε = 0 (the
+    trainer's), momentum 0.9 and BN/bias excluded from decay and adaptation:
+    "linear": lr ∝ B with the preset's fixed warmup (You et al. 2017 with Goyal et al.'s rule);
+    "mlperf": lr ∝ √B and warmup growing as √B (the shape of MLPerf ResNet-50's LR and warmup tables)."""
+    if recipe == "linear":
+        return OptimizerSpec(label, "lars", base_lr, "linear", weight_decay)
+    if recipe == "mlperf":
+        return OptimizerSpec(label, "lars", base_lr, "sqrt", weight_decay, warmup="sqrt")
+    raise ValueError(f"LARS recipe must be one of {LARS_RECIPES}, got {recipe!r}")
+
+
+def lars_recipe_of(spec: OptimizerSpec) -> str:
+    """Which of LARS_RECIPES `spec` follows ("custom" when neither)."""
+    for recipe in LARS_RECIPES:
+        if lars_spec(recipe, spec.base_lr, spec.weight_decay, spec.label) == spec:
+            return recipe
+    return "custom"
+
+
+def with_lars_recipe(preset: Preset, recipe: str) -> Preset:
+    """`preset` with its "lars" contestant in `recipe` (same base LR and weight decay)."""
+    old = preset.optimizer("lars")
+    spec = lars_spec(recipe, old.base_lr, old.weight_decay)
+    return dataclasses.replace(preset, optimizers=tuple(spec if o.label == "lars" else o for o in preset.optimizers))
+
+
 # LARS has trust coefficient η = 0.001 inside the optimizer, so its global LR is large; LAMB and AdamW scale
-# with √B as in You et al. 2019, momentum SGD, Nesterov and LARS linearly (Goyal et al. 2017).
+# with √B as in You et al. 2019, momentum SGD and Nesterov linearly (Goyal et al. 2017).
 def _contestants(sgd_lr: float, lars_lr: float, lamb_lr: float, adamw_lr: float,
-                 wd: float) -> tuple[OptimizerSpec, ...]:
+                 wd: float, lars_recipe: str) -> tuple[OptimizerSpec, ...]:
     return (
         OptimizerSpec("sgd", "sgd", sgd_lr, "linear", wd),
         OptimizerSpec("nesterov", "sgd", sgd_lr, "linear", wd, nesterov=True),
-        OptimizerSpec("lars", "lars", lars_lr, "linear", wd),
+        lars_spec(lars_recipe, lars_lr, wd),
         OptimizerSpec("lamb", "lamb", lamb_lr, "sqrt", 0.01),
         OptimizerSpec("adamw", "adamw", adamw_lr, "sqrt", 0.01),
     )
@@ -153,40 +224,60 @@ def _contestants(sgd_lr: float, lars_lr: float, lamb_lr: float, adamw_lr: float,
 # Digits base LRs (batch 64, 30 epochs, the trainer's small CNN on 16×16 JPEGs): the geometric middle of the
 # best region of one sweep per optimizer at the base batch only (top-1 within ~1 point of the best: sgd 0.3–2,
 # lars 8–16, lamb 0.02–0.1, adamw 0.06–0.1), as the recipe tunes at a small batch and scales from there;
-# never adjusted to the large-batch results.
-DIGITS_CONTESTANTS = _contestants(sgd_lr=0.8, lars_lr=11.0, lamb_lr=0.05, adamw_lr=0.08, wd=5e-4)
+# never adjusted to the large-batch results. The LR search moves from these where the data say so.
+DIGITS_LRS = {"sgd_lr": 0.8, "lars_lr": 11.0, "lamb_lr": 0.05, "adamw_lr": 0.08, "wd": 5e-4}
+DIGITS_LARS_RECIPE = "linear"
+DIGITS_CONTESTANTS = _contestants(**DIGITS_LRS, lars_recipe=DIGITS_LARS_RECIPE)
+DIGITS_TRAIN = {"data": "default", "model": "default", "loader": "cpu", "device": "cpu", "workers": 0,
+                "channels_last": True}
+
+DEFAULT = Preset(
+    name="default",
+    description="sklearn digits (1,437 training / 360 validation images), small CNN, CPU: batch 64 … the whole "
+                "training set, 5 optimizers, 3 seeds, LR searched on a ×3 log grid",
+    epochs=20,
+    base_batch=64,
+    optimizers=DIGITS_CONTESTANTS,
+    lr_factors=(1 / 3, 1.0, 3.0),
+    lr_step=3.0,
+    max_lr_extensions=3,
+    seeds=(0, 1, 2),
+    warmup_epochs=2,
+    target_accuracy=0.9,
+    diffusion_optimizer="sgd",
+    fixed_steps=300,
+    smallest_batch=64,
+    diffusion_batches=(64, 256, 1437),
+    train=DIGITS_TRAIN,
+)
 
 PRESETS: dict[str, Preset] = {
-    "default": Preset(
-        name="default",
-        description="sklearn digits (1,437 training / 360 validation images), small CNN, CPU: batch 16 … the whole "
-                    "training set, 5 optimizers × 3 LRs",
-        epochs=30,
-        base_batch=64,
-        optimizers=DIGITS_CONTESTANTS,
-        lr_factors=(1 / 3, 1.0, 3.0),
-        warmup_epochs=2,
-        target_accuracy=0.9,
-        diffusion_optimizer="sgd",
-        fixed_steps=300,
-        smallest_batch=16,
-        diffusion_batches=None,
-        train={"data": "default", "model": "default", "loader": "cpu", "device": "cpu", "workers": 0},
-    ),
+    "default": DEFAULT,
+    "lars-recipes": dataclasses.replace(
+        DEFAULT, name="lars-recipes",
+        description="the default preset's grid for momentum SGD and both LARS recipes (linear LR and fixed warmup; "
+                    "MLPerf's √B LR and √B warmup), to choose the default's LARS",
+        optimizers=(DIGITS_CONTESTANTS[0], lars_spec("linear", DIGITS_LRS["lars_lr"], DIGITS_LRS["wd"]),
+                    lars_spec("mlperf", DIGITS_LRS["lars_lr"], DIGITS_LRS["wd"], label="lars_mlperf")),
+        diffusion_batches=(32, 1437)),
     "quick": Preset(
         name="quick",
-        description="smoke test: sklearn digits, 3 batches × 5 optimizers × 2 LRs, few epochs",
-        epochs=4,
+        description="smoke test: sklearn digits, 2 batches × 3 optimizers × 2 seeds, LR searched from 2 points, "
+                    "few epochs",
+        epochs=3,
         base_batch=64,
-        optimizers=DIGITS_CONTESTANTS,
+        optimizers=tuple(o for o in DIGITS_CONTESTANTS if o.label in ("sgd", "lars", "lamb")),
         lr_factors=(1.0, 3.0),
+        lr_step=3.0,
+        max_lr_extensions=1,
+        seeds=(0, 1),
         warmup_epochs=1,
         target_accuracy=0.5,
         diffusion_optimizer="sgd",
         fixed_steps=40,
-        batches=(32, 128, 512),
+        batches=(32, 512),
         diffusion_batches=(32, 512),
-        train={"data": "default", "model": "default", "loader": "cpu", "device": "cpu", "workers": 0},
+        train=DIGITS_TRAIN,
     ),
     "imagenet": Preset(
         name="imagenet",
@@ -195,8 +286,11 @@ PRESETS: dict[str, Preset] = {
         base_batch=256,
         # MLPerf LARS: 10.0 at < 16K scaled from 256 would overshoot; its LR is set per batch, so LARS
         # uses the linear rule from a base that gives ≈ 10 at 16K (≈ 0.16 at 256).
-        optimizers=_contestants(sgd_lr=0.1, lars_lr=0.16, lamb_lr=0.004, adamw_lr=0.001, wd=5e-5),
+        optimizers=_contestants(sgd_lr=0.1, lars_lr=0.16, lamb_lr=0.004, adamw_lr=0.001, wd=5e-5,
+                                lars_recipe="linear"),
         lr_factors=(0.5, 1.0, 2.0),
+        lr_step=2.0,
+        max_lr_extensions=1,
         warmup_epochs=5,
         target_accuracy=0.759,
         diffusion_optimizer="lars",

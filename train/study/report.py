@@ -1,11 +1,13 @@
-"""Writes the study report: report.md, results.csv (best LR per batch × optimizer), runs.csv (every
-run) and the PNG plots, all into one folder."""
+"""Writes the study report: report.md, results.csv (best LR per batch × optimizer, with intervals),
+runs.csv (every run), lr_search.csv (every LR tried per cell) and the PNG plots, all into one folder."""
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import platform
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,20 +17,43 @@ import torch
 from train.study import analysis, plots, summary
 from train.study.analysis import Cell, Record
 from train.study.presets import Preset
+from train.study.summary import pct_interval, points_interval
 
-RESULT_COLUMNS = ("optimizer", "batch", "top1", "top5", "steps", "steps_to_target", "best_lr", "lr_at_edge",
-                  "lrs_tried", "wall_time_s", "images_per_s", "optimizer_share")
-RUN_COLUMNS = ("key", "budget", "optimizer", "batch", "lr_factor", "lr", "top1", "top5", "steps", "epochs",
-               "steps_to_target", "wall_time_s", "images_per_s", "optimizer_share", "final_w_dist",
+RESULT_COLUMNS = ("optimizer", "batch", "seeds", "top1_mean", "top1_low", "top1_high", "top1_runs", "top5_mean",
+                  "steps", "steps_to_target", "reached", "best_lr", "lr_factor", "lrs_tried", "lr_extensions",
+                  "lr_at_edge", "edge_unresolved", "wall_time_s", "images_per_s", "optimizer_share")
+RUN_COLUMNS = ("key", "budget", "optimizer", "batch", "lr_factor", "lr", "seed", "top1", "top5", "steps", "epochs",
+               "steps_to_target", "wall_time_s", "images_per_s", "data_share", "optimizer_share", "final_w_dist",
                "final_b_simple")
+SEARCH_COLUMNS = ("optimizer", "batch", "lr_factor", "lr", "seeds", "top1_mean", "top1_low", "top1_high", "best")
 PLOT_FILES = ("accuracy_vs_batch.png", "steps_to_target.png", "diffusion.png", "noise_scale.png")
 
 
 def machine() -> str:
     """One line naming the machine the runs were timed on."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {device}, "
+    isa = _cpu_vector_extension()
+    return (f"{_cpu_name()}{f' ({isa})' if isa else ''}, {os.cpu_count()} CPU cores, {device}, "
             f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_vector_extension() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return ""
+    words = set(flags.split(":", 1)[1].split())
+    return "AVX-512" if "avx512f" in words else "AVX2, no AVX-512" if "avx2" in words else "no AVX2"
 
 
 def _last(record: Record, metric: str) -> float | None:
@@ -36,32 +61,43 @@ def _last(record: Record, metric: str) -> float | None:
     return pts[-1][1] if pts else None
 
 
-def write_csvs(records: Sequence[Record], cells: Sequence[Cell], out: Path) -> tuple[Path, Path]:
-    """results.csv (one row per Cell) and runs.csv (one row per run, plan order)."""
-    results, runs = out / "results.csv", out / "runs.csv"
-    with results.open("w", newline="") as f:
+def write_csvs(records: Sequence[Record], cells: Sequence[Cell], out: Path, confidence: float) -> None:
+    """results.csv (one row per Cell), runs.csv (one row per run, plan order), lr_search.csv (one row per trial)."""
+    with (out / "results.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(RESULT_COLUMNS)
         for c in cells:
-            w.writerow([c.optimizer, c.batch, f"{c.top1:.4f}", f"{c.top5:.4f}", c.steps,
-                        "" if c.steps_to_target is None else c.steps_to_target, f"{c.lr:.6g}", int(c.lr_at_edge),
-                        c.runs, f"{c.wall_time_s:.2f}", f"{c.images_per_s:.1f}", f"{c.optimizer_share:.3f}"])
-    with runs.open("w", newline="") as f:
+            w.writerow([c.optimizer, c.batch, c.seeds, f"{c.top1.estimate:.4f}", f"{c.top1.low:.4f}",
+                        f"{c.top1.high:.4f}", " ".join(f"{v:.4f}" for v in c.top1_runs), f"{c.top5.estimate:.4f}",
+                        c.steps, "" if c.steps_to_target is None else f"{c.steps_to_target:.1f}", c.reached,
+                        f"{c.lr:.6g}", f"{c.lr_factor:.6g}", len(c.factors), c.extensions, int(c.lr_at_edge),
+                        int(c.edge_unresolved), f"{c.wall_time_s:.2f}", f"{c.images_per_s:.1f}",
+                        f"{c.optimizer_share:.3f}"])
+    with (out / "runs.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(RUN_COLUMNS)
         for r in records:
             res = r["result"]
             wd, bs = _last(r, "w_dist"), _last(r, "b_simple")
             w.writerow([r["key"], r["budget"], r["optimizer"], r["batch"], f"{r['lr_factor']:.4g}", f"{r['lr']:.6g}",
-                        f"{res['top1']:.4f}", f"{res['top5']:.4f}", res["steps"], f"{res['epochs']:.3g}",
-                        "" if res.get("steps_to_target") is None else res["steps_to_target"],
-                        f"{res['wall_time_s']:.2f}", f"{res['images_per_s']:.1f}", f"{res['optimizer_share']:.3f}",
+                        analysis.seed_of(r), f"{res['top1']:.4f}", f"{res['top5']:.4f}", res["steps"],
+                        f"{res['epochs']:.3g}", "" if res.get("steps_to_target") is None else res["steps_to_target"],
+                        f"{res['wall_time_s']:.2f}", f"{res['images_per_s']:.1f}",
+                        f"{res.get('data_time_share', 0.0):.3f}", f"{res['optimizer_share']:.3f}",
                         "" if wd is None else f"{wd:.5g}", "" if bs is None else f"{bs:.5g}"])
-    return results, runs
+    best = {(c.optimizer, c.batch): c.lr_factor for c in cells}
+    with (out / "lr_search.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(SEARCH_COLUMNS)
+        for t in sorted(analysis.trials(records), key=lambda t: (t.optimizer, t.batch, t.lr_factor)):
+            i = analysis.stats.mean_interval(t.values("top1"), confidence)
+            w.writerow([t.optimizer, t.batch, f"{t.lr_factor:.6g}", f"{t.lr:.6g}", len(t.runs), f"{i.estimate:.4f}",
+                        f"{i.low:.4f}", f"{i.high:.4f}", int(best.get((t.optimizer, t.batch)) == t.lr_factor)])
 
 
-def table_markdown(cells: Sequence[Cell]) -> str:
-    """Batch × optimizer table: top-1 / steps / best LR per cell (* marks a best LR at the search's edge)."""
+def table_markdown(cells: Sequence[Cell], with_lr: bool = True) -> str:
+    """Batch × optimizer table: mean top-1 ± interval half-width over seeds, best LR (with `with_lr`; † marks a
+    best LR still at the edge of its range when the search stopped)."""
     opts, batches = analysis.optimizers_of(cells), analysis.batches_of(cells)
     by = {(c.optimizer, c.batch): c for c in cells}
     lines = ["| batch | steps | " + " | ".join(opts) + " |", "|---:|---:|" + "---|" * len(opts)]
@@ -70,95 +106,205 @@ def table_markdown(cells: Sequence[Cell]) -> str:
         row = []
         for o in opts:
             c = by.get((o, b))
-            row.append("—" if c is None else f"{100 * c.top1:.1f}% (lr {c.lr:.3g}{'*' if c.lr_at_edge else ''})")
+            if c is None:
+                row.append("—")
+                continue
+            mark = "†" if c.edge_unresolved else ""
+            row.append(pct_interval(c.top1) + (f" (lr {c.lr:.3g}{mark})" if with_lr else mark))
         lines.append(f"| {b} | {steps} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
+def _verdict_table(hold: dict[str, analysis.Holding], cells: Sequence[Cell]) -> str:
+    opts, batches = analysis.optimizers_of(cells), analysis.batches_of(cells)
+    marks = {analysis.HOLDS: "holds", analysis.FALLS: "**falls**", analysis.UNCLEAR: "unclear"}
+    lines = ["| batch | " + " | ".join(opts) + " |", "|---:|" + "---|" * len(opts)]
+    for b in batches:
+        row = []
+        for o in opts:
+            h = hold[o]
+            v = next((v for v in h.verdicts if v.batch == b), None)
+            if b == h.peak_batch:
+                row.append("peak")
+            elif v is None:
+                row.append("")
+            else:
+                row.append(f"{points_interval(v.difference)}: {marks[v.verdict]}")
+        lines.append(f"| {b} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def _detail_table(cells: Sequence[Cell]) -> str:
-    lines = ["| optimizer | batch | top-1 | top-5 | steps | steps to target | best LR | wall s | img/s | opt. share |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| optimizer | batch | top-1 | top-5 | per seed | steps | steps to target | best LR | LRs tried | "
+             "wall s | img/s | opt. share |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cells:
-        stt = "—" if c.steps_to_target is None else str(c.steps_to_target)
-        lines.append(f"| {c.optimizer} | {c.batch} | {100 * c.top1:.1f}% | {100 * c.top5:.1f}% | {c.steps} | {stt} | "
-                     f"{c.lr:.4g} | {c.wall_time_s:.1f} | {c.images_per_s:.0f} | {100 * c.optimizer_share:.1f}% |")
+        stt = (f"{c.steps_to_target:.0f}" if c.steps_to_target is not None else "—") + f" ({c.reached}/{c.seeds})"
+        seeds = " ".join(f"{100 * v:.1f}" for v in c.top1_runs)
+        lines.append(f"| {c.optimizer} | {c.batch} | {pct_interval(c.top1)} | {pct_interval(c.top5)} | {seeds} | "
+                     f"{c.steps} | {stt} | {c.lr:.4g}{'†' if c.edge_unresolved else ''} | {len(c.factors)} "
+                     f"(+{c.extensions}) | {c.wall_time_s:.1f} | {c.images_per_s:.0f} | "
+                     f"{100 * c.optimizer_share:.1f}% |")
     return "\n".join(lines)
 
 
-def _diffusion_table(fits: Sequence[analysis.DiffusionFit]) -> str:
-    lines = ["| budget | batch | steps | top-1 | ‖w_T − w_0‖ | b in a + b·ln t | R² | p in t^p |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for f in sorted(fits, key=lambda f: (f.budget, f.batch)):
-        lines.append(f"| fixed {f.budget[:-1]} | {f.batch} | {f.steps} | {100 * f.top1:.1f}% | {f.final:.4g} | "
-                     f"{f.log_slope:.3g} | {f.r2_log:.3f} | {f.exponent:.3f} |")
+def _diffusion_table(rows: Sequence[analysis.DiffusionSummary]) -> str:
+    def iv(i: analysis.Interval, digits: int) -> str:
+        return f"{i.estimate:.{digits}g} ± {'?' if math.isinf(i.half_width) else f'{i.half_width:.2g}'}"
+    lines = ["| budget | batch | steps | seeds | top-1 | ‖w_T − w_0‖ | b in a + b·ln t | min R² | p in t^p |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in rows:
+        lines.append(f"| fixed {s.budget[:-1]} | {s.batch} | {s.steps} | {len(s.fits)} | {pct_interval(s.top1)} | "
+                     f"{iv(s.final, 4)} | {iv(s.log_slope, 3)} | {s.min_r2_log:.3f} | {iv(s.exponent, 3)} |")
     return "\n".join(lines)
+
+
+def _noise_table(estimates: Sequence[analysis.NoiseScale]) -> str:
+    groups: dict[tuple[str, int], list[analysis.NoiseScale]] = {}
+    for e in estimates:
+        groups.setdefault((e.optimizer, e.batch), []).append(e)
+    opts = list(dict.fromkeys(e.optimizer for e in estimates))
+    batches = sorted({e.batch for e in estimates})
+    lines = ["| batch | " + " | ".join(opts) + " |", "|---:|" + "---|" * len(opts)]
+    for b in batches:
+        row = []
+        for o in opts:
+            g = groups.get((o, b))
+            if not g:
+                row.append("—")
+                continue
+            values = sorted(e.b_simple for e in g)
+            reached = sum(e.reached_target for e in g)
+            row.append(f"{statistics.median(values):.0f} ({values[0]:.0f}–{values[-1]:.0f}){'' if reached else ' †'}")
+        lines.append(f"| {b} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def time_breakdown(records: Sequence[Record], meta: dict[str, Any]) -> str:
+    """Where the training time of the runs trained went (data loading, optimizer step, the rest of an
+    update: forward, backward and metrics), and what the invocation's wall time held besides."""
+    res = [r["result"] for r in records]
+    train_s = sum(r["wall_time_s"] for r in res)
+    data_s = sum(r["wall_time_s"] * r.get("data_time_share", 0.0) for r in res)
+    opt_s = sum(r["wall_time_s"] * r["optimizer_share"] for r in res)
+    jobs = int(meta.get("jobs", 1))
+    wall = float(meta.get("wall_time_s", 0.0))
+    text = (f"Training time of all {len(res)} runs, as each measured it: {train_s:.0f} s — data "
+            f"{100 * data_s / train_s:.0f}%, optimizer step {100 * opt_s / train_s:.0f}%, forward, backward and "
+            f"metrics {100 * (train_s - data_s - opt_s) / train_s:.0f}%."
+            if train_s else "No run measured its training time.")
+    if meta.get("executed") == len(res) and wall:
+        rest = jobs * wall - train_s
+        text += (f" The invocation trained all of them, {jobs} at a time, in {wall:.0f} s wall: of its {jobs} × "
+                 f"{wall:.0f} s, {max(rest, 0):.0f} s went to evaluation, run set-up (data scan, model build), "
+                 f"worker start-up, idle cores at the end and the report.")
+    return text
+
+
+def headline(records: Sequence[Record], preset: Preset, tolerance: float, confidence: float = 0.95) -> str:
+    """The verdict and the top-1 table (percentages), as printed when the study finishes."""
+    cells = analysis.best_cells(records, preset.lr_factors, preset.max_lr_extensions, confidence)
+    found = summary.findings(records, cells, tolerance, preset.diffusion_optimizer, confidence,
+                             adaptive=adaptive_labels(preset))
+    verdict = summary.summary_markdown(found, adaptive_labels(preset)).split("\n", 1)[0]
+    return (f"{verdict}\n\nMean top-1 over {len(preset.seeds)} seeds ± {100 * confidence:g}% half-width, best LR "
+            f"(† still at an edge):\n{table_markdown(cells, with_lr=False)}")
+
+
+def adaptive_labels(preset: Preset) -> tuple[str, ...]:
+    """The labels of the preset's layer-wise adaptive contestants (LARS, LAMB)."""
+    return tuple(o.label for o in preset.optimizers if o.optimizer in ("lars", "lamb"))
 
 
 def write_report(records: Sequence[Record], preset: Preset, out: Path, tolerance: float,
-                 meta: dict[str, Any]) -> Path:
+                 meta: dict[str, Any], confidence: float = 0.95) -> Path:
     """Write every report file into `out` and return the path of report.md."""
     out.mkdir(parents=True, exist_ok=True)
-    cells = analysis.best_cells(records)
+    cells = analysis.best_cells(records, preset.lr_factors, preset.max_lr_extensions, confidence)
     if not cells:
         raise ValueError("no fixed-epoch run records to report")
-    write_csvs(records, cells, out)
-    hold = analysis.holding(cells, tolerance)
+    write_csvs(records, cells, out, confidence)
+    hold = analysis.holding(cells, tolerance, confidence)
     fall = min((h.falls_at for h in hold.values() if h.falls_at is not None), default=None)
-    plots.accuracy_vs_batch(cells, out / PLOT_FILES[0], f"{preset.name} preset: {preset.epochs:g} epochs, best of "
-                            f"{len(preset.lr_factors)} LRs")
-    plots.steps_to_target(cells, preset.target_accuracy, out / PLOT_FILES[1])
+    seeds = len(preset.seeds)
+    plots.accuracy_vs_batch(cells, out / PLOT_FILES[0], f"{preset.name}: {preset.epochs:g} epochs, best LR, "
+                            f"mean ± {100 * confidence:g}% CI over {seeds} seeds")
+    plots.steps_to_target(cells, records, preset.target_accuracy, out / PLOT_FILES[1])
     plots.diffusion(records, preset.diffusion_optimizer, preset.fixed_steps, out / PLOT_FILES[2])
     plots.noise_scale(records, preset.diffusion_optimizer, fall, out / PLOT_FILES[3])
-    found = summary.findings(records, cells, tolerance, preset.diffusion_optimizer)
-    fits = analysis.diffusion(records, preset.diffusion_optimizer)
+    adaptive = adaptive_labels(preset)
+    found = summary.findings(records, cells, tolerance, preset.diffusion_optimizer, confidence, adaptive)
+    diffusion_rows = analysis.diffusion_by_batch(analysis.diffusion(records, preset.diffusion_optimizer), confidence)
     estimates = analysis.noise_scale(records)
     factors = ", ".join(f"{f:.3g}" for f in preset.lr_factors)
-    trained_s = sum(r["result"]["wall_time_s"] for r in records)
+    rules = {"linear": "B", "sqrt": "√B", "none": "1"}
+    recipes = "; ".join(f"{o.label}: lr ∝ {rules[o.lr_scaling]}"
+                        + (", warmup growing as √B (MLPerf LARS shape)" if o.warmup == "sqrt" else "")
+                        for o in preset.optimizers)
+    conf = f"{100 * confidence:g}%"
     text = f"""# Batch-size scaling study: `{preset.name}` preset
 
 {preset.description}. Each optimizer trains {preset.epochs:g} epochs at every global batch with the
-large-batch recipe (LR scaling rule, {preset.warmup_epochs:g} warmup epochs, {preset.decay} decay
-(power {preset.poly_power:g}), label smoothing {preset.label_smoothing:g}, no weight decay or adaptation on
-biases and norm layers) at LR factors {factors} × its scaled LR; the table shows the best.
-Accuracy "holds" while it stays within {100 * tolerance:.0f} points of the optimizer's peak.
+large-batch recipe ({preset.warmup_epochs:g} warmup epochs, {preset.decay} decay (power {preset.poly_power:g}),
+label smoothing {preset.label_smoothing:g}, no weight decay or adaptation on biases and norm layers; {recipes}),
+once per seed ({seeds} seeds: {", ".join(map(str, preset.seeds))}; a seed sets the initialisation and the data
+order).
 
-Trained by `{meta.get("engine", "train.engine")}`.
-Machine: {meta.get("machine", machine())}. {meta.get("runs", len(records))} runs
-({meta.get("executed", "?")} trained by the invocation that wrote this report, {meta.get("cached", "?")} read from
-the cache of earlier ones, {meta.get("jobs", 1)} at a time); training time of all runs, as each run measured
-it: {trained_s:.0f} s; wall time of the invocation: {meta.get("wall_time_s", 0):.0f} s.
+**LR search.** Per (optimizer, batch) the LR factors start at {factors} × the scaled LR, a log grid of
+step {preset.lr_step:g}; while the best mean top-1 over seeds lies at the lowest or highest factor tried,
+the next factor beyond it is tried too, up to {preset.max_lr_extensions} extensions per cell. Every
+table shows the best factor's runs († where the best is still at an edge when the limit is reached).
+Every LR tried: [lr_search.csv](lr_search.csv).
+
+**Statistics.** Every ± is the half-width of a two-sided {conf} Student t interval over seeds; a
+difference is Welch's interval (Welch–Satterthwaite degrees of freedom). At each batch B beyond an
+optimizer's peak batch B* (highest mean top-1), accuracy **holds** when the whole interval of
+top-1(B) − top-1(B*) lies above −{100 * tolerance:g} points, **falls** when it lies wholly below, and is
+**unclear** otherwise. An optimizer holds for certain up to the last batch before the first that does not
+hold, and at most up to the last batch before the first that falls; "X holds to a larger batch than Y"
+is yes when X's certain limit exceeds Y's possible one, no when X's possible limit does not exceed Y's
+certain one, and "cannot tell" otherwise. The best LR and the peak batch are chosen on the same seeds
+they are reported with, which flatters them slightly.
+
+Trained by `{meta.get("engine", "train.engine")}`. Machine: {meta.get("machine", machine())}.
+{meta.get("runs", len(records))} runs ({meta.get("initial_runs", "?")} planned at the start, the rest added by the LR
+search; {meta.get("executed", "?")} trained by the invocation that wrote this report, {meta.get("cached", "?")} read
+from the cache of earlier ones, {meta.get("jobs", 1)} at a time); wall time of the invocation:
+{meta.get("wall_time_s", 0):.0f} s. {time_breakdown(records, meta)}
 
 ## Summary
 
-{summary.summary_markdown(found)}
-## Final top-1 at the best LR (batch × optimizer)
+{summary.summary_markdown(found, adaptive)}
+## Final top-1 at the best LR (batch × optimizer; mean ± {conf} half-width over {seeds} seeds)
 
 {table_markdown(cells)}
 
-`*`: the best LR is at the edge of the searched range. Full table: [results.csv](results.csv); every run:
-[runs.csv](runs.csv).
+Full table: [results.csv](results.csv); every run: [runs.csv](runs.csv).
 
 ![accuracy vs batch](accuracy_vs_batch.png)
 
-## Steps to {100 * preset.target_accuracy:.0f}% top-1
+## Does accuracy hold? (top-1 minus the peak's, {conf} interval; tolerance {100 * tolerance:g} points)
+
+{_verdict_table(hold, cells)}
+
+## Steps to {100 * preset.target_accuracy:.0f}% top-1 (mean over seeds, where every seed reached it)
 
 ![steps to target](steps_to_target.png)
 
-## Distance from initialisation (Hoffer et al. 2017)
+## Distance from initialisation (Hoffer et al. 2017; mean ± {conf} half-width over seeds)
 
-{_diffusion_table(fits) if fits else "No run logged ‖w_t − w_0‖."}
+{_diffusion_table(diffusion_rows) if diffusion_rows else "No run logged ‖w_t − w_0‖."}
 
 ![diffusion](diffusion.png)
 
 ## Gradient noise scale (McCandlish et al. 2018)
 
-{"Median late-training B_simple per run (lr factor 1; † = the run did not reach the target): " + ", ".join(
-    f"{e.optimizer}@{e.batch}: {e.b_simple:.0f}{'' if e.reached_target else '†'}" for e in estimates)
-    if estimates else "No run logged B_simple."}
+{"Median late-training B_simple per run at the scaled LR: median over seeds (range; † = no seed reached the "
+ "target):" + chr(10) + chr(10) + _noise_table(estimates) if estimates else "No run logged B_simple."}
 
 ![noise scale](noise_scale.png)
 
-## Per-run details (best LR)
+## Per-cell details (best LR)
 
 {_detail_table(cells)}
 """

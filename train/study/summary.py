@@ -1,20 +1,24 @@
 """The generated summary: findings stated from the analysis numbers, then the papers' reference points.
 
-`findings` returns the claims as data (each with its sentence), so tests can check every sentence
-against the numbers it was derived from; `summary_markdown` renders them.
+`findings` returns the claims as data (each with its sentence and a truth value: True, False, or None
+for "cannot tell" where the intervals over seeds cannot separate the alternatives), so tests can check
+every sentence against the numbers it was derived from; `summary_markdown` renders them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from train.study import analysis
-from train.study.analysis import Cell, Record
+from train.study import analysis, stats
+from train.study.analysis import CANNOT_TELL, Cell, Record
+from train.study.stats import Interval
 
 # Optimizers the paper's claim is about (layer-wise adaptive) and its baseline.
 ADAPTIVE = ("lars", "lamb")
 BASELINE = "sgd"
+TRUTH = {analysis.YES: True, analysis.NO: False, analysis.CANNOT_TELL: None}
 
 REFERENCE_POINTS = """\
 Reference points (paper-notes.md; ImageNet/ResNet-50, not reproduced here):
@@ -28,164 +32,225 @@ Reference points (paper-notes.md; ImageNet/ResNet-50, not reproduced here):
 
 @dataclass(frozen=True)
 class Finding:
-    """One claim of the summary: a name tests refer to, its truth value (None: not measurable) and its sentence."""
+    """One claim of the summary: a name tests refer to, its truth value (None: cannot tell, or not
+    measurable) and its sentence."""
 
     name: str
     holds: bool | None
     sentence: str
 
 
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
+    """A top-1 fraction as a percentage with one decimal."""
     return f"{100 * x:.1f}%"
 
 
-def findings(records: Sequence[Record], cells: Sequence[Cell], tolerance: float,
-             diffusion_optimizer: str) -> list[Finding]:
-    """Every claim of the summary, derived from `cells` (best-LR table) and `records` (all runs)."""
-    out: list[Finding] = []
-    hold = analysis.holding(cells, tolerance)
-    largest = max(c.batch for c in cells)
-    tol = f"{100 * tolerance:.0f} points"
+def pct_interval(i: Interval) -> str:
+    """"96.1% ± 0.4" for a top-1 interval (± the half-width in points; "± ?" when unbounded)."""
+    half = "?" if math.isinf(i.half_width) else f"{100 * i.half_width:.1f}"
+    return f"{100 * i.estimate:.1f}% ± {half}"
 
-    falling = [o for o, h in hold.items() if h.falls_at is not None]
-    every_falls = len(falling) == len(hold)
+
+def points_interval(i: Interval) -> str:
+    """"3.2 [1.1, 5.3] points" for an interval of a top-1 difference."""
+    return f"{100 * i.estimate:.1f} [{100 * i.low:.1f}, {100 * i.high:.1f}] points"
+
+
+def _number_interval(i: Interval, digits: int = 3) -> str:
+    half = "?" if math.isinf(i.half_width) else f"{i.half_width:.{digits}g}"
+    return f"{i.estimate:.{digits}g} ± {half}"
+
+
+def _limit(h: analysis.Holding) -> str:
+    return f"B={h.holds_to}" if h.settled else f"B={h.holds_to}…{h.could_hold_to}"
+
+
+def findings(records: Sequence[Record], cells: Sequence[Cell], tolerance: float, diffusion_optimizer: str,
+             confidence: float = 0.95, adaptive: Sequence[str] = ADAPTIVE) -> list[Finding]:
+    """Every claim of the summary, derived from `cells` (best-LR table) and `records` (all runs);
+    `adaptive` are the labels compared with momentum SGD."""
+    out: list[Finding] = []
+    hold = analysis.holding(cells, tolerance, confidence)
+    largest = max(c.batch for c in cells)
+    tol = f"{100 * tolerance:g} points"
+    conf = f"{100 * confidence:g}%"
+
+    falls = {o: h.falls_at is not None for o, h in hold.items()}
+    steady = [o for o, h in hold.items() if h.holds_to == h.largest_batch]
     detail = "; ".join(
-        f"{o}: peak {_pct(h.peak)} at B={h.peak_batch}, holds to B={h.holds_to}"
-        + (f", falls at B={h.falls_at} (to {_pct(h.peak - h.drop)} at B={h.largest_batch})" if h.falls_at else "")
-        for o, h in hold.items())
-    if every_falls:
-        lead = f"Accuracy falls beyond some batch for every optimizer (more than {tol} below its peak)"
-    else:
-        steady = [o for o in hold if o not in falling]
+        f"{o}: peak {pct_interval(h.peak)} at B={h.peak_batch}, holds to {_limit(h)}"
+        + (f", falls at B={h.falls_at}" if h.falls_at else ", falls at no batch for certain")
+        + f" (drop to B={h.largest_batch}: {points_interval(h.drop)})" for o, h in hold.items())
+    if all(falls.values()):
+        every: bool | None = True
+        lead = f"Accuracy falls beyond some batch for every optimizer (surely more than {tol} below its peak)"
+    elif steady:
+        every = False
         lead = (f"Accuracy does NOT fall for every optimizer within the swept batches (up to {largest}): "
-                f"{', '.join(steady)} stay within {tol} of their peak")
-    out.append(Finding("every_optimizer_falls", every_falls, f"{lead}. {detail}."))
+                f"{', '.join(steady)} stay surely within {tol} of their peak")
+    else:
+        every = None
+        unclear = [o for o, f in falls.items() if not f]
+        lead = (f"Cannot tell whether accuracy falls beyond some batch for every optimizer: for "
+                f"{', '.join(unclear)} no batch is surely more than {tol} below the peak, nor every batch "
+                f"surely within")
+    out.append(Finding("every_optimizer_falls", every, f"{lead}. {detail}."))
 
     if BASELINE in hold:
-        for opt in ADAPTIVE:
+        b = hold[BASELINE]
+        for opt in adaptive:
             if opt not in hold:
                 continue
-            a, b = hold[opt], hold[BASELINE]
-            further = a.holds_to > b.holds_to
-            verdict = "holds accuracy to a larger batch than" if further else (
-                "does NOT hold accuracy to a larger batch than")
-            out.append(Finding(f"{opt}_beyond_{BASELINE}", further,
-                               f"{opt.upper()} {verdict} momentum SGD (B={a.holds_to} vs B={b.holds_to}, "
-                               f"tolerance {tol})."))
-        at_largest = {c.optimizer: c.top1 for c in cells if c.batch == largest}
-        if BASELINE in at_largest:
-            best_opt = max(at_largest, key=lambda o: at_largest[o])
-            out.append(Finding("largest_batch_winner", best_opt in ADAPTIVE,
-                               f"At the largest batch (B={largest}) the best optimizer is {best_opt} with "
-                               f"{_pct(at_largest[best_opt])}; momentum SGD reaches {_pct(at_largest[BASELINE])}."))
+            a = hold[opt]
+            answer = analysis.compare_holding(a, b)
+            verdict = {analysis.YES: "holds accuracy to a larger batch than",
+                       analysis.NO: "does NOT hold accuracy to a larger batch than",
+                       CANNOT_TELL: "cannot be told apart from"}[answer]
+            out.append(Finding(f"{opt}_beyond_{BASELINE}", TRUTH[answer],
+                               f"{opt.upper()} {verdict} momentum SGD (holds to {_limit(a)} vs {_limit(b)}; "
+                               f"tolerance {tol}, {conf} intervals over seeds)."))
+        at_largest = {c.optimizer: c for c in cells if c.batch == largest}
+        if BASELINE in at_largest and len(at_largest) > 1:
+            ranked = sorted(at_largest.values(), key=lambda c: -c.top1.estimate)
+            winner, second = ranked[0], ranked[1]
+            lead_gap = stats.difference_interval(winner.top1_runs, second.top1_runs, confidence)
+            separated = lead_gap.low > 0
+            sentence = (f"At the largest batch (B={largest}) the best mean is {winner.optimizer}'s "
+                        f"{pct_interval(winner.top1)}, ahead of {second.optimizer} ({pct_interval(second.top1)}) by "
+                        f"{points_interval(lead_gap)}: " + ("a clear lead" if separated else "not separable"))
+            if winner.optimizer != BASELINE:
+                gap = stats.difference_interval(winner.top1_runs, at_largest[BASELINE].top1_runs, confidence)
+                sentence += (f"; momentum SGD reaches {pct_interval(at_largest[BASELINE].top1)} "
+                             f"({points_interval(gap)} behind)")
+            out.append(Finding("largest_batch_winner", (winner.optimizer in adaptive) if separated else None,
+                               sentence + "."))
 
-    edges = [c for c in cells if c.lr_at_edge]
-    per_opt = []
-    for opt in analysis.optimizers_of(edges):
-        low = [str(c.batch) for c in edges if c.optimizer == opt and c.lr_edge == "low"]
-        high = [str(c.batch) for c in edges if c.optimizer == opt and c.lr_edge == "high"]
-        per_opt.append(f"{opt}: " + "; ".join(
-            part for part in (f"lowest LR best at B={', '.join(low)}" if low else "",
-                              f"highest LR best at B={', '.join(high)}" if high else "") if part))
-    out.append(Finding("lr_search_interior", not edges,
-                       "Every best LR lies inside the searched range." if not edges else
-                       f"{len(edges)} of {len(cells)} best LRs lie at the edge of the searched range "
-                       f"({' | '.join(per_opt)}): a wider search could change those cells."))
+    out.append(_lr_search_finding(cells))
 
     for opt in analysis.optimizers_of(cells):
         points = analysis.target_scaling(cells, opt)
         reached = [p for p in points if p.steps is not None]
         if not reached:
-            out.append(Finding(f"scaling_{opt}", None, f"{opt}: no batch reached the target accuracy."))
+            out.append(Finding(f"scaling_{opt}", None, f"{opt}: at no batch did every seed reach the target accuracy."))
             continue
         limit = analysis.perfect_scaling_limit(points)
         missing = [p.batch for p in points if p.steps is None]
         if len(reached) == 1:
-            trend = f"only B={reached[0].batch} reaches the target ({reached[0].steps} steps)"
+            trend = f"only at B={reached[0].batch} does every seed reach the target ({reached[0].steps:.0f} steps)"
         else:
-            trend = (f"steps to target go from {reached[0].steps} at B={reached[0].batch} to "
-                     f"{reached[-1].steps} at B={reached[-1].batch}; within 2× of perfect scaling up to B={limit}")
+            trend = (f"mean steps to target go from {reached[0].steps:.0f} at B={reached[0].batch} to "
+                     f"{reached[-1].steps:.0f} at B={reached[-1].batch}; within 2× of perfect scaling up to B={limit}")
         out.append(Finding(
             f"scaling_{opt}", limit is not None and limit > reached[0].batch,
-            f"{opt}: {trend}" + (f"; target not reached at B={', '.join(map(str, missing))}" if missing else "")
+            f"{opt}: {trend}" + (f"; not every seed reached it at B={', '.join(map(str, missing))}" if missing else "")
             + "."))
 
-    fits = analysis.diffusion(records, diffusion_optimizer)
-    out.extend(_diffusion_findings(fits, diffusion_optimizer))
+    summaries = analysis.diffusion_by_batch(analysis.diffusion(records, diffusion_optimizer), confidence)
+    out.extend(_diffusion_findings(summaries, diffusion_optimizer, confidence))
 
     estimates = analysis.noise_scale(records)
-    bcrit = analysis.predicted_critical_batch(estimates)
-    reached = sum(e.reached_target for e in estimates)
-    basis = (f"median over the {reached} runs that reached the target" if reached else
-             f"median over all {len(estimates)} runs; none reached the target")
-    if bcrit is None:
+    critical = analysis.predicted_critical_batch(estimates)
+    if critical is None:
         out.append(Finding("noise_scale", None, "No run logged a finite B_simple, so no critical batch is predicted."))
     else:
+        basis = (f"median over the {critical.runs} runs that reached the target" if critical.basis == "reached" else
+                 f"median over all {critical.runs} runs; none reached the target")
+        spread = f"quartiles {critical.q1:.0f}–{critical.q3:.0f}"
         fall = min((h.falls_at for h in hold.values() if h.falls_at is not None), default=None)
         if fall is None:
             out.append(Finding("noise_scale", None,
-                               f"B_simple ({basis}) is {bcrit:.0f}; no optimizer's "
-                               f"accuracy fell, so there is no observed batch to compare it with."))
+                               f"B_simple ({basis}) is {critical.median:.0f} ({spread}); no optimizer's accuracy "
+                               f"surely fell, so there is no observed batch to compare it with."))
         else:
-            ratio = bcrit / fall
+            ratio = critical.median / fall
             agree = 0.5 <= ratio <= 2.0
             out.append(Finding("noise_scale", agree,
-                               f"B_simple ({basis}) predicts a critical batch of "
-                               f"{bcrit:.0f}; accuracy first falls at B={fall} (ratio {ratio:.2f}, "
+                               f"B_simple ({basis}) predicts a critical batch of {critical.median:.0f} ({spread}); "
+                               f"accuracy first surely falls at B={fall} (ratio {ratio:.2f}, "
                                f"{'within' if agree else 'outside'} a factor of 2)."))
     return out
 
 
-def _diffusion_findings(fits: Sequence[analysis.DiffusionFit], optimizer: str) -> list[Finding]:
+def _lr_search_finding(cells: Sequence[Cell]) -> Finding:
+    extended = [c for c in cells if c.extensions]
+    most = max((c.extensions for c in cells), default=0)
+    searched = (f"{len(extended)} of {len(cells)} cells extended their LR grid "
+                f"({sum(c.extensions for c in cells)} extra LRs in all, at most {most} per cell)")
+    stuck = [c for c in cells if c.edge_unresolved]
+    if not stuck:
+        return Finding("lr_search_interior", True, f"Every best LR lies inside its searched range; {searched}.")
+    names = "; ".join(f"{c.optimizer} B={c.batch} ({'lowest' if c.lr_edge == 'low' else 'highest'} LR "
+                      f"{c.lr:.3g} after {c.extensions} extensions)" for c in stuck)
+    return Finding("lr_search_interior", False,
+                   f"{len(stuck)} of {len(cells)} best LRs are still at the edge of their range when the search "
+                   f"stopped at its extension limit: {names}; a wider search could change those cells; {searched}.")
+
+
+def _diffusion_findings(rows: Sequence[analysis.DiffusionSummary], optimizer: str,
+                        confidence: float) -> list[Finding]:
     out = []
     for budget in ("epochs", "steps"):
-        row = sorted((f for f in fits if f.budget == budget), key=lambda f: f.batch)
+        row = [s for s in rows if s.budget == budget]
         if len(row) < 2:
             out.append(Finding(f"diffusion_{budget}", None,
                                f"Too few fixed-{budget[:-1]} runs logged ‖w_t − w_0‖ to compare batches."))
             continue
         small, big = row[0], row[-1]
-        less = big.final < small.final
-        r2 = min(f.r2_log for f in row)
+        gap = stats.difference_interval([f.final for f in big.fits], [f.final for f in small.fits], confidence)
+        side = stats.versus_margin(gap, 0.0)
+        closer = {stats.BELOW: True, stats.ABOVE: False}.get(side)
+        words = {True: "ends closer to", False: "ends farther from", None: "cannot be told apart from"}[closer]
+        r2 = min(s.min_r2_log for s in row)
         out.append(Finding(
-            f"diffusion_{budget}", less,
+            f"diffusion_{budget}", closer,
             f"Fixed-{budget[:-1]} budget ({optimizer}, scaled LR): the largest batch "
-            f"(B={big.batch}, {big.steps} steps) "
-            f"ends {'closer to' if less else 'no closer to'} w_0 than the smallest (B={small.batch}, "
-            f"{small.steps} steps): ‖w_T − w_0‖ = {big.final:.3g} vs {small.final:.3g}; growth exponents "
-            f"p (d ∝ t^p after warmup, B={small.batch}…{big.batch}) {', '.join(f'{f.exponent:.2f}' for f in row)}; "
+            f"(B={big.batch}, {big.steps} steps) {words} w_0 than the smallest (B={small.batch}, "
+            f"{small.steps} steps) in ‖w_T − w_0‖: "
+            f"{_number_interval(big.final)} vs {_number_interval(small.final)} (difference "
+            f"{gap.estimate:.3g} [{gap.low:.3g}, {gap.high:.3g}]); growth exponents p (d ∝ t^p after warmup, "
+            f"B={small.batch}…{big.batch}) {', '.join(_number_interval(s.exponent, 2) for s in row)}; "
             f"a + b·ln t fits with R² ≥ {r2:.2f}."))
-    epoch_row = {f.batch: f for f in fits if f.budget == "epochs"}
-    step_row = {f.batch: f for f in fits if f.budget == "steps"}
-    both = sorted(set(epoch_row) & set(step_row))
+    by_budget = {b: {s.batch: s for s in rows if s.budget == b} for b in ("epochs", "steps")}
+    both = sorted(set(by_budget["epochs"]) & set(by_budget["steps"]))
     if len(both) >= 2:
-        big = both[-1]
-        gap_epochs = epoch_row[both[0]].top1 - epoch_row[big].top1
-        gap_steps = step_row[both[0]].top1 - step_row[big].top1
-        closes = gap_steps < gap_epochs
+        lo, hi = both[0], both[-1]
+        groups = [[f.top1 for f in by_budget[b][batch].fits] for b, batch in
+                  (("epochs", lo), ("epochs", hi), ("steps", lo), ("steps", hi))]
+        gap_epochs = stats.difference_interval(groups[0], groups[1], confidence)
+        gap_steps = stats.difference_interval(groups[2], groups[3], confidence)
+        narrowing = stats.contrast_interval(groups, [1.0, -1.0, -1.0, 1.0], confidence)
+        side = stats.versus_margin(narrowing, 0.0)
+        closes = {stats.ABOVE: True, stats.BELOW: False}.get(side)
+        tail = {True: "closes part of the gap." if gap_steps.estimate > 0 else
+                "closes the gap (the larger batch is ahead).",
+                False: "widens the gap.", None: "changes the gap by an amount the seeds cannot separate from zero."}
         out.append(Finding(
             "regime_adaptation", closes,
-            f"Hoffer et al.'s regime adaptation: the top-1 gap between B={both[0]} and B={big} is "
-            f"{100 * gap_epochs:.1f} points at a fixed epoch budget and {100 * gap_steps:.1f} points at a fixed "
-            f"step budget — training the large batch for as many steps "
-            + ("does not close the gap." if not closes else
-               "closes part of the gap." if gap_steps > 0 else "closes the gap (the larger batch is ahead).")))
+            f"Hoffer et al.'s regime adaptation: the top-1 gap between B={lo} and B={hi} is "
+            f"{points_interval(gap_epochs)} at a fixed epoch budget and {points_interval(gap_steps)} at a fixed "
+            f"step budget (narrowing {points_interval(narrowing)}) — training the large batch for as many steps "
+            + tail[closes]))
     return out
 
 
-def summary_markdown(found: Sequence[Finding]) -> str:
+def summary_markdown(found: Sequence[Finding], adaptive: Sequence[str] = ADAPTIVE) -> str:
     """The summary section: shape verdict first, then every finding, then the reference points."""
     by_name = {f.name: f for f in found}
-    shape = [by_name.get("every_optimizer_falls")] + [by_name.get(f"{o}_beyond_{BASELINE}") for o in ADAPTIVE]
+    shape = [by_name.get("every_optimizer_falls")] + [by_name.get(f"{o}_beyond_{BASELINE}") for o in adaptive]
     shape = [f for f in shape if f is not None]
+    false = [f.name for f in shape if f.holds is False]
+    unknown = [f.name for f in shape if f.holds is None]
     if shape and all(f.holds for f in shape):
         verdict = ("**The run shows the paper's shape**: accuracy falls beyond some batch for every optimizer, "
-                   "and LARS and LAMB hold accuracy to larger batches than momentum SGD.")
+                   "and LARS and LAMB hold accuracy to larger batches than momentum SGD, each by the intervals "
+                   "over seeds.")
+    elif false:
+        verdict = ("**The run does not show the paper's full shape** (not true here: " + ", ".join(false)
+                   + ("; cannot tell: " + ", ".join(unknown) if unknown else "")
+                   + "). The preset was not tuned to produce it; the numbers below say what the data show.")
     else:
-        missing = [f.name for f in shape if not f.holds]
-        verdict = ("**The run does not show the paper's full shape** (not true here: "
-                   + ", ".join(missing) + "). The preset was not tuned to produce it; the numbers below say what "
-                   "the data show.")
+        verdict = ("**Cannot tell whether the run shows the paper's shape**: the intervals over seeds cannot "
+                   "decide " + ", ".join(unknown) + "; nothing of it is contradicted. More seeds would narrow them.")
     lines = [verdict, ""]
     lines += [f"- {f.sentence}" for f in found]
     lines += ["", REFERENCE_POINTS]

@@ -1,10 +1,11 @@
-"""Sweep planning and execution: preset → list of trainer configs → cached run records.
+"""Sweep planning and execution: preset → trainer configs → cached run records.
 
 Two budgets are planned (Hoffer et al. 2017 compare them):
-- "epochs": every batch × optimizer × lr factor trains for `preset.epochs` epochs, so a batch B
-  takes ⌈N/B⌉·epochs updates (N = training-set size);
-- "steps": `preset.diffusion_optimizer` at lr factor 1 trains every diffusion batch for exactly
-  `preset.fixed_steps` updates, so larger batches see more epochs.
+- "epochs": every batch × optimizer × LR factor × seed trains for `preset.epochs` epochs, so a batch
+  B takes ⌈N/B⌉·epochs updates (N = training-set size); the LR factors of each (optimizer, batch)
+  start at the preset's grid and grow by the search of train.study.search as its runs finish;
+- "steps": `preset.diffusion_optimizer` at lr factor 1 trains every diffusion batch, each seed, for
+  exactly `preset.fixed_steps` updates, so larger batches see more epochs.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from train.study import analysis, search
 from train.study.cache import ResultCache, config_hash
-from train.study.presets import Preset, scaled_lr
+from train.study.presets import Preset, scaled_lr, warmup_epochs
 
 BUDGETS = ("epochs", "steps")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -39,12 +41,19 @@ class PlannedRun:
     batch: int
     lr_factor: float
     lr: float
+    seed: int
+    steps: int
     config: dict[str, Any]
 
     def describe(self) -> str:
-        """One line for progress output."""
-        return (f"{self.budget:>6} budget  B={self.batch:<8} {self.optimizer:<9} "
-                f"lr={self.lr:.4g} (×{self.lr_factor:.3g})  [{self.key}]")
+        """One line naming the run."""
+        return (f"{self.budget:>6} budget  B={self.batch:<8} {self.optimizer:<11} "
+                f"lr={self.lr:.4g} (×{self.lr_factor:.3g})  seed {self.seed}  [{self.key}]")
+
+    @property
+    def cell(self) -> tuple[str, str, int]:
+        """(budget, optimizer, batch): the runs an LR search compares."""
+        return self.budget, self.optimizer, self.batch
 
 
 @dataclass(frozen=True)
@@ -84,18 +93,20 @@ def resolve_engine() -> Engine:
     return Engine("train.engine", TrainConfig, train, _count_train_images)
 
 
-def _run_config(preset: Preset, label: str, batch: int, factor: float, budget: str,
-                train_size: int, overrides: dict[str, Any]) -> dict[str, Any]:
+def _run_config(preset: Preset, label: str, batch: int, factor: float, budget: str, seed: int,
+                train_size: int, overrides: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The trainer config of one run and the updates it takes."""
     spec = preset.optimizer(label)
     lr = factor * scaled_lr(spec.base_lr, batch, preset.base_batch, spec.lr_scaling)
     device_batch = batch if preset.device_batch is None else min(batch, preset.device_batch)
+    steps_per_epoch = math.ceil(train_size / batch)
     if budget == "epochs":
         epochs: float = preset.epochs
         max_steps = None
+        steps = math.ceil(epochs * steps_per_epoch)
     else:
-        steps_per_epoch = math.ceil(train_size / batch)
         epochs = math.ceil(preset.fixed_steps / steps_per_epoch)
-        max_steps = preset.fixed_steps
+        max_steps = steps = preset.fixed_steps
     config: dict[str, Any] = {
         **preset.train,
         "optimizer": spec.optimizer,
@@ -105,30 +116,42 @@ def _run_config(preset: Preset, label: str, batch: int, factor: float, budget: s
         "base_lr": spec.base_lr * factor,
         "lr_scaling": spec.lr_scaling,
         "base_batch": preset.base_batch,
-        "warmup_epochs": preset.warmup_epochs,
+        "warmup_epochs": warmup_epochs(preset.warmup_epochs, batch, preset.base_batch, spec.warmup, preset.epochs),
         "decay": preset.decay,
         "poly_power": preset.poly_power,
         "label_smoothing": preset.label_smoothing,
         "epochs": epochs,
         "max_steps": max_steps,
-        "seed": preset.seed,
+        "seed": seed,
         "weight_decay": spec.weight_decay,
         "momentum": spec.momentum,
         "nesterov": spec.nesterov,
+        "trust_coefficient": spec.trust_coefficient,
         "track_diffusion": True,
-        "noise_scale": True,
+        # B_simple is read from the fixed-epoch runs at the scaled LR only; elsewhere its extra
+        # half-batch gradient would cost up to half a run's compute for nothing
+        "noise_scale": budget == "epochs" and factor == 1.0,
         "target_accuracy": preset.target_accuracy,
         "quiet": True,
     }
     config.update(overrides)
-    return config
+    return config, steps
+
+
+def planned_run(preset: Preset, label: str, batch: int, factor: float, budget: str, seed: int, train_size: int,
+                overrides: dict[str, Any], engine: str) -> PlannedRun:
+    """One run of the sweep. Its key hashes the config together with the `engine` name, so two trainers
+    never share records."""
+    config, steps = _run_config(preset, label, batch, factor, budget, seed, train_size, overrides)
+    key = config_hash({**config, "_engine": engine})
+    return PlannedRun(key, budget, label, batch, factor, config["lr"], seed, steps, config)
 
 
 def plan_runs(preset: Preset, train_size: int, overrides: dict[str, Any] | None = None,
               optimizers: Iterable[str] | None = None, batches: Iterable[int] | None = None,
               engine: str = "train.engine") -> list[PlannedRun]:
-    """Every run of `preset` for a training set of `train_size` images, fixed-epoch grid first.
-    Run keys hash the config together with the `engine` name, so two trainers never share records.
+    """The runs `preset` starts with for a training set of `train_size` images: the fixed-epoch grid
+    (batch, optimizer, initial LR factor, seed), then the fixed-step runs. `lr_search` adds the rest.
 
     `overrides` replace trainer-config fields in every run (e.g. data path, device); `optimizers`
     and `batches` restrict the grid to a subset (the cache is shared, so a later full run reuses them).
@@ -142,17 +165,43 @@ def plan_runs(preset: Preset, train_size: int, overrides: dict[str, Any] | None 
         wanted = list(batches)
         grid = tuple(b for b in grid if b in wanted) or tuple(wanted)
     diffusion = tuple(b for b in (preset.diffusion_batches or grid) if batches is None or b in grid)
-    plan: list[tuple[str, str, int, float]] = [
-        ("epochs", label, batch, factor) for batch in grid for label in labels for factor in preset.lr_factors
-    ]
+    plan: list[tuple[str, str, int, float, int]] = [
+        ("epochs", label, batch, factor, seed)
+        for batch in grid for label in labels for factor in preset.lr_factors for seed in preset.seeds]
     if preset.diffusion_optimizer in labels:
-        plan += [("steps", preset.diffusion_optimizer, batch, 1.0) for batch in diffusion]
-    runs = []
-    for budget, label, batch, factor in plan:
-        config = _run_config(preset, label, batch, factor, budget, train_size, overrides)
-        key = config_hash({**config, "_engine": engine})
-        runs.append(PlannedRun(key, budget, label, batch, factor, config["lr"], config))
-    return runs
+        plan += [("steps", preset.diffusion_optimizer, batch, 1.0, seed)
+                 for batch in diffusion for seed in preset.seeds]
+    return [planned_run(preset, label, batch, factor, budget, seed, train_size, overrides, engine)
+            for budget, label, batch, factor, seed in plan]
+
+
+FollowUp = Callable[[Sequence[PlannedRun], Mapping[str, dict[str, Any]]], list[PlannedRun]]
+
+
+def lr_search(preset: Preset, train_size: int, overrides: dict[str, Any] | None = None,
+              engine: str = "train.engine") -> FollowUp:
+    """The follow-up that extends the LR grid: for every fixed-epoch (optimizer, batch) whose planned
+    runs have all finished, the runs of search.next_factor's factor for every seed (none when the
+    best is inside the range or the cell's extensions are spent)."""
+    overrides = dict(overrides or {})
+
+    def follow_up(planned: Sequence[PlannedRun], records: Mapping[str, dict[str, Any]]) -> list[PlannedRun]:
+        cells: dict[tuple[str, str, int], list[PlannedRun]] = {}
+        for run in planned:
+            if run.budget == "epochs":
+                cells.setdefault(run.cell, []).append(run)
+        new = []
+        for (_, label, batch), runs in cells.items():
+            if any(r.key not in records for r in runs):
+                continue
+            scores = analysis.factor_scores(analysis.trials(records[r.key] for r in runs))
+            factor = search.next_factor(scores, preset.lr_factors, preset.lr_step, preset.max_lr_extensions)
+            if factor is not None:
+                new += [planned_run(preset, label, batch, factor, "epochs", seed, train_size, overrides, engine)
+                        for seed in preset.seeds]
+        return new
+
+    return follow_up
 
 
 def _jsonable(value: Any) -> Any:
@@ -179,6 +228,7 @@ def run_record(run: PlannedRun, result: Any) -> dict[str, Any]:
         "batch": run.batch,
         "lr_factor": run.lr_factor,
         "lr": run.lr,
+        "seed": run.seed,
         "config": _jsonable(run.config),
         "result": _jsonable(result),
     }
@@ -186,62 +236,106 @@ def run_record(run: PlannedRun, result: Any) -> dict[str, Any]:
 
 @dataclass
 class SweepOutcome:
-    """Records of every planned run, in plan order, and how many were trained now vs. read from cache."""
+    """Records of every planned run (the initial ones and every follow-up) ordered by budget, batch,
+    optimizer (in plan order), LR factor and seed, however the runs were scheduled, and how many were
+    trained now vs. read from cache."""
 
     records: list[dict[str, Any]]
     executed: int
     cached: int
 
 
+class Progress:
+    """What `execute` reports as it goes: `planned(run)` when a run joins the plan, `finished(run,
+    record, cached)` when its record exists. The base class reports nothing."""
+
+    def planned(self, run: PlannedRun) -> None:
+        """A run joined the plan."""
+
+    def finished(self, run: PlannedRun, record: dict[str, Any], cached: bool) -> None:
+        """A run's record exists (trained now, or read from the cache when `cached`)."""
+
+
 def execute(runs: list[PlannedRun], cache: ResultCache, run_dir: Path, engine: Engine,
-            log: Callable[[str], None] = print, write: bool = True, jobs: int = 1) -> SweepOutcome:
-    """Train every run without a cached record with `engine` and return all records, in plan order.
+            follow_up: FollowUp | None = None, progress: Progress | None = None, write: bool = True,
+            jobs: int = 1) -> SweepOutcome:
+    """Train every planned run without a cached record with `engine` and return all records.
 
-    Each run trains into `run_dir/<key>/` with resume on, so a run killed half-way continues from
-    the trainer's last checkpoint where the trainer keeps one. `write=False` (non-zero ranks under
-    torchrun) trains but never writes the cache. `jobs` > 1 trains that many runs at once in worker
-    processes of cpu_count // jobs intra-op threads each (small CPU models gain nothing from a
-    second thread, so two one-thread runs on two cores take half the time of one after the other);
-    the workers die with the study, so a killed study leaves no run behind it writing.
+    After each finished run, `follow_up(planned, records)` may add runs (the LR search); they train
+    before the rest of the queue, so a cell's search does not wait for the whole grid. Each run trains
+    into `run_dir/<key>/` with resume on, so a run killed half-way continues from the trainer's last
+    checkpoint where the trainer keeps one. `write=False` (non-zero ranks under torchrun) trains but
+    never writes the cache. `jobs` > 1 trains that many runs at once in worker processes of
+    cpu_count // jobs intra-op threads each (small CPU models gain nothing from a second thread, so two
+    one-thread runs on two cores take half the time of one after the other); the workers die with the
+    study, so a killed study leaves no run behind it writing.
     """
-    records: dict[int, dict[str, Any]] = {}
-    pending = []
-    for i, run in enumerate(runs):
-        record = cache.get(run.key)
-        if record is not None:
-            records[i] = record
-        else:
-            pending.append(i)
-    cached = len(records)
-    start = time.perf_counter()
+    progress = progress or Progress()
+    planned: list[PlannedRun] = []
+    records: dict[str, dict[str, Any]] = {}
+    queue: list[PlannedRun] = []
+    counts = {"executed": 0, "cached": 0}
 
-    def finish(i: int, result: Any, seconds: float) -> None:
-        run = runs[i]
+    def add(new_runs: Iterable[PlannedRun], first: bool) -> None:
+        known = {r.key for r in planned}
+        fresh = []
+        for run in new_runs:
+            if run.key in known:
+                continue
+            known.add(run.key)
+            planned.append(run)
+            progress.planned(run)
+            record = cache.get(run.key)
+            if record is not None:
+                records[run.key] = record
+                counts["cached"] += 1
+                progress.finished(run, record, cached=True)
+            else:
+                fresh.append(run)
+        queue[:0 if first else len(queue)] = fresh
+
+    def grow() -> None:
+        while follow_up is not None:
+            before = len(planned)
+            add(follow_up(planned, records), first=True)
+            if len(planned) == before:
+                return
+
+    def finish(run: PlannedRun, result: Any) -> None:
         record = {**run_record(run, result), "key": run.key, "engine": engine.name}
         if write:
             cache.put(run.key, record)
-        records[i] = record
-        res = record["result"]
-        log(f"[{len(records)}/{len(runs)}] {run.describe()}\n    top1={res.get('top1')} steps={res.get('steps')} "
-            f"{seconds:.1f}s (study {time.perf_counter() - start:.0f}s)")
+        records[run.key] = record
+        counts["executed"] += 1
+        progress.finished(run, record, cached=False)
+        grow()
 
-    def config(i: int) -> dict[str, Any]:
-        return {**runs[i].config, "out": str(run_dir / runs[i].key), "resume": True}
+    def config(run: PlannedRun) -> dict[str, Any]:
+        return {**run.config, "out": str(run_dir / run.key), "resume": True}
 
-    if jobs <= 1 or len(pending) <= 1:
-        for i in pending:
-            result, seconds = _train_one(engine, config(i))
-            finish(i, result, seconds)
+    add(runs, first=False)
+    grow()
+    if jobs <= 1:
+        while queue:
+            run = queue.pop(0)
+            finish(run, _train_one(engine, config(run))[0])
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
                                                     initargs=(threads,)) as pool:
-            futures = {pool.submit(_train_one, engine, config(i)): i for i in pending}
-            for future in concurrent.futures.as_completed(futures):
-                result, seconds = future.result()
-                finish(futures[future], result, seconds)
-    return SweepOutcome([records[i] for i in range(len(runs))], len(pending), cached)
+            in_flight: dict[concurrent.futures.Future, PlannedRun] = {}
+            while queue or in_flight:
+                while queue and len(in_flight) < jobs:
+                    run = queue.pop(0)
+                    in_flight[pool.submit(_train_one, engine, config(run))] = run
+                done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    finish(in_flight.pop(future), future.result()[0])
+    labels = {label: i for i, label in enumerate(dict.fromkeys(r.optimizer for r in planned))}
+    ordered = sorted(planned, key=lambda r: (BUDGETS.index(r.budget), r.batch, labels[r.optimizer], r.lr_factor,
+                                             r.seed))
+    return SweepOutcome([records[r.key] for r in ordered], counts["executed"], counts["cached"])
 
 
 def _train_one(engine: Engine, config: dict[str, Any]) -> tuple[Any, float]:
