@@ -97,8 +97,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> QuickStudy:
     meta_resume = json.loads((out / "study.json").read_text())
     after = _snapshot(cache)
 
-    again = subprocess.run(_command(out), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert main([*_command(out)[3:], "--no-progress"]) == 0  # in this process: nothing is left to train
     meta_again = json.loads((out / "study.json").read_text())
     records = [json.loads(p.read_text()) for p in sorted(cache.glob("*.json"))]
     return QuickStudy(out, meta_resume["runs"], before, after, meta_resume, meta_again, records, survivors,
@@ -173,7 +172,7 @@ def test_every_cell_trains_every_seed_and_its_best_lr_is_the_best_mean(quick: Qu
         means = {f: sum(v) / len(v) for f, v in by_factor.items()}
         assert c.top1.estimate == pytest.approx(max(means.values()), abs=1e-4)
         assert len(by_factor) == len(c.factors) == len(preset.lr_factors) + c.extensions
-        assert c.lr_at_edge == (c.lr_factor in (min(by_factor), max(by_factor)))
+        assert c.lr_at_edge == any(math.isclose(c.lr_factor, f, rel_tol=1e-3) for f in (min(by_factor), max(by_factor)))
         # the search stops only inside the range or at its limit, and the report marks the latter
         assert not c.lr_at_edge or c.extensions == preset.max_lr_extensions
         assert c.edge_unresolved == c.lr_at_edge
@@ -200,6 +199,7 @@ def _oracle_limits(row: list[tuple[int, list[float]]], tolerance: float) -> tupl
     return certain, possible, falls
 
 
+@pytest.mark.filterwarnings("ignore:Precision loss occurred in moment calculation")  # SciPy on equal values
 def test_summary_claims_follow_from_the_numbers(quick: QuickStudy) -> None:
     cells = _cells(quick)
     found = {f.name: f for f in summary.findings(quick.records, cells, TOLERANCE, "sgd")}
@@ -276,8 +276,10 @@ def test_diffusion_and_noise_scale_from_the_records(quick: QuickStudy) -> None:
     assert estimates and all(math.isfinite(e.b_simple) and e.b_simple > 0 for e in estimates)
     assert {(e.optimizer, e.batch, e.seed) for e in estimates} == {
         (r["optimizer"], r["batch"], analysis.seed_of(r)) for r in quick.records
-        if r["budget"] == "epochs" and r["lr_factor"] == 1.0}  # B_simple is measured where it is read, only
-    assert not any(analysis.curve(r, "b_simple") for r in quick.records if r["lr_factor"] != 1.0)
+        if r["budget"] == "epochs" and r["lr_factor"] == 1.0 and r["optimizer"] == preset.diffusion_optimizer}
+    # B_simple is measured where it is read, only
+    assert not any(analysis.curve(r, "b_simple") for r in quick.records
+                   if r["lr_factor"] != 1.0 or r["optimizer"] != preset.diffusion_optimizer)
     critical = analysis.predicted_critical_batch(estimates)
     sentence = next(f.sentence for f in summary.findings(quick.records, _cells(quick), TOLERANCE, "sgd")
                     if f.name == "noise_scale")
@@ -288,7 +290,7 @@ def test_progress_is_one_line_and_results_print_as_percentages(quick: QuickStudy
     lines = [line for line in quick.stderr.replace("\r", "\n").splitlines() if line.startswith("study quick: runs")]
     assert lines and lines[-1].startswith(f"study quick: runs {quick.total}/{quick.total}")
     assert "100%" in lines[-1]
-    assert "top1=" not in quick.stdout and "\n| 32 | " in quick.stdout and "% ± " in quick.stdout
+    assert "top1=" not in quick.stdout and "\n| 64 | " in quick.stdout and "% ± " in quick.stdout
 
 
 def test_imagenet_preset_prints_the_torchrun_plan(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

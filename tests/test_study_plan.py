@@ -54,7 +54,7 @@ def test_optimizer_spec_rejects_bad_values() -> None:
 def test_plan_covers_the_grid_and_the_fixed_step_runs() -> None:
     preset = PRESETS["default"]
     runs = plan_runs(preset, 1437)
-    batches = power_of_two_batches(preset.smallest_batch, 1437)
+    batches = preset.resolve_batches(1437)
     epoch_runs = [r for r in runs if r.budget == "epochs"]
     step_runs = [r for r in runs if r.budget == "steps"]
     seeds = len(preset.seeds)
@@ -72,7 +72,7 @@ def test_plan_covers_the_grid_and_the_fixed_step_runs() -> None:
                                                              spec.lr_scaling))
         assert r.config["lr"] == r.lr and r.config["global_batch"] == r.batch and r.config["seed"] == r.seed
         assert r.config["nesterov"] == (r.optimizer == "nesterov")
-        assert r.config["noise_scale"] == (r.lr_factor == 1.0)
+        assert r.config["noise_scale"] == (r.lr_factor == 1.0 and r.optimizer == preset.diffusion_optimizer)
         assert r.steps == math.ceil(preset.epochs * math.ceil(1437 / r.batch))
     subset = plan_runs(preset, 1437, optimizers=["lars"], batches=[64])
     assert {(r.optimizer, r.batch) for r in subset} == {("lars", 64)}

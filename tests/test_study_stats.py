@@ -173,6 +173,18 @@ def test_findings_with_every_claim_true_show_the_shape() -> None:
     assert winner.holds is True and "lamb's 85.0% ± " in winner.sentence and "a clear lead" in winner.sentence
 
 
+def test_comparison_of_two_contestants_batch_by_batch() -> None:
+    table = {"a": {64: [0.95, 0.951, 0.949], 256: [0.90, 0.91, 0.89], 1024: [0.50, 0.52, 0.48]},
+             "b": {64: [0.95, 0.952, 0.948], 256: [0.93, 0.931, 0.929], 1024: [0.20, 0.21, 0.19]}}
+    found = summary.comparison(cells_of(table), "a", "b")
+    assert found.holds is None  # better at one batch, worse at another
+    assert "better at B=1024 (30.0 [" in found.sentence and "worse at B=256 (-3.0 [" in found.sentence
+    assert "not separable at B=64" in found.sentence
+    only_better = summary.comparison(cells_of({"a": table["a"], "b": {**table["b"], 256: table["a"][256]}}), "a", "b")
+    assert only_better.holds is True
+    assert summary.comparison(cells_of({"a": table["b"], "b": table["b"]}), "a", "b").holds is None
+
+
 # ---------------------------------------------------------------- the sweep runs the search to its end
 
 
@@ -228,3 +240,11 @@ def test_sweep_extends_each_cell_until_its_best_lr_is_inside(tmp_path: Path) -> 
     again = execute(plan_runs(preset, 1437, engine="fake"), cache, tmp_path / "runs", engine, follow_up=follow)
     assert again.executed == 0 and again.cached == outcome.executed
     assert [r["key"] for r in again.records] == [r["key"] for r in outcome.records]
+
+    # a preset that names the same configs differently reads them from the cache under its own labels
+    renamed = dataclasses.replace(preset, optimizers=tuple(
+        dataclasses.replace(o, label="lamb_b") if o.label == "lamb" else o for o in preset.optimizers))
+    relabelled = execute(plan_runs(renamed, 1437, engine="fake"), cache, tmp_path / "runs", engine,
+                         follow_up=lr_search(renamed, 1437, engine="fake"))
+    assert relabelled.executed == 0
+    assert sorted({r["optimizer"] for r in relabelled.records}) == ["lamb_b", "sgd"]

@@ -240,6 +240,13 @@ def compare_holding(a: Holding, b: Holding) -> str:
     return CANNOT_TELL
 
 
+def versus(cells: Sequence[Cell], a: str, b: str, confidence: float = 0.95) -> list[tuple[int, Interval]]:
+    """Per batch both optimizers ran: Welch's interval of top-1(a) − top-1(b) at their best LRs."""
+    by = {(c.optimizer, c.batch): c for c in cells}
+    return [(batch, stats.difference_interval(by[(a, batch)].top1_runs, by[(b, batch)].top1_runs, confidence))
+            for batch in batches_of(cells) if (a, batch) in by and (b, batch) in by]
+
+
 @dataclass(frozen=True)
 class ScalingPoint:
     """Steps to target at one batch, the perfect-scaling prediction and their ratio."""

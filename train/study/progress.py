@@ -1,10 +1,7 @@
 """The sweep's one progress line: share of the estimated work done, runs done/planned, elapsed and ETA.
 
-A run's work is estimated as steps · (batch + STEP_COST_IMAGES): every image costs its forward and
-backward pass, every update a fixed overhead (optimizer step, data-loader and Python work per
-micro-batch) that on the 2-core EPYC with the small digits CNN is about the cost of 70 images. The
-ETA is the remaining work at the average rate of the work trained so far; runs read from the cache
-count as done and not in the rate.
+A run's work is its PlannedRun.work estimate. The ETA is the remaining work at the average rate of the
+work trained so far; runs read from the cache count as done and not in the rate.
 """
 
 from __future__ import annotations
@@ -15,13 +12,6 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from train.study.sweep import PlannedRun, Progress
-
-STEP_COST_IMAGES = 70
-
-
-def work(run: PlannedRun) -> int:
-    """The estimated cost of `run` in image-equivalents."""
-    return run.steps * (run.batch + STEP_COST_IMAGES)
 
 
 class SweepBar(Progress):
@@ -41,7 +31,7 @@ class SweepBar(Progress):
     def planned(self, run: PlannedRun) -> None:
         """Count the run and its work in the totals."""
         self.runs += 1
-        self.bar.total += work(run)
+        self.bar.total += run.work
         self._describe()
 
     def finished(self, run: PlannedRun, record: dict[str, Any], cached: bool) -> None:
@@ -49,9 +39,10 @@ class SweepBar(Progress):
         self.done += 1
         if cached:
             self.cached += 1
-            self.bar.initial += work(run)
+            if not self.bar.disable:  # a disabled tqdm keeps no rate
+                self.bar.initial += run.work
         self._describe()
-        self.bar.update(work(run))
+        self.bar.update(run.work)
 
     def close(self) -> None:
         """End the line."""

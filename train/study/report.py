@@ -205,8 +205,10 @@ def headline(records: Sequence[Record], preset: Preset, tolerance: float, confid
     """The verdict and the top-1 table (percentages), as printed when the study finishes."""
     cells = analysis.best_cells(records, preset.lr_factors, preset.max_lr_extensions, confidence)
     found = summary.findings(records, cells, tolerance, preset.diffusion_optimizer, confidence,
-                             adaptive=adaptive_labels(preset))
+                             adaptive=adaptive_labels(preset), compare=preset.compare)
     verdict = summary.summary_markdown(found, adaptive_labels(preset)).split("\n", 1)[0]
+    if preset.compare is not None:
+        verdict += "\n" + next(f.sentence for f in found if f.name == "{}_versus_{}".format(*preset.compare))
     return (f"{verdict}\n\nMean top-1 over {len(preset.seeds)} seeds ± {100 * confidence:g}% half-width, best LR "
             f"(† still at an edge):\n{table_markdown(cells, with_lr=False)}")
 
@@ -233,7 +235,8 @@ def write_report(records: Sequence[Record], preset: Preset, out: Path, tolerance
     plots.diffusion(records, preset.diffusion_optimizer, preset.fixed_steps, out / PLOT_FILES[2])
     plots.noise_scale(records, preset.diffusion_optimizer, fall, out / PLOT_FILES[3])
     adaptive = adaptive_labels(preset)
-    found = summary.findings(records, cells, tolerance, preset.diffusion_optimizer, confidence, adaptive)
+    found = summary.findings(records, cells, tolerance, preset.diffusion_optimizer, confidence, adaptive,
+                             preset.compare)
     diffusion_rows = analysis.diffusion_by_batch(analysis.diffusion(records, preset.diffusion_optimizer), confidence)
     estimates = analysis.noise_scale(records)
     factors = ", ".join(f"{f:.3g}" for f in preset.lr_factors)
@@ -299,8 +302,9 @@ Full table: [results.csv](results.csv); every run: [runs.csv](runs.csv).
 
 ## Gradient noise scale (McCandlish et al. 2018)
 
-{"Median late-training B_simple per run at the scaled LR: median over seeds (range; † = no seed reached the "
- "target):" + chr(10) + chr(10) + _noise_table(estimates) if estimates else "No run logged B_simple."}
+{f"Median late-training B_simple of each of {preset.diffusion_optimizer}'s fixed-epoch runs at the scaled LR (the "
+ "runs that measure it), per batch the median over seeds and the range († = no seed reached the target):"
+ + chr(10) + chr(10) + _noise_table(estimates) if estimates else "No run logged B_simple."}
 
 ![noise scale](noise_scale.png)
 

@@ -66,9 +66,10 @@ def _limit(h: analysis.Holding) -> str:
 
 
 def findings(records: Sequence[Record], cells: Sequence[Cell], tolerance: float, diffusion_optimizer: str,
-             confidence: float = 0.95, adaptive: Sequence[str] = ADAPTIVE) -> list[Finding]:
+             confidence: float = 0.95, adaptive: Sequence[str] = ADAPTIVE,
+             compare: tuple[str, str] | None = None) -> list[Finding]:
     """Every claim of the summary, derived from `cells` (best-LR table) and `records` (all runs);
-    `adaptive` are the labels compared with momentum SGD."""
+    `adaptive` are the labels compared with momentum SGD, `compare` a pair compared batch by batch."""
     out: list[Finding] = []
     hold = analysis.holding(cells, tolerance, confidence)
     largest = max(c.batch for c in cells)
@@ -125,6 +126,8 @@ def findings(records: Sequence[Record], cells: Sequence[Cell], tolerance: float,
             out.append(Finding("largest_batch_winner", (winner.optimizer in adaptive) if separated else None,
                                sentence + "."))
 
+    if compare is not None:
+        out.append(comparison(cells, *compare, confidence))
     out.append(_lr_search_finding(cells))
 
     for opt in analysis.optimizers_of(cells):
@@ -169,6 +172,22 @@ def findings(records: Sequence[Record], cells: Sequence[Cell], tolerance: float,
                                f"accuracy first surely falls at B={fall} (ratio {ratio:.2f}, "
                                f"{'within' if agree else 'outside'} a factor of 2)."))
     return out
+
+
+def comparison(cells: Sequence[Cell], a: str, b: str, confidence: float = 0.95) -> Finding:
+    """`a` against `b` batch by batch: where its best-LR top-1 is surely higher, surely lower, or not
+    separable. holds: True when a is better somewhere and worse nowhere, False when the reverse, None otherwise."""
+    rows = analysis.versus(cells, a, b, confidence)
+    better = [(batch, d) for batch, d in rows if d.low > 0]
+    worse = [(batch, d) for batch, d in rows if d.high < 0]
+    even = [batch for batch, d in rows if d.low <= 0 <= d.high]
+
+    def listed(items: list[tuple[int, Interval]]) -> str:
+        return ", ".join(f"B={batch} ({points_interval(d)})" for batch, d in items)
+    parts = ([f"better at {listed(better)}"] if better else []) + ([f"worse at {listed(worse)}"] if worse else [])
+    parts += [f"not separable at B={', '.join(map(str, even))}"] if even else []
+    holds = True if better and not worse else False if worse and not better else None
+    return Finding(f"{a}_versus_{b}", holds, f"{a} against {b} at the best LR of each: {'; '.join(parts)}.")
 
 
 def _lr_search_finding(cells: Sequence[Cell]) -> Finding:

@@ -28,6 +28,7 @@ from train.study.cache import ResultCache, config_hash
 from train.study.presets import Preset, scaled_lr, warmup_epochs
 
 BUDGETS = ("epochs", "steps")
+STEP_COST_IMAGES = 70
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -49,6 +50,14 @@ class PlannedRun:
         """One line naming the run."""
         return (f"{self.budget:>6} budget  B={self.batch:<8} {self.optimizer:<11} "
                 f"lr={self.lr:.4g} (×{self.lr_factor:.3g})  seed {self.seed}  [{self.key}]")
+
+    @property
+    def work(self) -> int:
+        """Estimated cost in image-equivalents: steps · (batch + STEP_COST_IMAGES), every image its
+        forward and backward pass, every update a fixed overhead (optimizer step, data-loader and
+        Python work per micro-batch) that on the 2-core EPYC with the small digits CNN costs about as
+        much as 70 images."""
+        return self.steps * (self.batch + STEP_COST_IMAGES)
 
     @property
     def cell(self) -> tuple[str, str, int]:
@@ -128,9 +137,9 @@ def _run_config(preset: Preset, label: str, batch: int, factor: float, budget: s
         "nesterov": spec.nesterov,
         "trust_coefficient": spec.trust_coefficient,
         "track_diffusion": True,
-        # B_simple is read from the fixed-epoch runs at the scaled LR only; elsewhere its extra
-        # half-batch gradient would cost up to half a run's compute for nothing
-        "noise_scale": budget == "epochs" and factor == 1.0,
+        # B_simple is measured along the diffusion optimizer's fixed-epoch runs at the scaled LR only; its
+        # extra half-batch gradient costs up to half a run's compute
+        "noise_scale": budget == "epochs" and factor == 1.0 and label == preset.diffusion_optimizer,
         "target_accuracy": preset.target_accuracy,
         "quiet": True,
     }
@@ -220,18 +229,14 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _position(run: PlannedRun) -> dict[str, Any]:
+    return {"budget": run.budget, "optimizer": run.optimizer, "batch": run.batch, "lr_factor": run.lr_factor,
+            "lr": run.lr, "seed": run.seed}
+
+
 def run_record(run: PlannedRun, result: Any) -> dict[str, Any]:
     """The cache record of a finished run: its grid position, config and the trainer's RunResult."""
-    return {
-        "budget": run.budget,
-        "optimizer": run.optimizer,
-        "batch": run.batch,
-        "lr_factor": run.lr_factor,
-        "lr": run.lr,
-        "seed": run.seed,
-        "config": _jsonable(run.config),
-        "result": _jsonable(result),
-    }
+    return {**_position(run), "config": _jsonable(run.config), "result": _jsonable(result)}
 
 
 @dataclass
@@ -261,8 +266,10 @@ def execute(runs: list[PlannedRun], cache: ResultCache, run_dir: Path, engine: E
             jobs: int = 1) -> SweepOutcome:
     """Train every planned run without a cached record with `engine` and return all records.
 
-    After each finished run, `follow_up(planned, records)` may add runs (the LR search); they train
-    before the rest of the queue, so a cell's search does not wait for the whole grid. Each run trains
+    The initial runs train longest first (PlannedRun.work), so the last ones to finish are short and
+    no core idles long at the end; after each finished run, `follow_up(planned, records)` may add runs
+    (the LR search), which train before the rest of the queue, so a cell's search does not wait for
+    the whole grid. Each run trains
     into `run_dir/<key>/` with resume on, so a run killed half-way continues from the trainer's last
     checkpoint where the trainer keeps one. `write=False` (non-zero ranks under torchrun) trains but
     never writes the cache. `jobs` > 1 trains that many runs at once in worker processes of
@@ -287,7 +294,8 @@ def execute(runs: list[PlannedRun], cache: ResultCache, run_dir: Path, engine: E
             progress.planned(run)
             record = cache.get(run.key)
             if record is not None:
-                records[run.key] = record
+                # the key hashes the config only: a record another preset wrote under another label is this run's
+                records[run.key] = {**record, **_position(run)}
                 counts["cached"] += 1
                 progress.finished(run, record, cached=True)
             else:
@@ -313,9 +321,9 @@ def execute(runs: list[PlannedRun], cache: ResultCache, run_dir: Path, engine: E
     def config(run: PlannedRun) -> dict[str, Any]:
         return {**run.config, "out": str(run_dir / run.key), "resume": True}
 
-    add(runs, first=False)
+    add(sorted(runs, key=lambda r: -r.work), first=False)
     grow()
-    if jobs <= 1:
+    if jobs <= 1 or not queue:
         while queue:
             run = queue.pop(0)
             finish(run, _train_one(engine, config(run))[0])
