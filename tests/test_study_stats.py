@@ -185,6 +185,29 @@ def test_comparison_of_two_contestants_batch_by_batch() -> None:
     assert summary.comparison(cells_of({"a": table["b"], "b": table["b"]}), "a", "b").holds is None
 
 
+def fits_of(budget: str, batch: int, steps: int, finals: list[float], top1: list[float]) -> list[analysis.DiffusionFit]:
+    return [analysis.DiffusionFit(batch, budget, seed, steps, t, d, 1.0, 0.9, 0.2)
+            for seed, (d, t) in enumerate(zip(finals, top1))]
+
+
+def test_diffusion_and_regime_adaptation_findings_with_seeds() -> None:
+    fits = (fits_of("epochs", 64, 460, [24.0, 25.0, 24.5], [0.95, 0.96, 0.955])
+            + fits_of("epochs", 512, 60, [50.0, 52.0, 51.0], [0.50, 0.55, 0.45])
+            + fits_of("steps", 64, 300, [20.0, 21.0, 20.5], [0.94, 0.95, 0.945])
+            + fits_of("steps", 512, 300, [20.0, 60.0, 140.0], [0.90, 0.91, 0.89]))
+    rows = analysis.diffusion_by_batch(fits)
+    assert [(r.budget, r.batch, len(r.fits)) for r in rows] == [("epochs", 64, 3), ("epochs", 512, 3),
+                                                                 ("steps", 64, 3), ("steps", 512, 3)]
+    found = {f.name: f for f in summary._diffusion_findings(rows, "sgd", 0.95)}
+    assert found["diffusion_epochs"].holds is False
+    assert "ends farther from w_0 than" in found["diffusion_epochs"].sentence
+    assert found["diffusion_steps"].holds is None  # 20, 60, 140: the seeds cannot place it
+    assert "the seeds cannot separate" in found["diffusion_steps"].sentence
+    regime = found["regime_adaptation"]  # gap 45.5 points at fixed epochs, 4.5 at fixed steps
+    assert regime.holds is True and "closes part of the gap" in regime.sentence
+    assert "45.5 [" in regime.sentence and "4.5 [" in regime.sentence
+
+
 # ---------------------------------------------------------------- the sweep runs the search to its end
 
 

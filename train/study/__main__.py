@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", "train.study", *(argv or sys.argv[1:])]),
     }
-    write_json_atomic(out / "study.json", meta)
+    write_json_atomic((args.report_dir or out) / "study.json", meta)  # beside the report it describes
     report = write_report(outcome.records, preset, args.report_dir or out, args.tolerance, meta, args.confidence)
     log(headline(outcome.records, preset, args.tolerance, args.confidence))
     log(f"trained {outcome.executed}, cached {outcome.cached}, {meta['wall_time_s']:.0f} s; report: {report}")

@@ -127,7 +127,7 @@ def _verdict_table(hold: dict[str, analysis.Holding], cells: Sequence[Cell]) -> 
             if b == h.peak_batch:
                 row.append("peak")
             elif v is None:
-                row.append("")
+                row.append("—")
             else:
                 row.append(f"{points_interval(v.difference)}: {marks[v.verdict]}")
         lines.append(f"| {b} | " + " | ".join(row) + " |")
@@ -266,8 +266,9 @@ top-1(B) − top-1(B*) lies above −{100 * tolerance:g} points, **falls** when 
 **unclear** otherwise. An optimizer holds for certain up to the last batch before the first that does not
 hold, and at most up to the last batch before the first that falls; "X holds to a larger batch than Y"
 is yes when X's certain limit exceeds Y's possible one, no when X's possible limit does not exceed Y's
-certain one, and "cannot tell" otherwise. The best LR and the peak batch are chosen on the same seeds
-they are reported with, which flatters them slightly.
+certain one, and "cannot tell" otherwise ("holds to B=64…512": for certain to 64, at most to 512). The
+best LR and the peak batch are chosen on the same seeds they are reported with, which flatters them
+slightly.
 
 Trained by `{meta.get("engine", "train.engine")}`. Machine: {meta.get("machine", machine())}.
 {meta.get("runs", len(records))} runs ({meta.get("initial_runs", "?")} planned at the start, the rest added by the LR

@@ -218,13 +218,14 @@ def _diffusion_findings(rows: Sequence[analysis.DiffusionSummary], optimizer: st
         gap = stats.difference_interval([f.final for f in big.fits], [f.final for f in small.fits], confidence)
         side = stats.versus_margin(gap, 0.0)
         closer = {stats.BELOW: True, stats.ABOVE: False}.get(side)
-        words = {True: "ends closer to", False: "ends farther from", None: "cannot be told apart from"}[closer]
+        words = {True: "ends closer to w_0 than", False: "ends farther from w_0 than",
+                 None: "ends at a distance from w_0 the seeds cannot separate from that of"}[closer]
         r2 = min(s.min_r2_log for s in row)
         out.append(Finding(
             f"diffusion_{budget}", closer,
             f"Fixed-{budget[:-1]} budget ({optimizer}, scaled LR): the largest batch "
-            f"(B={big.batch}, {big.steps} steps) {words} w_0 than the smallest (B={small.batch}, "
-            f"{small.steps} steps) in ‖w_T − w_0‖: "
+            f"(B={big.batch}, {big.steps} steps) {words} the smallest (B={small.batch}, "
+            f"{small.steps} steps), ‖w_T − w_0‖ "
             f"{_number_interval(big.final)} vs {_number_interval(small.final)} (difference "
             f"{gap.estimate:.3g} [{gap.low:.3g}, {gap.high:.3g}]); growth exponents p (d ∝ t^p after warmup, "
             f"B={small.batch}…{big.batch}) {', '.join(_number_interval(s.exponent, 2) for s in row)}; "
