@@ -21,6 +21,7 @@ from benchmarks.cases import Case, fastlars_case, one_wave_case, peer_cases
 from benchmarks.measure import copy_bandwidth_gbs, inplace_bandwidth_gbs, time_ms
 from benchmarks.params import PARAM_SETS, make_params
 from benchmarks.targets import evaluate, targets_markdown
+from fastlars.env import cpu_name
 
 DTYPES = {"fp32": (torch.float32, False), "bf16+master": (torch.bfloat16, True), "bf16": (torch.bfloat16, False)}
 
@@ -62,7 +63,7 @@ def machine(device: torch.device) -> dict[str, Any]:
         except (OSError, subprocess.CalledProcessError):
             info["driver"] = "unknown"
     else:
-        info["device"] = _cpu_name()
+        info["device"] = cpu_name()
         info["cpus"] = os.cpu_count()
         info["loadavg_1_5_15min_at_start"] = os.getloadavg()  # other processes competing for the cores
     for module in ("triton", "timm", "torch_optimizer", "apex", "deepspeed"):
@@ -76,16 +77,6 @@ def machine(device: torch.device) -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
         info["commit"] = "unknown"
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def plan(optim: str, backends: list[str], peers: tuple[str, ...], device: torch.device) -> list[Case]:

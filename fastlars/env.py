@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -14,7 +16,7 @@ def env_report() -> str:
     """A multi-line report: versions, the compiled extension, and each backend per device."""
     lines = [
         f"fastlars {_version()}",
-        f"python {platform.python_version()} on {platform.machine()}",
+        f"python {platform.python_version()} on {platform.machine()} ({cpu_name()}, {os.cpu_count()} CPUs)",
         f"torch {torch.__version__} (CUDA {torch.version.cuda}, GPU visible: {torch.cuda.is_available()})",
         f"triton {_triton_version()}",
     ]
@@ -33,6 +35,17 @@ def env_report() -> str:
             reason = backends.unavailable_reason(name, device)
             lines.append(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
     return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows of it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _version() -> str:

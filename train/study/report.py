@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fastlars.env import cpu_name
 from train.study import analysis, plots, summary
 from train.study.analysis import Cell, Record
 from train.study.presets import Preset
@@ -33,18 +34,8 @@ def machine() -> str:
     """One line naming the machine the runs were timed on."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     isa = _cpu_vector_extension()
-    return (f"{_cpu_name()}{f' ({isa})' if isa else ''}, {os.cpu_count()} CPU cores, {device}, "
+    return (f"{cpu_name()}{f' ({isa})' if isa else ''}, {os.cpu_count()} CPU cores, {device}, "
             f"torch {torch.__version__}, Python {platform.python_version()}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _cpu_vector_extension() -> str:
