@@ -269,10 +269,10 @@ def execute(runs: list[PlannedRun], cache: ResultCache, run_dir: Path, engine: E
     The initial runs train longest first (PlannedRun.work), so the last ones to finish are short and
     no core idles long at the end; after each finished run, `follow_up(planned, records)` may add runs
     (the LR search), which train before the rest of the queue, so a cell's search does not wait for
-    the whole grid. Each run trains
-    into `run_dir/<key>/` with resume on, so a run killed half-way continues from the trainer's last
-    checkpoint where the trainer keeps one. `write=False` (non-zero ranks under torchrun) trains but
-    never writes the cache. `jobs` > 1 trains that many runs at once in worker processes of
+    the whole grid. Each run trains into `run_dir/<key>/` with resume on, so a run killed half-way
+    continues from the trainer's last checkpoint where the trainer keeps one. `write=False` (non-zero
+    ranks under torchrun, which train every run with rank 0 and so plan the same follow-ups) trains
+    but never writes the cache. `jobs` > 1 trains that many runs at once in worker processes of
     cpu_count // jobs intra-op threads each (small CPU models gain nothing from a second thread, so two
     one-thread runs on two cores take half the time of one after the other); the workers die with the
     study, so a killed study leaves no run behind it writing.
