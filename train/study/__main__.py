@@ -28,7 +28,7 @@ from train.study import sweep
 from train.study.cache import ResultCache, write_json_atomic
 from train.study.presets import LARS_RECIPES, PRESETS, Preset, lars_recipe_of, with_lars_recipe
 from train.study.progress import SweepBar
-from train.study.report import headline, machine, write_report
+from train.study.report import analyse, headline, machine, write_report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -196,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", "train.study", *(argv or sys.argv[1:])]),
     }
     write_json_atomic((args.report_dir or out) / "study.json", meta)  # beside the report it describes
-    report = write_report(outcome.records, preset, args.report_dir or out, args.tolerance, meta, args.confidence)
-    log(headline(outcome.records, preset, args.tolerance, args.confidence))
+    cells, found = analyse(outcome.records, preset, args.tolerance, args.confidence)
+    report = write_report(outcome.records, cells, found, preset, args.report_dir or out, args.tolerance, meta,
+                          args.confidence)
+    log(headline(cells, found, preset, args.confidence))
     log(f"trained {outcome.executed}, cached {outcome.cached}, {meta['wall_time_s']:.0f} s; report: {report}")
     return 0
 

@@ -50,8 +50,8 @@ def epoch_records(records: Iterable[Record]) -> list[Record]:
 
 
 def seed_of(record: Record) -> int:
-    """The run's seed (records written before seeds were swept carry it only in their config)."""
-    return int(record.get("seed", record["config"].get("seed", 0)))
+    """The run's seed."""
+    return int(record["seed"])
 
 
 @dataclass(frozen=True)
@@ -67,11 +67,6 @@ class Trial:
     def values(self, metric: str) -> list[float]:
         """`metric` of the run results, one value per seed."""
         return [float(r["result"][metric]) for r in self.runs]
-
-    @property
-    def seeds(self) -> tuple[int, ...]:
-        """The seeds of the runs."""
-        return tuple(seed_of(r) for r in self.runs)
 
 
 def trials(records: Iterable[Record]) -> list[Trial]:

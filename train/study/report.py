@@ -4,7 +4,6 @@ runs.csv (every run), lr_search.csv (every LR tried per cell) and the PNG plots,
 from __future__ import annotations
 
 import csv
-import math
 import os
 import platform
 import statistics
@@ -15,10 +14,10 @@ from typing import Any
 import torch
 
 from fastlars.env import cpu_name
-from train.study import analysis, plots, summary
+from train.study import analysis, plots, stats, summary
 from train.study.analysis import Cell, Record
 from train.study.presets import Preset
-from train.study.summary import pct_interval, points_interval
+from train.study.summary import Finding, number_interval, pct_interval, points_interval
 
 RESULT_COLUMNS = ("optimizer", "batch", "seeds", "top1_mean", "top1_low", "top1_high", "top1_runs", "top5_mean",
                   "steps", "steps_to_target", "reached", "best_lr", "lr_factor", "lrs_tried", "lr_extensions",
@@ -81,7 +80,7 @@ def write_csvs(records: Sequence[Record], cells: Sequence[Cell], out: Path, conf
         w = csv.writer(f)
         w.writerow(SEARCH_COLUMNS)
         for t in sorted(analysis.trials(records), key=lambda t: (t.optimizer, t.batch, t.lr_factor)):
-            i = analysis.stats.mean_interval(t.values("top1"), confidence)
+            i = stats.mean_interval(t.values("top1"), confidence)
             w.writerow([t.optimizer, t.batch, f"{t.lr_factor:.6g}", f"{t.lr:.6g}", len(t.runs), f"{i.estimate:.4f}",
                         f"{i.low:.4f}", f"{i.high:.4f}", int(best.get((t.optimizer, t.batch)) == t.lr_factor)])
 
@@ -141,7 +140,7 @@ def _detail_table(cells: Sequence[Cell]) -> str:
 
 def _diffusion_table(rows: Sequence[analysis.DiffusionSummary]) -> str:
     def iv(i: analysis.Interval, digits: int) -> str:
-        return f"{i.estimate:.{digits}g} ± {'?' if math.isinf(i.half_width) else f'{i.half_width:.2g}'}"
+        return number_interval(i, digits, half_digits=2)
     lines = ["| budget | batch | steps | seeds | top-1 | ‖w_T − w_0‖ | b in a + b·ln t | min R² | p in t^p |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in rows:
@@ -192,11 +191,19 @@ def time_breakdown(records: Sequence[Record], meta: dict[str, Any]) -> str:
     return text
 
 
-def headline(records: Sequence[Record], preset: Preset, tolerance: float, confidence: float = 0.95) -> str:
-    """The verdict and the top-1 table (percentages), as printed when the study finishes."""
+def analyse(records: Sequence[Record], preset: Preset, tolerance: float,
+            confidence: float = 0.95) -> tuple[list[Cell], list[Finding]]:
+    """The best-LR cells of the records and every finding of the summary on them."""
     cells = analysis.best_cells(records, preset.lr_factors, preset.max_lr_extensions, confidence)
+    if not cells:
+        raise ValueError("no fixed-epoch run records to report")
     found = summary.findings(records, cells, tolerance, preset.diffusion_optimizer, confidence,
-                             adaptive=adaptive_labels(preset), compare=preset.compare)
+                             adaptive_labels(preset), preset.compare)
+    return cells, found
+
+
+def headline(cells: Sequence[Cell], found: Sequence[Finding], preset: Preset, confidence: float = 0.95) -> str:
+    """The verdict and the top-1 table (percentages), as printed when the study finishes."""
     verdict = summary.summary_markdown(found, adaptive_labels(preset)).split("\n", 1)[0]
     if preset.compare is not None:
         verdict += "\n" + next(f.sentence for f in found if f.name == "{}_versus_{}".format(*preset.compare))
@@ -209,13 +216,11 @@ def adaptive_labels(preset: Preset) -> tuple[str, ...]:
     return tuple(o.label for o in preset.optimizers if o.optimizer in ("lars", "lamb"))
 
 
-def write_report(records: Sequence[Record], preset: Preset, out: Path, tolerance: float,
-                 meta: dict[str, Any], confidence: float = 0.95) -> Path:
-    """Write every report file into `out` and return the path of report.md."""
+def write_report(records: Sequence[Record], cells: Sequence[Cell], found: Sequence[Finding], preset: Preset,
+                 out: Path, tolerance: float, meta: dict[str, Any], confidence: float = 0.95) -> Path:
+    """Write every report file into `out` from the records and their analysis (`analyse`) and return
+    the path of report.md."""
     out.mkdir(parents=True, exist_ok=True)
-    cells = analysis.best_cells(records, preset.lr_factors, preset.max_lr_extensions, confidence)
-    if not cells:
-        raise ValueError("no fixed-epoch run records to report")
     write_csvs(records, cells, out, confidence)
     hold = analysis.holding(cells, tolerance, confidence)
     fall = min((h.falls_at for h in hold.values() if h.falls_at is not None), default=None)
@@ -226,8 +231,6 @@ def write_report(records: Sequence[Record], preset: Preset, out: Path, tolerance
     plots.diffusion(records, preset.diffusion_optimizer, preset.fixed_steps, out / PLOT_FILES[2])
     plots.noise_scale(records, preset.diffusion_optimizer, fall, out / PLOT_FILES[3])
     adaptive = adaptive_labels(preset)
-    found = summary.findings(records, cells, tolerance, preset.diffusion_optimizer, confidence, adaptive,
-                             preset.compare)
     diffusion_rows = analysis.diffusion_by_batch(analysis.diffusion(records, preset.diffusion_optimizer), confidence)
     estimates = analysis.noise_scale(records)
     factors = ", ".join(f"{f:.3g}" for f in preset.lr_factors)

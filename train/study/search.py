@@ -9,7 +9,7 @@ neighbour beyond it (edge / step or edge · step); otherwise the search of that 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 LOW, HIGH, INSIDE = "low", "high", ""
@@ -56,8 +56,3 @@ def next_factor(scores: Sequence[FactorScore], initial: Sequence[float], step: f
     if side == INSIDE or extensions_used(factors, initial) >= max_extensions:
         return None
     return factors[0] / step if side == LOW else factors[-1] * step
-
-
-def scores_by_factor(top1: Mapping[float, Sequence[float]], top5: Mapping[float, Sequence[float]]) -> list[FactorScore]:
-    """FactorScores from per-factor lists of per-seed top-1 and top-5 values."""
-    return [FactorScore(f, sum(v) / len(v), sum(top5[f]) / len(top5[f])) for f, v in sorted(top1.items())]

@@ -40,11 +40,6 @@ class Finding:
     sentence: str
 
 
-def pct(x: float) -> str:
-    """A top-1 fraction as a percentage with one decimal."""
-    return f"{100 * x:.1f}%"
-
-
 def pct_interval(i: Interval) -> str:
     """"96.1% ± 0.4" for a top-1 interval (± the half-width in points; "± ?" when unbounded)."""
     half = "?" if math.isinf(i.half_width) else f"{100 * i.half_width:.1f}"
@@ -56,8 +51,10 @@ def points_interval(i: Interval) -> str:
     return f"{100 * i.estimate:.1f} [{100 * i.low:.1f}, {100 * i.high:.1f}] points"
 
 
-def _number_interval(i: Interval, digits: int = 3) -> str:
-    half = "?" if math.isinf(i.half_width) else f"{i.half_width:.{digits}g}"
+def number_interval(i: Interval, digits: int = 3, half_digits: int | None = None) -> str:
+    """"125 ± 113": the estimate to `digits` significant digits, ± the half-width to `half_digits`
+    (default: `digits`; "?" when unbounded)."""
+    half = "?" if math.isinf(i.half_width) else f"{i.half_width:.{half_digits or digits}g}"
     return f"{i.estimate:.{digits}g} ± {half}"
 
 
@@ -226,9 +223,9 @@ def _diffusion_findings(rows: Sequence[analysis.DiffusionSummary], optimizer: st
             f"Fixed-{budget[:-1]} budget ({optimizer}, scaled LR): the largest batch "
             f"(B={big.batch}, {big.steps} steps) {words} the smallest (B={small.batch}, "
             f"{small.steps} steps), ‖w_T − w_0‖ "
-            f"{_number_interval(big.final)} vs {_number_interval(small.final)} (difference "
+            f"{number_interval(big.final)} vs {number_interval(small.final)} (difference "
             f"{gap.estimate:.3g} [{gap.low:.3g}, {gap.high:.3g}]); growth exponents p (d ∝ t^p after warmup, "
-            f"B={small.batch}…{big.batch}) {', '.join(_number_interval(s.exponent, 2) for s in row)}; "
+            f"B={small.batch}…{big.batch}) {', '.join(number_interval(s.exponent, 2) for s in row)}; "
             f"a + b·ln t fits with R² ≥ {r2:.2f}."))
     by_budget = {b: {s.batch: s for s in rows if s.budget == b} for b in ("epochs", "steps")}
     both = sorted(set(by_budget["epochs"]) & set(by_budget["steps"]))

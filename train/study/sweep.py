@@ -279,12 +279,12 @@ def execute(runs: list[PlannedRun], cache: ResultCache, run_dir: Path, engine: E
     """
     progress = progress or Progress()
     planned: list[PlannedRun] = []
+    known: set[str] = set()
     records: dict[str, dict[str, Any]] = {}
     queue: list[PlannedRun] = []
     counts = {"executed": 0, "cached": 0}
 
     def add(new_runs: Iterable[PlannedRun], first: bool) -> None:
-        known = {r.key for r in planned}
         fresh = []
         for run in new_runs:
             if run.key in known:
