@@ -65,7 +65,7 @@ def _power2_signed_encode(y: Tensor) -> Tensor:
 
 
 def _power2_unsigned_encode(y: Tensor) -> Tensor:
-    return torch.clamp(torch.round(repeated_sqrt(torch.clamp(y, min=0.0), 4) * 255.0), max=255.0).to(torch.uint8)
+    return torch.clamp(torch.round(repeated_sqrt(torch.abs(y), 4) * 255.0), max=255.0).to(torch.uint8)
 
 
 POWER2_SIGNED = CodeMap("pow2_signed", True, _signed_byte_values(127.0, 2), _power2_signed_encode)

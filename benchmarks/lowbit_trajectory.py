@@ -245,7 +245,7 @@ def digits_training(model_name: str, algorithm: str, state_dtype: str = "fp32", 
         loss = nn.functional.cross_entropy(model(x), y)
         grads = torch.autograd.grad(loss, params)
         run.step(grads, lr)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if t in snapshot_at:
             snapshots += [(t, i, [rl.load(b).clone() for b in run.buffers[i]])
                           for i, p in enumerate(params) if p.numel() >= q.MIN_QUANTIZED_SIZE]
