@@ -481,8 +481,8 @@ class QuantizedBuffer:
 
 # ================================================================================ state_dict
 def format_record(dtype: str, maps: Mapping[str, CodeMap] | None = None, block: int = BLOCK_SIZE) -> dict[str, Any]:
-    """The ``state_format`` record of a parameter whose buffers are stored as ``dtype``
-    (None for fp32, which has no record). ``maps``: buffer name → code map (int8 only)."""
+    """The ``state_format`` record of a parameter whose buffers are stored as ``dtype`` (bf16 or int8;
+    fp32 state has no record). ``maps``: buffer name → code map (int8 only)."""
     if dtype == "fp32":
         raise ValueError("fp32 state has no state_format record")
     if dtype == "bf16":
@@ -499,6 +499,8 @@ def pack_state(buffers: Mapping[str, Tensor], dtype: str, maps: Mapping[str, Cod
                block: int = BLOCK_SIZE) -> dict[str, Any]:
     """State entries of fp32 ``buffers`` (name → tensor of the parameter's shape) stored as ``dtype``:
     fp32 copies; bf16 tensors; or uint8 codes + ``name_absmax`` scales and the ``state_format`` record."""
+    if dtype not in STATE_DTYPES:
+        raise ValueError(f"state dtype must be one of {', '.join(STATE_DTYPES)}, got {dtype!r}")
     if dtype == "fp32":
         return {name: x.float().clone(memory_format=torch.preserve_format) for name, x in buffers.items()}
     if dtype == "bf16":
