@@ -37,8 +37,9 @@ LARS_HYPER = LarsHyper(momentum=0.9, weight_decay=5e-4, trust_coefficient=0.001,
 NO_DECAY_LAMB = LambHyper(**{**LAMB_HYPER.__dict__, "weight_decay": 0.0, "adapt": False})
 NO_DECAY_LARS = LarsHyper(**{**LARS_HYPER.__dict__, "weight_decay": 0.0, "adapt": False})
 
-STRUCTURED_SHAPES: list[tuple[int, ...]] = [(4097,), (64, 300), (256, 257), (40, 16, 3, 3), (7, 5), (1031,)]
-"""Quantised (≥ 4096 elements: 1-d with a ragged block, rows of 300 and 257, a conv kernel) and fp32 ones."""
+STRUCTURED_SHAPES: list[tuple[int, ...]] = [(4097,), (64, 300), (96, 257), (40, 16, 3, 3), (7, 5), (1031,)]
+"""int8 in their requested format: rows of 300 and 257 (ragged blocks), a conv kernel; fp32: a small
+matrix and two 1-d tensors (biases: no decay, no adaptation, fp32 state whatever their size)."""
 
 
 def lr_at(step: int, base: float) -> float:
@@ -130,11 +131,12 @@ def structured_trajectory(algorithm: str, state_dtype: str = "fp32", *, steps: i
                           shapes: Sequence[tuple[int, ...]] = STRUCTURED_SHAPES, seed: int = 0,
                           maps: tuple[q.CodeMap, q.CodeMap] = (q.SIGNED_MAP, q.UNSIGNED_MAP),
                           param_dtype: torch.dtype = torch.float32, sr_seed: int | None = None,
-                          lr: float | None = None, block: int = q.BLOCK_SIZE) -> LowbitSteps:
+                          lr: float | None = None, block: int = q.BLOCK_SIZE,
+                          min_quantized_size: int = q.MIN_QUANTIZED_SIZE) -> LowbitSteps:
     """Run ``steps`` updates on the structured problem; returns the driver (params, state, ratios)."""
     params, scales = structured_params(shapes, seed, param_dtype)
     rounding = None if sr_seed is None else rl.StochasticRounding(sr_seed, list(range(len(params))))
-    run = LowbitSteps(params, algorithm, state_dtype, maps, rounding=rounding, block=block)
+    run = LowbitSteps(params, algorithm, state_dtype, maps, min_quantized_size, rounding, block)
     base = lr if lr is not None else (0.01 if algorithm == "lamb" else 2.0)
     for t in range(1, steps + 1):
         run.step(structured_grads(params, scales, t, seed), lr_at(t, base))

@@ -5,6 +5,7 @@ and conversions, and memory accounting (fastlars/memory.py)."""
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from fractions import Fraction
 
@@ -72,7 +73,7 @@ def test_dim0_shards_quantise_like_the_whole_tensor() -> None:
     codes, absmax = q.quantize_blockwise(x, q.SIGNED_MAP)
     layout = q.block_layout(x.shape)
     for bounds in ([0, 4, 8, 10], [0, 3, 6, 9, 10], [0, 10]):
-        for lo, hi in zip(bounds, bounds[1:]):
+        for lo, hi in itertools.pairwise(bounds):
             part_codes, part_scale = q.quantize_blockwise(x[lo:hi].clone(), q.SIGNED_MAP)
             assert torch.equal(part_codes, codes[lo:hi]) and torch.equal(part_scale, absmax[lo:hi])
             assert q.range_keeps_blocks(layout, lo * 300, hi * 300)

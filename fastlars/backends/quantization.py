@@ -336,7 +336,7 @@ def quantize_blockwise(x: Tensor, code_map: CodeMap, block: int = BLOCK_SIZE) ->
     scale = inverse_scale(absmax)
     codes = code_map.encode(blocks * scale.unsqueeze(-1))
     codes = torch.where((scale > 0).unsqueeze(-1), codes, torch.zeros_like(codes))
-    codes = codes.reshape(layout.rows, -1)[:, : layout.row_length]
+    codes = codes.reshape(layout.rows, layout.blocks_per_row * block)[:, : layout.row_length]
     return _from_rows(codes, x).clone(memory_format=torch.preserve_format), stored_scale(absmax)
 
 
