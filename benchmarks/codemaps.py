@@ -275,6 +275,21 @@ def structured_errors(formats: dict[str, tuple[str, CodeMap, CodeMap]],
     return results
 
 
+def rounding_errors() -> dict[str, dict[str, dict[str, float]]]:
+    """bf16 weights without fp32 masters, updated by stochastic rounding (seed 1234) or round-to-nearest,
+    with fp32/bf16/int8 state, against the fp32-master run from the same bf16 initial weights."""
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for algorithm in ("lamb", "lars"):
+        ref = structured_trajectory(algorithm, "fp32", init_dtype=torch.bfloat16)
+        for label, state, sr_seed in (("stochastic rounding, fp32 state", "fp32", 1234),
+                                      ("stochastic rounding, bf16 state", "bf16", 1234),
+                                      ("stochastic rounding, int8 state", "int8", 1234),
+                                      ("nearest-even rounding, fp32 state", "fp32", None)):
+            run = structured_trajectory(algorithm, state, param_dtype=torch.bfloat16, sr_seed=sr_seed)
+            results.setdefault(label, {})[algorithm] = vars(trajectory_error(run, ref))
+    return results
+
+
 def digits_errors(formats: dict[str, tuple[str, CodeMap, CodeMap]], steps: int = 200) -> dict[str, Any]:
     """Per model, algorithm and format: final-loss difference (mean of the last 20 steps) to fp32,
     trust-ratio error and parameter error; "fp32, 1 ulp" is fp32 from initial weights perturbed by 1 ulp."""
@@ -315,6 +330,7 @@ def run_accuracy(digits_steps: int = 200) -> dict[str, Any]:
     return {
         "quantisation": quantisation_errors(snaps, formats),
         "structured": structured_errors(formats),
+        "bf16_weights": rounding_errors(),
         "blocks": {str(b): {"quantisation": quantisation_errors(snaps, chosen, b)["int8 power"],
                             "structured": structured_errors(chosen, b)["int8 power"]} for b in BLOCKS},
         "digits": digits_errors(digits_formats, digits_steps),
@@ -338,6 +354,17 @@ def accuracy_markdown(acc: dict[str, Any]) -> str:
               "| format | LAMB param mean / norm | LAMB ratio mean / max | LARS param mean / norm | "
               "LARS ratio mean / max |", "|---|---|---|---|---|"]
     for name, r in acc["structured"].items():
+        cells = []
+        for algorithm in ("lamb", "lars"):
+            e = r[algorithm]
+            cells += [f"{_e(e['param_mean_rel'])} / {_e(e['param_norm_rel'])}",
+                      f"{_e(e['ratio_mean_rel'])} / {_e(e['ratio_max_rel'])}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "**bf16 weights without fp32 masters** (structured trajectory, against fp32 masters from the "
+              "same bf16 initial weights)", "",
+              "| weights, state | LAMB param mean / norm | LAMB ratio mean / max | LARS param mean / norm | "
+              "LARS ratio mean / max |", "|---|---|---|---|---|"]
+    for name, r in acc["bf16_weights"].items():
         cells = []
         for algorithm in ("lamb", "lars"):
             e = r[algorithm]

@@ -105,13 +105,14 @@ def _zero_buffer(p: Tensor, dtype: str, code_map: q.CodeMap, block: int) -> rl.S
 
 
 # ============================================================================ structured
-def structured_params(shapes: Sequence[tuple[int, ...]], seed: int = 0,
-                      dtype: torch.dtype = torch.float32) -> tuple[list[Tensor], list[Tensor]]:
-    """Seeded parameters and their fixed gradient-scale patterns (see the module docstring)."""
+def structured_params(shapes: Sequence[tuple[int, ...]], seed: int = 0, dtype: torch.dtype = torch.float32,
+                      init_dtype: torch.dtype | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    """Seeded parameters (rounded through ``init_dtype`` first when given) and their fixed
+    gradient-scale patterns (see the module docstring)."""
     gen = torch.Generator().manual_seed(seed)
     params, scales = [], []
     for shape in shapes:
-        params.append((torch.randn(shape, generator=gen) * 0.5).to(dtype))
+        params.append((torch.randn(shape, generator=gen) * 0.5).to(init_dtype or dtype).to(dtype))
         rows = shape[0] if len(shape) >= 2 else 1
         cols = math.prod(shape) // max(rows, 1)
         row_scale = torch.exp(1.0 * torch.randn(rows, 1, generator=gen))
@@ -132,9 +133,11 @@ def structured_trajectory(algorithm: str, state_dtype: str = "fp32", *, steps: i
                           maps: tuple[q.CodeMap, q.CodeMap] = (q.SIGNED_MAP, q.UNSIGNED_MAP),
                           param_dtype: torch.dtype = torch.float32, sr_seed: int | None = None,
                           lr: float | None = None, block: int = q.BLOCK_SIZE,
-                          min_quantized_size: int = q.MIN_QUANTIZED_SIZE) -> LowbitSteps:
-    """Run ``steps`` updates on the structured problem; returns the driver (params, state, ratios)."""
-    params, scales = structured_params(shapes, seed, param_dtype)
+                          min_quantized_size: int = q.MIN_QUANTIZED_SIZE,
+                          init_dtype: torch.dtype | None = None) -> LowbitSteps:
+    """Run ``steps`` updates on the structured problem; returns the driver (params, state, ratios).
+    ``init_dtype=torch.bfloat16`` with fp32 params is the fp32-master run of bf16 weights."""
+    params, scales = structured_params(shapes, seed, param_dtype, init_dtype)
     rounding = None if sr_seed is None else rl.StochasticRounding(sr_seed, list(range(len(params))))
     run = LowbitSteps(params, algorithm, state_dtype, maps, min_quantized_size, rounding, block)
     base = lr if lr is not None else (0.01 if algorithm == "lamb" else 2.0)
