@@ -23,6 +23,8 @@
 #include <string>
 #include <vector>
 
+#include "quant_math.h"  // csrc/common: the format's production element functions
+
 namespace {
 
 constexpr int64_t kBlock = 256;
@@ -206,6 +208,39 @@ void decode_power_unsigned(const uint8_t* __restrict__ q, const float* __restric
       for (int r = 0; r < kSquarings; ++r) t = t * t;
       out[start + i] = t * a;
     }
+  }
+}
+
+// The production element functions of csrc/common/quant_math.h (the format's choice, "power"), and
+// its stochastic rounding of fp32 to bf16 with the counter-based RNG (per element: two mix32 and the
+// rounding).
+void encode_header_signed(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t n, float inv) {
+  for (int64_t i = 0; i < n; ++i) q[i] = fastlars::quant::quantize_signed(x[i], inv);
+}
+void encode_header_unsigned(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t n, float inv) {
+  for (int64_t i = 0; i < n; ++i) q[i] = fastlars::quant::quantize_unsigned(x[i], inv);
+}
+void decode_header_signed(const uint8_t* __restrict__ q, const float* __restrict__ scales, float* __restrict__ out,
+                          int64_t n) {
+  for (int64_t b = 0, start = 0; start < n; ++b, start += kBlock) {
+    const int64_t len = std::min(kBlock, n - start);
+    const float a = scales[b];
+    for (int64_t i = 0; i < len; ++i) out[start + i] = fastlars::quant::dequantize_signed(q[start + i], a);
+  }
+}
+void decode_header_unsigned(const uint8_t* __restrict__ q, const float* __restrict__ scales, float* __restrict__ out,
+                            int64_t n) {
+  for (int64_t b = 0, start = 0; start < n; ++b, start += kBlock) {
+    const int64_t len = std::min(kBlock, n - start);
+    const float a = scales[b];
+    for (int64_t i = 0; i < len; ++i) out[start + i] = fastlars::quant::dequantize_unsigned(q[start + i], a);
+  }
+}
+__attribute__((noinline)) void stochastic_round_loop(const float* __restrict__ x, uint16_t* __restrict__ w,
+                                                     int64_t n, uint32_t key) {
+  const uint32_t index_key = fastlars::quant::sr_index_key(key, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    w[i] = fastlars::quant::stochastic_round_bf16(x[i], fastlars::quant::sr_bits(index_key, static_cast<uint64_t>(i)));
   }
 }
 
@@ -481,6 +516,8 @@ int main(int argc, char** argv) {
       {"linear.v", &v, 1, encode_linear_unsigned, nullptr, nullptr, nullptr},
       {"power.m", &m, 2, encode_power_signed<2>, nullptr, nullptr, decode_power_signed<2>},
       {"power.v", &v, 3, encode_power_unsigned<3>, nullptr, nullptr, decode_power_unsigned<3>},
+      {"power.m:header", &m, 2, encode_header_signed, nullptr, nullptr, decode_header_signed},
+      {"power.v:header", &v, 3, encode_header_unsigned, nullptr, nullptr, decode_header_unsigned},
       {"power2.m", &m, 9, encode_power_signed<1>, nullptr, nullptr, decode_power_signed<1>},
       {"power2.v", &v, 10, encode_power_unsigned<2>, nullptr, nullptr, decode_power_unsigned<2>},
       {"fp8.m", &m, 4, encode_fp8_signed, nullptr, nullptr, nullptr},
@@ -524,6 +561,12 @@ int main(int argc, char** argv) {
       const double dec = best_of(repeats, [&] { c.decode_fn(q.data(), scales.data(), out.data(), n); });
       std::printf("%s decode:arith %.9f\n", c.name, dec);
     }
+  }
+  {
+    std::vector<uint16_t> w(static_cast<size_t>(n));
+    const uint32_t key = fastlars::quant::sr_key(fastlars::quant::sr_tensor_key(1234u, 7u, 0u), 5.0f);
+    const double sr = best_of(repeats, [&] { stochastic_round_loop(m.data(), w.data(), n, key); });
+    std::printf("stochastic_round.bf16:header encode %.9f\n", sr);
   }
   // memory-speed reference: read n floats, write n bytes (a quantiser's compulsory traffic)
   const double copy = best_of(repeats, [&] {

@@ -85,11 +85,11 @@ FASTLARS_HD uint8_t encode_signed(float y) {
 
 FASTLARS_HD float decode_signed(uint8_t code) {
   const int32_t k = static_cast<int8_t>(code);
-  const int32_t magnitude = k < 0 ? (k < -127 ? 127 : -k) : k;
-  float t = static_cast<float>(magnitude) / 127.0f;
+  const int32_t magnitude = k < 0 ? -k : k;
+  float t = static_cast<float>(magnitude > 127 ? 127 : magnitude) / 127.0f;  // 0x80 (never written) → −1
   t = t * t;
   t = t * t;
-  return k < 0 ? -t : t;
+  return float_of(bits_of(t) | (static_cast<uint32_t>(k) & 0x80000000u));  // the sign of k
 }
 
 // v ("pow8_unsigned"): the code byte is k = min(rint(√√√|y|·255), 255); it decodes to t⁸, t = k/255.
@@ -153,8 +153,8 @@ FASTLARS_HD uint32_t sr_bits(uint32_t index_key, uint64_t index) {
 // rounds up with probability (x's low 16 bits)/2^16 (unbiased); NaN becomes 0x7FC0.
 FASTLARS_HD uint16_t stochastic_round_bf16(float x, uint32_t r) {
   const uint32_t u = bits_of(x);
-  if ((u & 0x7FFFFFFFu) > kInfBits) return static_cast<uint16_t>(0x7FC0u);
-  return static_cast<uint16_t>((u + (r >> 16)) >> 16);
+  const uint32_t rounded = (u + (r >> 16)) >> 16;
+  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > kInfBits ? 0x7FC0u : rounded);
 }
 
 // The fp32 value of a bf16 bit pattern (exact).
