@@ -8,7 +8,8 @@
 // Exactness needs IEEE fp32 square root, division and rint (round half to even): the host default,
 // and nvcc's default (-prec-sqrt=true -prec-div=true; never -use_fast_math for these files). No
 // fused multiply-adds are formed (the host builds with -ffp-contract=off, nvcc with -fmad=false); the
-// functions below have no a·b + c pattern anyway.
+// functions below have no a·b + c pattern anyway. Subnormals must not be flushed (no -ftz=true, no
+// FTZ/DAZ): 1/absmax is subnormal when absmax > 2^126, and a block may hold subnormal elements.
 #pragma once
 
 #include <stdint.h>

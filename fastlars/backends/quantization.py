@@ -35,15 +35,22 @@ division, once per block), then encoded by the code map. Special blocks:
   silently finite value).
 
 Decoding is ``x̂ = values[code] · a``: one table lookup (or equivalent exact arithmetic) and one fp32
-multiply.
+multiply. All of it is IEEE fp32 with gradual underflow: a kernel must not flush subnormals (no
+FTZ/DAZ; 1/a is itself subnormal when a > 2^126, and a normal block may hold subnormal elements).
 
-**Code maps** (:class:`CodeMap`): 256 fp32 values indexed by the code byte and an exact encoder. The
-maps chosen by measurement (benchmarks/codemaps.py; the README's "Low-precision state" section) are
-:data:`SIGNED_MAP` for m and LARS momentum and :data:`UNSIGNED_MAP` for v. Search maps
-(:class:`SearchMap`) round to the nearest value, ties toward zero: with sorted magnitudes
-``c_0 = 0 < c_1 < … < c_{L−1} = 1`` and fp32 thresholds ``t_k = fp32((c_k + c_{k+1}) / 2)``, the
-magnitude code of ``|y|`` (clamped to 1) is ``#{k : t_k < |y|}``; a signed map stores the sign in bit 7
-(negative zero is never produced; ``0x80`` decodes to 0).
+**Code maps** (:class:`CodeMap`): 256 fp32 values indexed by the code byte and an exact encoder of
+the normalised y. Chosen by measured accuracy and CPU speed against linear, fp8 (e4m3/e5m3) and the
+dynamic tree of Dettmers et al. (benchmarks/codemaps.py; the README's "Low-precision optimizer
+state"): *power* (companding) maps, uniform in a root of |y| and rounded there, half to even:
+
+* :data:`SIGNED_MAP` (m, LARS momentum): int8 ``k = sign(y)·min(rint(√√|y|·127), 127)``, decoded
+  ``sign(k)·(|k|/127)⁴``: relative steps ≈ 4/|k|, down to 127⁻⁴ ≈ 3.9e−9 of the block's absmax;
+* :data:`UNSIGNED_MAP` (v): ``k = min(rint(√√√|y|·255), 255)``, decoded ``(k/255)⁸``: down to
+  255⁻⁸ ≈ 5.6e−20, so √v, which u divides by, keeps ten decades below its block maximum.
+
+Square roots and divisions are IEEE (correctly rounded: :func:`sqrt_rn`), so every backend encodes
+and decodes to the same bits; the block maximum decodes exactly (code ±127 / 255 is 1), and
+re-quantising a decoded buffer reproduces its codes and scales.
 
 **Skipped steps and NaN.** The optimizer never quantises a non-finite value: a step whose gradients
 hold NaN/inf, or whose GradScaler found an overflow, writes nothing at all (codes, scales, weights and
