@@ -416,7 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"codemaps_{args.only or 'all'}_{re.sub(r'[^A-Za-z0-9]+', '_', info['device'])[:40]}"
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", f"{info['device']}_{info['cpus']}cpu").strip("_")[:48]
+    stem = f"codemaps{'_' + args.only if args.only else ''}_cpu_{tag}_{info['date_utc'][:10]}"
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     (out / f"{stem}.md").write_text(text)
     return 0
