@@ -13,6 +13,10 @@ Ops (all tensors of one call on one device; maths of fastlars.backends.reference
   replaces ``lr`` when given; nothing is written when ``found_inf`` is non-zero.
 * ``lamb_step_(params, grads, exp_avgs, exp_avg_sqs, master_params, steps, lr, lr_tensor, ...)``:
   one LAMB update in place; ``clip_coef`` multiplies the gradients (global clip); same skip rule.
+
+Both step ops take an optional last argument ``trust_ratios``: a contiguous 1-D fp32 tensor of
+len(params) elements on the params' device that receives the trust ratio applied to each tensor
+(1 when ``adapt`` is false), written only when the update is (not when ``found_inf`` is non-zero).
 """
 
 from __future__ import annotations
@@ -28,14 +32,15 @@ SCHEMAS = {
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] master_params, "
         "Tensor grad_norms, float lr, Tensor? lr_tensor, float momentum, float weight_decay, "
         "float trust_coefficient, float eps, bool nesterov, bool trust_clip, bool mlperf_momentum, bool adapt, "
-        "float[]? trust_ratio_bounds, bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()"
+        "float[]? trust_ratio_bounds, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
+        "Tensor(d!)? trust_ratios=None) -> ()"
     ),
     "lamb_step_": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "Tensor(d!)[] master_params, Tensor[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2, "
         "float eps, float weight_decay, bool bias_correction, bool grad_averaging, bool decoupled_decay, "
         "bool trust_clip, bool adapt, float[]? trust_ratio_bounds, bool maximize, Tensor? clip_coef, "
-        "Tensor? grad_scale, Tensor? found_inf) -> ()"
+        "Tensor? grad_scale, Tensor? found_inf, Tensor(e!)? trust_ratios=None) -> ()"
     ),
 }
 

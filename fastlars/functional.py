@@ -58,6 +58,7 @@ def lars_step(
     weight_norms: Tensor | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    trust_ratios: Tensor | None = None,
     backend: str = "auto",
 ) -> None:
     """One LARS update of ``params`` (and their ``momentum_buffers``) in place.
@@ -69,9 +70,11 @@ def lars_step(
     copies updated instead of low-precision params, which then receive the rounded result. Nothing is
     written when ``found_inf`` is non-zero. ``weight_norms`` (foreach backend only) carries
     precomputed whole-tensor ||w|| when the tensors are shards (fastlars.distributed).
+    ``trust_ratios`` (a 1-D fp32 tensor of len(params) on their device) receives each tensor's r.
     """
     if not params:
         return
+    _check_ratio_output(trust_ratios, params)
     hyper = LarsHyper(
         momentum=momentum,
         weight_decay=weight_decay,
@@ -88,6 +91,8 @@ def lars_step(
     if grad_norms is None:
         grad_norms = impl.grad_norms(grads, grad_scale)
     extra = {} if weight_norms is None else {"weight_norms": _needs_foreach(impl, "weight_norms", weight_norms)}
+    if trust_ratios is not None:
+        extra["trust_ratios"] = trust_ratios
     impl.lars_step(
         params,
         grads,
@@ -126,6 +131,7 @@ def lamb_step(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     reduce_sumsq: Callable[[Tensor], Tensor] | None = None,
+    trust_ratios: Tensor | None = None,
     backend: str = "auto",
 ) -> None:
     """One LAMB update of ``params``, ``exp_avgs`` (m) and ``exp_avg_sqs`` (v) in place.
@@ -137,9 +143,11 @@ def lamb_step(
     ||G|| over every gradient the clip covers; when None and clipping is on, it is computed from
     ``grads``. Nothing is written when ``found_inf`` is non-zero. ``reduce_sumsq`` (foreach backend
     only) sums the per-tensor Σw², Σu² of shards over ranks, giving whole-tensor norms.
+    ``trust_ratios`` (a 1-D fp32 tensor of len(params) on their device) receives each tensor's r.
     """
     if not params:
         return
+    _check_ratio_output(trust_ratios, params)
     hyper = LambHyper(
         beta1=betas[0],
         beta2=betas[1],
@@ -160,6 +168,8 @@ def lamb_step(
             global_grad_norm = global_norm([impl.grad_norms(grads, grad_scale)])
         clip_coef = lamb_clip_coefficient(global_grad_norm, max_grad_norm)
     extra = {} if reduce_sumsq is None else {"reduce_sumsq": _needs_foreach(impl, "reduce_sumsq", reduce_sumsq)}
+    if trust_ratios is not None:
+        extra["trust_ratios"] = trust_ratios
     impl.lamb_step(
         params,
         grads,
@@ -174,6 +184,20 @@ def lamb_step(
         found_inf=found_inf,
         **extra,
     )
+
+
+def _check_ratio_output(trust_ratios: Tensor | None, params: list[Tensor]) -> None:
+    """The optional trust-ratio output must be a contiguous 1-D fp32 tensor, one element per param."""
+    if trust_ratios is None:
+        return
+    device = params[0].device
+    if not (isinstance(trust_ratios, Tensor) and trust_ratios.dtype == torch.float32 and trust_ratios.dim() == 1
+            and trust_ratios.numel() == len(params) and trust_ratios.device == device
+            and trust_ratios.is_contiguous()):
+        got = (f"{trust_ratios.dtype} of shape {tuple(trust_ratios.shape)} on {trust_ratios.device}"
+               if isinstance(trust_ratios, Tensor) else type(trust_ratios).__name__)
+        raise ValueError(f"trust_ratios: expected a contiguous 1-D float32 tensor of {len(params)} elements on "
+                         f"{device}, got {got}")
 
 
 def _needs_foreach(impl: ModuleType, name: str, value: Any) -> Any:

@@ -19,6 +19,7 @@ def norm(x: np.ndarray) -> float:
 @dataclass
 class LarsState:
     v: np.ndarray
+    ratio: float = math.nan  # the trust ratio of the last step
 
 
 @dataclass
@@ -26,6 +27,7 @@ class LambState:
     m: np.ndarray
     v: np.ndarray
     t: int = 0
+    ratio: float = math.nan  # the trust ratio of the last step
 
 
 def lars_update(w: np.ndarray, g: np.ndarray, s: LarsState, lr: float, o: dict) -> np.ndarray:
@@ -46,6 +48,7 @@ def lars_update(w: np.ndarray, g: np.ndarray, s: LarsState, lr: float, o: dict) 
         bounds = o.get("trust_ratio_bounds")
         if bounds:
             ratio = min(max(ratio, bounds[0]), bounds[1])
+    s.ratio = ratio
     if o.get("momentum_style", "mlperf") == "mlperf":
         s.v = mu * s.v + lr * ratio * d
         step = mu * s.v + lr * ratio * d if o.get("nesterov") else s.v
@@ -86,6 +89,7 @@ def lamb_update(w: np.ndarray, g: np.ndarray, s: LambState, lr: float, clip: flo
         bounds = o.get("trust_ratio_bounds")
         if bounds:
             ratio = min(max(ratio, bounds[0]), bounds[1])
+    s.ratio = ratio
     return w - lr * ratio * u
 
 

@@ -1,7 +1,8 @@
 """Every option of LARS and LAMB against the formulas of design.md written out in float64 NumPy.
 
 30 steps with a learning rate that changes every step (so the two LARS momentum styles differ),
-for each backend that runs here. fp32 runs are compared with float64 formulas by norm-relative error ≤ 1e-5.
+for each backend that runs here. fp32 runs are compared with float64 formulas by norm-relative error ≤ 1e-5:
+parameters, state, and the trust ratios the optimizer records (record_trust_ratios) at the last step.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def _formula_run(kind: str, options: dict, base_lr: float, zero_params=(), zero_
 def _fastlars_run(cls, options: dict, backend: str, base_lr: float, zero_params=(), zero_grads=()):
     params = make_params(SHAPES, torch.float32, zero=zero_params)
     opt = cls(params, lr=base_lr, backend=backend, **options)
+    opt.record_trust_ratios()
     for t in range(1, STEPS + 1):
         for group in opt.param_groups:
             group["lr"] = lr_at(t, base_lr)
@@ -97,6 +99,7 @@ def test_lars_matches_formulas(backend: str, options: dict) -> None:
         _compare(p, w, f"param {i}")
         _compare(opt.state[p]["momentum_buffer"], s.v, f"momentum_buffer {i}")
         assert float(opt.state[p]["step"]) == STEPS
+    _compare(opt.trust_ratios[0], np.array([s.ratio for s in states]), "trust ratios")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -109,6 +112,7 @@ def test_lamb_matches_formulas(backend: str, options: dict) -> None:
         _compare(p, w, f"param {i}")
         _compare(opt.state[p]["exp_avg"], s.m, f"exp_avg {i}")
         _compare(opt.state[p]["exp_avg_sq"], s.v, f"exp_avg_sq {i}")
+    _compare(opt.trust_ratios[0], np.array([s.ratio for s in states]), "trust ratios")
 
 
 def test_two_lars_momentum_styles_differ_when_lr_changes() -> None:

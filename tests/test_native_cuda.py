@@ -188,7 +188,8 @@ class EmulatedCuda:
         self.lib.fl_emu_grad_norms(len(grads), _ptrs(grads), numel, dtype, _float_ptr(scale), _float_ptr(out))
         return out
 
-    def lars_step(self, params, grads, momentum_buffers, master_params, grad_norms, *, lr, h, grad_scale, found_inf):
+    def lars_step(self, params, grads, momentum_buffers, master_params, grad_norms, *, lr, h, grad_scale, found_inf,
+                  trust_ratios=None):
         self.calls += 1
         numel, dtype, masters = self._common(params, master_params)
         keep, lr_ptr, lr_value = self._lr(lr)
@@ -334,12 +335,12 @@ OP_SCHEMAS = (
     "lars_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] master_params, "
     "Tensor grad_norms, float lr, Tensor? lr_tensor, float momentum, float weight_decay, float trust_coefficient, "
     "float eps, bool nesterov, bool trust_clip, bool mlperf_momentum, bool adapt, float[]? trust_ratio_bounds, "
-    "bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()",
+    "bool maximize, Tensor? grad_scale, Tensor? found_inf, Tensor(d!)? trust_ratios=None) -> ()",
     "lamb_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
     "Tensor(d!)[] master_params, Tensor[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
     "float weight_decay, bool bias_correction, bool grad_averaging, bool decoupled_decay, bool trust_clip, "
     "bool adapt, float[]? trust_ratio_bounds, bool maximize, Tensor? clip_coef, Tensor? grad_scale, "
-    "Tensor? found_inf) -> ()",
+    "Tensor? found_inf, Tensor(e!)? trust_ratios=None) -> ()",
 )
 
 
@@ -362,23 +363,25 @@ class OpsBackend:
         self.calls += 1
         return self.ops.grad_norms(grads, grad_scale)
 
-    def lars_step(self, params, grads, momentum_buffers, master_params, grad_norms, *, lr, h, grad_scale, found_inf):
+    def lars_step(self, params, grads, momentum_buffers, master_params, grad_norms, *, lr, h, grad_scale, found_inf,
+                  trust_ratios=None):
         self.calls += 1
         lr_value, lr_tensor = self._lr(lr)
         bounds = None if h.trust_ratio_bounds is None else [float(b) for b in h.trust_ratio_bounds]
         self.ops.lars_step_(params, grads, momentum_buffers, master_params or [], grad_norms, lr_value, lr_tensor,
                             h.momentum, h.weight_decay, h.trust_coefficient, h.eps, h.nesterov, h.trust_clip,
-                            h.momentum_style == "mlperf", h.adapt, bounds, h.maximize, grad_scale, found_inf)
+                            h.momentum_style == "mlperf", h.adapt, bounds, h.maximize, grad_scale, found_inf,
+                            trust_ratios)
 
     def lamb_step(self, params, grads, exp_avgs, exp_avg_sqs, master_params, steps, *, lr, h, clip_coef, grad_scale,
-                  found_inf):
+                  found_inf, trust_ratios=None):
         self.calls += 1
         lr_value, lr_tensor = self._lr(lr)
         bounds = None if h.trust_ratio_bounds is None else [float(b) for b in h.trust_ratio_bounds]
         self.ops.lamb_step_(params, grads, exp_avgs, exp_avg_sqs, master_params or [], steps, lr_value, lr_tensor,
                             h.beta1, h.beta2, h.eps, h.weight_decay, h.bias_correction, h.grad_averaging,
                             h.decoupled_decay, h.trust_clip, h.adapt, bounds, h.maximize, clip_coef, grad_scale,
-                            found_inf)
+                            found_inf, trust_ratios)
 
 
 @pytest.fixture(scope="module")
@@ -449,6 +452,30 @@ def test_emulated_glue_mixed_dtypes_and_tensor_lr(glue_native, cls, base_lr) -> 
     ref = run_trajectory(make("reference"), shapes=EMU_SHAPES, steps=4, base_lr=base_lr)
     emu = run_trajectory(make("native"), shapes=EMU_SHAPES, steps=4, base_lr=base_lr)
     assert_same_trajectory(ref, emu, torch.float32)
+
+
+@pytest.mark.parametrize("cls,base_lr", ALGOS, ids=["lars", "lamb"])
+def test_emulated_glue_records_the_reference_trust_ratios(glue_native, cls, base_lr) -> None:
+    """ops.cpp's trust_ratios output: the kernels' ratios (1 in a group that does not adapt), left
+    alone by a skipped step."""
+    def make(backend):
+        def build(params):
+            opt = cls([{"params": params[1:]}, {"params": params[:1], "weight_decay": 0.0}], lr=base_lr,
+                      weight_decay=1e-2, backend=backend)
+            opt.record_trust_ratios()
+            return opt
+        return build
+
+    def poison(t, grads):
+        if t == 4:
+            grads[4].view(-1)[0] = float("nan")
+
+    ref = run_trajectory(make("reference"), shapes=EMU_SHAPES, steps=4, base_lr=base_lr, grad_hook=poison)[1]
+    emu = run_trajectory(make("native"), shapes=EMU_SHAPES, steps=4, base_lr=base_lr, grad_hook=poison)[1]
+    assert glue_native.calls > 0 and emu.skipped_steps == 1
+    torch.testing.assert_close(emu.trust_ratios[0], ref.trust_ratios[0], rtol=1e-6, atol=0)
+    assert not torch.equal(emu.trust_ratios[0], torch.ones_like(emu.trust_ratios[0]))
+    assert torch.equal(emu.trust_ratios[1], torch.ones(1))
 
 
 def test_emulated_glue_rejects_bad_tensors_by_name(emulated_glue) -> None:

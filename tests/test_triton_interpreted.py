@@ -132,6 +132,29 @@ def test_nonfinite_gradient_skips_the_whole_step(cls, base_lr, options) -> None:
     assert tri[1].skipped_steps == 2
 
 
+@pytest.mark.parametrize("cls,base_lr,options", [
+    *[(fastlars.LARS, 1.0, LARS_OPTIONS[i]) for i in (1, 3, 4)],
+    *[(fastlars.LAMB, 0.01, LAMB_OPTIONS[i]) for i in (0, 2, 4)],
+], ids=["lars-bounds", "lars-clip", "lars-noadapt", "lamb", "lamb-decoupled-bounds", "lamb-noadapt"])
+def test_recorded_trust_ratios_match_reference(cls, base_lr, options) -> None:
+    """record_trust_ratios(): the ratios from the kernels' per-tensor sums, kept over a skipped step."""
+    def make(backend):
+        def build(params):
+            opt = cls(params, lr=base_lr, backend=backend, **options)
+            opt.record_trust_ratios()
+            return opt
+        return build
+
+    def hook(step, grads):
+        if step == 5:
+            grads[3].view(-1)[3] = float("nan")
+
+    ref = run_trajectory(make("reference"), shapes=SHAPES, steps=5, base_lr=base_lr, grad_hook=hook)[1]
+    tri = run_trajectory(make("triton"), shapes=SHAPES, steps=5, base_lr=base_lr, grad_hook=hook)[1]
+    assert tri.skipped_steps == 1
+    torch.testing.assert_close(tri.trust_ratios[0], ref.trust_ratios[0], rtol=1e-6, atol=0)
+
+
 def _lamb_call(backend, params, grads, state, **kw):
     exp_avgs, exp_avg_sqs, steps = state
     functional.lamb_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr=0.01, backend=backend, **kw)

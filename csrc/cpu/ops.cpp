@@ -11,7 +11,8 @@
 //              moments: pass 1 works on copies and pass 2 recomputes them from the old ones and g, so
 //              u never sees rounded moments, as in the reference); groups that do not adapt take one pass.
 // Scalars held in tensors (lr_tensor, grad_scale, found_inf, clip_coef, steps) live on the CPU here,
-// so reading them costs no synchronisation; found_inf != 0 returns before anything is written.
+// so reading them costs no synchronisation; found_inf != 0 returns before anything is written. The
+// optional trust_ratios output receives each tensor's ratio (1 when the group does not adapt).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -75,6 +76,16 @@ Bounds ratio_bounds(const std::optional<at::ArrayRef<double>>& bounds) {
   TORCH_CHECK(bounds->size() == 2 && (*bounds)[0] <= (*bounds)[1],
               "trust_ratio_bounds: expected (lo, hi) with lo <= hi, got ", *bounds);
   return {true, static_cast<float>((*bounds)[0]), static_cast<float>((*bounds)[1])};
+}
+
+// The optional trust_ratios output (one fp32 per param, on the CPU, contiguous), or nullptr.
+float* ratio_output(const std::optional<at::Tensor>& out, size_t n) {
+  if (!out.has_value() || !out->defined()) return nullptr;
+  TORCH_CHECK(out->device().is_cpu() && out->scalar_type() == at::kFloat && out->dim() == 1 &&
+                  out->numel() == static_cast<int64_t>(n) && out->is_contiguous(),
+              "trust_ratios: expected a contiguous 1-D float32 CPU tensor of ", n, " elements, got ",
+              out->scalar_type(), " of shape ", out->sizes(), " on ", out->device());
+  return out->data_ptr<float>();
 }
 
 // Per tensor: where its weight lives (the fp32 master, else the param) and whether a master exists.
@@ -168,10 +179,12 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
                    const std::optional<at::Tensor>& lr_tensor, double momentum, double weight_decay,
                    double trust_coefficient, double eps, bool nesterov, bool trust_clip, bool mlperf_momentum,
                    bool adapt, std::optional<at::ArrayRef<double>> trust_ratio_bounds, bool maximize,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                   const std::optional<at::Tensor>& trust_ratios) {
   if (params.empty()) return;
   const StepTensors ts = step_tensors(params, grads, {{momentum_buffers, "momentum_buffers"}}, master_params);
   const size_t n = params.size();
+  float* const ratio_out = ratio_output(trust_ratios, n);
   TORCH_CHECK(grad_norms.device().is_cpu() && grad_norms.scalar_type() == at::kFloat && grad_norms.dim() == 1 &&
                   grad_norms.numel() == static_cast<int64_t>(n),
               "grad_norms: expected a 1-D float32 CPU tensor of ", n, " elements, got ", grad_norms.scalar_type(),
@@ -201,6 +214,7 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   std::vector<float> ratios(n, 1.0f);
   if (!adapt) {
     update(chunks.data(), static_cast<int64_t>(chunks.size()), ratios);
+    if (ratio_out != nullptr) std::copy(ratios.begin(), ratios.end(), ratio_out);
     return;
   }
   // Per group (tensor_groups.h): ||w|| of its tensors, their ratios, then their update.
@@ -222,6 +236,7 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
     }
     update(first, count, ratios);
   }
+  if (ratio_out != nullptr) std::copy(ratios.begin(), ratios.end(), ratio_out);
 }
 
 void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -230,11 +245,12 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    double weight_decay, bool bias_correction, bool grad_averaging, bool decoupled_decay,
                    bool trust_clip, bool adapt, std::optional<at::ArrayRef<double>> trust_ratio_bounds, bool maximize,
                    const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf) {
+                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& trust_ratios) {
   if (params.empty()) return;
   const StepTensors ts =
       step_tensors(params, grads, {{exp_avgs, "exp_avgs"}, {exp_avg_sqs, "exp_avg_sqs"}}, master_params);
   const size_t n = params.size();
+  float* const ratio_out = ratio_output(trust_ratios, n);
   check_count(n, steps, "steps");
   const Bounds bounds = ratio_bounds(trust_ratio_bounds);
   const std::optional<float> skip = host_scalar(found_inf, "found_inf");
@@ -281,6 +297,7 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
       store(v_slots[c.tensor], c.begin, c.size, v);
       store_weight(ts, c, w);
     });
+    if (ratio_out != nullptr) std::fill(ratio_out, ratio_out + n, 1.0f);
     return;
   }
 
@@ -313,6 +330,7 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
       const float u_norm = static_cast<float>(std::sqrt(plan.tensor_sum(partials, i, 2, 1)));
       const float ratio = math::lamb_ratio(w_norm, u_norm, true, trust_clip, bounds.has, bounds.lo, bounds.hi);
       steps_by_tensor[i] = rate * ratio;
+      if (ratio_out != nullptr) ratio_out[i] = ratio;
     }
 
     for_each_chunk(first, count, 4, [&](int64_t, const Chunk& c, float* scratch) {

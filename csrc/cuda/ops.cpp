@@ -9,15 +9,17 @@
 //       Tensor(c!)[] master_params, Tensor grad_norms, float lr, Tensor? lr_tensor, float momentum,
 //       float weight_decay, float trust_coefficient, float eps, bool nesterov, bool trust_clip,
 //       bool mlperf_momentum, bool adapt, float[]? trust_ratio_bounds, bool maximize,
-//       Tensor? grad_scale, Tensor? found_inf) -> ()
+//       Tensor? grad_scale, Tensor? found_inf, Tensor(d!)? trust_ratios=None) -> ()
 //   fastlars::lamb_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,
 //       Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] master_params, Tensor[] steps, float lr,
 //       Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay,
 //       bool bias_correction, bool grad_averaging, bool decoupled_decay, bool trust_clip, bool adapt,
 //       float[]? trust_ratio_bounds, bool maximize, Tensor? clip_coef, Tensor? grad_scale,
-//       Tensor? found_inf) -> ()
+//       Tensor? found_inf, Tensor(e!)? trust_ratios=None) -> ()
 // An empty master_params list means no master weights; an entry equal to its param (an fp32
 // param in a group that keeps masters for its low-precision params) also means none for it.
+// trust_ratios, when given, receives the per-tensor ratios the kernels computed (1 when the group
+// does not adapt) by a masked copy on the stream that keeps its old values when found_inf is set.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #ifndef FASTLARS_CUDA_EMULATION
@@ -193,6 +195,24 @@ Bounds ratio_bounds(const std::optional<at::ArrayRef<double>>& bounds) {
   return {true, (*bounds)[0], (*bounds)[1]};
 }
 
+// The optional trust_ratios output: a contiguous fp32 vector of n elements on the params' device.
+void check_ratio_output(const std::optional<at::Tensor>& out, size_t n, const at::Device& device) {
+  if (!out.has_value() || !out->defined()) return;
+  TORCH_CHECK(out->device() == device && out->scalar_type() == at::kFloat && out->dim() == 1 &&
+                  out->numel() == static_cast<int64_t>(n) && out->is_contiguous(),
+              "trust_ratios: expected a contiguous 1-D float32 tensor of ", n, " elements on ", device, ", got ",
+              out->scalar_type(), " of shape ", out->sizes(), " on ", out->device());
+}
+
+// trust_ratios ← the step's ratios (1 when not adapting), kept where found_inf is set; no host sync.
+void record_ratios(const std::optional<at::Tensor>& out, const at::Tensor& ratios, bool adapt,
+                   const std::optional<at::Tensor>& found_inf) {
+  if (!out.has_value() || !out->defined()) return;
+  at::Tensor value = adapt ? ratios : at::ones_like(*out);
+  if (found_inf.has_value() && found_inf->defined()) value = at::where(found_inf->reshape({}) != 0, *out, value);
+  out->copy_(value);
+}
+
 // The raw pointers of a call's lists; list `master_list` holds null where a tensor keeps no master.
 CallTensors raw_call(const std::vector<at::TensorList>& lists, const std::vector<Storage>& storage, int master_list) {
   CallTensors call;
@@ -281,12 +301,14 @@ void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     const std::optional<at::Tensor>& lr_tensor, double momentum, double weight_decay,
                     double trust_coefficient, double eps, bool nesterov, bool trust_clip, bool mlperf_momentum,
                     bool adapt, std::optional<at::ArrayRef<double>> trust_ratio_bounds, bool maximize,
-                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    const std::optional<at::Tensor>& trust_ratios) {
   if (params.empty()) return;
   const std::vector<Storage> storage =
       step_storage(params, grads, {{momentum_buffers, "momentum_buffers"}}, master_params);
   const at::Device device = params[0].device();
   const DeviceScope scope(device);
+  check_ratio_output(trust_ratios, params.size(), device);
   TORCH_CHECK(grad_norms.device() == device && grad_norms.scalar_type() == at::kFloat && grad_norms.dim() == 1 &&
                   grad_norms.numel() == static_cast<int64_t>(params.size()) && grad_norms.is_contiguous(),
               "grad_norms: expected a contiguous 1-D float32 tensor of ", params.size(), " elements on ", device);
@@ -300,7 +322,10 @@ void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const CallPlan plan = plan_call<LarsTable>(call, 4, adapt ? wave_bytes(facts) : 0);
   const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
   at::Tensor partials = at::empty({adapt ? plan.total_chunks : 0}, options);
-  at::Tensor ratios = at::empty({adapt ? static_cast<int64_t>(params.size()) : 0}, options);
+  // ones when recording: the kernels never write the ratio of an empty tensor (the reference's is 1)
+  const int64_t n_ratios = adapt ? static_cast<int64_t>(params.size()) : 0;
+  at::Tensor ratios = trust_ratios.has_value() && trust_ratios->defined() ? at::ones({n_ratios}, options)
+                                                                          : at::empty({n_ratios}, options);
   const StepScalars s{rate.ptr, rate.value, device_scalar(grad_scale, device, "grad_scale"),
                       device_scalar(found_inf, device, "found_inf"), partials.data_ptr<float>(),
                       ratios.data_ptr<float>()};
@@ -309,6 +334,7 @@ void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     launch_lars_wave(table, st, opt, s, chunk_grid(w.chunks, facts.sm_count), stream);
     FASTLARS_LAUNCH_CHECK();
   });
+  record_ratios(trust_ratios, ratios, adapt, found_inf);
 }
 
 void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -317,12 +343,13 @@ void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     double weight_decay, bool bias_correction, bool grad_averaging, bool decoupled_decay,
                     bool trust_clip, bool adapt, std::optional<at::ArrayRef<double>> trust_ratio_bounds, bool maximize,
                     const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
+                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& trust_ratios) {
   if (params.empty()) return;
   const std::vector<Storage> storage =
       step_storage(params, grads, {{exp_avgs, "exp_avgs"}, {exp_avg_sqs, "exp_avg_sqs"}}, master_params);
   const at::Device device = params[0].device();
   const DeviceScope scope(device);
+  check_ratio_output(trust_ratios, params.size(), device);
   check_lists(params.size(), steps, "steps");
   for (size_t i = 0; i < steps.size(); ++i) {
     TORCH_CHECK(steps[i].device() == device, "steps[", i, "]: on ", steps[i].device(), ", the params are on ",
@@ -343,7 +370,10 @@ void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const CallPlan plan = plan_call<LambTable>(call, 16, adapt ? wave_bytes(facts) : 0);
   const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
   at::Tensor partials = at::empty({adapt ? 2 * plan.total_chunks : 0}, options);
-  at::Tensor ratios = at::empty({adapt ? static_cast<int64_t>(params.size()) : 0}, options);
+  // ones when recording: the kernels never write the ratio of an empty tensor (the reference's is 1)
+  const int64_t n_ratios = adapt ? static_cast<int64_t>(params.size()) : 0;
+  at::Tensor ratios = trust_ratios.has_value() && trust_ratios->defined() ? at::ones({n_ratios}, options)
+                                                                          : at::empty({n_ratios}, options);
   const StepScalars s{rate.ptr, rate.value, device_scalar(grad_scale, device, "grad_scale"),
                       device_scalar(found_inf, device, "found_inf"), partials.data_ptr<float>(),
                       ratios.data_ptr<float>()};
@@ -352,6 +382,7 @@ void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     launch_lamb_wave(table, st, opt, s, chunk_grid(w.chunks, facts.sm_count), stream);
     FASTLARS_LAUNCH_CHECK();
   });
+  record_ratios(trust_ratios, ratios, adapt, found_inf);
 }
 
 }  // namespace

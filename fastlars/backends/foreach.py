@@ -55,6 +55,7 @@ def lars_step(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     weight_norms: Tensor | None = None,
+    trust_ratios: Tensor | None = None,
 ) -> None:
     """LARS over a tensor list; the maths of ``reference.lars_step``.
 
@@ -70,6 +71,8 @@ def lars_step(
         weight_norms = norms(w)
     ratios = lars_trust_ratio(weight_norms, grad_norms.to(weight_norms.device), lr, h)
     ratios = ratios.expand(len(params))
+    if trust_ratios is not None:
+        _commit([trust_ratios], [ratios], found_inf)
     v = torch._foreach_mul(_as_fp32(momentum_buffers), h.momentum)
     if h.momentum_style == "mlperf":
         scaled = list((lr * ratios).unbind(0))
@@ -106,6 +109,7 @@ def lamb_step(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     reduce_sumsq: Callable[[Tensor], Tensor] | None = None,
+    trust_ratios: Tensor | None = None,
 ) -> None:
     """LAMB over a tensor list; the maths of ``reference.lamb_step``.
 
@@ -147,6 +151,8 @@ def lamb_step(
         totals = reduce_sumsq(torch.cat([w_norms.square(), u_norms.square()])).sqrt()
         w_norms, u_norms = totals[:n], totals[n:]
     ratios = lamb_trust_ratio(w_norms, u_norms, h).expand(len(params))
+    if trust_ratios is not None:
+        _commit([trust_ratios], [ratios], found_inf)
     torch._foreach_mul_(u, list((lr * ratios).unbind(0)))
     w_new = torch._foreach_sub(w, u)
     _commit(exp_avgs, m, found_inf)

@@ -10,6 +10,11 @@ count of this update (1-based, already incremented by the optimizer), ``λ`` wei
 An update is *committed* only when ``found_inf`` is absent or zero; otherwise every tensor keeps the
 value it had, which is how GradScaler overflow steps and non-finite gradients are skipped without a
 host synchronisation.
+
+``trust_ratios`` (optional, every backend): a 1-D fp32 tensor with one element per parameter tensor
+that receives the ratio r this update applied to each tensor (1 where the group does not adapt),
+computed from the norms the update computes anyway; like every other output it is written only
+when the update is committed.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ def lars_step(
     h: LarsHyper,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    trust_ratios: Tensor | None = None,
 ) -> None:
     """One LARS update of a list of tensors.
 
@@ -117,6 +123,8 @@ def lars_step(
             v_new = h.momentum * v + ratio * d
             update = lr * (h.momentum * v_new + ratio * d) if h.nesterov else lr * v_new
         w_new = w - update
+        if trust_ratios is not None:
+            _commit(trust_ratios[i], ratio, found_inf)
         _commit(momentum_buffers[i], v_new, found_inf)
         _commit(weight, w_new, found_inf)
         if master_params is not None:
@@ -136,6 +144,7 @@ def lamb_step(
     clip_coef: Tensor | None,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    trust_ratios: Tensor | None = None,
 ) -> None:
     """One LAMB update of a list of tensors (You et al. 2019, Algorithm 2; NVLAMB form).
 
@@ -171,6 +180,8 @@ def lamb_step(
             h,
         )
         w_new = w - lr * ratio * u
+        if trust_ratios is not None:
+            _commit(trust_ratios[i], ratio, found_inf)
         _commit(exp_avgs[i], m, found_inf)
         _commit(exp_avg_sqs[i], v, found_inf)
         _commit(weight, w_new, found_inf)

@@ -9,6 +9,9 @@ The step of both optimizers has the same shape:
 4. count the step on the device (``step += 1 − found_inf``), then call the functional update
    once per group; backends write nothing when ``found_inf`` is set.
 
+With :meth:`TrustRatioOptimizer.record_trust_ratios` on, step 4 also hands each group's backend a
+small fp32 vector that receives the per-tensor trust ratios it computes (``trust_ratios``).
+
 No value is read back to the host during ``step()``.
 """
 
@@ -64,12 +67,13 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
     sharded_weight_norms: bool = False
     """Whether sharded groups reduce ||w|| in the gradient-statistics all-reduce (LARS: yes)."""
 
-    # Subclasses define ``_update_group(item, views, steps, grad_scale, found_inf, global_grad_norm)``,
-    # which calls their functional update for one group.
+    # Subclasses define ``_update_group(item, views, steps, grad_scale, found_inf, global_grad_norm,
+    # trust_ratios)``, which calls their functional update for one group.
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._check_options(defaults)
         self._resolved: dict[tuple[int, torch.device], str] = {}
+        self._trust_ratios: list[Tensor | None] | None = None
         self.stats_group: Any | None = None
         """A process group over which the skip flag and LAMB's ||G|| are summed every step (set by
         fastlars.distributed.zero_redundancy_optimizer); None: this optimizer's tensors only."""
@@ -108,6 +112,44 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         return group["weight_decay"] != 0.0 if group["adapt"] is None else group["adapt"]
 
     # ----------------------------------------------------------------------- step
+    def record_trust_ratios(self, enabled: bool = True) -> None:
+        """Keep, from the next step() on, the trust ratio that each step applies to each parameter.
+
+        ``trust_ratios[g][k]`` is then the ratio r of ``param_groups[g]["params"][k]`` at the last step
+        that updated it (LARS: η·||w|| / (||g|| + λ·||w|| + ε), LAMB: ||w|| / ||u||, after clipping and
+        bounds; 1 in groups that do not adapt; NaN before its first step). A skipped step leaves the
+        ratios as they were. The backends write the ratios they compute for the update anyway into
+        these vectors (no second pass over the weights); only reading them synchronises with the device.
+        """
+        self._trust_ratios = [] if enabled else None
+
+    @property
+    def trust_ratios(self) -> list[Tensor | None] | None:
+        """Per param group, a 1-D fp32 tensor of trust ratios, one per parameter of the group (None for a
+        group not stepped yet); None unless :meth:`record_trust_ratios` is on."""
+        return self._trust_ratios
+
+    def _ratio_output(self, item: GroupWork) -> tuple[Tensor, Tensor | None] | None:
+        """(the vector the backend writes, the group's record when that vector is a scratch copy of the
+        params that took part in this step) or None when not recording."""
+        if self._trust_ratios is None:
+            return None
+        index = next(gi for gi, g in enumerate(self.param_groups) if g is item.group)
+        self._trust_ratios += [None] * (index + 1 - len(self._trust_ratios))
+        record = self._trust_ratios[index]
+        if record is None or record.device != item.device:
+            n = len(item.group["params"])
+            record = self._trust_ratios[index] = torch.full((n,), float("nan"), device=item.device)
+        if len(item.params) == len(item.group["params"]):  # every param has a gradient: write in place
+            return record, None
+        return torch.empty(len(item.params), device=item.device), record
+
+    def _keep_ratios(self, item: GroupWork, written: Tensor, record: Tensor) -> None:
+        """Copy the ratios of the params that took part into their places in the group's record."""
+        place = {id(p): k for k, p in enumerate(item.group["params"])}
+        positions = torch.tensor([place[id(p)] for p in item.params], device=record.device)
+        record.index_copy_(0, positions, written)
+
     @property
     def skipped_steps(self) -> int:
         """How many step() calls changed nothing because a gradient was non-finite (reads the device)."""
@@ -195,7 +237,11 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
             torch._foreach_add_(steps, [keep.to(item.device, non_blocking=True)] * len(steps))
             views = self._views(item)
             gnorm = None if global_grad_norm is None else global_grad_norm.to(item.device)
-            self._update_group(item, views, steps, grad_scale, found_inf.to(item.device), gnorm)
+            ratios = self._ratio_output(item)
+            self._update_group(item, views, steps, grad_scale, found_inf.to(item.device), gnorm,
+                               None if ratios is None else ratios[0])
+            if ratios is not None and ratios[1] is not None:
+                self._keep_ratios(item, *ratios)
         return loss
 
     def _gradient_statistics(

@@ -109,6 +109,7 @@ class LAMB(TrustRatioOptimizer):
         grad_scale: Tensor | None,
         found_inf: Tensor,
         global_grad_norm: Tensor | None,
+        trust_ratios: Tensor | None = None,
     ) -> None:
         g = item.group
         functional.lamb_step(
@@ -134,5 +135,6 @@ class LAMB(TrustRatioOptimizer):
             grad_scale=grad_scale,
             found_inf=found_inf,
             reduce_sumsq=item.reduce,
+            trust_ratios=trust_ratios,
             backend=item.backend,
         )

@@ -106,6 +106,7 @@ class LARS(TrustRatioOptimizer):
         grad_scale: Tensor | None,
         found_inf: Tensor,
         global_grad_norm: Tensor | None,
+        trust_ratios: Tensor | None = None,
     ) -> None:
         g = item.group
         functional.lars_step(
@@ -128,6 +129,7 @@ class LARS(TrustRatioOptimizer):
             weight_norms=item.weight_norms,
             grad_scale=grad_scale,
             found_inf=found_inf,
+            trust_ratios=trust_ratios,
             backend=item.backend,
         )
 

@@ -73,6 +73,7 @@ def lars_step(
     h: LarsHyper,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    trust_ratios: Tensor | None = None,
 ) -> None:
     """LARS over a tensor list in Triton kernels; the maths of ``reference.lars_step``:
 
@@ -84,6 +85,7 @@ def lars_step(
         params, grads, momentum_buffers, master_params or [], grad_norms, lr_value, lr_tensor,
         h.momentum, h.weight_decay, h.trust_coefficient, h.eps, h.nesterov, h.trust_clip,
         h.momentum_style == "mlperf", h.adapt, _bounds(h.trust_ratio_bounds), h.maximize, grad_scale, found_inf,
+        trust_ratios,
     )
 
 
@@ -100,6 +102,7 @@ def lamb_step(
     clip_coef: Tensor | None,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    trust_ratios: Tensor | None = None,
 ) -> None:
     """LAMB over a tensor list in Triton kernels; the maths of ``reference.lamb_step``:
 
@@ -110,4 +113,5 @@ def lamb_step(
         params, grads, exp_avgs, exp_avg_sqs, master_params or [], steps, lr_value, lr_tensor,
         h.beta1, h.beta2, h.eps, h.weight_decay, h.bias_correction, h.grad_averaging, h.decoupled_decay,
         h.trust_clip, h.adapt, _bounds(h.trust_ratio_bounds), h.maximize, clip_coef, grad_scale, found_inf,
+        trust_ratios,
     )

@@ -9,7 +9,9 @@ their tensors through a table of data pointers.
 
 Launches per group and storage-dtype bucket (all on the caller's stream, no host synchronisation):
 grad_norms 2 (Σg² per chunk, per-tensor sum); LARS 3 (Σw², per-tensor sum, update; 1 when the group
-does not adapt); LAMB 3 (pass 1, per-tensor sums, pass 2; 1 when the group does not adapt).
+does not adapt); LAMB 3 (pass 1, per-tensor sums, pass 2; 1 when the group does not adapt). With the
+optional ``trust_ratios`` output, a few small torch ops on n-element vectors compute the ratios from
+the same per-tensor sums the update kernels read (reference formulas) and copy them in unless skipped.
 
 Block sizes: one fixed configuration (2048-element blocks, 8 warps on a GPU), not autotuned: the
 order in which Σx² is added depends on the block size and warp count, so a per-process autotuner
@@ -29,6 +31,8 @@ import triton
 from torch import Tensor
 
 from fastlars import _ops
+from fastlars.backends._common import LambHyper, LarsHyper
+from fastlars.backends.reference import lamb_trust_ratio, lars_trust_ratio
 from fastlars.backends.triton import kernels, tables
 
 PREFIX = "triton_"
@@ -126,6 +130,7 @@ def lars_step_impl(
     grad_norms: Tensor, lr: float, lr_tensor: Tensor | None, momentum: float, weight_decay: float,
     trust_coefficient: float, eps: float, nesterov: bool, trust_clip: bool, mlperf_momentum: bool, adapt: bool,
     trust_ratio_bounds: list[float] | None, maximize: bool, grad_scale: Tensor | None, found_inf: Tensor | None,
+    trust_ratios: Tensor | None = None,
 ) -> None:
     """LARS in place (maths of fastlars.backends.reference.lars_step); see kernels.lars_update_kernel."""
     if not params:
@@ -153,6 +158,12 @@ def lars_step_impl(
             BOUNDS=trust_ratio_bounds is not None, MAXIMIZE=bool(maximize), LR_TENSOR=lr_is_tensor,
             HAS_SCALE=has_scale, CHUNK=CHUNK, BLOCK=UPDATE_BLOCK, num_warps=UPDATE_WARPS,
         )
+    if trust_ratios is not None:
+        h = LarsHyper(momentum, weight_decay, trust_coefficient, eps, nesterov, trust_clip,
+                      "mlperf" if mlperf_momentum else "torch", adapt, _pair(trust_ratio_bounds), maximize)
+        rate = lr_t.reshape(()) if lr_is_tensor else lr_value
+        ratios = lars_trust_ratio(wsq.sqrt(), gnorm, rate, h) if adapt else torch.ones_like(trust_ratios)
+        _record(trust_ratios, ratios, flag)
 
 
 def lamb_step_impl(
@@ -161,6 +172,7 @@ def lamb_step_impl(
     beta2: float, eps: float, weight_decay: float, bias_correction: bool, grad_averaging: bool,
     decoupled_decay: bool, trust_clip: bool, adapt: bool, trust_ratio_bounds: list[float] | None, maximize: bool,
     clip_coef: Tensor | None, grad_scale: Tensor | None, found_inf: Tensor | None,
+    trust_ratios: Tensor | None = None,
 ) -> None:
     """LAMB in place (maths of fastlars.backends.reference.lamb_step); see kernels.lamb_kernel."""
     if not params:
@@ -177,7 +189,9 @@ def lamb_step_impl(
     if bias_correction:  # bc_k = 1 − β_k^t with torch's pow, exactly as the reference computes it
         t = torch.stack([s.reshape(()) for s in steps]).to(device, torch.float32)
         bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
-    sums = torch.empty(2 * n_out, dtype=torch.float32, device=device) if adapt else flag
+    # zeros when recording: a bucket of empty tensors has no chunks, so no kernel writes its sums (ratio 1)
+    new_sums = torch.zeros if trust_ratios is not None else torch.empty
+    sums = new_sums(2 * n_out, dtype=torch.float32, device=device) if adapt else flag
     lo, hi = trust_ratio_bounds if trust_ratio_bounds is not None else (0.0, 0.0)
     for b in tables.buckets(lists, CHUNK):
         if not b.n_chunks:
@@ -208,6 +222,21 @@ def lamb_step_impl(
             )
         kernels.lamb_kernel[(b.n_chunks,)](*table, flag, 0, *scalars, PASS=2, FROM_MOMENTS=store_moments,
                                            **options)
+    if trust_ratios is not None:
+        h = LambHyper(beta1, beta2, eps, weight_decay, bias_correction, grad_averaging, decoupled_decay, trust_clip,
+                      adapt, _pair(trust_ratio_bounds), maximize)
+        norms = sums.sqrt()
+        ratios = lamb_trust_ratio(norms[:n_out], norms[n_out:], h) if adapt else torch.ones_like(trust_ratios)
+        _record(trust_ratios, ratios, flag)
+
+
+def _pair(bounds: list[float] | None) -> tuple[float, float] | None:
+    return None if bounds is None else (float(bounds[0]), float(bounds[1]))
+
+
+def _record(trust_ratios: Tensor, ratios: Tensor, flag: Tensor) -> None:
+    """trust_ratios ← ratios, kept where the skip flag is set (the update kernels' rule); no host sync."""
+    trust_ratios.copy_(torch.where(flag.reshape(()) != 0, trust_ratios, ratios.to(trust_ratios.device)))
 
 
 def _on_tensor_device(impl: Callable) -> Callable:
