@@ -259,6 +259,14 @@ def test_opcheck(name) -> None:
     torch.library.opcheck(getattr(torch.ops.fastlars, name).default, _op_samples()[name])
 
 
+@pytest.mark.parametrize("name", ["lars_step_", "lamb_step_"])
+def test_opcheck_with_the_trust_ratio_output(name) -> None:
+    sample = _op_samples()[name]
+    torch.library.opcheck(getattr(torch.ops.fastlars, name).default, (*sample, torch.empty(len(sample[0]))))
+    with pytest.raises(RuntimeError, match=r"trust_ratios: expected a contiguous 1-D float32 CPU tensor of 3"):
+        getattr(torch.ops.fastlars, name)(*sample, torch.empty(2))
+
+
 def test_kernels_reject_bad_tensors_by_name() -> None:
     ops = torch.ops.fastlars
     w, g, v = torch.randn(8), torch.randn(8), torch.zeros(8)
