@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -12,27 +13,59 @@ from fastlars import backends
 from fastlars._extension import extension, extension_error
 
 
-def env_report() -> str:
-    """A multi-line report: versions, the compiled extension, and each backend per device."""
-    lines = [
-        f"fastlars {_version()}",
-        f"python {platform.python_version()} on {platform.machine()} ({cpu_name()}, {os.cpu_count()} CPUs)",
-        f"torch {torch.__version__} (CUDA {torch.version.cuda}, GPU visible: {torch.cuda.is_available()})",
-        f"triton {_triton_version()}",
-    ]
+def env_info() -> dict[str, Any]:
+    """The facts of env_report() as plain JSON-able values (``python -m fastlars --json`` prints them).
+
+    ``backends`` maps each device type to ``{"auto": name, name: None (usable) or why not}``.
+    """
     ext = extension()
     if ext is None:
-        lines.append(f"fastlars._C: not loaded: {extension_error()}")
+        compiled: dict[str, Any] = {"loaded": False, "error": extension_error()}
     else:
-        kernels = getattr(ext, "kernel_devices", lambda: [])()
-        isa = getattr(ext, "cpu_isa", lambda: "unknown")()
-        lines.append(f"fastlars._C: loaded, kernels for {', '.join(kernels) or 'no device'}; CPU loops: {isa}")
+        compiled = {"loaded": True, "kernels": list(getattr(ext, "kernel_devices", lambda: [])()),
+                    "cpu_isa": getattr(ext, "cpu_isa", lambda: "unknown")()}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    usable: dict[str, dict[str, str | None]] = {}
     for dev in devices:
         device = torch.device(dev)
-        lines.append(f"backends on {dev} (auto -> {backends.resolve('auto', device)}):")
+        usable[dev] = {"auto": backends.resolve("auto", device)}
+        usable[dev].update({name: backends.unavailable_reason(name, device) for name in backends.BACKENDS})
+    return {
+        "fastlars": _version(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu_visible": torch.cuda.is_available(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "triton": _triton_version(),
+        "extension": compiled,
+        "backends": usable,
+    }
+
+
+def env_report(info: dict[str, Any] | None = None) -> str:
+    """A multi-line report: versions, the compiled extension, and each backend per device."""
+    info = env_info() if info is None else info
+    gpus = f", {', '.join(info['gpus'])}" if info["gpus"] else ""
+    lines = [
+        f"fastlars {info['fastlars']}",
+        f"python {info['python']} on {info['machine']} ({info['cpu']}, {info['cpu_count']} CPUs)",
+        f"torch {info['torch']} (CUDA {info['cuda']}, GPU visible: {info['gpu_visible']}{gpus})",
+        f"triton {info['triton']}",
+    ]
+    ext = info["extension"]
+    if not ext["loaded"]:
+        lines.append(f"fastlars._C: not loaded: {ext['error']}")
+    else:
+        lines.append(f"fastlars._C: loaded, kernels for {', '.join(ext['kernels']) or 'no device'}; "
+                     f"CPU loops: {ext['cpu_isa']}")
+    for dev, usable in info["backends"].items():
+        lines.append(f"backends on {dev} (auto -> {usable['auto']}):")
         for name in backends.BACKENDS:
-            reason = backends.unavailable_reason(name, device)
+            reason = usable[name]
             lines.append(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
     return "\n".join(lines)
 
