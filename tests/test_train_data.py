@@ -3,23 +3,26 @@ micro-batches), the batched augmentation, evaluation shards, and clear errors fo
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import io
 import math
 import os
 import re
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
 from train.data import (
     IMAGE_SUFFIXES,
     LoaderConfig,
     augment,
     build_loaders,
+    codec,
     default_dataset,
     default_image_size,
     order,
@@ -49,7 +52,7 @@ def make_folder(root: Path, classes: dict[str, int], seed: int = 0, splits: tupl
             for i in range(count):
                 h, w = (int(v) for v in torch.randint(12, 40, (2,), generator=generator))
                 image = torch.randint(0, 256, (3, h, w), generator=generator, dtype=torch.uint8)
-                (folder / f"{i:03d}.jpg").write_bytes(encode_jpeg(image, quality=90).numpy().tobytes())
+                (folder / f"{i:03d}.jpg").write_bytes(codec.active().encode_jpeg(image, quality=90))
     return root
 
 
@@ -84,11 +87,58 @@ def test_default_dataset_layout_counts_and_decodable(digits: Path) -> None:
     assert (len(train), len(val)) == (1437, 360)
     assert train.classes == val.classes == tuple(str(d) for d in range(10))
     assert all(p.endswith(".jpg") and os.path.isfile(p) for p in train.paths() + val.paths())
-    images = decode_jpeg([torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in val.paths()],
-                         mode=ImageReadMode.UNCHANGED)
+    from PIL import Image
+
+    assert {Image.open(p).mode for p in val.paths()} == {"RGB"}
+    images = codec.active().decode_jpegs([_bytes(p) for p in val.paths()], "cpu")
     assert all(im.shape == (3, 16, 16) and im.dtype == torch.uint8 for im in images)
     assert max(int(im.max()) for im in images) > 200  # ink scaled to 0–255, not left at 0–16
     assert not dataset_flips(digits)
+
+
+def _bytes(path: str | Path) -> torch.Tensor:
+    return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+
+
+# The bundled digits as written and decoded through torchvision.io (encode_jpeg, decode_jpeg, mode RGB) at
+# commit ea885b7, before train.data.codec; computed there by digest_of_digits() below (files: every JPEG's
+# bytes; pixels: each decoded image's shape and bytes; the train split, then val, in scan_split order).
+DIGITS_FILES_SHA256 = "00c9b7b602e39c720691a2f25e4d85105312fdd9efb6d6e8df65610784cdd71f"
+DIGITS_PIXELS_SHA256 = "2062566eb09c89dd89115801227e9aa1c3d32f9e3dd911c7018c7821ba45051d"
+
+
+def digest_of_digits(root: Path, decode) -> tuple[str, str]:
+    files, pixels = hashlib.sha256(), hashlib.sha256()
+    for split in ("train", "val"):
+        paths = scan_split(root, split).paths()
+        encoded = [_bytes(p) for p in paths]
+        for data in encoded:
+            files.update(data.numpy().tobytes())
+        for image in decode(encoded, paths):
+            pixels.update(str(tuple(image.shape)).encode())
+            pixels.update(image.contiguous().numpy().tobytes())
+    return files.hexdigest(), pixels.hexdigest()
+
+
+def test_the_loaders_decode_the_digits_as_before(digits: Path) -> None:
+    """augment.decode (every loader's decoder) gives the pixels torchvision.io gave, from the same files."""
+    assert codec.active().name == codec.available()[0]
+    assert digest_of_digits(digits, augment.decode) == (DIGITS_FILES_SHA256, DIGITS_PIXELS_SHA256)
+
+
+@pytest.mark.parametrize("name", codec.CODECS)
+def test_every_codec_writes_and_decodes_the_digits_alike(name: str, tmp_path: Path, monkeypatch) -> None:
+    """Each codec, wherever it imports (torchvision's even where it is deprecated, as the old path),
+    writes the bundled dataset byte for byte and decodes it pixel for pixel as before."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision >= 0.29's image codecs
+        try:
+            chosen = codec._CLASSES[name]()
+        except Exception as exc:  # a torchcodec built for another torch fails to load
+            pytest.skip(f"{name} is not usable here: {exc}")
+        monkeypatch.setattr(codec, "active", lambda: chosen)
+        root = default_dataset(tmp_path)
+        assert digest_of_digits(root, augment.decode) == (DIGITS_FILES_SHA256, DIGITS_PIXELS_SHA256)
 
 
 def test_default_dataset_split_is_stratified_and_fixed(digits: Path) -> None:
@@ -258,9 +308,11 @@ def test_dtype_layout_and_normalisation(tmp_path: Path) -> None:
 
 
 def _png(image: torch.Tensor) -> bytes:
-    from torchvision.io import encode_png
+    from PIL import Image
 
-    return encode_png(image).numpy().tobytes()
+    out = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(out, format="PNG")
+    return out.getvalue()
 
 
 def test_crop_boxes_fit_and_cover_the_scale_range() -> None:

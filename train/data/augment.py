@@ -17,8 +17,9 @@ import math
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
+
+from train.data import codec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,26 +27,27 @@ ATTEMPTS = 10
 
 
 def decode(encoded: list[Tensor], paths: list[str], device: torch.device | str = "cpu") -> list[Tensor]:
-    """RGB uint8 [3, H, W] images on `device` from encoded files: the JPEGs in one batched call (nvjpeg
-    on CUDA), other formats one by one. When the batched call fails, each file is decoded alone, with
-    the format sniffed from its bytes on the CPU (a PNG named .jpg, a CMYK JPEG nvjpeg refuses), and a
-    file that still does not decode raises a ValueError naming it."""
+    """RGB uint8 [3, H, W] images on `device` from encoded files, through train.data.codec: the JPEGs in
+    one batched call (nvjpeg on CUDA), other formats one by one. When the batched call fails, each file
+    is decoded alone, with the format sniffed from its bytes on the CPU (a PNG named .jpg, a CMYK JPEG
+    nvjpeg refuses), and a file that still does not decode raises a ValueError naming it."""
+    images = codec.active()
     jpeg = [i for i, p in enumerate(paths) if p.lower().endswith((".jpg", ".jpeg"))]
     out: list[Tensor | None] = [None] * len(encoded)
     try:
         if jpeg:
-            for i, image in zip(jpeg, decode_jpeg([encoded[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)):
+            for i, image in zip(jpeg, images.decode_jpegs([encoded[i] for i in jpeg], device)):
                 out[i] = image
         for i in sorted(set(range(len(encoded))) - set(jpeg)):
-            out[i] = decode_image(encoded[i], mode=ImageReadMode.RGB).to(device)
+            out[i] = images.decode_image(encoded[i]).to(device)
     except RuntimeError:
-        out = [_decode_one(data, path).to(device) for data, path in zip(encoded, paths)]
+        out = [_decode_one(images, data, path).to(device) for data, path in zip(encoded, paths)]
     return out  # type: ignore[return-value]
 
 
-def _decode_one(data: Tensor, path: str) -> Tensor:
+def _decode_one(images: codec.Codec, data: Tensor, path: str) -> Tensor:
     try:
-        return decode_image(data, mode=ImageReadMode.RGB)
+        return images.decode_image(data)
     except RuntimeError as exc:
         raise ValueError(f"--data: cannot decode {path}: {exc}") from exc
 

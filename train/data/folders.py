@@ -129,7 +129,8 @@ def default_dataset(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         return root
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
-    from torchvision.io import encode_jpeg
+
+    from train.data import codec
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) * (255.0 / 16.0)
@@ -142,7 +143,7 @@ def default_dataset(cache_dir: str | os.PathLike[str] | None = None) -> Path:
             for i in indices:
                 folder = staging / split / str(int(digits.target[i]))
                 folder.mkdir(parents=True, exist_ok=True)
-                (folder / f"{i:04d}.jpg").write_bytes(encode_jpeg(images[i], quality=95).numpy().tobytes())
+                (folder / f"{i:04d}.jpg").write_bytes(codec.active().encode_jpeg(images[i], quality=95))
         (staging / NO_FLIP_MARKER).write_text("a mirrored digit is another digit (or none)\n")
         try:
             os.rename(staging, root)
