@@ -60,6 +60,40 @@ def test_default_data_one_epoch_within_two_minutes(env: dict[str, str], tmp_path
     assert records[-1]["step"] == 6 and records[-1]["top1"] == result["top1"]
 
 
+def test_tensorboard_view_holds_the_metrics(env: dict[str, str], tmp_path: Path) -> None:
+    """`python -m train --data default --epochs 1 --tensorboard runs/tb`: TensorBoard's own reader finds
+    every metrics.jsonl scalar at its step, and the per-layer trust ratios as a histogram per record."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from train.tensorboard import SCALARS, TRUST_RATIO_HISTOGRAM, TRUST_RATIO_PREFIX
+
+    done = subprocess.run([sys.executable, "-m", "train", "--data", "default", "--epochs", "1", "--tensorboard",
+                           "runs/tb", "--out", "runs/run", "--quiet", "--device", "cpu"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "runs" / "run" / "tensorboard").exists()
+    records = [json.loads(line) for line in (tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "runs" / "tb"), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    for field, tag in SCALARS.items():
+        logged = [(r["step"], r[field]) for r in records if r.get(field) is not None]
+        assert logged, f"metrics.jsonl has no {field}"
+        read = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in read] == [s for s, _ in logged], tag
+        for (_, value), (_, expected) in zip(read, logged):
+            assert value == pytest.approx(expected, rel=1e-6), tag  # TensorBoard stores float32
+    histograms = events.Histograms(TRUST_RATIO_HISTOGRAM)
+    assert [h.step for h in histograms] == [r["step"] for r in records]
+    for h, r in zip(histograms, records):
+        ratios = list(r["trust_ratios"].values())
+        assert sorted(r["trust_ratios"]) == ["0.weight", "3.weight", "8.weight"]
+        assert h.histogram_value.num == len(ratios)
+        assert (h.histogram_value.min, h.histogram_value.max) == pytest.approx((min(ratios), max(ratios)))
+    layer = [(e.step, e.value) for e in events.Scalars(TRUST_RATIO_PREFIX + "3.weight")]
+    assert layer == [(r["step"], pytest.approx(r["trust_ratios"]["3.weight"], rel=1e-6)) for r in records]
+
+
 @pytest.mark.parametrize("shard", ["none", "zero", "fsdp2"])
 def test_two_processes_equal_one(env: dict[str, str], tmp_path: Path, shard: str) -> None:
     """Global batch 64 as 2 ranks × 32 equals 1 process × 32 × 2 accumulation steps: same micro-batches,

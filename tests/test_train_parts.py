@@ -1,5 +1,6 @@
 """The trainer's parts on their own: batch arithmetic, config errors, LR schedule, noise-scale and
-diffusion formulas, atomic checkpoints, the command line."""
+diffusion formulas, trust ratios by layer, the TensorBoard view's folder and purge, atomic
+checkpoints, the command line."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from train import checkpoint
+from train import checkpoint, tensorboard
 from train.cli import config_from_args, parser
 from train.config import TrainConfig, accumulation_steps
-from train.metrics import NoiseScale, WeightDiffusion, squared_norm
+from train.metrics import NoiseScale, TrustRatios, WeightDiffusion, squared_norm
 from train.models import build_model, resolve_model_name
 from train.optimizers import build_optimizer
 from train.schedule import Schedule, total_updates
@@ -126,6 +127,59 @@ def test_models_and_optimizer_groups() -> None:
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["nesterov"]
 
 
+def test_trust_ratios_by_layer_name() -> None:
+    """The adapting layers' ratios by parameter name, as the optimizer's backend recorded them; none for
+    optimizers without a trust ratio."""
+    model = build_model("small_cnn", 10)
+    opt = build_optimizer(TrainConfig(optimizer="lamb"), model, lr=0.01)
+    ratios = TrustRatios(opt, model)
+    assert ratios.enabled and ratios.values() == {}  # nothing stepped yet
+    model(torch.randn(4, 3, 16, 16)).sum().backward()
+    opt.step()
+    values = ratios.values()
+    assert sorted(values) == ["0.weight", "3.weight", "8.weight"]  # the conv and linear weights; no BN, no bias
+    assert values["8.weight"] == opt.trust_ratios[0][2].item() and all(0 < v < 1e3 for v in values.values())
+    assert not TrustRatios(build_optimizer(TrainConfig(optimizer="sgd"), model, lr=0.1), model).enabled
+
+
+def test_tensorboard_folder_setting(tmp_path, monkeypatch) -> None:
+    assert tensorboard.resolve("off", tmp_path) is None
+    assert tensorboard.resolve(str(tmp_path / "tb"), tmp_path) == tmp_path / "tb"
+    monkeypatch.setattr(tensorboard, "installed", lambda: True)
+    assert tensorboard.resolve("auto", tmp_path) == tmp_path / "tensorboard"
+    monkeypatch.setattr(tensorboard, "installed", lambda: False)
+    assert tensorboard.resolve("auto", tmp_path) is None
+    with pytest.raises(ValueError, match="--tensorboard runs/tb: the tensorboard package is not installed"):
+        tensorboard.resolve("runs/tb", tmp_path)
+    with pytest.raises(ValueError, match="--tensorboard needs a folder"):
+        TrainConfig(tensorboard="").check()
+
+
+def test_tensorboard_view_after_resume_holds_the_continued_trajectory(tmp_path) -> None:
+    """A run killed after logging steps 1–5 and resumed from its checkpoint at step 3 rewrites steps 4 on:
+    TensorBoard's own reader then sees each step once, with the resumed values."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = tensorboard.TensorBoardView(tmp_path, purge_step=1)
+    for step in range(1, 6):
+        first.write({"step": step, "loss": 10.0 + step, "trust_ratios": {"a": 0.5, "b": float("nan")}})
+    first.close()
+    resumed = tensorboard.TensorBoardView(tmp_path, purge_step=4)
+    for step in range(4, 8):
+        resumed.write({"step": step, "loss": 20.0 + step, "top1": None, "trust_ratios": {"a": 0.25}})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == \
+        [(1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0), (5, 25.0), (6, 26.0), (7, 27.0)]
+    assert "eval/top1" not in events.Tags()["scalars"]
+    histograms = events.Histograms(tensorboard.TRUST_RATIO_HISTOGRAM)
+    assert [h.step for h in histograms] == list(range(1, 8))
+    assert [h.histogram_value.num for h in histograms] == [1.0] * 7  # the NaN ratio is left out
+    assert histograms[-1].histogram_value.max == 0.25
+
+
 def test_cli_parses_flags_and_rejects_bad_values(capsys) -> None:
     cfg = config_from_args(["--optimizer", "lamb", "--global-batch", "512", "--device-batch", "64",
                             "--betas", "0.9", "0.95", "--amp", "bf16", "--channels-last", "--resume"])
@@ -136,6 +190,10 @@ def test_cli_parses_flags_and_rejects_bad_values(capsys) -> None:
     assert "--global-batch must be positive" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         config_from_args(["--optimizer", "rmsprop"])
+    assert config_from_args([]).tensorboard == "auto"
+    assert config_from_args(["--tensorboard", "runs/tb"]).tensorboard == "runs/tb"
+    assert config_from_args(["--no-tensorboard"]).tensorboard == "off"
     help_text = parser().format_help()
-    for flag in ("--data", "--loader", "--lr-scaling", "--poly-power", "--checkpoint-every", "--shard", "--amp"):
+    for flag in ("--data", "--loader", "--lr-scaling", "--poly-power", "--checkpoint-every", "--shard", "--amp",
+                 "--tensorboard", "--no-tensorboard"):
         assert flag in help_text

@@ -77,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
                           "(trust ratios from whole-tensor norms, one all-reduce per step)")
     run.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
     run.add_argument("--seed", type=int, default=d.seed, help="seeds the model, data order and augmentation")
-    run.add_argument("--out", default=d.out, help="folder for checkpoint.pt, metrics.jsonl, result.json")
+    run.add_argument("--out", default=d.out, help="folder for checkpoint.pt, metrics.jsonl, result.json, tensorboard/")
     run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     run.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="updates between checkpoints")
     run.add_argument("--eval-every", type=int, default=d.eval_every, help="updates between evaluations "
@@ -87,6 +87,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--no-diffusion", dest="track_diffusion", action="store_false", help="skip ‖w_t − w_0‖")
     run.add_argument("--no-noise-scale", dest="noise_scale", action="store_false", help="skip B_simple")
     run.add_argument("--quiet", action="store_true", help="no progress bar (CI)")
+    run.add_argument("--tensorboard", default=d.tensorboard, metavar="DIR",
+                     help="write TensorBoard event files (the metrics.jsonl records: loss, LR, top-1/5, ‖w_t − w_0‖, "
+                          "B_simple, optimizer share, img/s, per-layer trust ratios) to DIR; default: OUT/tensorboard "
+                          "when the tensorboard package is installed")
+    run.add_argument("--no-tensorboard", dest="tensorboard", action="store_const", const="off",
+                     help="no TensorBoard event files")
     return p
 
 

@@ -29,7 +29,8 @@ class TrainConfig:
     Neither given: base_lr = DEFAULT_BASE_LR[optimizer] at base_batch. `weight_decay` None means 1e-4
     for SGD/LARS and 0.01 for LAMB/AdamW. `device_batch` None means global_batch / world_size (no
     accumulation). `model` "default" is the
-    small CNN for the bundled data and ResNet-50 otherwise."""
+    small CNN for the bundled data and ResNet-50 otherwise. `tensorboard`: a folder for TensorBoard event
+    files, "auto" (OUT/tensorboard when the tensorboard package is installed) or "off"."""
 
     data: str = "default"
     loader: str = "cpu"
@@ -70,6 +71,7 @@ class TrainConfig:
     target_accuracy: float | None = None
     device: str = "auto"
     quiet: bool = False
+    tensorboard: str = "auto"
 
     def check(self) -> None:
         """Raise ValueError naming the first bad field (as its command-line flag) and what was wrong."""
@@ -85,6 +87,8 @@ class TrainConfig:
             positive["max_steps"] = self.max_steps
         if self.image_size is not None:
             positive["image_size"] = self.image_size
+        if not self.tensorboard:
+            raise ValueError("--tensorboard needs a folder (or use --no-tensorboard)")
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{flag(name)} must be positive, got {value}")

@@ -24,15 +24,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from train import checkpoint, launch
+from train import checkpoint, launch, tensorboard
 from train.config import TrainConfig, accumulation_steps
-from train.metrics import JsonlLog, NoiseScale, Stopwatch, WeightDiffusion, squared_norm
+from train.metrics import JsonlLog, NoiseScale, Stopwatch, TrustRatios, WeightDiffusion, squared_norm
 from train.models import build_model, resolve_model_name
 from train.optimizers import build_optimizer
 from train.schedule import Schedule, total_updates
 
 # Config fields that may differ between a run and its resumption; every other field defines the trajectory.
-RESUME_FREE_FIELDS = {"out", "resume", "quiet", "workers", "checkpoint_every", "eval_every", "backend", "loader"}
+RESUME_FREE_FIELDS = {"out", "resume", "quiet", "workers", "checkpoint_every", "eval_every", "backend", "loader",
+                      "tensorboard"}
 LOG_POINTS = 60
 
 
@@ -40,7 +41,8 @@ LOG_POINTS = 60
 class RunResult:
     """What one run produced. `optimizer_share` = time in optimizer.step() / time of whole updates
     (data, forward, backward, step); `history` holds the logged records (step, epoch, lr, loss,
-    w_dist, b_simple, top1, top5)."""
+    w_dist, b_simple, optimizer_share, images_per_s, top1, top5, and for LARS/LAMB trust_ratios:
+    {parameter name: ratio} of the adapting parameters)."""
 
     top1: float
     top5: float
@@ -136,6 +138,9 @@ class _Run:
         if topo.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.metrics_log = JsonlLog(self.out / "metrics.jsonl" if topo.is_main else None)
+        self.trust_ratios = TrustRatios(self.optimizer, self.raw_model)
+        self.board_dir = tensorboard.resolve(cfg.tensorboard, self.out) if topo.is_main else None
+        self.board: tensorboard.TensorBoardView | None = None
 
     # ----------------------------------------------------------------------------------- setup
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -320,9 +325,12 @@ class _Run:
         entry: dict[str, Any] = {"step": t, "epoch": t / self.updates_per_epoch, "lr": self.schedule(t),
                                  "loss": float(loss), "b_simple": None if self.noise is None else self.noise.value,
                                  "optimizer_share": optimizer_seconds / update_seconds if update_seconds else None,
+                                 "images_per_s": p.images / update_seconds if update_seconds else None,
                                  "top1": None, "top5": None}
         if self.diffusion is not None:
             entry["w_dist"] = self.diffusion.distance(self.raw_model)
+        if self.trust_ratios.enabled:
+            entry["trust_ratios"] = self.trust_ratios.values()
         if evaluate:
             entry["top1"], entry["top5"] = self.evaluate()
             target = self.cfg.target_accuracy
@@ -330,9 +338,24 @@ class _Run:
                 p.steps_to_target = t
         p.history.append(entry)
         self.metrics_log.write(entry)
+        if self.board is not None:
+            self.board.write(entry)
 
     def run(self) -> RunResult:
         self.maybe_resume()
+        if self.board_dir is not None:  # a resumed view drops what a killed run logged after its checkpoint
+            self.board = tensorboard.TensorBoardView(self.board_dir, purge_step=self.progress.t + 1)
+            if not self.progress.t:
+                self.board.write_config(self.cfg.as_dict())
+        elif self.cfg.tensorboard == "auto":
+            self._log(tensorboard.NOT_INSTALLED)
+        try:
+            return self._run()
+        finally:
+            if self.board is not None:
+                self.board.close()
+
+    def _run(self) -> RunResult:
         p, cfg = self.progress, self.cfg
         if self.topo.is_main:
             (self.out / "config.json").write_text(json.dumps(cfg.as_dict(), indent=2) + "\n")

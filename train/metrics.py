@@ -7,6 +7,9 @@ of the mean gradient over a batch of B samples, for B_small < B_big
     |G|²  ≈ (B_big·|G_big|² − B_small·|G_small|²) / (B_big − B_small)
     tr(Σ) ≈ (|G_small|² − |G_big|²) / (1/B_small − 1/B_big)
 each smoothed by a bias-corrected exponential moving average, and B_simple = tr(Σ)/|G|².
+
+Trust ratios (LARS, LAMB): the per-layer ratio r each update applied, as the optimizer's backend
+computed it for the update (fastlars' record_trust_ratios; no second pass over the weights).
 """
 
 from __future__ import annotations
@@ -77,6 +80,43 @@ class NoiseScale:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ema_g2, self.ema_trace, self.count = state["ema_g2"], state["ema_trace"], state["count"]
+
+
+class TrustRatios:
+    """The last update's trust ratio of every adapting parameter of a fastlars LARS/LAMB optimizer, by
+    parameter name (for rank 0's partition under ZeRO, whose local optimizer holds only it).
+    `enabled` is False for other optimizers, which have no trust ratio."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+        from fastlars.optim._base import TrustRatioOptimizer
+
+        local = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer wraps the rank's optimizer
+        self.optimizer = local if isinstance(local, TrustRatioOptimizer) else None
+        self.names: list[list[str] | None] = []
+        if self.optimizer is None:
+            return
+        self.optimizer.record_trust_ratios()
+        names = {id(p): name for name, p in model.named_parameters()}
+        self.names = [[names.get(id(p), f"group{g}.{k}") for k, p in enumerate(group["params"])]
+                      if self.optimizer.adapts(group) else None
+                      for g, group in enumerate(self.optimizer.param_groups)]
+
+    @property
+    def enabled(self) -> bool:
+        return self.optimizer is not None
+
+    def values(self) -> dict[str, float]:
+        """{parameter name: ratio} of the adapting parameters updated so far (reads the device)."""
+        out: dict[str, float] = {}
+        if self.optimizer is None:
+            return out
+        for names, ratios in zip(self.names, self.optimizer.trust_ratios or []):
+            if names is None or ratios is None:
+                continue
+            for name, value in zip(names, ratios.tolist()):
+                if math.isfinite(value):
+                    out[name] = value
+        return out
 
 
 class Stopwatch:

@@ -21,9 +21,11 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from train import tensorboard
 from train.study import sweep
 from train.study.cache import ResultCache, write_json_atomic
 from train.study.presets import LARS_RECIPES, PRESETS, Preset, lars_recipe_of, with_lars_recipe
@@ -54,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--confidence", type=float, default=0.95,
                    help="two-sided confidence of every interval and decision (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.add_argument("--tensorboard", type=Path, metavar="DIR",
+                   help="TensorBoard event files of each run trained, in DIR/<run key> (default: OUT/tensorboard "
+                        "when the tensorboard package is installed)")
+    p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
     p.add_argument("--jobs", type=int,
                    help="runs trained at once on a CPU device, each with cpu_count/jobs threads "
                         "(default: one per core on CPU, 1 on a GPU or under torchrun)")
@@ -177,11 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     jobs = args.jobs or ((os.cpu_count() or 1) if on_cpu and world == 1 else 1)
     log(f"study {preset.name}: {len(runs)} runs to start with ({len(preset.seeds)} seeds), training set "
         f"{train_size} images, {jobs} at a time, out {out}")
+    board = _tensorboard(args, out, log)
     bar = SweepBar(preset.name, enabled=rank == 0 and not args.no_progress)
     try:
         outcome = sweep.execute(runs, cache, out / "runs", engine,
                                 follow_up=sweep.lr_search(preset, train_size, overrides, engine.name),
-                                progress=bar, write=rank == 0, jobs=jobs)
+                                progress=bar, write=rank == 0, jobs=jobs, tensorboard=board)
     finally:
         bar.close()
     if rank != 0:
@@ -202,6 +209,19 @@ def main(argv: list[str] | None = None) -> int:
     log(headline(cells, found, preset, args.confidence))
     log(f"trained {outcome.executed}, cached {outcome.cached}, {meta['wall_time_s']:.0f} s; report: {report}")
     return 0
+
+
+def _tensorboard(args: argparse.Namespace, out: Path, log: Callable[[str], Any]) -> Path | None:
+    """The folder of the runs' TensorBoard logs (one sub-folder per run key), or None."""
+    if args.no_tensorboard:
+        return None
+    if not tensorboard.installed():
+        if args.tensorboard is not None:
+            raise SystemExit(f"--tensorboard {args.tensorboard}: the tensorboard package is not installed "
+                             "(pip install tensorboard), or pass --no-tensorboard")
+        log(tensorboard.NOT_INSTALLED)
+        return None
+    return args.tensorboard or out / "tensorboard"
 
 
 def _lars_recipe(preset: Preset) -> str | None:

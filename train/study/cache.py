@@ -17,7 +17,7 @@ from typing import Any
 
 CACHE_SCHEMA = 1
 # Fields that say where output goes or how chatty the trainer is, never what it computes.
-NON_RESULT_FIELDS = frozenset({"out", "resume", "quiet", "checkpoint_every", "workers"})
+NON_RESULT_FIELDS = frozenset({"out", "resume", "quiet", "checkpoint_every", "workers", "tensorboard"})
 
 
 def config_hash(config: dict[str, Any]) -> str:

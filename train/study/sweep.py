@@ -263,7 +263,7 @@ class Progress:
 
 def execute(runs: list[PlannedRun], cache: ResultCache, run_dir: Path, engine: Engine,
             follow_up: FollowUp | None = None, progress: Progress | None = None, write: bool = True,
-            jobs: int = 1) -> SweepOutcome:
+            jobs: int = 1, tensorboard: Path | None = None) -> SweepOutcome:
     """Train every planned run without a cached record with `engine` and return all records.
 
     The initial runs train longest first (PlannedRun.work), so the last ones to finish are short and
@@ -275,7 +275,8 @@ def execute(runs: list[PlannedRun], cache: ResultCache, run_dir: Path, engine: E
     but never writes the cache. `jobs` > 1 trains that many runs at once in worker processes of
     cpu_count // jobs intra-op threads each (small CPU models gain nothing from a second thread, so two
     one-thread runs on two cores take half the time of one after the other); the workers die with the
-    study, so a killed study leaves no run behind it writing.
+    study, so a killed study leaves no run behind it writing. `tensorboard`: each trained run writes its
+    TensorBoard view into `tensorboard/<key>/`, so the runs of a study sit side by side there (None: off).
     """
     progress = progress or Progress()
     planned: list[PlannedRun] = []
@@ -319,7 +320,8 @@ def execute(runs: list[PlannedRun], cache: ResultCache, run_dir: Path, engine: E
         grow()
 
     def config(run: PlannedRun) -> dict[str, Any]:
-        return {**run.config, "out": str(run_dir / run.key), "resume": True}
+        board = "off" if tensorboard is None else str(tensorboard / run.key)
+        return {**run.config, "out": str(run_dir / run.key), "resume": True, "tensorboard": board}
 
     add(sorted(runs, key=lambda r: -r.work), first=False)
     grow()
