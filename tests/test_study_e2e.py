@@ -293,6 +293,22 @@ def test_progress_is_one_line_and_results_print_as_percentages(quick: QuickStudy
     assert "top1=" not in quick.stdout and "\n| 64 | " in quick.stdout and "% ± " in quick.stdout
 
 
+def test_each_run_has_a_tensorboard_view_under_its_key(quick: QuickStudy) -> None:
+    """OUT/tensorboard/<key>: one folder per run trained (before or after the kill), whose event files
+    hold the run's metrics as its cache record has them (the killed run's purged and rewritten)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = quick.out / "tensorboard"
+    assert sorted(d.name for d in board.iterdir()) == sorted(r["key"] for r in quick.records)
+    for record in quick.records[:4]:
+        events = EventAccumulator(str(board / record["key"]), size_guidance={"scalars": 0})
+        events.Reload()
+        history = record["result"]["history"]
+        assert [(e.step, e.value) for e in events.Scalars("train/loss")] == \
+            [(h["step"], pytest.approx(h["loss"], rel=1e-6)) for h in history]
+
+
 def test_imagenet_preset_prints_the_torchrun_plan(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["--preset", "imagenet", "--data", "/data/imagenet", "--out", str(tmp_path),
                  "--nproc-per-node", "8", "--nnodes", "4"]) == 0
