@@ -99,6 +99,11 @@ def test_params_without_a_gradient_keep_their_place(backend) -> None:
     ratios = opt.trust_ratios[0]
     assert torch.isnan(ratios[[0, 2]]).all()  # never stepped
     torch.testing.assert_close(ratios[[1, 3, 4]], reference.trust_ratios[0][[1, 3, 4]], rtol=1e-6, atol=0)
+    before = ratios.clone()
+    params[1].grad = torch.full_like(grads[1], math.nan)  # skipped: every ratio stays, NaN or not
+    opt.step()
+    assert opt.skipped_steps == 1
+    torch.testing.assert_close(opt.trust_ratios[0], before, equal_nan=True, rtol=0, atol=0)
     opt.record_trust_ratios(False)
     assert opt.trust_ratios is None
 

@@ -129,9 +129,9 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         group not stepped yet); None unless :meth:`record_trust_ratios` is on."""
         return self._trust_ratios
 
-    def _ratio_output(self, item: GroupWork) -> tuple[Tensor, Tensor | None] | None:
-        """(the vector the backend writes, the group's record when that vector is a scratch copy of the
-        params that took part in this step) or None when not recording."""
+    def _ratio_output(self, item: GroupWork) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+        """(the vector the backend writes, and when not every param of the group took part in this step:
+        the group's record and the positions in it of those that did), or None when not recording."""
         if self._trust_ratios is None:
             return None
         index = next(gi for gi, g in enumerate(self.param_groups) if g is item.group)
@@ -141,14 +141,10 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
             n = len(item.group["params"])
             record = self._trust_ratios[index] = torch.full((n,), float("nan"), device=item.device)
         if len(item.params) == len(item.group["params"]):  # every param has a gradient: write in place
-            return record, None
-        return torch.empty(len(item.params), device=item.device), record
-
-    def _keep_ratios(self, item: GroupWork, written: Tensor, record: Tensor) -> None:
-        """Copy the ratios of the params that took part into their places in the group's record."""
+            return record, None, None
         place = {id(p): k for k, p in enumerate(item.group["params"])}
         positions = torch.tensor([place[id(p)] for p in item.params], device=record.device)
-        record.index_copy_(0, positions, written)
+        return record.index_select(0, positions), record, positions  # a skipped step leaves the copy as it was
 
     @property
     def skipped_steps(self) -> int:
@@ -240,8 +236,8 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
             ratios = self._ratio_output(item)
             self._update_group(item, views, steps, grad_scale, found_inf.to(item.device), gnorm,
                                None if ratios is None else ratios[0])
-            if ratios is not None and ratios[1] is not None:
-                self._keep_ratios(item, *ratios)
+            if ratios is not None and ratios[1] is not None:  # back into the places of the params that took part
+                ratios[1].index_copy_(0, ratios[2], ratios[0])
         return loss
 
     def _gradient_statistics(
