@@ -130,18 +130,19 @@ def test_report_table_csv_and_every_plot(quick: QuickStudy) -> None:
     preset = PRESETS["quick"]
     report = (quick.out / "report.md").read_text()
     labels = [o.label for o in preset.optimizers]
-    assert "| batch | steps | " + " | ".join(labels) + " |" in report
+    assert "| steps | " + " | ".join(labels) + " |" in report and "| batch | B/N | " in report
+    assert "## Pre-registered verdict" in report and "Holm" in report
     for batch in preset.batches:
         assert f"\n| {batch} | " in report
     with (quick.out / "results.csv").open() as f:
         results = list(csv.DictReader(f))
     assert {(r["optimizer"], int(r["batch"])) for r in results} == {(o, b) for o in labels for b in preset.batches}
-    assert all(int(r["seeds"]) == len(preset.seeds) for r in results)
+    assert all(int(r["seeds"]) == len(preset.heldout_seeds(int(r["batch"])) or preset.seeds) for r in results)
     with (quick.out / "runs.csv").open() as f:
         assert len(list(csv.DictReader(f))) == quick.total
     with (quick.out / "lr_search.csv").open() as f:
         assert sum(int(r["seeds"]) for r in csv.DictReader(f)) == sum(
-            1 for r in quick.records if r["budget"] == "epochs")
+            1 for r in quick.records if r["budget"] == "epochs" and analysis.phase_of(r) == "search")
     for name in PLOT_FILES:
         data = (quick.out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
@@ -161,16 +162,25 @@ def _cells(quick: QuickStudy) -> list[analysis.Cell]:
 
 
 def test_every_cell_trains_every_seed_and_its_best_lr_is_the_best_mean(quick: QuickStudy) -> None:
+    """The LR is chosen on the search seeds; the cell reports the held-out seeds (fresh ones) at that LR."""
     preset = PRESETS["quick"]
-    rows = [r for r in _runs_csv(quick) if r["budget"] == "epochs"]
+    all_rows = [r for r in _runs_csv(quick) if r["budget"] == "epochs"]
+    rows = [r for r in all_rows if r["phase"] == "search"]
     for c in _cells(quick):
+        fresh = [r for r in all_rows if r["phase"] == "heldout" and r["optimizer"] == c.optimizer
+                 and int(r["batch"]) == c.batch]
+        assert {int(r["seed"]) for r in fresh} == set(preset.heldout_seeds(c.batch))
+        assert not {int(r["seed"]) for r in fresh} & set(preset.seeds)
+        assert all(math.isclose(float(r["lr_factor"]), c.lr_factor, rel_tol=1e-3) for r in fresh)
+        if fresh:
+            assert c.heldout and sorted(c.top1_runs) == pytest.approx(sorted(float(r["top1"]) for r in fresh), abs=1e-4)
         mine = [r for r in rows if r["optimizer"] == c.optimizer and int(r["batch"]) == c.batch]
         by_factor: dict[float, list[float]] = {}
         for r in mine:
             by_factor.setdefault(float(r["lr_factor"]), []).append(float(r["top1"]))
         assert all(len(v) == len(preset.seeds) for v in by_factor.values())
         means = {f: sum(v) / len(v) for f, v in by_factor.items()}
-        assert c.top1.estimate == pytest.approx(max(means.values()), abs=1e-4)
+        assert c.search_top1 == pytest.approx(max(means.values()), abs=1e-4)
         assert len(by_factor) == len(c.factors) == len(preset.lr_factors) + c.extensions
         assert c.lr_at_edge == any(math.isclose(c.lr_factor, f, rel_tol=1e-3) for f in (min(by_factor), max(by_factor)))
         # the search stops only inside the range or at its limit, and the report marks the latter
@@ -259,14 +269,15 @@ def test_diffusion_and_noise_scale_from_the_records(quick: QuickStudy) -> None:
     assert sorted((f.batch, f.seed) for f in fits if f.budget == "steps") == sorted(
         (b, s) for b in preset.diffusion_batches for s in preset.seeds)
     by_key = {(r["budget"], r["batch"], analysis.seed_of(r)): r for r in quick.records
-              if r["optimizer"] == preset.diffusion_optimizer and r["lr_factor"] == 1.0}
+              if r["optimizer"] == preset.diffusion_optimizer and r["lr_factor"] == 1.0
+              and analysis.phase_of(r) == "search"}
     for f in fits:
         record = by_key[(f.budget, f.batch, f.seed)]
         assert f.final == analysis.curve(record, "w_dist")[-1][1] > 0
         if f.budget == "steps":
             assert f.steps == record["result"]["steps"] == preset.fixed_steps
         else:
-            assert f.steps == math.ceil(preset.epochs * math.ceil(quick.meta_resume["train_size"] / f.batch))
+            assert f.steps == round(preset.epochs * quick.meta_resume["train_size"] / f.batch)
     rows = analysis.diffusion_by_batch(fits)
     for row in rows:
         finals = [f.final for f in row.fits]
@@ -276,7 +287,8 @@ def test_diffusion_and_noise_scale_from_the_records(quick: QuickStudy) -> None:
     assert estimates and all(math.isfinite(e.b_simple) and e.b_simple > 0 for e in estimates)
     assert {(e.optimizer, e.batch, e.seed) for e in estimates} == {
         (r["optimizer"], r["batch"], analysis.seed_of(r)) for r in quick.records
-        if r["budget"] == "epochs" and r["lr_factor"] == 1.0 and r["optimizer"] == preset.diffusion_optimizer}
+        if r["budget"] == "epochs" and r["lr_factor"] == 1.0 and r["optimizer"] == preset.diffusion_optimizer
+        and analysis.phase_of(r) == "search"}
     # B_simple is measured where it is read, only
     assert not any(analysis.curve(r, "b_simple") for r in quick.records
                    if r["lr_factor"] != 1.0 or r["optimizer"] != preset.diffusion_optimizer)

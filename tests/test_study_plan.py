@@ -58,7 +58,7 @@ def test_plan_covers_the_grid_and_the_fixed_step_runs() -> None:
     epoch_runs = [r for r in runs if r.budget == "epochs"]
     step_runs = [r for r in runs if r.budget == "steps"]
     seeds = len(preset.seeds)
-    assert seeds >= 3
+    assert seeds >= 2
     assert len(epoch_runs) == len(batches) * len(preset.optimizers) * len(preset.lr_factors) * seeds
     assert sorted((r.batch, r.seed) for r in step_runs) == sorted(
         (b, s) for b in preset.diffusion_batches for s in preset.seeds)
@@ -71,9 +71,12 @@ def test_plan_covers_the_grid_and_the_fixed_step_runs() -> None:
         assert r.lr == pytest.approx(r.lr_factor * scaled_lr(spec.base_lr, r.batch, preset.base_batch,
                                                              spec.lr_scaling))
         assert r.config["lr"] == r.lr and r.config["global_batch"] == r.batch and r.config["seed"] == r.seed
+        assert r.config["data"] == f"default:fold={r.seed % 5}" and r.phase == "search"
         assert r.config["nesterov"] == (r.optimizer == "nesterov")
         assert r.config["noise_scale"] == (r.lr_factor == 1.0 and r.optimizer == preset.diffusion_optimizer)
-        assert r.steps == math.ceil(preset.epochs * math.ceil(1437 / r.batch))
+        # equal samples per epoch at every batch: T·B within B/2 of epochs·N, no wrap-around bonus
+        assert r.steps == r.config["max_steps"] and abs(r.steps * r.batch - preset.epochs * 1437) <= r.batch / 2
+        assert r.config["epochs"] * math.ceil(1437 / r.batch) >= r.steps
     subset = plan_runs(preset, 1437, optimizers=["lars"], batches=[64])
     assert {(r.optimizer, r.batch) for r in subset} == {("lars", 64)}
     assert {r.key for r in subset} <= {r.key for r in runs}  # a subset shares the full sweep's cache
@@ -95,7 +98,9 @@ def test_warmup_rules_and_the_lars_recipes() -> None:
         assert (spec.lr_scaling, spec.warmup, spec.trust_coefficient) == (scaling, warmup, 0.001)
         assert [o.label for o in variant.optimizers] == [o.label for o in preset.optimizers]
         run = next(r for r in plan_runs(variant, 1437, optimizers=["lars"], batches=[256]) if r.lr_factor == 1.0)
-        assert run.config["warmup_epochs"] == warmup_epochs(preset.warmup_epochs, 256, 64, warmup, preset.epochs)
+        # the trainer's epochs of ⌈N/B⌉ updates, converted so the warmup is that many epochs of N samples
+        assert run.config["warmup_epochs"] * math.ceil(1437 / 256) == pytest.approx(
+            warmup_epochs(preset.warmup_epochs, 256, 64, warmup, preset.epochs) * 1437 / 256)
         assert run.config["trust_coefficient"] == 0.001
     with pytest.raises(ValueError, match="recipe"):
         with_lars_recipe(preset, "cosine")
@@ -118,7 +123,10 @@ def test_imagenet_plan_accumulates_on_a_fixed_device_batch() -> None:
     runs = plan_runs(preset, preset.train_size)
     assert {r.config["device_batch"] for r in runs} == {256}
     assert max(r.batch for r in runs) == 1_281_167 and min(r.batch for r in runs) == 1024
-    assert all(r.config["epochs"] == 90 for r in runs if r.budget == "epochs")
+    for r in (r for r in runs if r.budget == "epochs"):
+        assert r.steps == round(90 * preset.train_size / r.batch) == r.config["max_steps"]
+        assert r.config["epochs"] == math.ceil(r.steps / math.ceil(preset.train_size / r.batch)) <= 90
+    assert all("data" not in r.config for r in runs)  # --data at launch; no folds outside the digits
 
 
 def test_config_hash_ignores_output_fields_only() -> None:

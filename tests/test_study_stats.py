@@ -236,7 +236,7 @@ def tiny_preset() -> Preset:
     quick = PRESETS["quick"]
     return dataclasses.replace(quick, optimizers=tuple(o for o in quick.optimizers if o.label in ("sgd", "lamb")),
                                lr_factors=(1 / 3, 1.0, 3.0), max_lr_extensions=3, seeds=(0, 1, 2),
-                               batches=(32, 512), diffusion_batches=(32,))
+                               batches=(32, 512), diffusion_batches=(32,), heldout=())
 
 
 def test_sweep_extends_each_cell_until_its_best_lr_is_inside(tmp_path: Path) -> None:

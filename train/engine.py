@@ -92,7 +92,7 @@ def train(cfg: TrainConfig) -> RunResult:
 
 class _Run:
     def __init__(self, cfg: TrainConfig, topo: launch.Topology) -> None:
-        from train.data import LoaderConfig, build_loaders, default_image_size, resolve_data
+        from train.data import LoaderConfig, build_loaders, default_image_size, is_default_data, resolve_data
 
         self.cfg, self.topo, self.device = cfg, topo, topo.device
         if cfg.shard != "none" and not topo.distributed:
@@ -110,7 +110,7 @@ class _Run:
             root=root, loader=cfg.loader, device=self.device, device_batch=device_batch, image_size=image_size,
             rank=topo.rank, world_size=topo.world_size, seed=cfg.seed, workers=cfg.workers,
             channels_last=cfg.channels_last, dtype=self.amp_dtype or torch.float32,
-            flip=cfg.data != "default"))  # a mirrored digit is another digit (or none)
+            flip=not is_default_data(cfg.data)))  # a mirrored digit is another digit (or none)
         if cfg.global_batch > self.train_data.num_samples and cfg.loader != "synthetic":
             raise ValueError(f"--global-batch {cfg.global_batch} exceeds the training set "
                              f"({self.train_data.num_samples} images)")

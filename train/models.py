@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from train.data.folders import is_default_data
+
 MODELS = ("resnet50", "resnet18", "small_cnn")
 
 
@@ -21,7 +23,7 @@ def small_cnn(num_classes: int) -> nn.Module:
 def resolve_model_name(model: str, data: str) -> str:
     """"default" is small_cnn on the bundled data and resnet50 elsewhere."""
     if model == "default":
-        return "small_cnn" if data == "default" else "resnet50"
+        return "small_cnn" if is_default_data(data) else "resnet50"
     return model
 
 

@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import torch
 
-from train.data.folders import IMAGE_SUFFIXES, default_dataset, default_image_size, resolve_data
+from train.data.folders import (
+    IMAGE_SUFFIXES,
+    default_dataset,
+    default_image_size,
+    digits_fold_of,
+    is_default_data,
+    resolve_data,
+)
 from train.data.loaders import FolderLoader, LoaderConfig, SyntheticEval, SyntheticLoader
 from train.data.protocol import EvalLoader, TrainLoader
 
 LOADERS = ("dali", "gpu", "cpu", "synthetic")
 
 __all__ = ["IMAGE_SUFFIXES", "LOADERS", "EvalLoader", "LoaderConfig", "TrainLoader", "build_loaders",
-           "default_dataset", "default_image_size", "resolve_data"]
+           "default_dataset", "default_image_size", "digits_fold_of", "is_default_data", "resolve_data"]
 
 
 def build_loaders(cfg: LoaderConfig) -> tuple[TrainLoader, EvalLoader]:

@@ -20,6 +20,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DIGITS_FOLDER = "digits-jpeg-v1"
 DIGITS_SIZE = 16
 DIGITS_VAL_FRACTION = 0.2
+DIGITS_FOLDS = 5
+DEFAULT_FOLD_PREFIX = "default:fold="
 NO_FLIP_MARKER = "no-flip"  # a file of this name in an ImageFolder root turns horizontal flips off
 
 
@@ -72,10 +74,27 @@ def scan_split(root: Path, split: str) -> ImageList:
     return ImageList(folder, np.array(files), labels, tuple(classes))
 
 
+def digits_fold_of(data: str) -> int | None:
+    """The cross-validation fold `data` names: "default:fold=K" → K (0 ≤ K < DIGITS_FOLDS); None for
+    anything else ("default" itself is the fixed 80/20 split)."""
+    if not data.startswith(DEFAULT_FOLD_PREFIX):
+        return None
+    text = data[len(DEFAULT_FOLD_PREFIX):]
+    if not text.isdigit() or not 0 <= int(text) < DIGITS_FOLDS:
+        raise ValueError(f"--data {data}: the fold must be an integer in 0 … {DIGITS_FOLDS - 1}")
+    return int(text)
+
+
+def is_default_data(data: str) -> bool:
+    """Whether `data` names the bundled digits ("default", or one of its folds "default:fold=K")."""
+    return data == "default" or data.startswith(DEFAULT_FOLD_PREFIX)
+
+
 def resolve_data(data: str) -> Path:
-    """"default" → the bundled digits folder (built on first use); otherwise `data` checked as an
-    ImageFolder root: both splits present, every class folder non-empty, the same classes in both."""
-    root = default_dataset() if data == "default" else Path(data).expanduser()
+    """"default" → the bundled digits folder (built on first use), "default:fold=K" → its fold K
+    (digits_fold_split); otherwise `data` checked as an ImageFolder root: both splits present, every
+    class folder non-empty, the same classes in both."""
+    root = default_dataset(fold=digits_fold_of(data)) if is_default_data(data) else Path(data).expanduser()
     if not root.exists():
         raise ValueError(f"--data: {root} does not exist")
     train, val = scan_split(root, "train"), scan_split(root, "val")
@@ -93,7 +112,7 @@ def dataset_flips(root: Path) -> bool:
 
 def default_image_size(data: str) -> int:
     """The crop size the model sees: 16 for the bundled digits, 224 otherwise."""
-    return DIGITS_SIZE if data == "default" else 224
+    return DIGITS_SIZE if is_default_data(data) else 224
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -115,13 +134,30 @@ def digits_split() -> tuple[list[int], list[int]]:
     return list(train), list(val)
 
 
-def default_dataset(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+def digits_fold_split(fold: int, folds: int = DIGITS_FOLDS) -> tuple[list[int], list[int]]:
+    """Indices of sklearn's digits in the training and validation split of cross-validation fold
+    `fold`: stratified K-fold (K = `folds`, shuffled with random_state 0), so the K validation splits
+    are disjoint, cover all 1,797 images, and each holds every class in proportion (359 or 360 images)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import StratifiedKFold
+
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold must lie in 0 … {folds - 1}, got {fold}")
+    target = load_digits().target
+    splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=0).split(target.reshape(-1, 1), target)
+    train, val = list(splits)[fold]
+    return [int(i) for i in train], [int(i) for i in val]
+
+
+def default_dataset(cache_dir: str | os.PathLike[str] | None = None, fold: int | None = None) -> Path:
     """The bundled dataset as an ImageFolder of JPEGs, written once: sklearn's 1,797 handwritten digits
     (8×8, 17 grey levels; shipped inside the scikit-learn wheel), scaled to 0–255, upsampled ×2
-    (bilinear) to 16×16, grey replicated to RGB, JPEG quality 95, split by digits_split(), with a
-    "no-flip" marker (dataset_flips). Built in a temporary folder and renamed into place, so
-    concurrent first uses are safe: the loser of the race removes its copy and uses the winner's."""
-    root = cache_root(cache_dir) / DIGITS_FOLDER
+    (bilinear) to 16×16, grey replicated to RGB, JPEG quality 95, split by digits_split() (or, with
+    `fold`, by digits_fold_split(fold), in its own folder), with a "no-flip" marker (dataset_flips).
+    Built in a temporary folder and renamed into place, so concurrent first uses are safe: the loser
+    of the race removes its copy and uses the winner's."""
+    name = DIGITS_FOLDER if fold is None else f"{DIGITS_FOLDER}-fold{fold}of{DIGITS_FOLDS}"
+    root = cache_root(cache_dir) / name
     if root.is_dir():
         if not (root / NO_FLIP_MARKER).exists():  # built before the marker existed
             with contextlib.suppress(OSError):  # a read-only shared cache: flips stay the caller's choice
@@ -137,9 +173,10 @@ def default_dataset(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     images = F.interpolate(images, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
     images = images.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
     root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=DIGITS_FOLDER + ".", dir=root.parent))
+    staging = Path(tempfile.mkdtemp(prefix=name + ".", dir=root.parent))
     try:
-        for split, indices in zip(("train", "val"), digits_split()):
+        splits = digits_split() if fold is None else digits_fold_split(fold)
+        for split, indices in zip(("train", "val"), splits):
             for i in indices:
                 folder = staging / split / str(int(digits.target[i]))
                 folder.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,12 @@
 """What a sweep shows, computed from its run records (the dicts `sweep.execute` returns).
 
-Runs of the same (optimizer, batch, LR factor) with different seeds form a trial; every number below
-is a mean over seeds with a t interval (train.study.stats, `confidence` two-sided). Every statement
-of the generated summary comes from one of these functions:
+Runs of the same (optimizer, batch, LR factor) with different search seeds form a trial; every number
+below is a mean over seeds with a t interval (train.study.stats, `confidence` two-sided). Every
+statement of the generated summary comes from one of these functions:
 - `best_cells`: per (optimizer, batch) under the fixed-epoch budget, the trial with the best mean
-  final top-1 over the LR search (train.study.search; Nado et al. 2021);
+  final top-1 over the LR search (train.study.search; Nado et al. 2021), reported from its held-out
+  runs (fresh seeds at the chosen LR only) where the preset has them, so neither the choice of the
+  LR nor that of a peak batch inflates the numbers reported and tested (no winner's curse);
 - `holding`: how far each optimizer holds its accuracy. Its peak batch B* has the highest mean top-1;
   at each larger batch B the interval of d(B) = top-1(B) − top-1(B*) decides: "holds" when it lies
   wholly above −tolerance, "falls" when wholly below, "unclear" otherwise. It holds for certain up to
@@ -54,6 +56,11 @@ def seed_of(record: Record) -> int:
     return int(record["seed"])
 
 
+def phase_of(record: Record) -> str:
+    """"search" (an LR-search run; records written before held-out seeds existed are that) or "heldout"."""
+    return str(record.get("phase", "search"))
+
+
 @dataclass(frozen=True)
 class Trial:
     """The runs of one (optimizer, batch, LR factor) under the fixed-epoch budget, one per seed, in seed order."""
@@ -69,10 +76,12 @@ class Trial:
         return [float(r["result"][metric]) for r in self.runs]
 
 
-def trials(records: Iterable[Record]) -> list[Trial]:
-    """Fixed-epoch runs grouped by (optimizer, batch, lr factor), in order of first appearance."""
+def trials(records: Iterable[Record], phase: str = "search") -> list[Trial]:
+    """Fixed-epoch runs of `phase` grouped by (optimizer, batch, lr factor), in order of first appearance."""
     groups: dict[tuple[str, int, float], list[Record]] = {}
     for r in epoch_records(records):
+        if phase_of(r) != phase:
+            continue
         groups.setdefault((r["optimizer"], r["batch"], float(r["lr_factor"])), []).append(r)
     return [Trial(opt, batch, factor, float(runs[0]["lr"]), tuple(sorted(runs, key=seed_of)))
             for (opt, batch, factor), runs in groups.items()]
@@ -91,7 +100,9 @@ class Cell:
     top1/top5: mean over seeds with its interval; top1_runs: the per-seed values. lr_edge: "low",
     "high" or "" (inside the searched range); edge_unresolved: the best is still at an edge after the
     search stopped (its extension limit was spent). steps_to_target: mean over seeds when every seed
-    reached the target (None otherwise), reached: how many seeds did.
+    reached the target (None otherwise), reached: how many seeds did. Every per-seed number comes from
+    the held-out runs at the chosen LR when `heldout` (else from the search runs); search_top1 is the
+    chosen LR's mean over the search seeds, the number the choice was made on.
     """
 
     optimizer: str
@@ -113,6 +124,8 @@ class Cell:
     images_per_s: float
     optimizer_share: float
     keys: tuple[str, ...]
+    heldout: bool = False
+    search_top1: float = math.nan
 
     @property
     def lr_at_edge(self) -> bool:
@@ -125,14 +138,17 @@ def best_cells(records: Iterable[Record], initial_factors: Sequence[float], max_
     """One Cell per (optimizer, batch) of the fixed-epoch runs: the trial the LR search calls best,
     sorted by optimizer order of appearance, then batch. `initial_factors` and `max_extensions` are the
     preset's, to count the extensions and tell a spent search from one that may go on."""
+    records = list(records)
     by_cell: dict[tuple[str, int], list[Trial]] = {}
     for t in trials(records):
         by_cell.setdefault((t.optimizer, t.batch), []).append(t)
+    heldout = {(t.optimizer, t.batch, t.lr_factor): t for t in trials(records, "heldout")}
     cells = []
     for (opt, batch), cell_trials in by_cell.items():
         scores = factor_scores(cell_trials)
         chosen = search.best(scores)
-        trial = next(t for t in cell_trials if t.lr_factor == chosen.factor)
+        searched = next(t for t in cell_trials if t.lr_factor == chosen.factor)
+        trial = heldout.get((opt, batch, chosen.factor), searched)
         factors = tuple(s.factor for s in scores)
         extensions = search.extensions_used(factors, initial_factors)
         side = search.edge(scores) if len(factors) > 1 else search.INSIDE
@@ -149,7 +165,8 @@ def best_cells(records: Iterable[Record], initial_factors: Sequence[float], max_
             seeds=len(trial.runs), wall_time_s=statistics.fmean(trial.values("wall_time_s")),
             images_per_s=statistics.fmean(trial.values("images_per_s")),
             optimizer_share=statistics.fmean(trial.values("optimizer_share")),
-            keys=tuple(r["key"] for r in trial.runs)))
+            keys=tuple(r["key"] for r in trial.runs), heldout=trial is not searched,
+            search_top1=statistics.fmean(searched.values("top1"))))
     order = {opt: i for i, opt in enumerate(dict.fromkeys(r["optimizer"] for r in epoch_records(records)))}
     return sorted(cells, key=lambda c: (order[c.optimizer], c.batch))
 
@@ -332,10 +349,11 @@ def _least_squares(x: Sequence[float], y: Sequence[float]) -> tuple[float, float
 
 
 def diffusion_runs(records: Iterable[Record], optimizer: str) -> dict[str, list[Record]]:
-    """The runs whose ‖w_t − w_0‖ curves are compared: `optimizer` at lr factor 1, by budget, by batch and seed."""
+    """The runs whose ‖w_t − w_0‖ curves are compared: `optimizer`'s search runs at lr factor 1, by budget, by
+    batch and seed."""
     out: dict[str, list[Record]] = {"epochs": [], "steps": []}
     for r in records:
-        if r["optimizer"] == optimizer and r["lr_factor"] == 1.0 and curve(r, "w_dist"):
+        if r["optimizer"] == optimizer and r["lr_factor"] == 1.0 and phase_of(r) == "search" and curve(r, "w_dist"):
             out[r["budget"]].append(r)
     for runs in out.values():
         runs.sort(key=lambda r: (r["batch"], seed_of(r)))

@@ -14,15 +14,17 @@ from typing import Any
 import torch
 
 from fastlars.env import cpu_name
-from train.study import analysis, plots, stats, summary
+from train.study import analysis, plots, stats, summary, verdict
 from train.study.analysis import Cell, Record
 from train.study.presets import Preset
 from train.study.summary import Finding, number_interval, pct_interval, points_interval
 
 RESULT_COLUMNS = ("optimizer", "batch", "seeds", "top1_mean", "top1_low", "top1_high", "top1_runs", "top5_mean",
                   "steps", "steps_to_target", "reached", "best_lr", "lr_factor", "lrs_tried", "lr_extensions",
-                  "lr_at_edge", "edge_unresolved", "wall_time_s", "images_per_s", "optimizer_share")
-RUN_COLUMNS = ("key", "budget", "optimizer", "batch", "lr_factor", "lr", "seed", "top1", "top5", "steps", "epochs",
+                  "lr_at_edge", "edge_unresolved", "wall_time_s", "images_per_s", "optimizer_share", "heldout",
+                  "search_top1_mean")
+RUN_COLUMNS = ("key", "budget", "phase", "optimizer", "batch", "lr_factor", "lr", "seed", "top1", "top5", "steps",
+               "epochs",
                "steps_to_target", "wall_time_s", "images_per_s", "data_share", "optimizer_share", "final_w_dist",
                "final_b_simple")
 SEARCH_COLUMNS = ("optimizer", "batch", "lr_factor", "lr", "seeds", "top1_mean", "top1_low", "top1_high", "best")
@@ -62,14 +64,15 @@ def write_csvs(records: Sequence[Record], cells: Sequence[Cell], out: Path, conf
                         c.steps, "" if c.steps_to_target is None else f"{c.steps_to_target:.1f}", c.reached,
                         f"{c.lr:.6g}", f"{c.lr_factor:.6g}", len(c.factors), c.extensions, int(c.lr_at_edge),
                         int(c.edge_unresolved), f"{c.wall_time_s:.2f}", f"{c.images_per_s:.1f}",
-                        f"{c.optimizer_share:.3f}"])
+                        f"{c.optimizer_share:.3f}", int(c.heldout), f"{c.search_top1:.4f}"])
     with (out / "runs.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(RUN_COLUMNS)
         for r in records:
             res = r["result"]
             wd, bs = _last(r, "w_dist"), _last(r, "b_simple")
-            w.writerow([r["key"], r["budget"], r["optimizer"], r["batch"], f"{r['lr_factor']:.4g}", f"{r['lr']:.6g}",
+            w.writerow([r["key"], r["budget"], analysis.phase_of(r), r["optimizer"], r["batch"],
+                        f"{r['lr_factor']:.4g}", f"{r['lr']:.6g}",
                         analysis.seed_of(r), f"{res['top1']:.4f}", f"{res['top5']:.4f}", res["steps"],
                         f"{res['epochs']:.3g}", "" if res.get("steps_to_target") is None else res["steps_to_target"],
                         f"{res['wall_time_s']:.2f}", f"{res['images_per_s']:.1f}",
@@ -85,12 +88,17 @@ def write_csvs(records: Sequence[Record], cells: Sequence[Cell], out: Path, conf
                         f"{i.low:.4f}", f"{i.high:.4f}", int(best.get((t.optimizer, t.batch)) == t.lr_factor)])
 
 
-def table_markdown(cells: Sequence[Cell], with_lr: bool = True) -> str:
+def table_markdown(cells: Sequence[Cell], with_lr: bool = True, train_size: int | None = None,
+                   b_simple: float | None = None) -> str:
     """Batch × optimizer table: mean top-1 ± interval half-width over seeds, best LR (with `with_lr`; † marks a
-    best LR still at the edge of its range when the search stopped)."""
+    best LR still at the edge of its range when the search stopped); with `train_size` a B/N column, with
+    `b_simple` (the predicted critical batch) a B/B_simple column."""
     opts, batches = analysis.optimizers_of(cells), analysis.batches_of(cells)
     by = {(c.optimizer, c.batch): c for c in cells}
-    lines = ["| batch | steps | " + " | ".join(opts) + " |", "|---:|---:|" + "---|" * len(opts)]
+    extra = [("B/N", lambda b: f"{b / train_size:.2g}")] if train_size else []
+    extra += [("B/B_simple", lambda b: f"{b / b_simple:.2g}")] if b_simple else []
+    lines = ["| batch | " + "".join(f"{name} | " for name, _ in extra) + "steps | " + " | ".join(opts) + " |",
+             "|---:|" + "---:|" * len(extra) + "---:|" + "---|" * len(opts)]
     for b in batches:
         steps = next(by[(o, b)].steps for o in opts if (o, b) in by)
         row = []
@@ -101,7 +109,8 @@ def table_markdown(cells: Sequence[Cell], with_lr: bool = True) -> str:
                 continue
             mark = "†" if c.edge_unresolved else ""
             row.append(pct_interval(c.top1) + (f" (lr {c.lr:.3g}{mark})" if with_lr else mark))
-        lines.append(f"| {b} | {steps} | " + " | ".join(row) + " |")
+        lines.append(f"| {b} | " + "".join(f"{fmt(b)} | " for _, fmt in extra) + f"{steps} | " + " | ".join(row)
+                     + " |")
     return "\n".join(lines)
 
 
@@ -199,7 +208,17 @@ def analyse(records: Sequence[Record], preset: Preset, tolerance: float,
         raise ValueError("no fixed-epoch run records to report")
     found = summary.findings(records, cells, tolerance, preset.diffusion_optimizer, confidence,
                              adaptive_labels(preset), preset.compare)
+    if verdict.BASELINE in analysis.optimizers_of(cells) and len(analysis.batches_of(cells)) > 1:
+        v = verdict.decide(cells, _verdict_batches(preset, cells), tolerance, confidence)
+        found.insert(0, Finding("verdict", {verdict.SHOWS: True, verdict.CONTRADICTED: False}.get(v.shape),
+                                verdict.headline(v)))
     return cells, found
+
+
+def _verdict_batches(preset: Preset, cells: Sequence[Cell]) -> tuple[int, ...]:
+    """The preset's verdict batches that were run (all of them, or the largest when none is)."""
+    run = set(analysis.batches_of(cells))
+    return tuple(b for b in preset.verdict_batches if b in run) or (max(run),)
 
 
 def headline(cells: Sequence[Cell], found: Sequence[Finding], preset: Preset, confidence: float = 0.95) -> str:
@@ -207,7 +226,7 @@ def headline(cells: Sequence[Cell], found: Sequence[Finding], preset: Preset, co
     verdict = summary.summary_markdown(found, adaptive_labels(preset)).split("\n", 1)[0]
     if preset.compare is not None:
         verdict += "\n" + next(f.sentence for f in found if f.name == "{}_versus_{}".format(*preset.compare))
-    return (f"{verdict}\n\nMean top-1 over {len(preset.seeds)} seeds ± {100 * confidence:g}% half-width, best LR "
+    return (f"{verdict}\n\nMean top-1 over the held-out seeds ± {100 * confidence:g}% half-width, best LR "
             f"(† still at an edge):\n{table_markdown(cells, with_lr=False)}")
 
 
@@ -239,6 +258,22 @@ def write_report(records: Sequence[Record], cells: Sequence[Cell], found: Sequen
                         + (", warmup growing as √B (MLPerf LARS shape)" if o.warmup == "sqrt" else "")
                         for o in preset.optimizers)
     conf = f"{100 * confidence:g}%"
+    critical = analysis.predicted_critical_batch(estimates)
+    if verdict.BASELINE in analysis.optimizers_of(cells) and len(analysis.batches_of(cells)) > 1:
+        verdict_table = verdict.table(verdict.decide(cells, _verdict_batches(preset, cells), tolerance, confidence))
+    else:
+        verdict_table = "No verdict: it needs momentum SGD and at least two batches."
+    if preset.heldout:
+        counts = ", ".join(f"{n} at B ≥ {b}" for b, n in preset.heldout)
+        heldout_text = (f"every reported number and every test comes from fresh seeds trained at the chosen LR only "
+                        f"({counts}; seeds from {max(preset.seeds) + 1} on), so the choice of the LR does not "
+                        f"flatter the numbers reported.")
+    else:
+        heldout_text = ("this preset has no held-out seeds: the numbers reported are those the LR was chosen on, "
+                        "which flatters them slightly.")
+    if preset.folds:
+        heldout_text += (f" Run seed s trains and validates on stratified cross-validation fold s mod {preset.folds} "
+                         f"of the digits, so the held-out seeds between them validate on every image.")
     text = f"""# Batch-size scaling study: `{preset.name}` preset
 
 {preset.description}. Each optimizer trains {preset.epochs:g} epochs at every global batch with the
@@ -253,16 +288,16 @@ the next factor beyond it is tried too, up to {preset.max_lr_extensions} extensi
 table shows the best factor's runs († where the best is still at an edge when the limit is reached).
 Every LR tried: [lr_search.csv](lr_search.csv).
 
+**Held-out seeds.** The LR search chooses on its {seeds} search seeds ({", ".join(map(str, preset.seeds))});
+{heldout_text}
+
 **Statistics.** Every ± is the half-width of a two-sided {conf} Student t interval over seeds; a
-difference is Welch's interval (Welch–Satterthwaite degrees of freedom). At each batch B beyond an
-optimizer's peak batch B* (highest mean top-1), accuracy **holds** when the whole interval of
-top-1(B) − top-1(B*) lies above −{100 * tolerance:g} points, **falls** when it lies wholly below, and is
-**unclear** otherwise. An optimizer holds for certain up to the last batch before the first that does not
-hold, and at most up to the last batch before the first that falls; "X holds to a larger batch than Y"
-is yes when X's certain limit exceeds Y's possible one, no when X's possible limit does not exceed Y's
-certain one, and "cannot tell" otherwise ("holds to B=64…512": for certain to 64, at most to 512). The
-best LR and the peak batch are chosen on the same seeds they are reported with, which flatters them
-slightly.
+difference is Welch's interval (Welch–Satterthwaite degrees of freedom). The verdict is the
+pre-registered rule below (train/study/verdict.py), applied to the held-out numbers. The limit
+ranges further down ("holds"/"falls" against the peak, tolerance {100 * tolerance:g} points) are kept
+as description only: at each batch B beyond an optimizer's peak batch B* (highest mean top-1),
+accuracy **holds** when the whole interval of top-1(B) − top-1(B*) lies above −{100 * tolerance:g}
+points, **falls** when it lies wholly below, and is **unclear** otherwise.
 
 Trained by `{meta.get("engine", "train.engine")}`. Machine: {meta.get("machine", machine())}.
 {meta.get("runs", len(records))} runs ({meta.get("initial_runs", "?")} planned at the start, the rest added by the LR
@@ -273,9 +308,19 @@ from the cache of earlier ones, {meta.get("jobs", 1)} at a time); wall time of t
 ## Summary
 
 {summary.summary_markdown(found, adaptive)}
-## Final top-1 at the best LR (batch × optimizer; mean ± {conf} half-width over {seeds} seeds)
+## Pre-registered verdict
 
-{table_markdown(cells)}
+{verdict.rule_text(analysis.batches_of(cells), _verdict_batches(preset, cells), analysis.optimizers_of(cells),
+                   tolerance, confidence)}
+
+{verdict_table}
+
+## Final top-1 at the best LR (batch × optimizer; mean ± {conf} half-width over the held-out seeds)
+
+{table_markdown(cells, train_size=meta.get("train_size"), b_simple=critical.median if critical else None)}
+
+B/N: the batch as a fraction of the training set; B/B_simple: the batch over the predicted critical batch
+(median late-training B_simple, McCandlish et al. 2018, arXiv:1812.06162).
 
 Full table: [results.csv](results.csv); every run: [runs.csv](runs.csv).
 

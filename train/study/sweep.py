@@ -1,9 +1,13 @@
 """Sweep planning and execution: preset → trainer configs → cached run records.
 
 Two budgets are planned (Hoffer et al. 2017 compare them):
-- "epochs": every batch × optimizer × LR factor × seed trains for `preset.epochs` epochs, so a batch
-  B takes ⌈N/B⌉·epochs updates (N = training-set size); the LR factors of each (optimizer, batch)
-  start at the preset's grid and grow by the search of train.study.search as its runs finish;
+- "epochs": every batch × optimizer × LR factor × seed trains for `preset.epochs` epochs of samples:
+  a batch B takes T(B) = round(epochs · N / B) updates (N = training-set size), so every batch sees
+  the same number of samples (within B/2), with no bonus from the trainer's wrap-around of a partial
+  last batch (its epoch of ⌈N/B⌉ updates is cut by max_steps, and the warmup is given in the same
+  sample-epochs); the LR factors of each (optimizer, batch) start at the preset's grid and grow by
+  the search of train.study.search as its runs finish; once a cell's search is over, its chosen LR
+  trains on the preset's held-out seeds (phase "heldout"; the search runs are phase "search");
 - "steps": `preset.diffusion_optimizer` at lr factor 1 trains every diffusion batch, each seed, for
   exactly `preset.fixed_steps` updates, so larger batches see more epochs.
 """
@@ -45,11 +49,12 @@ class PlannedRun:
     seed: int
     steps: int
     config: dict[str, Any]
+    phase: str = "search"
 
     def describe(self) -> str:
         """One line naming the run."""
         return (f"{self.budget:>6} budget  B={self.batch:<8} {self.optimizer:<11} "
-                f"lr={self.lr:.4g} (×{self.lr_factor:.3g})  seed {self.seed}  [{self.key}]")
+                f"lr={self.lr:.4g} (×{self.lr_factor:.3g})  seed {self.seed} {self.phase}  [{self.key}]")
 
     @property
     def work(self) -> int:
@@ -76,15 +81,9 @@ class Engine:
 
 
 def _count_train_images(data: str) -> int:
-    if data == "default":
-        try:
-            from train.data import default_dataset
-        except ImportError as exc:
-            raise SystemExit(f"--data default: the trainer offers no train.data.default_dataset() to locate the "
-                             f"bundled ImageFolder ({exc}); pass --data PATH to that folder") from exc
-        root = Path(default_dataset())
-    else:
-        root = Path(data)
+    from train.data import default_dataset, digits_fold_of, is_default_data
+
+    root = Path(default_dataset(fold=digits_fold_of(data))) if is_default_data(data) else Path(data)
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise SystemExit(f"--data: {root} has no train/ folder (expected an ImageFolder root with train/ and val/)")
@@ -103,16 +102,18 @@ def resolve_engine() -> Engine:
 
 
 def _run_config(preset: Preset, label: str, batch: int, factor: float, budget: str, seed: int,
-                train_size: int, overrides: dict[str, Any]) -> tuple[dict[str, Any], int]:
+                train_size: int, overrides: dict[str, Any], phase: str = "search") -> tuple[dict[str, Any], int]:
     """The trainer config of one run and the updates it takes."""
     spec = preset.optimizer(label)
     lr = factor * scaled_lr(spec.base_lr, batch, preset.base_batch, spec.lr_scaling)
     device_batch = batch if preset.device_batch is None else min(batch, preset.device_batch)
     steps_per_epoch = math.ceil(train_size / batch)
+    warmup = warmup_epochs(preset.warmup_epochs, batch, preset.base_batch, spec.warmup, preset.epochs)
     if budget == "epochs":
-        epochs: float = preset.epochs
-        max_steps = None
-        steps = math.ceil(epochs * steps_per_epoch)
+        max_steps = steps = max(1, round(preset.epochs * train_size / batch))
+        epochs: float = math.ceil(steps / steps_per_epoch)
+        # the trainer counts warmup in its epochs of ⌈N/B⌉ updates; this is `warmup` epochs of N samples
+        warmup *= train_size / batch / steps_per_epoch
     else:
         epochs = math.ceil(preset.fixed_steps / steps_per_epoch)
         max_steps = steps = preset.fixed_steps
@@ -125,7 +126,7 @@ def _run_config(preset: Preset, label: str, batch: int, factor: float, budget: s
         "base_lr": spec.base_lr * factor,
         "lr_scaling": spec.lr_scaling,
         "base_batch": preset.base_batch,
-        "warmup_epochs": warmup_epochs(preset.warmup_epochs, batch, preset.base_batch, spec.warmup, preset.epochs),
+        "warmup_epochs": warmup,
         "decay": preset.decay,
         "poly_power": preset.poly_power,
         "label_smoothing": preset.label_smoothing,
@@ -137,23 +138,27 @@ def _run_config(preset: Preset, label: str, batch: int, factor: float, budget: s
         "nesterov": spec.nesterov,
         "trust_coefficient": spec.trust_coefficient,
         "track_diffusion": True,
-        # B_simple is measured along the diffusion optimizer's fixed-epoch runs at the scaled LR only; its
-        # extra half-batch gradient costs up to half a run's compute
-        "noise_scale": budget == "epochs" and factor == 1.0 and label == preset.diffusion_optimizer,
+        # B_simple is measured along the diffusion optimizer's fixed-epoch search runs at the scaled LR only;
+        # its extra half-batch gradient costs up to half a run's compute
+        "noise_scale": (budget == "epochs" and factor == 1.0 and label == preset.diffusion_optimizer
+                        and phase == "search"),
         "target_accuracy": preset.target_accuracy,
         "quiet": True,
     }
     config.update(overrides)
+    config["data"] = preset.data_for_seed(config["data"], seed) if "data" in config else None
+    if config["data"] is None:
+        del config["data"]
     return config, steps
 
 
 def planned_run(preset: Preset, label: str, batch: int, factor: float, budget: str, seed: int, train_size: int,
-                overrides: dict[str, Any], engine: str) -> PlannedRun:
+                overrides: dict[str, Any], engine: str, phase: str = "search") -> PlannedRun:
     """One run of the sweep. Its key hashes the config together with the `engine` name, so two trainers
     never share records."""
-    config, steps = _run_config(preset, label, batch, factor, budget, seed, train_size, overrides)
+    config, steps = _run_config(preset, label, batch, factor, budget, seed, train_size, overrides, phase)
     key = config_hash({**config, "_engine": engine})
-    return PlannedRun(key, budget, label, batch, factor, config["lr"], seed, steps, config)
+    return PlannedRun(key, budget, label, batch, factor, config["lr"], seed, steps, config, phase)
 
 
 def plan_runs(preset: Preset, train_size: int, overrides: dict[str, Any] | None = None,
@@ -190,14 +195,15 @@ FollowUp = Callable[[Sequence[PlannedRun], Mapping[str, dict[str, Any]]], list[P
 def lr_search(preset: Preset, train_size: int, overrides: dict[str, Any] | None = None,
               engine: str = "train.engine") -> FollowUp:
     """The follow-up that extends the LR grid: for every fixed-epoch (optimizer, batch) whose planned
-    runs have all finished, the runs of search.next_factor's factor for every seed (none when the
-    best is inside the range or the cell's extensions are spent)."""
+    search runs have all finished, the runs of search.next_factor's factor for every search seed; when
+    there is none (the best is inside the range or the cell's extensions are spent), the search is
+    over and the best factor's held-out runs (Preset.heldout_seeds) join the plan."""
     overrides = dict(overrides or {})
 
     def follow_up(planned: Sequence[PlannedRun], records: Mapping[str, dict[str, Any]]) -> list[PlannedRun]:
         cells: dict[tuple[str, str, int], list[PlannedRun]] = {}
         for run in planned:
-            if run.budget == "epochs":
+            if run.budget == "epochs" and run.phase == "search":
                 cells.setdefault(run.cell, []).append(run)
         new = []
         for (_, label, batch), runs in cells.items():
@@ -208,6 +214,10 @@ def lr_search(preset: Preset, train_size: int, overrides: dict[str, Any] | None 
             if factor is not None:
                 new += [planned_run(preset, label, batch, factor, "epochs", seed, train_size, overrides, engine)
                         for seed in preset.seeds]
+                continue
+            chosen = search.best(scores).factor
+            new += [planned_run(preset, label, batch, chosen, "epochs", seed, train_size, overrides, engine, "heldout")
+                    for seed in preset.heldout_seeds(batch)]
         return new
 
     return follow_up
@@ -231,7 +241,7 @@ def _jsonable(value: Any) -> Any:
 
 def _position(run: PlannedRun) -> dict[str, Any]:
     return {"budget": run.budget, "optimizer": run.optimizer, "batch": run.batch, "lr_factor": run.lr_factor,
-            "lr": run.lr, "seed": run.seed}
+            "lr": run.lr, "seed": run.seed, "phase": run.phase}
 
 
 def run_record(run: PlannedRun, result: Any) -> dict[str, Any]:
@@ -343,8 +353,8 @@ def execute(runs: list[PlannedRun], cache: ResultCache, run_dir: Path, engine: E
                 for future in done:
                     finish(in_flight.pop(future), future.result()[0])
     labels = {label: i for i, label in enumerate(dict.fromkeys(r.optimizer for r in planned))}
-    ordered = sorted(planned, key=lambda r: (BUDGETS.index(r.budget), r.batch, labels[r.optimizer], r.lr_factor,
-                                             r.seed))
+    ordered = sorted(planned, key=lambda r: (BUDGETS.index(r.budget), r.phase != "search", r.batch,
+                                             labels[r.optimizer], r.lr_factor, r.seed))
     return SweepOutcome([records[r.key] for r in ordered], counts["executed"], counts["cached"])
 
 
