@@ -30,12 +30,16 @@ def parser() -> argparse.ArgumentParser:
                                 "(fastlars LARS/LAMB, DDP via torchrun, gradient accumulation, exact resume).",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--data", default=d.data, help="ImageFolder root with train/ and val/, or 'default' "
+    data.add_argument("--data", default=d.data, help="ImageFolder root with train/ and val/, an IDX folder "
+                      "(Fashion-MNIST's four files, e.g. /usr/share/datasets/fashion-mnist), or 'default' "
                       "(sklearn digits as 16×16 JPEGs, built once in ~/.cache/fastlars or $FASTLARS_DATA_CACHE)")
     data.add_argument("--loader", default=d.loader, choices=LOADERS,
                       help="dali: NVIDIA DALI GPU decode (pip install nvidia-dali-cuda130); gpu: torchvision nvjpeg "
                            "+ GPU augmentation; cpu: DataLoader workers; synthetic: random tensors")
-    data.add_argument("--image-size", type=int, default=d.image_size, help="crop size (default: 224, 16 for digits)")
+    data.add_argument("--image-size", type=int, default=d.image_size,
+                      help="crop size (default: 224, 16 for digits, the images' own size where that is smaller)")
+    data.add_argument("--train-subset", type=int, default=d.train_subset,
+                      help="train on a fixed stratified subset of this many training images (IDX datasets)")
     data.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes per rank")
     model = p.add_argument_group("model and precision")
     model.add_argument("--model", default=d.model, choices=("default", *MODELS),

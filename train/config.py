@@ -26,9 +26,11 @@ DEFAULT_BASE_LR = {"sgd": 0.1, "lars": 0.16, "lamb": 0.004, "adamw": 0.001}
 class TrainConfig:
     """One training run. `lr` is the peak LR after warmup; when it is None it is derived from `base_lr`
     by the scaling rule: lr = base_lr · s(global_batch / base_batch) with s(r) = r, √r or 1.
-    Neither given: base_lr = DEFAULT_BASE_LR[optimizer] at base_batch. `weight_decay` None means 1e-4
-    for SGD/LARS and 0.01 for LAMB/AdamW. `device_batch` None means global_batch / world_size (no
-    accumulation). `model` "default" is the
+    Neither given: base_lr = DEFAULT_BASE_LR[optimizer] at base_batch. `image_size` None: 16 for the
+    digits, else 224, or the images' own size where that is smaller. `train_subset`: train on a fixed
+    stratified subset of that many training images (IDX datasets only; train.data.tensors).
+    `weight_decay` None means 1e-4 for SGD/LARS and 0.01 for LAMB/AdamW. `device_batch` None means
+    global_batch / world_size (no accumulation). `model` "default" is the
     small CNN for the bundled data and ResNet-50 otherwise. `tensorboard`: a folder for TensorBoard event
     files, "auto" (OUT/tensorboard when the tensorboard package is installed) or "off"."""
 
@@ -66,6 +68,7 @@ class TrainConfig:
     backend: str = "auto"
     shard: str = "none"
     image_size: int | None = None
+    train_subset: int | None = None
     track_diffusion: bool = True
     noise_scale: bool = True
     target_accuracy: float | None = None
@@ -87,6 +90,8 @@ class TrainConfig:
             positive["max_steps"] = self.max_steps
         if self.image_size is not None:
             positive["image_size"] = self.image_size
+        if self.train_subset is not None:
+            positive["train_subset"] = self.train_subset
         if not self.tensorboard:
             raise ValueError("--tensorboard needs a folder (or use --no-tensorboard)")
         for name, value in positive.items():

@@ -92,7 +92,14 @@ def train(cfg: TrainConfig) -> RunResult:
 
 class _Run:
     def __init__(self, cfg: TrainConfig, topo: launch.Topology) -> None:
-        from train.data import LoaderConfig, build_loaders, default_image_size, is_default_data, resolve_data
+        from train.data import (
+            LoaderConfig,
+            build_loaders,
+            default_image_size,
+            is_default_data,
+            native_image_size,
+            resolve_data,
+        )
 
         self.cfg, self.topo, self.device = cfg, topo, topo.device
         if cfg.shard != "none" and not topo.distributed:
@@ -106,11 +113,20 @@ class _Run:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         root = None if cfg.loader == "synthetic" else resolve_data(cfg.data)
         image_size = cfg.image_size or default_image_size(cfg.data)
+        if cfg.image_size is None and root is not None and not is_default_data(cfg.data):
+            native = native_image_size(root)
+            if native is not None and native < image_size:
+                if topo.is_main and not cfg.quiet:
+                    print(f"--image-size not given: the training images are {native} px on their shorter side, "
+                          f"smaller than the default crop {image_size}; cropping at {native} (pass --image-size "
+                          "to choose)")
+                image_size = native
         self.train_data, self.eval_data = build_loaders(LoaderConfig(
             root=root, loader=cfg.loader, device=self.device, device_batch=device_batch, image_size=image_size,
             rank=topo.rank, world_size=topo.world_size, seed=cfg.seed, workers=cfg.workers,
             channels_last=cfg.channels_last, dtype=self.amp_dtype or torch.float32,
-            flip=not is_default_data(cfg.data)))  # a mirrored digit is another digit (or none)
+            flip=not is_default_data(cfg.data),  # a mirrored digit is another digit (or none)
+            train_subset=cfg.train_subset))
         if cfg.global_batch > self.train_data.num_samples and cfg.loader != "synthetic":
             raise ValueError(f"--global-batch {cfg.global_batch} exceeds the training set "
                              f"({self.train_data.num_samples} images)")

@@ -6,7 +6,7 @@ from torch import nn
 
 from train.data.folders import is_default_data
 
-MODELS = ("resnet50", "resnet18", "small_cnn")
+MODELS = ("resnet50", "resnet18", "small_cnn", "cnn28")
 
 
 def small_cnn(num_classes: int) -> nn.Module:
@@ -18,6 +18,17 @@ def small_cnn(num_classes: int) -> nn.Module:
 
     return nn.Sequential(*block(3, 16), *block(16, 32), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(32, num_classes))
+
+
+def cnn28(num_classes: int) -> nn.Module:
+    """A CNN sized for 28×28 images (Fashion-MNIST): Conv(3→16) BN ReLU at 28×28, Conv(16→32, stride 2)
+    BN ReLU at 14×14, Conv(32→64, stride 2) BN ReLU at 7×7, global average pool, Linear(64→num_classes):
+    24K parameters and 1.5M multiply-adds per image."""
+    def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    return nn.Sequential(*block(3, 16, 1), *block(16, 32, 2), *block(32, 64, 2), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(64, num_classes))
 
 
 def resolve_model_name(model: str, data: str) -> str:
@@ -33,6 +44,8 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     large-batch recipes do (Goyal et al. 2017)."""
     if name == "small_cnn":
         return small_cnn(num_classes)
+    if name == "cnn28":
+        return cnn28(num_classes)
     if name in ("resnet50", "resnet18"):
         import torchvision
 

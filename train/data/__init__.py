@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import torch
 
+from train.data import idx
 from train.data.folders import (
     IMAGE_SUFFIXES,
     default_dataset,
     default_image_size,
     digits_fold_of,
     is_default_data,
+    native_image_size,
     resolve_data,
 )
 from train.data.loaders import FolderLoader, LoaderConfig, SyntheticEval, SyntheticLoader
@@ -23,7 +25,8 @@ from train.data.protocol import EvalLoader, TrainLoader
 LOADERS = ("dali", "gpu", "cpu", "synthetic")
 
 __all__ = ["IMAGE_SUFFIXES", "LOADERS", "EvalLoader", "LoaderConfig", "TrainLoader", "build_loaders",
-           "default_dataset", "default_image_size", "digits_fold_of", "is_default_data", "resolve_data"]
+           "default_dataset", "default_image_size", "digits_fold_of", "is_default_data", "native_image_size",
+           "resolve_data"]
 
 
 def build_loaders(cfg: LoaderConfig) -> tuple[TrainLoader, EvalLoader]:
@@ -36,6 +39,15 @@ def build_loaders(cfg: LoaderConfig) -> tuple[TrainLoader, EvalLoader]:
         raise ValueError(f"--loader must be one of {', '.join(LOADERS)}, got {cfg.loader!r}")
     if cfg.root is None:
         raise ValueError(f"--loader {cfg.loader} needs --data")
+    if idx.idx_files(cfg.root) is not None:
+        if cfg.loader == "dali":
+            raise ValueError(f"--loader dali reads ImageFolder JPEGs; {cfg.root} is an IDX dataset (use --loader cpu)")
+        from train.data.tensors import TensorLoader
+
+        return (TensorLoader(cfg, *idx.load_split(cfg.root, "train"), train=True, subset=cfg.train_subset),
+                TensorLoader(cfg, *idx.load_split(cfg.root, "test"), train=False))
+    if cfg.train_subset is not None:
+        raise ValueError("--train-subset applies to IDX datasets (e.g. Fashion-MNIST) only")
     if cfg.loader == "gpu" and cfg.device.type != "cuda":
         raise ValueError("--loader gpu decodes with nvjpeg on a CUDA device; this process runs on "
                          f"{cfg.device} (use --loader cpu)")

@@ -97,6 +97,12 @@ def resolve_data(data: str) -> Path:
     root = default_dataset(fold=digits_fold_of(data)) if is_default_data(data) else Path(data).expanduser()
     if not root.exists():
         raise ValueError(f"--data: {root} does not exist")
+    from train.data import idx
+
+    if idx.idx_files(root) is not None:
+        return root
+    if not (root / "train").is_dir() and any(root.glob("*idx*-ubyte*")):
+        raise ValueError(idx.missing_files_message(root))
     train, val = scan_split(root, "train"), scan_split(root, "val")
     if train.classes != val.classes:
         only = sorted(set(train.classes) ^ set(val.classes))
@@ -113,6 +119,38 @@ def dataset_flips(root: Path) -> bool:
 def default_image_size(data: str) -> int:
     """The crop size the model sees: 16 for the bundled digits, 224 otherwise."""
     return DIGITS_SIZE if is_default_data(data) else 224
+
+
+def native_image_size(root: Path) -> int | None:
+    """The shorter side of the dataset's training images: from the header of an IDX folder's training
+    images, else of the first image of the first class folder of root/train (None when unreadable)."""
+    import gzip
+
+    from train.data import idx
+
+    files = idx.idx_files(root)
+    if files is not None:
+        path = files["train_images"]
+        with path.open("rb") as raw:
+            compressed = raw.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if compressed else path.open("rb")) as f:
+            header = f.read(16)
+        return min(int.from_bytes(header[8:12], "big"), int.from_bytes(header[12:16], "big"))
+    try:
+        with os.scandir(root / "train") as entries:
+            first = min((e.name for e in entries if e.is_dir()), default=None)
+        if first is None:
+            return None
+        name = min(_images(root / "train" / first), default=None)
+        if name is None:
+            return None
+        from train.data import codec
+
+        data = torch.frombuffer(bytearray((root / "train" / first / name).read_bytes()), dtype=torch.uint8)
+        image = codec.active().decode_image(data)
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return int(min(image.shape[-2:]))
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:

@@ -43,6 +43,7 @@ class LoaderConfig:
     synthetic_classes: int = 1000
     synthetic_samples: int = 1_281_167
     flip: bool | None = None
+    train_subset: int | None = None
 
 
 def flips(cfg: LoaderConfig) -> bool:

@@ -3,6 +3,7 @@
     python -m train.study --preset default            # bundled digits data on CPU, ≤ 10 min on 2 cores
     python -m train.study --preset quick              # smoke test, ≈ 30 s
     python -m train.study --preset lars-recipes       # both LARS recipes against momentum SGD
+    python -m train.study --preset fashion            # Fashion-MNIST (make fashion installs it), ≈ 1 h on 2 cores
     python -m train.study --preset imagenet --data /path/to/imagenet   # prints the torchrun plan
     torchrun --nproc_per_node=8 -m train.study --preset imagenet --data /path/to/imagenet  # runs it
 
@@ -158,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     log = print if rank == 0 else (lambda _msg: None)
     engine = sweep.resolve_engine()
     multi_gpu = preset.device_batch is not None
+    if data is not None and not multi_gpu and data != "default" and not Path(data).expanduser().exists():
+        raise SystemExit(f"--data {data} does not exist; for the fashion preset run `make fashion` (it installs "
+                         "Debian's dataset-fashion-mnist, or says which four files to put where) or pass --data FOLDER")
     if preset.train_size is not None:
         train_size = preset.train_size
     elif data is None:

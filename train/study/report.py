@@ -245,7 +245,7 @@ def write_report(records: Sequence[Record], cells: Sequence[Cell], found: Sequen
     fall = min((h.falls_at for h in hold.values() if h.falls_at is not None), default=None)
     seeds = len(preset.seeds)
     plots.accuracy_vs_batch(cells, out / PLOT_FILES[0], f"{preset.name}: {preset.epochs:g} epochs, best LR, "
-                            f"mean ± {100 * confidence:g}% CI over {seeds} seeds")
+                            f"mean ± {100 * confidence:g}% CI over the held-out seeds")
     plots.steps_to_target(cells, records, preset.target_accuracy, out / PLOT_FILES[1])
     plots.diffusion(records, preset.diffusion_optimizer, preset.fixed_steps, out / PLOT_FILES[2])
     plots.noise_scale(records, preset.diffusion_optimizer, fall, out / PLOT_FILES[3])
@@ -276,11 +276,11 @@ def write_report(records: Sequence[Record], cells: Sequence[Cell], found: Sequen
                          f"of the digits, so the held-out seeds between them validate on every image.")
     text = f"""# Batch-size scaling study: `{preset.name}` preset
 
-{preset.description}. Each optimizer trains {preset.epochs:g} epochs at every global batch with the
+{preset.description}. Each optimizer trains {preset.epochs:g} epochs of samples at every global batch B
+(round(epochs · N / B) updates, the same number of images at every batch) with the
 large-batch recipe ({preset.warmup_epochs:g} warmup epochs, {preset.decay} decay (power {preset.poly_power:g}),
 label smoothing {preset.label_smoothing:g}, no weight decay or adaptation on biases and norm layers; {recipes}),
-once per seed ({seeds} seeds: {", ".join(map(str, preset.seeds))}; a seed sets the initialisation and the data
-order).
+once per seed (a seed sets the initialisation, the data order{" and the fold" if preset.folds else ""}).
 
 **LR search.** Per (optimizer, batch) the LR factors start at {factors} × the scaled LR, a log grid of
 step {preset.lr_step:g}; while the best mean top-1 over seeds lies at the lowest or highest factor tried,

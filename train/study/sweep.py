@@ -84,6 +84,11 @@ def _count_train_images(data: str) -> int:
     from train.data import default_dataset, digits_fold_of, is_default_data
 
     root = Path(default_dataset(fold=digits_fold_of(data))) if is_default_data(data) else Path(data)
+    from train.data import idx
+
+    files = idx.idx_files(root)
+    if files is not None:
+        return len(idx.read_idx(files["train_labels"]))
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise SystemExit(f"--data: {root} has no train/ folder (expected an ImageFolder root with train/ and val/)")
