@@ -100,6 +100,13 @@ def test_stratified_subset_keeps_class_proportions() -> None:
     assert torch.equal(keep, stratified_subset(labels, 100)) and len(set(keep.tolist())) == 100
     with pytest.raises(ValueError, match="--train-subset"):
         stratified_subset(labels, 0)
+    # exactly the size asked for, also where the shares are not whole (16,384 of ten classes of 6,000: the
+    # fashion preset's largest batch is the whole subset)
+    ten = torch.arange(10).repeat_interleave(6000)
+    keep = stratified_subset(ten, 16384)
+    assert len(keep) == 16384 and torch.bincount(ten[keep]).tolist() == [1639] * 4 + [1638] * 6
+    odd = torch.tensor([0] * 7 + [1] * 5 + [2] * 3)
+    assert torch.bincount(odd[stratified_subset(odd, 4)]).tolist() == [2, 1, 1]  # 1.87, 1.33, 0.8
 
 
 def test_trainer_defaults_the_crop_to_the_images_size_and_says_so_once(tmp_path: Path,
@@ -125,3 +132,7 @@ def test_the_real_fashion_mnist_files() -> None:
     assert np.bincount(train_labels).tolist() == [6000] * 10 and np.bincount(test_labels).tolist() == [1000] * 10
     assert train_images.dtype == np.uint8 and 60 < train_images.mean() < 90  # mean grey level ≈ 72.9
     assert native_image_size(REAL) == 28
+    from train.study.presets import FASHION, FASHION_SUBSET
+
+    kept = stratified_subset(torch.from_numpy(train_labels), FASHION_SUBSET)
+    assert len(kept) == FASHION_SUBSET == FASHION.train_size == max(FASHION.batches)  # the top batch fits

@@ -9,8 +9,8 @@ the images' own size. The shifts and flips of a micro-batch are drawn from its s
 (train.data.order), so the same samples get the same augmentation in any process layout and after a
 resume.
 
-`train_subset` keeps a fixed stratified subset of the training split: per class, the first
-round(k · n_c / N) images of one permutation seeded 0, the same for every run and every seed.
+`train_subset` keeps a fixed stratified subset of exactly that many training images (stratified_subset),
+the same for every run and every seed.
 """
 
 from __future__ import annotations
@@ -29,16 +29,21 @@ PAD = 2
 
 
 def stratified_subset(labels: Tensor, size: int) -> Tensor:
-    """Indices (sorted) of a stratified subset of about `size` of the samples with `labels`: per class
-    c, the first round(size · n_c / N) of one permutation seeded 0."""
+    """Indices (sorted) of a stratified subset of exactly `size` of the samples with `labels`: class c
+    gets ⌊size · n_c / N⌋ samples, the remainder going one each to the classes with the largest
+    fractional parts (ties: the smaller class index); each class's are the first of one permutation
+    seeded 0."""
     n = len(labels)
     if not 0 < size <= n:
         raise ValueError(f"--train-subset must lie in 1 … {n}, got {size}")
+    classes = labels.unique().tolist()
+    counts = [int((labels == c).sum()) for c in classes]
+    quotas = [size * k // n for k in counts]
+    by_remainder = sorted(range(len(classes)), key=lambda i: (-(size * counts[i] % n), i))
+    for i in by_remainder[:size - sum(quotas)]:
+        quotas[i] += 1
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    chosen = []
-    for c in labels.unique().tolist():
-        members = perm[labels[perm] == c]
-        chosen.append(members[:round(size * len(members) / n)])
+    chosen = [perm[labels[perm] == c][:q] for c, q in zip(classes, quotas)]
     return torch.cat(chosen).sort().values
 
 
