@@ -1,13 +1,17 @@
 """fastlars against implementations nobody here wrote: timm Lamb/Lars and torch_optimizer Lamb,
-in the configurations where their semantics coincide with ours, plus the compat constructors."""
+in the configurations where their semantics coincide with ours, plus the compat constructors.
+
+The peers are imported inside the tests that use them (pytest.importorskip), never at module level, so
+that this file still collects on a stack without them (the GPU machine's image has timm but not
+torch-optimizer); tests/test_optional_imports.py checks that for every test module."""
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
-import timm.optim
 import torch
-import torch_optimizer
 
 import fastlars
 import formulas
@@ -16,6 +20,10 @@ from harness import SHAPES, assert_params_match, lr_at, make_params, synthetic_g
 
 BACKENDS = [b for b in fastlars.available_backends("cpu") if b != "triton"]
 SMALL_SHAPES = [(1,), (7,), (3, 5), (9, 11), (4, 2, 3, 3)]  # ||w|| < 10: torch_optimizer clamps ||w|| at 10
+
+
+def _timm_optim() -> types.ModuleType:
+    return pytest.importorskip("timm.optim", reason="timm is not installed")
 
 
 def _run(make, shapes=SHAPES, steps=30, base_lr=None):
@@ -43,7 +51,7 @@ def test_lamb_matches_timm(backend: str, options: dict) -> None:
     if options.get("always_adapt"):
         ours_opts["adapt"] = True
     ours_opts.setdefault("max_grad_norm", 1.0)  # timm's default clips at 1.0
-    theirs = _run(lambda ps: timm.optim.Lamb(ps, lr=0.01, **options), base_lr=0.01)
+    theirs = _run(lambda ps: _timm_optim().Lamb(ps, lr=0.01, **options), base_lr=0.01)
     ours = _run(lambda ps: fastlars.LAMB(ps, lr=0.01, backend=backend, **ours_opts), base_lr=0.01)
     assert_params_match(ours, theirs)
     via_compat = _run(lambda ps: compat.Lamb(ps, lr=0.01, **options), base_lr=0.01)
@@ -59,7 +67,7 @@ def test_lamb_matches_timm(backend: str, options: dict) -> None:
     ids=str,
 )
 def test_lars_matches_timm(backend: str, options: dict) -> None:
-    theirs = _run(lambda ps: timm.optim.Lars(ps, lr=2.0, **options), base_lr=2.0)
+    theirs = _run(lambda ps: _timm_optim().Lars(ps, lr=2.0, **options), base_lr=2.0)
     ours = _run(lambda ps: fastlars.LARS(
         ps, lr=2.0, momentum=options["momentum"], weight_decay=options["weight_decay"],
         nesterov=options.get("nesterov", False), trust_clip=options.get("trust_clip", False),
@@ -74,6 +82,7 @@ def test_lars_matches_timm(backend: str, options: dict) -> None:
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 def test_lamb_matches_torch_optimizer(backend: str, weight_decay: float) -> None:
     """torch_optimizer.Lamb (debias=False) = LAMB without bias correction, always adapting, no clip."""
+    torch_optimizer = pytest.importorskip("torch_optimizer", reason="torch-optimizer is not installed")
     theirs = _run(lambda ps: torch_optimizer.Lamb(ps, lr=0.01, weight_decay=weight_decay), SMALL_SHAPES)
     ours = _run(lambda ps: fastlars.LAMB(ps, lr=0.01, weight_decay=weight_decay, bias_correction=False,
                                          adapt=True, backend=backend), SMALL_SHAPES)
@@ -114,8 +123,9 @@ def test_compat_rejects_unimplemented_options() -> None:
 
 
 def test_compat_defaults_follow_the_originals() -> None:
+    timm_optim = _timm_optim()
     p = [torch.zeros(3, requires_grad=True)]
     assert compat.FusedLAMB(p).defaults["max_grad_norm"] == 1.0
-    assert compat.Lamb(p).defaults["max_grad_norm"] == timm.optim.Lamb(p).defaults["max_grad_norm"]
+    assert compat.Lamb(p).defaults["max_grad_norm"] == timm_optim.Lamb(p).defaults["max_grad_norm"]
     lars = compat.Lars(p)
-    assert lars.defaults["eps"] == timm.optim.Lars(p).defaults["eps"] and lars.defaults["momentum_style"] == "torch"
+    assert lars.defaults["eps"] == timm_optim.Lars(p).defaults["eps"] and lars.defaults["momentum_style"] == "torch"
