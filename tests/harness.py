@@ -112,6 +112,40 @@ def assert_same_trajectory(a: tuple[list[Tensor], torch.optim.Optimizer],
             assert_close(sa[key], sb[key], dtype, f"param {i} state[{key!r}]")
 
 
+STATE_RTOL = 2e-6
+"""Tight fp32 tolerance for :func:`assert_state_tight`: five times below the 1e-5 relative error of a
+(1 − β2) formed in fp32 on the device (1 − 0.999f = 0.00099998713), which the dtype tolerances let pass."""
+
+
+def assert_state_tight(a: tuple[list[Tensor], torch.optim.Optimizer],
+                       b: tuple[list[Tensor], torch.optim.Optimizer], rtol: float = STATE_RTOL) -> None:
+    """fp32 parameters and every state tensor (exp_avg, exp_avg_sq, momentum_buffer, ...) of run ``a``
+    agree with run ``b`` elementwise: |a − b| ≤ rtol·(|b| + rms(b)).
+
+    The rms term absorbs elements that cancel to near zero (a momentum buffer, an exp_avg), so the bound
+    is relative where values are typical; a systematic relative bias of 5·rtol fails wherever it sits.
+    """
+    (pa, oa), (pb, ob) = a, b
+
+    def check(x: Tensor, y: Tensor, what: str) -> None:
+        x, y = x.detach().double().cpu(), y.detach().double().cpu()
+        if y.numel() == 0 or not torch.is_floating_point(y):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=lambda m: f"{what}: {m}")
+            return
+        scale = y.abs() + y.square().mean().sqrt()
+        excess = ((x - y).abs() / scale.clamp_min(torch.finfo(torch.float64).tiny)).nan_to_num(nan=float("inf"))
+        worst = excess.max().item()
+        assert worst <= rtol, f"{what}: relative error {worst:.3g} > {rtol:g} (|a-b| / (|b| + rms(b)))"
+
+    for i, (x, y) in enumerate(zip(pa, pb)):
+        check(x, y, f"param {i} {tuple(x.shape)}")
+        sa, sb = oa.state[x], ob.state[y]
+        assert set(sa) == set(sb), f"param {i}: state keys {sorted(sa)} vs {sorted(sb)}"
+        for key in sa:
+            if isinstance(sa[key], Tensor):
+                check(sa[key], sb[key], f"param {i} state[{key!r}]")
+
+
 def options_grid(base: dict[str, Any], variants: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """``base`` updated by each variant (for parametrize)."""
     return [{**base, **v} for v in variants]

@@ -36,6 +36,7 @@ from fastlars import backends, functional
 from harness import (
     SHAPES,
     assert_same_trajectory,
+    assert_state_tight,
     lr_at,
     make_params,
     run_trajectory,
@@ -506,6 +507,7 @@ def test_lars_options_match_reference(native_cuda, options) -> None:
     ref = _trajectory(fastlars.LARS, options, "reference")
     nat = _trajectory(fastlars.LARS, options, "native")
     assert_same_trajectory(ref, nat, torch.float32)
+    assert_state_tight(ref, nat)
 
 
 @pytest.mark.cuda
@@ -514,6 +516,7 @@ def test_lamb_options_match_reference(native_cuda, options) -> None:
     ref = _trajectory(fastlars.LAMB, options, "reference", base_lr=0.01)
     nat = _trajectory(fastlars.LAMB, options, "native", base_lr=0.01)
     assert_same_trajectory(ref, nat, torch.float32)
+    assert_state_tight(ref, nat)
 
 
 @pytest.mark.cuda

@@ -7,7 +7,8 @@ names TRITON_INTERPRET, and naming it raises; without triton, ``import fastlars`
 backend says why it is unavailable; every kernel specialisation compiles to an sm_90 cubin (no GPU
 needed to compile).
 
-On a GPU (marked ``cuda``): every LARS/LAMB option over harness.SHAPES for 30 steps; bf16/fp16 params
+On a GPU (marked ``cuda``): every LARS/LAMB option over harness.SHAPES for 30 steps, fp32 params and state
+(exp_avg, exp_avg_sq, momentum buffers) within harness.STATE_RTOL of the reference; bf16/fp16 params
 with and without fp32 masters; GradScaler with an overflow step; no host synchronisation; CUDA-graph
 capture with a tensor lr; torch.compile(fullgraph=True) with inductor; opcheck on the CUDA kernels.
 """
@@ -25,7 +26,15 @@ import torch
 
 import fastlars
 from fastlars import backends
-from harness import SHAPES, assert_same_trajectory, lr_at, make_params, run_trajectory, synthetic_grads
+from harness import (
+    SHAPES,
+    assert_same_trajectory,
+    assert_state_tight,
+    lr_at,
+    make_params,
+    run_trajectory,
+    synthetic_grads,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 _TRITON_MISSING = backends.unavailable_reason("triton", torch.device("cuda"))
@@ -185,15 +194,18 @@ def _trajectory(cls, options, backend, dtype=torch.float32, master=False, base_l
 @pytest.mark.cuda
 @pytest.mark.parametrize("options", LARS_OPTIONS, ids=str)
 def test_gpu_lars_options_match_reference(triton_cuda, options) -> None:
-    assert_same_trajectory(_trajectory(fastlars.LARS, options, "reference"),
-                           _trajectory(fastlars.LARS, options, "triton"), torch.float32)
+    ref, tri = _trajectory(fastlars.LARS, options, "reference"), _trajectory(fastlars.LARS, options, "triton")
+    assert_same_trajectory(ref, tri, torch.float32)
+    assert_state_tight(ref, tri)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("options", LAMB_OPTIONS, ids=str)
 def test_gpu_lamb_options_match_reference(triton_cuda, options) -> None:
-    assert_same_trajectory(_trajectory(fastlars.LAMB, options, "reference", base_lr=0.01),
-                           _trajectory(fastlars.LAMB, options, "triton", base_lr=0.01), torch.float32)
+    ref = _trajectory(fastlars.LAMB, options, "reference", base_lr=0.01)
+    tri = _trajectory(fastlars.LAMB, options, "triton", base_lr=0.01)
+    assert_same_trajectory(ref, tri, torch.float32)
+    assert_state_tight(ref, tri)
 
 
 @pytest.mark.cuda

@@ -199,7 +199,7 @@ def lamb_step_impl(
         store_moments = bool(adapt) and b.dtypes[2] == torch.float32 and b.dtypes[3] == torch.float32
         scalars = (
             sums, n_out, bc1, bc2, lr_value, lr_t, scale, flag, clip,
-            float(beta1), float(beta2), (1.0 - beta1) if grad_averaging else 1.0,
+            float(beta1), float(beta2), (1.0 - beta1) if grad_averaging else 1.0, 1.0 - beta2,
             float(eps), float(weight_decay), float(lo), float(hi),
         )
         options = dict(
