@@ -71,6 +71,22 @@ def _nvidia_wheel_includes() -> list[str]:
     return dirs
 
 
+def _openmp_flags() -> tuple[list[str], list[str]]:
+    """Compile and link flags that make ATen's at::parallel_for (csrc/cpu/multi_tensor.h) run on threads.
+
+    With torch's OpenMP backend, at::parallel_for is an inline `#pragma omp parallel` that a build
+    without -fopenmp runs serially. The extension then links torch's own libgomp (torch/lib), so the
+    process holds one OpenMP runtime, whose thread count torch.set_num_threads sets. With torch's
+    native thread-pool backend the pool lives in libtorch and no flag is needed.
+    """
+    import torch
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return [], []
+    bundled = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    return ["-fopenmp"], [str(bundled[0])] if bundled else ["-fopenmp"]
+
+
 def _extensions() -> tuple[list, dict]:
     use_cuda = _want_cuda()
     if use_cuda:
@@ -85,7 +101,8 @@ def _extensions() -> tuple[list, dict]:
     # errno-free sqrtf vectorises; no contraction into fused multiply-adds, which would round differently
     # from the reference and between the instruction-set builds of csrc/cpu/kernels_*.cpp; torch adds the
     # C++ standard (C++20)
-    cxx_flags = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
+    omp_compile, omp_link = _openmp_flags()
+    cxx_flags = ["-O3", "-fno-math-errno", "-ffp-contract=off", *omp_compile]
     sources = ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     include_dirs = [str(ROOT / "csrc")]
     if use_cuda:
@@ -96,9 +113,11 @@ def _extensions() -> tuple[list, dict]:
             include_dirs=include_dirs + _nvidia_wheel_includes(),
             define_macros=[("FASTLARS_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "-fmad=false"]},
+            extra_link_args=omp_link,
         )
     else:
-        ext = CppExtension("fastlars._C", sources, include_dirs=include_dirs, extra_compile_args=cxx_flags)
+        ext = CppExtension("fastlars._C", sources, include_dirs=include_dirs, extra_compile_args=cxx_flags,
+                           extra_link_args=omp_link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

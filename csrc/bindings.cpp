@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/parallel.h"
 
 namespace {
 
@@ -30,6 +31,17 @@ bool built_with_cuda() {
 // The instruction-set build of the CPU element loops this process uses (csrc/cpu/kernels.h).
 std::string cpu_isa() { return fastlars::cpu::element_kernels().isa; }
 
+// The CPU kernels' parallel runtime and a probe of the threads a kernel pass really runs on.
+pybind11::dict cpu_parallel() {
+  const fastlars::cpu::ParallelReport r = fastlars::cpu::parallel_report();
+  pybind11::dict out;
+  out["runtime"] = r.runtime;
+  out["threads"] = r.threads;
+  out["threads_used"] = r.threads_used;
+  out["probe_chunks"] = r.probe_chunks;
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -38,4 +50,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA sources were compiled in.");
   m.def("cpu_isa", &cpu_isa,
         "Instruction set of the CPU element loops in use: avx512, avx2 or baseline (FASTLARS_CPU_ISA caps it).");
+  m.def("cpu_parallel", &cpu_parallel,
+        "The CPU kernels' parallel runtime ('openmp', 'native' or 'serial'), torch's intra-op thread count, and "
+        "how many distinct threads ran a probe pass through the kernels' chunk loop (threads_used).");
 }

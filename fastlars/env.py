@@ -23,7 +23,8 @@ def env_info() -> dict[str, Any]:
         compiled: dict[str, Any] = {"loaded": False, "error": extension_error()}
     else:
         compiled = {"loaded": True, "kernels": list(getattr(ext, "kernel_devices", lambda: [])()),
-                    "cpu_isa": getattr(ext, "cpu_isa", lambda: "unknown")()}
+                    "cpu_isa": getattr(ext, "cpu_isa", lambda: "unknown")(),
+                    "cpu_parallel": getattr(ext, "cpu_parallel", lambda: None)()}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     usable: dict[str, dict[str, str | None]] = {}
     for dev in devices:
@@ -61,13 +62,19 @@ def env_report(info: dict[str, Any] | None = None) -> str:
         lines.append(f"fastlars._C: not loaded: {ext['error']}")
     else:
         lines.append(f"fastlars._C: loaded, kernels for {', '.join(ext['kernels']) or 'no device'}; "
-                     f"CPU loops: {ext['cpu_isa']}")
+                     f"CPU loops: {ext['cpu_isa']}{_threads(ext.get('cpu_parallel'))}")
     for dev, usable in info["backends"].items():
         lines.append(f"backends on {dev} (auto -> {usable['auto']}):")
         for name in backends.BACKENDS:
             reason = usable[name]
             lines.append(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
     return "\n".join(lines)
+
+
+def _threads(report: dict[str, Any] | None) -> str:
+    if not report:
+        return ""
+    return f", {report['runtime']} on {report['threads_used']} of {report['threads']} threads"
 
 
 def cpu_name() -> str:

@@ -3,8 +3,8 @@
 Every LARS/LAMB option over harness.SHAPES (empty, 1, odd, multi-chunk) for 30 steps with a changing
 lr, params and state compared; fp32, bf16 and fp16 params with and without fp32 master weights; fp32
 and bf16 params mixed in one group; channels_last params; thread-count independence of the norms;
-GradScaler unscale and overflow skip; a state_dict moved between backends mid-run; opcheck on each
-op; clear errors for bad tensors.
+every intra-op thread used (cpu_parallel); GradScaler unscale and overflow skip; a state_dict moved
+between backends mid-run; opcheck on each op; clear errors for bad tensors.
 """
 
 from __future__ import annotations
@@ -175,6 +175,34 @@ def test_grad_norms_do_not_depend_on_threads() -> None:
     assert torch.equal(first, single)
     expected = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]) / 1024.0
     torch.testing.assert_close(first.double(), expected, rtol=1e-6, atol=0)
+
+
+def test_kernel_passes_run_on_every_intra_op_thread() -> None:
+    """A serial build must never ship: with torch's OpenMP backend the extension is compiled with
+    -fopenmp, and a pass through the kernels' chunk loop runs on exactly torch.get_num_threads() threads
+    (OpenMP gives each thread of the team a fixed slice, so this is a count, not a timing)."""
+    from fastlars._extension import extension
+
+    ext = extension()
+    openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            report = ext.cpu_parallel()
+            assert report["runtime"] == ("openmp" if openmp else "native")
+            assert report["threads"] == n
+            assert report["threads_used"] == n if openmp else 1 <= report["threads_used"] <= n
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps (Linux)")
+def test_one_openmp_runtime_in_the_process() -> None:
+    """The extension links torch's own libgomp: two OpenMP runtimes would each keep a thread team."""
+    runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                if any(name in line.rsplit("/", 1)[-1] for name in ("libgomp", "libomp", "libiomp"))}
+    assert len(runtimes) <= 1, runtimes
 
 
 @pytest.mark.parametrize("cls,base_lr", ALGOS, ids=["lars", "lamb"])
