@@ -5,7 +5,7 @@ On every machine: the kernels against the reference on CPU tensors under the Tri
 for the whole process); without the interpreter the backend is unavailable on CPU with a reason that
 names TRITON_INTERPRET, and naming it raises; without triton, ``import fastlars`` still works and the
 backend says why it is unavailable; every kernel specialisation compiles to an sm_90 cubin (no GPU
-needed to compile).
+needed to compile) whose PTX loads and stores parameters, gradients and state as 128-bit vectors.
 
 On a GPU (marked ``cuda``): every LARS/LAMB option over harness.SHAPES for 30 steps, fp32 params and state
 (exp_avg, exp_avg_sq, momentum buffers) within harness.STATE_RTOL of the reference; bf16/fp16 params
@@ -91,29 +91,58 @@ def test_without_triton_fastlars_imports_and_explains() -> None:
 
 # ------------------------------------------------------- the compiled (GPU) kernels, built without a GPU
 def _specialisations():
-    """(kernel name, constexprs) for the compiled paths: every dtype, pass and option flag at least once."""
+    """(kernel name, constexprs) for the compiled paths: every dtype, pass and option flag at least once,
+    16-byte aligned buckets (vector accesses) and unaligned ones (scalar)."""
     import triton.language as tl
 
     f32, bf16, f16 = tl.float32, tl.bfloat16, tl.float16
-    out = [("sumsq_partials_kernel", {"DTYPE": d, "CHUNK": 65_536, "BLOCK": 2048}) for d in (f32, bf16, f16)]
+    out = [("sumsq_partials_kernel", {"DTYPE": d, "ALIGNED": a, "CHUNK": 65_536, "BLOCK": 2048})
+           for d, a in ((f32, True), (bf16, True), (f16, True), (bf16, False))]
     out += [("sum_chunks_kernel", {"SQRT": q, "HAS_SCALE": q, "BLOCK": 256}) for q in (True, False)]
-    lars = ["MASTER", "ADAPT", "NESTEROV", "TRUST_CLIP", "MLPERF", "BOUNDS", "MAXIMIZE", "LR_TENSOR", "HAS_SCALE"]
-    for p_dtype, flags in [(f32, "ADAPT MLPERF"), (bf16, " ".join(lars)), (f16, "NESTEROV HAS_SCALE")]:
+    lars = ["MASTER", "ADAPT", "NESTEROV", "TRUST_CLIP", "MLPERF", "BOUNDS", "MAXIMIZE", "LR_TENSOR", "HAS_SCALE",
+            "ALIGNED"]
+    for p_dtype, flags in [(f32, "ADAPT MLPERF ALIGNED"), (bf16, " ".join(lars)), (f16, "NESTEROV HAS_SCALE ALIGNED"),
+                           (f32, "ADAPT")]:
         master = "MASTER" in flags
         v_dtype = f32 if master else p_dtype
         out.append(("lars_update_kernel", {"P_DTYPE": p_dtype, "G_DTYPE": p_dtype, "V_DTYPE": v_dtype,
                                            **{f: f in flags for f in lars}, "CHUNK": 65_536, "BLOCK": 2048}))
     lamb = ["MASTER", "STORE_MOMENTS", "FROM_MOMENTS", "ADAPT", "BIAS_CORRECTION", "DECOUPLED", "TRUST_CLIP",
-            "BOUNDS", "MAXIMIZE", "LR_TENSOR", "HAS_SCALE", "HAS_CLIP"]
-    for p_dtype, pass_, flags in [(f32, 1, "STORE_MOMENTS ADAPT BIAS_CORRECTION"),
-                                  (f32, 2, "STORE_MOMENTS FROM_MOMENTS ADAPT DECOUPLED TRUST_CLIP BOUNDS LR_TENSOR"),
-                                  (bf16, 1, "MASTER STORE_MOMENTS ADAPT HAS_SCALE HAS_CLIP MAXIMIZE"),
-                                  (bf16, 2, "ADAPT DECOUPLED BOUNDS MAXIMIZE"), (f16, 2, "BIAS_CORRECTION")]:
+            "BOUNDS", "MAXIMIZE", "LR_TENSOR", "HAS_SCALE", "HAS_CLIP", "ALIGNED"]
+    for p_dtype, pass_, flags in [(f32, 1, "STORE_MOMENTS ADAPT BIAS_CORRECTION ALIGNED"),
+                                  (f32, 2, "STORE_MOMENTS FROM_MOMENTS ADAPT DECOUPLED TRUST_CLIP BOUNDS LR_TENSOR "
+                                           "ALIGNED"),
+                                  (bf16, 1, "MASTER STORE_MOMENTS ADAPT HAS_SCALE HAS_CLIP MAXIMIZE ALIGNED"),
+                                  (bf16, 2, "ADAPT DECOUPLED BOUNDS MAXIMIZE ALIGNED"),
+                                  (f16, 2, "BIAS_CORRECTION ALIGNED"), (f16, 2, "MASTER")]:
         master = "MASTER" in flags
         out.append(("lamb_kernel", {"P_DTYPE": p_dtype, "G_DTYPE": p_dtype, "S_DTYPE": f32 if master or p_dtype == f32
                                     else p_dtype, "PASS": pass_, **{f: f in flags for f in lamb},
                                     "CHUNK": 65_536, "BLOCK": 2048}))
     return out
+
+
+def _main_arrays(name: str, c: dict) -> tuple[list, list]:
+    """(dtypes loaded, dtypes stored) per element of a full block: the parameter, gradient and state arrays."""
+    import triton.language as tl
+
+    if name == "sumsq_partials_kernel":
+        return [c["DTYPE"]], []
+    w = [tl.float32] if c["MASTER"] else []
+    weights = tl.float32 if c["MASTER"] else c["P_DTYPE"]
+    if name == "lars_update_kernel":
+        return [weights, c["G_DTYPE"], c["V_DTYPE"]], [c["V_DTYPE"], c["P_DTYPE"], *w]
+    loads = [weights, c["S_DTYPE"], c["S_DTYPE"]]
+    loads += [] if c["FROM_MOMENTS"] else [c["G_DTYPE"]]
+    if c["PASS"] == 1:
+        return loads, [c["S_DTYPE"]] * 2 if c["STORE_MOMENTS"] else []
+    return loads, ([] if c["FROM_MOMENTS"] else [c["S_DTYPE"]] * 2) + [c["P_DTYPE"], *w]
+
+
+def _v4_count(dtypes: list, block: int, warps: int) -> int:
+    """128-bit accesses per thread for one block of each array: elements per thread · bytes / 16."""
+    per_thread = block // (32 * warps)
+    return sum(per_thread * d.primitive_bitwidth // 8 // 16 for d in dtypes)
 
 
 _POINTER_TYPES = {"addr_table": "*i64", "numel_ptr": "*i64", "chunk_tensor_ptr": "*i32", "chunk_start_ptr": "*i64",
@@ -123,11 +152,17 @@ _INT_ARGS = {"n_tensors", "row", "n_chunks", "n_out"}
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="this process runs triton's interpreter")
 @pytest.mark.skipif(_TRITON_MISSING is not None, reason=f"triton backend: {_TRITON_MISSING}")
-def test_kernels_compile_for_sm90_without_a_gpu(tmp_path, monkeypatch) -> None:
-    """triton.compile of every specialisation to an sm_90 cubin: the compiled path type-checks and lowers.
+def test_kernels_compile_for_sm90_with_vector_accesses(tmp_path, monkeypatch) -> None:
+    """triton.compile of every specialisation to an sm_90 cubin (no GPU needed): the compiled path type-checks
+    and lowers, which the interpreter (helpers run as plain Python) cannot show.
 
-    The interpreter runs the helpers as plain Python; this catches what only the compiler rejects.
+    And the PTX accesses parameter, gradient and state arrays 128 bits at a time: for an aligned bucket,
+    exactly one ``ld.global.v4`` per 16 bytes per thread of every array a full block loads (4 fp32 or
+    8 bf16/fp16 each), and ``st.global.v4`` likewise for every array it stores; an unaligned bucket has
+    none (its pointers promise nothing).
     """
+    import re
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -135,6 +170,7 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path, monkeypatch) -> None:
     from fastlars.backends.triton import kernels
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    warps = 8
     for name, constexprs in _specialisations():
         fn = getattr(kernels, name)
         signature = {}
@@ -148,8 +184,19 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path, monkeypatch) -> None:
             else:
                 signature[arg] = "fp32"
         compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": 8})
-        assert compiled.asm.get("cubin"), f"{name} {constexprs}: no cubin"
+                                  options={"num_warps": warps})
+        what = f"{name} {constexprs}"
+        assert compiled.asm.get("cubin"), f"{what}: no cubin"
+        if name == "sum_chunks_kernel":
+            continue
+        ptx = compiled.asm["ptx"]
+        loads, stores = _main_arrays(name, constexprs)
+        aligned = constexprs["ALIGNED"]
+        expected = (_v4_count(loads, constexprs["BLOCK"], warps) if aligned else 0,
+                    _v4_count(stores, constexprs["BLOCK"], warps) if aligned else 0)
+        found = (len(re.findall(r"\bld\.global(?:\.[a-z]+)*\.v4\.", ptx)),
+                 len(re.findall(r"\bst\.global(?:\.[a-z]+)*\.v4\.", ptx)))
+        assert found == expected, f"{what}: (ld.global.v4, st.global.v4) = {found}, expected {expected}"
 
 
 # ------------------------------------------------------------------------------------ GPU

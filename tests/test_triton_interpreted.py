@@ -6,9 +6,9 @@ and skips it, with that reason, when it is collected in a process without the in
 
 Covered: every LARS/LAMB option for 30 steps with a changing lr over empty, one-element, odd and
 multi-chunk tensors (params and state compared, fp32 state within harness.STATE_RTOL); fp16/bf16 params
-with and without fp32 master weights;
-fp32 and bf16 params mixed in one group (two dtype buckets); a tensor lr read in the kernels; non-finite
-gradients skipping the whole step; grad_scale unscaling and found_inf skipping in the kernels;
+with and without fp32 master weights; fp32 and bf16 params mixed in one group (two dtype buckets);
+unaligned views (a bucket of their own); a tensor lr read in the kernels; non-finite gradients
+skipping the whole step; grad_scale unscaling and found_inf skipping in the kernels;
 deterministic norms; channels_last params; clear errors; torch.library.opcheck of the three ops; the
 ops inside a torch.compile(fullgraph=True) graph.
 """
@@ -115,6 +115,35 @@ def test_mixed_dtypes_in_one_group_use_one_bucket_each() -> None:
 
     ref, tri = run("reference"), run("triton")
     assert_same_trajectory(ref, tri, torch.bfloat16)
+
+
+@pytest.mark.parametrize("cls,base_lr,options", ALGOS, ids=["lars", "lamb"])
+def test_unaligned_views_get_a_bucket_of_their_own(cls, base_lr, options) -> None:
+    """Params that are views 4 bytes into a buffer (not 16-byte aligned) go to an unaligned bucket (scalar
+    accesses, no alignment promised to the compiler) and still match the reference."""
+    from fastlars.backends.triton import tables
+
+    def run(backend):
+        gen = torch.Generator().manual_seed(0)
+        params = []
+        for i, shape in enumerate(SHAPES):
+            value = torch.randn(shape, generator=gen) * 0.5
+            if i % 2:  # odd entries: a view one fp32 element into a larger buffer
+                value = torch.cat([torch.zeros(1), value.reshape(-1)])[1:].reshape(shape)
+            params.append(torch.nn.Parameter(value))
+        opt = cls(params, lr=base_lr, backend=backend, **options)
+        for t in range(1, 6):
+            for p, g in zip(params, synthetic_grads(params, t)):
+                p.grad = g
+            opt.step()
+        return params, opt
+
+    ref, tri = run("reference"), run("triton")
+    assert_same_trajectory(ref, tri, torch.float32)
+    params = tri[0]
+    flags = {b.aligned: b.index.tolist() for b in tables.buckets([params], triton_ops.CHUNK)}
+    unaligned = [i for i, p in enumerate(params) if p.data_ptr() % tables.ALIGNMENT]
+    assert unaligned and flags[False] == unaligned and set(flags[True]).isdisjoint(unaligned)
 
 
 @pytest.mark.parametrize("cls,base_lr,options", [

@@ -11,6 +11,13 @@ sum over a tensor's chunks (:func:`sum_chunks_kernel`), no atomics.
 
 Skip rule: when ``*found_inf`` is non-zero the update kernels store nothing (masked stores),
 so a GradScaler overflow or a non-finite gradient costs no host synchronisation.
+
+Vector loads: a chunk is walked as full BLOCKs without an element mask, then at most one masked tail
+block. With ALIGNED (every data pointer of the bucket is 16-byte aligned, which the chunk table
+guarantees by bucketing on it) the pointers carry ``tl.multiple_of(ptr, 16)`` and block offsets
+``tl.multiple_of``/``tl.max_contiguous`` hints, so the full blocks compile to 128-bit loads and stores
+(``ld.global.v4``: 4 fp32 or 8 bf16/fp16 per instruction; tests check the sm_90 PTX). The tail block
+keeps element masks (``idx < numel``) and scalar accesses.
 """
 
 from __future__ import annotations
@@ -58,26 +65,58 @@ else:
 
 
 @device_function
-def _typed(addr_table, row, i, n_tensors, DTYPE: tl.constexpr):
-    """Pointer to tensor ``i`` of table row ``row`` (``addr_table`` is int64 [rows, n_tensors])."""
-    return tl.load(addr_table + row * n_tensors + i).to(tl.pointer_type(DTYPE))
+def _typed(addr_table, row, i, n_tensors, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointer to tensor ``i`` of table row ``row`` (``addr_table`` is int64 [rows, n_tensors]);
+    ALIGNED: declared 16-byte aligned (the bucket guarantees it), which 128-bit accesses need."""
+    ptr = tl.load(addr_table + row * n_tensors + i).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@device_function
+def _block_index(base, BLOCK: tl.constexpr):
+    """Element indices ``base + [0, BLOCK)``; base is a multiple of BLOCK (chunk starts are multiples of
+    CHUNK, itself a multiple of BLOCK), which with an aligned pointer makes the block vectorisable."""
+    return tl.max_contiguous(tl.multiple_of(base + tl.arange(0, BLOCK), BLOCK), BLOCK)
+
+
+@device_function
+def _ld(ptr, idx, mask, FULL: tl.constexpr):
+    """ptr[idx] as fp32: a full block loads unmasked (vectorisable), a tail block masked (0 beyond)."""
+    if FULL:
+        x = tl.load(ptr + idx)
+    else:
+        x = tl.load(ptr + idx, mask=mask, other=0.0)
+    return x.to(tl.float32)
+
+
+@device_function
+def _full_len(n, start, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """(elements of this chunk, of which in full blocks): min(n − start, CHUNK) and that rounded down to BLOCK."""
+    n_here = tl.minimum(n - start, CHUNK)
+    return n_here, n_here // BLOCK * BLOCK
 
 
 @triton.jit
 def sumsq_partials_kernel(
     addr_table, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, partial_ptr, n_tensors, row,
-    DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """partial[c] = Σ x² over chunk c of the tensors in table row ``row`` (fp32 accumulation)."""
     c = tl.program_id(0)
     i = tl.load(chunk_tensor_ptr + c)
     start = tl.load(chunk_start_ptr + c)
     n = tl.load(numel_ptr + i)
-    x_ptr = _typed(addr_table, row, i, n_tensors, DTYPE)
+    x_ptr = _typed(addr_table, row, i, n_tensors, DTYPE, ALIGNED)
     acc = tl.zeros([BLOCK], tl.float32)
-    for off in range(0, _trip(tl.minimum(n - start, CHUNK)), BLOCK):
-        idx = start + off + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + idx, mask=idx < n, other=0.0).to(tl.float32)
+    n_here, n_full = _full_len(n, start, CHUNK, BLOCK)
+    for off in range(0, _trip(n_full), BLOCK):
+        x = _ld(x_ptr, _block_index(start + off, BLOCK), None, True)
+        acc += x * x
+    for off in range(_trip(n_full), _trip(n_here), BLOCK):  # the tail: at most one masked block
+        idx = _block_index(start + off, BLOCK)
+        x = _ld(x_ptr, idx, idx < n, False)
         acc += x * x
     tl.store(partial_ptr + c, _block_sum(acc, 0))
 
@@ -119,12 +158,6 @@ def _load_scalars(lr, lr_ptr, inf_ptr, LR_TENSOR: tl.constexpr):
     return lr_v, keep
 
 
-@device_function
-def _store_limit(n, keep):
-    """Elements below this index are stored: n, or 0 when the step is skipped."""
-    return tl.where(keep, n, 0)
-
-
 if INTERPRETED:
 
     def _round(x, DTYPE):
@@ -163,7 +196,7 @@ def lars_update_kernel(
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr, MASTER: tl.constexpr,
     ADAPT: tl.constexpr, NESTEROV: tl.constexpr, TRUST_CLIP: tl.constexpr, MLPERF: tl.constexpr,
     BOUNDS: tl.constexpr, MAXIMIZE: tl.constexpr, LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """LARS on chunk c; table rows: 0 params, 1 grads, 2 momentum buffers, 3 fp32 masters (MASTER).
 
@@ -179,7 +212,6 @@ def lars_update_kernel(
     start = tl.load(chunk_start_ptr + c)
     n = tl.load(numel_ptr + i)
     lr_v, keep = _load_scalars(lr, lr_ptr, inf_ptr, LR_TENSOR)
-    n_store = _store_limit(n, keep)
     if ADAPT:
         j = tl.load(index_ptr + i)
         w_norm = tl.sqrt(tl.load(wsq_ptr + j))
@@ -190,45 +222,67 @@ def lars_update_kernel(
         ratio = _clamp_ratio(r, w_norm, g_norm, lo, hi, BOUNDS)
     else:
         ratio = 1.0
+    inv_scale = 1.0
     if HAS_SCALE:
         inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
-    p_ptr = _typed(addr_table, 0, i, n_tensors, P_DTYPE)
-    g_ptr = _typed(addr_table, 1, i, n_tensors, G_DTYPE)
-    v_ptr = _typed(addr_table, 2, i, n_tensors, V_DTYPE)
+    p_ptr = _typed(addr_table, 0, i, n_tensors, P_DTYPE, ALIGNED)
+    g_ptr = _typed(addr_table, 1, i, n_tensors, G_DTYPE, ALIGNED)
+    v_ptr = _typed(addr_table, 2, i, n_tensors, V_DTYPE, ALIGNED)
     if MASTER:
-        w_ptr = _typed(addr_table, 3, i, n_tensors, tl.float32)
+        w_ptr = _typed(addr_table, 3, i, n_tensors, tl.float32, ALIGNED)
     else:
         w_ptr = p_ptr
-    for off in range(0, _trip(tl.minimum(n - start, CHUNK)), BLOCK):
-        idx = start + off + tl.arange(0, BLOCK)
-        mask = idx < n
-        w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            g = g * inv_scale
-        if MAXIMIZE:
-            g = -g
-        d = g + weight_decay * w
-        if MLPERF:
-            step_d = lr_v * ratio * d
-            v_new = momentum * v + step_d
-            if NESTEROV:
-                update = momentum * v_new + step_d
-            else:
-                update = v_new
+    n_here, n_full = _full_len(n, start, CHUNK, BLOCK)
+    for off in range(0, _trip(n_full), BLOCK):
+        _lars_block(
+            _block_index(start + off, BLOCK), n, keep, p_ptr, g_ptr, v_ptr, w_ptr, lr_v, ratio, inv_scale,
+            momentum, weight_decay, P_DTYPE, V_DTYPE, MASTER, NESTEROV, MLPERF, MAXIMIZE, HAS_SCALE, True,
+        )
+    for off in range(_trip(n_full), _trip(n_here), BLOCK):
+        _lars_block(
+            _block_index(start + off, BLOCK), n, keep, p_ptr, g_ptr, v_ptr, w_ptr, lr_v, ratio, inv_scale,
+            momentum, weight_decay, P_DTYPE, V_DTYPE, MASTER, NESTEROV, MLPERF, MAXIMIZE, HAS_SCALE, False,
+        )
+
+
+@device_function
+def _lars_block(
+    idx, n, keep, p_ptr, g_ptr, v_ptr, w_ptr, lr_v, ratio, inv_scale, momentum, weight_decay,
+    P_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr, MASTER: tl.constexpr, NESTEROV: tl.constexpr,
+    MLPERF: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, FULL: tl.constexpr,
+):
+    """One block of lars_update_kernel: FULL blocks load unmasked and store under ``keep`` alone."""
+    mask = idx < n
+    if FULL:
+        store = keep
+    else:
+        store = idx < tl.where(keep, n, 0)  # n, or 0 when the step is skipped
+    w = _ld(w_ptr, idx, mask, FULL)
+    g = _ld(g_ptr, idx, mask, FULL)
+    v = _ld(v_ptr, idx, mask, FULL)
+    if HAS_SCALE:
+        g = g * inv_scale
+    if MAXIMIZE:
+        g = -g
+    d = g + weight_decay * w
+    if MLPERF:
+        step_d = lr_v * ratio * d
+        v_new = momentum * v + step_d
+        if NESTEROV:
+            update = momentum * v_new + step_d
         else:
-            v_new = momentum * v + ratio * d
-            if NESTEROV:
-                update = lr_v * (momentum * v_new + ratio * d)
-            else:
-                update = lr_v * v_new
-        w_new = w - update
-        store = idx < n_store
-        tl.store(v_ptr + idx, _round(v_new, V_DTYPE), mask=store)
-        tl.store(p_ptr + idx, _round(w_new, P_DTYPE), mask=store)
-        if MASTER:
-            tl.store(w_ptr + idx, w_new, mask=store)
+            update = v_new
+    else:
+        v_new = momentum * v + ratio * d
+        if NESTEROV:
+            update = lr_v * (momentum * v_new + ratio * d)
+        else:
+            update = lr_v * v_new
+    w_new = w - update
+    tl.store(v_ptr + idx, _round(v_new, V_DTYPE), mask=store)
+    tl.store(p_ptr + idx, _round(w_new, P_DTYPE), mask=store)
+    if MASTER:
+        tl.store(w_ptr + idx, w_new, mask=store)
 
 
 @device_function
@@ -267,7 +321,7 @@ def lamb_kernel(
     BIAS_CORRECTION: tl.constexpr, DECOUPLED: tl.constexpr, TRUST_CLIP: tl.constexpr, BOUNDS: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """LAMB on chunk c; table rows: 0 params, 1 grads, 2 exp_avg m, 3 exp_avg_sq v, 4 fp32 masters.
 
@@ -286,7 +340,6 @@ def lamb_kernel(
     start = tl.load(chunk_start_ptr + c)
     n = tl.load(numel_ptr + i)
     lr_v, keep = _load_scalars(lr, lr_ptr, inf_ptr, LR_TENSOR)
-    n_store = _store_limit(n, keep)
     j = tl.load(index_ptr + i)
     if BIAS_CORRECTION:
         bc1 = tl.load(bc1_ptr + j)
@@ -299,6 +352,7 @@ def lamb_kernel(
         g_mul = g_mul / tl.load(scale_ptr).to(tl.float32)
     if MAXIMIZE:
         g_mul = -g_mul
+    clip = 1.0
     if HAS_CLIP:
         clip = tl.load(clip_ptr).to(tl.float32)
     ratio = 1.0
@@ -310,48 +364,78 @@ def lamb_kernel(
             if TRUST_CLIP:
                 r = tl.minimum(r, 1.0)
             ratio = _clamp_ratio(r, w_norm, u_norm, lo, hi, BOUNDS)
-    p_ptr = _typed(addr_table, 0, i, n_tensors, P_DTYPE)
-    g_ptr = _typed(addr_table, 1, i, n_tensors, G_DTYPE)
-    m_ptr = _typed(addr_table, 2, i, n_tensors, S_DTYPE)
-    v_ptr = _typed(addr_table, 3, i, n_tensors, S_DTYPE)
+    p_ptr = _typed(addr_table, 0, i, n_tensors, P_DTYPE, ALIGNED)
+    g_ptr = _typed(addr_table, 1, i, n_tensors, G_DTYPE, ALIGNED)
+    m_ptr = _typed(addr_table, 2, i, n_tensors, S_DTYPE, ALIGNED)
+    v_ptr = _typed(addr_table, 3, i, n_tensors, S_DTYPE, ALIGNED)
     if MASTER:
-        w_ptr = _typed(addr_table, 4, i, n_tensors, tl.float32)
+        w_ptr = _typed(addr_table, 4, i, n_tensors, tl.float32, ALIGNED)
     else:
         w_ptr = p_ptr
     acc_w = tl.zeros([BLOCK], tl.float32)
     acc_u = tl.zeros([BLOCK], tl.float32)
-    for off in range(0, _trip(tl.minimum(n - start, CHUNK)), BLOCK):
-        idx = start + off + tl.arange(0, BLOCK)
-        mask = idx < n
-        store = idx < n_store
-        w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        if FROM_MOMENTS:
-            g = m
-        else:
-            g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32) * g_mul
-            if HAS_CLIP:
-                g = g * clip
-        m_new, v_new, u, w = _lamb_direction(
-            w, g, m, v, lr_v, bc1, bc2, beta1, beta2, beta3, one_minus_beta2, eps, weight_decay, FROM_MOMENTS,
-            DECOUPLED,
+    n_here, n_full = _full_len(n, start, CHUNK, BLOCK)
+    for off in range(0, _trip(n_full), BLOCK):
+        acc_w, acc_u = _lamb_block(
+            _block_index(start + off, BLOCK), n, keep, p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, acc_w, acc_u,
+            lr_v, ratio, bc1, bc2, g_mul, clip, beta1, beta2, beta3, one_minus_beta2, eps, weight_decay,
+            P_DTYPE, S_DTYPE, MASTER, PASS, STORE_MOMENTS, FROM_MOMENTS, DECOUPLED, HAS_CLIP, True,
         )
-        if PASS == 1:
-            u = tl.where(mask, u, 0.0)
-            acc_w += w * w
-            acc_u += u * u
-            if STORE_MOMENTS:
-                tl.store(m_ptr + idx, _round(m_new, S_DTYPE), mask=store)
-                tl.store(v_ptr + idx, _round(v_new, S_DTYPE), mask=store)
-        else:
-            w_new = w - lr_v * ratio * u
-            if not FROM_MOMENTS:
-                tl.store(m_ptr + idx, _round(m_new, S_DTYPE), mask=store)
-                tl.store(v_ptr + idx, _round(v_new, S_DTYPE), mask=store)
-            tl.store(p_ptr + idx, _round(w_new, P_DTYPE), mask=store)
-            if MASTER:
-                tl.store(w_ptr + idx, w_new, mask=store)
+    for off in range(_trip(n_full), _trip(n_here), BLOCK):
+        acc_w, acc_u = _lamb_block(
+            _block_index(start + off, BLOCK), n, keep, p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, acc_w, acc_u,
+            lr_v, ratio, bc1, bc2, g_mul, clip, beta1, beta2, beta3, one_minus_beta2, eps, weight_decay,
+            P_DTYPE, S_DTYPE, MASTER, PASS, STORE_MOMENTS, FROM_MOMENTS, DECOUPLED, HAS_CLIP, False,
+        )
     if PASS == 1:
         tl.store(partial_ptr + c, _block_sum(acc_w, 0))
         tl.store(partial_ptr + n_chunks + c, _block_sum(acc_u, 0))
+
+
+@device_function
+def _lamb_block(
+    idx, n, keep, p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, acc_w, acc_u,
+    lr_v, ratio, bc1, bc2, g_mul, clip, beta1, beta2, beta3, one_minus_beta2, eps, weight_decay,
+    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MASTER: tl.constexpr, PASS: tl.constexpr,
+    STORE_MOMENTS: tl.constexpr, FROM_MOMENTS: tl.constexpr, DECOUPLED: tl.constexpr, HAS_CLIP: tl.constexpr,
+    FULL: tl.constexpr,
+):
+    """One block of lamb_kernel; returns the pass-1 accumulators (Σw'², Σu²) updated.
+
+    FULL blocks load unmasked and store under ``keep`` alone; a tail block masks by ``idx < n``.
+    """
+    mask = idx < n
+    if FULL:
+        store = keep
+    else:
+        store = idx < tl.where(keep, n, 0)  # n, or 0 when the step is skipped
+    w = _ld(w_ptr, idx, mask, FULL)
+    m = _ld(m_ptr, idx, mask, FULL)
+    v = _ld(v_ptr, idx, mask, FULL)
+    if FROM_MOMENTS:
+        g = m
+    else:
+        g = _ld(g_ptr, idx, mask, FULL) * g_mul
+        if HAS_CLIP:
+            g = g * clip
+    m_new, v_new, u, w = _lamb_direction(
+        w, g, m, v, lr_v, bc1, bc2, beta1, beta2, beta3, one_minus_beta2, eps, weight_decay, FROM_MOMENTS,
+        DECOUPLED,
+    )
+    if PASS == 1:
+        if not FULL:
+            u = tl.where(mask, u, 0.0)
+        acc_w += w * w
+        acc_u += u * u
+        if STORE_MOMENTS:
+            tl.store(m_ptr + idx, _round(m_new, S_DTYPE), mask=store)
+            tl.store(v_ptr + idx, _round(v_new, S_DTYPE), mask=store)
+    else:
+        w_new = w - lr_v * ratio * u
+        if not FROM_MOMENTS:
+            tl.store(m_ptr + idx, _round(m_new, S_DTYPE), mask=store)
+            tl.store(v_ptr + idx, _round(v_new, S_DTYPE), mask=store)
+        tl.store(p_ptr + idx, _round(w_new, P_DTYPE), mask=store)
+        if MASTER:
+            tl.store(w_ptr + idx, w_new, mask=store)
+    return acc_w, acc_u

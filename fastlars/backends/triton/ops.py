@@ -102,7 +102,7 @@ def _sumsq_per_tensor(b: tables.Bucket, rows: list[int], out: Tensor, n_out: int
     for k, row in enumerate(rows):
         if b.n_chunks:
             _sumsq((b.n_chunks,), b.addr, b.numel, b.chunk_tensor, b.chunk_start, partial[k * b.n_chunks:],
-                   b.n_tensors, row, DTYPE=_tl(b.dtypes[row]), CHUNK=CHUNK)
+                   b.n_tensors, row, DTYPE=_tl(b.dtypes[row]), ALIGNED=b.aligned, CHUNK=CHUNK)
     kernels.sum_chunks_kernel[(b.n_tensors, len(rows))](
         partial, b.first_chunk, b.index, out, out, b.n_chunks, n_out, SQRT=False, HAS_SCALE=False, BLOCK=REDUCE_BLOCK
     )
@@ -117,7 +117,7 @@ def grad_norms_impl(grads: list[Tensor], grad_scale: Tensor | None) -> Tensor:
         partial = torch.empty(max(b.n_chunks, 1), dtype=torch.float32, device=device)
         if b.n_chunks:
             _sumsq((b.n_chunks,), b.addr, b.numel, b.chunk_tensor, b.chunk_start, partial, b.n_tensors, 0,
-                   DTYPE=_tl(b.dtypes[0]), CHUNK=CHUNK)
+                   DTYPE=_tl(b.dtypes[0]), ALIGNED=b.aligned, CHUNK=CHUNK)
         kernels.sum_chunks_kernel[(b.n_tensors, 1)](
             partial, b.first_chunk, b.index, out, scale, b.n_chunks, len(grads),
             SQRT=True, HAS_SCALE=has_scale, BLOCK=REDUCE_BLOCK,
@@ -156,7 +156,7 @@ def lars_step_impl(
             P_DTYPE=_tl(b.dtypes[0]), G_DTYPE=_tl(b.dtypes[1]), V_DTYPE=_tl(b.dtypes[2]), MASTER=master,
             ADAPT=bool(adapt), NESTEROV=bool(nesterov), TRUST_CLIP=bool(trust_clip), MLPERF=bool(mlperf_momentum),
             BOUNDS=trust_ratio_bounds is not None, MAXIMIZE=bool(maximize), LR_TENSOR=lr_is_tensor,
-            HAS_SCALE=has_scale, CHUNK=CHUNK, BLOCK=UPDATE_BLOCK, num_warps=UPDATE_WARPS,
+            HAS_SCALE=has_scale, ALIGNED=b.aligned, CHUNK=CHUNK, BLOCK=UPDATE_BLOCK, num_warps=UPDATE_WARPS,
         )
     if trust_ratios is not None:
         h = LarsHyper(momentum, weight_decay, trust_coefficient, eps, nesterov, trust_clip,
@@ -207,7 +207,7 @@ def lamb_step_impl(
             STORE_MOMENTS=store_moments, ADAPT=bool(adapt), BIAS_CORRECTION=bool(bias_correction),
             DECOUPLED=bool(decoupled_decay), TRUST_CLIP=bool(trust_clip), BOUNDS=trust_ratio_bounds is not None,
             MAXIMIZE=bool(maximize), LR_TENSOR=lr_is_tensor, HAS_SCALE=has_scale, HAS_CLIP=has_clip,
-            CHUNK=CHUNK, BLOCK=UPDATE_BLOCK, num_warps=UPDATE_WARPS,
+            ALIGNED=b.aligned, CHUNK=CHUNK, BLOCK=UPDATE_BLOCK, num_warps=UPDATE_WARPS,
         )
         table = (b.addr, b.numel, b.chunk_tensor, b.chunk_start, b.index, b.n_tensors)
         if b.dtypes[2] != b.dtypes[3]:

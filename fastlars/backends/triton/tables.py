@@ -1,7 +1,11 @@
 """Host side of the multi-tensor kernels: buckets of same-dtype tensors and their chunk tables.
 
 A *bucket* is the set of entries (parameter i with its gradient, buffers, master) whose storage dtypes
-agree, so one kernel specialisation serves all of them. Its device-side table holds
+agree and whose data pointers are all 16-byte aligned, or not, so one kernel specialisation serves all
+of them: an ``aligned`` bucket guarantees every pointer in its table is a multiple of 16 bytes (and
+chunk starts are multiples of the chunk size), which lets the kernels load and store 128-bit vectors;
+entries with an unaligned view (a storage offset) go to a bucket of their own and take scalar accesses.
+Its device-side table holds
 
 * ``addr``: int64 [lists, n] data pointers (row per list: params, grads, buffers..., masters);
 * ``numel``: int64 [n] element counts;
@@ -33,6 +37,7 @@ class Bucket:
     """One kernel launch's worth of tensors: their device tables and the dtype of each list."""
 
     dtypes: tuple[torch.dtype, ...]
+    aligned: bool
     addr: Tensor
     numel: Tensor
     chunk_tensor: Tensor
@@ -81,19 +86,24 @@ def buckets(lists: list[list[Tensor]], chunk: int) -> list[Bucket]:
     """Split entries i (one tensor from each list) into same-dtype buckets with cached device tables."""
     n = len(lists[0])
     device = lists[0][0].device
-    groups: dict[tuple[torch.dtype, ...], list[int]] = {}
+    groups: dict[tuple[tuple[torch.dtype, ...], bool], list[int]] = {}
     for i in range(n):
         entry = [lst[i] for lst in lists]
         _check_layout(entry, i)
-        groups.setdefault(tuple(t.dtype for t in entry), []).append(i)
-    return [_bucket(lists, dtypes, idx, chunk, device) for dtypes, idx in groups.items()]
+        aligned = all(t.data_ptr() % ALIGNMENT == 0 for t in entry)
+        groups.setdefault((tuple(t.dtype for t in entry), aligned), []).append(i)
+    return [_bucket(lists, dtypes, aligned, idx, chunk, device) for (dtypes, aligned), idx in groups.items()]
 
 
-def _bucket(lists: list[list[Tensor]], dtypes: tuple[torch.dtype, ...], idx: list[int], chunk: int,
+ALIGNMENT = 16
+"""Bytes: an aligned bucket's pointers are multiples of this (one 128-bit vector)."""
+
+
+def _bucket(lists: list[list[Tensor]], dtypes: tuple[torch.dtype, ...], aligned: bool, idx: list[int], chunk: int,
             device: torch.device) -> Bucket:
     ptrs = tuple(tuple(lst[i].data_ptr() for i in idx) for lst in lists)
     numels = tuple(lists[0][i].numel() for i in idx)
-    key = (device, chunk, dtypes, ptrs, numels, tuple(idx))
+    key = (device, chunk, dtypes, aligned, ptrs, numels, tuple(idx))
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     hit = _cache.get(key)
     if hit is not None:
@@ -122,6 +132,7 @@ def _bucket(lists: list[list[Tensor]], dtypes: tuple[torch.dtype, ...], idx: lis
 
     bucket = Bucket(
         dtypes=dtypes,
+        aligned=aligned,
         addr=on_device(list(ptrs), torch.int64),
         numel=on_device(list(numels), torch.int64),
         chunk_tensor=on_device(chunk_tensor or [0], torch.int32),
