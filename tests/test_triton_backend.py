@@ -89,6 +89,23 @@ def test_without_triton_fastlars_imports_and_explains() -> None:
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
+@pytest.mark.skipif(_TRITON_MISSING is not None, reason=f"triton backend: {_TRITON_MISSING}")
+def test_host_lr_tensor_is_refused_during_capture(monkeypatch) -> None:
+    """A CPU lr tensor for CUDA params is read once as a float; during CUDA-graph capture that value would be
+    frozen into the graph, so it is refused with the native op's message (capture faked: no GPU here)."""
+    from fastlars.backends.triton import ops as triton_ops
+
+    dummy = torch.zeros(1)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert triton_ops._lr_args(0.0, torch.tensor(0.25), cuda, dummy)[0] == 0.25  # not capturing: read on the host
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=r"lr_tensor: on the CPU while a CUDA graph is being captured.*frozen"):
+        triton_ops._lr_args(0.0, torch.tensor(0.25), cuda, dummy)
+    assert triton_ops._lr_args(0.5, None, cuda, dummy)[0] == 0.5  # a float lr is a kernel argument: fine
+    assert triton_ops._lr_args(0.0, torch.tensor(0.25), torch.device("cpu"), dummy)[2]  # CPU params: read in-kernel
+
+
 # ------------------------------------------------------- the compiled (GPU) kernels, built without a GPU
 def _specialisations():
     """(kernel name, constexprs) for the compiled paths: every dtype, pass and option flag at least once,

@@ -68,11 +68,16 @@ def _tl(dtype: torch.dtype) -> object:
 _zero_flags: dict[torch.device, Tensor] = {}
 
 
+def _capturing(device: torch.device) -> bool:
+    """True while a CUDA graph is being captured on the current stream (never for CPU tensors)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _flag(found_inf: Tensor | None, device: torch.device) -> Tensor:
     """found_inf as an fp32 scalar on ``device``; a cached zero when there is none."""
     if found_inf is not None:
         return found_inf.to(device=device, dtype=torch.float32).reshape(1)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if _capturing(device):
         return torch.zeros(1, device=device)
     zero = _zero_flags.get(device)
     if zero is None:
@@ -88,10 +93,17 @@ def _scalar(value: Tensor | None, device: torch.device, dummy: Tensor) -> tuple[
 
 
 def _lr_args(lr: float, lr_tensor: Tensor | None, device: torch.device, dummy: Tensor) -> tuple[float, Tensor, bool]:
-    """(lr float, lr tensor, read the tensor?): a tensor lr is read on the device unless it lives on the host."""
+    """(lr float, lr tensor, read the tensor?): a tensor lr is read on the device unless it lives on the host.
+
+    A host tensor is read once, as a float; during CUDA-graph capture that float would be frozen into
+    the graph and later changes of the tensor ignored on replay, so it is refused (as the native op does).
+    """
     if lr_tensor is None:
         return float(lr), dummy, False
     if lr_tensor.device.type == "cpu" and device.type != "cpu":
+        if _capturing(device):
+            raise RuntimeError("triton backend: lr_tensor: on the CPU while a CUDA graph is being captured; its value "
+                               "would be frozen into the graph (put lr on the params' device)")
         return float(lr_tensor), dummy, False  # a host tensor: reading it costs no device sync
     return 0.0, lr_tensor.to(device=device, dtype=torch.float32).reshape(1), True
 
