@@ -36,10 +36,30 @@ pybind11::dict cpu_parallel() {
   const fastlars::cpu::ParallelReport r = fastlars::cpu::parallel_report();
   pybind11::dict out;
   out["runtime"] = r.runtime;
+  out["library"] = r.library;
   out["threads"] = r.threads;
   out["threads_used"] = r.threads_used;
   out["probe_chunks"] = r.probe_chunks;
   return out;
+}
+
+// Seconds per pass of the streaming probe (parallel.h) over x (and y, z for the update modes):
+// contiguous fp32 CPU tensors of one length.
+double stream_pass(const torch::Tensor& x, const std::optional<torch::Tensor>& y,
+                   const std::optional<torch::Tensor>& z, const std::string& mode, int repeats) {
+  const auto check = [&](const torch::Tensor& t, const char* name) -> float* {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous() &&
+                    t.numel() == x.numel(),
+                "stream_pass: ", name, " must be a contiguous float32 CPU tensor of ", x.numel(), " elements");
+    return t.data_ptr<float>();
+  };
+  float* xp = check(x, "x");
+  float* yp = y.has_value() ? check(*y, "y") : nullptr;
+  float* zp = z.has_value() ? check(*z, "z") : nullptr;
+  TORCH_CHECK(mode == "read" || (mode == "update" && zp != nullptr) || (mode == "update2" && yp && zp),
+              "stream_pass: mode 'update' needs z, 'update2' needs y and z");
+  pybind11::gil_scoped_release release;
+  return fastlars::cpu::stream_pass(xp, yp, zp, x.numel(), mode, repeats);
 }
 
 }  // namespace
@@ -52,5 +72,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Instruction set of the CPU element loops in use: avx512, avx2 or baseline (FASTLARS_CPU_ISA caps it).");
   m.def("cpu_parallel", &cpu_parallel,
         "The CPU kernels' parallel runtime ('openmp', 'native' or 'serial'), torch's intra-op thread count, and "
-        "how many distinct threads ran a probe pass through the kernels' chunk loop (threads_used).");
+        "how many distinct threads ran a probe pass through the kernels' chunk loop (threads_used), and the "
+        "shared library providing the OpenMP runtime (library).");
+  m.def("cpu_last_step_threads", &fastlars::cpu::last_step_threads,
+        "Threads that ran chunks of the widest pass of the last fastlars CPU op (0 before any).");
+  m.def("stream_pass", &stream_pass, pybind11::arg("x"), pybind11::arg("y") = pybind11::none(),
+        pybind11::arg("z") = pybind11::none(), pybind11::arg("mode") = "read", pybind11::arg("repeats") = 5,
+        "Streaming-bandwidth probe on the intra-op threads, seconds of the fastest of `repeats` passes. mode "
+        "'read': sum of x^2 (reads x); 'update': x = c*x + z (reads x, z; writes x); 'update2': x = c*x + z, "
+        "y = c*y + z (reads x, y, z; writes x, y).");
 }

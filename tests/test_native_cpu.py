@@ -389,7 +389,7 @@ import sys, torch, fastlars
 from fastlars._extension import extension
 sys.path.insert(0, sys.argv[1])
 from harness import make_params, synthetic_grads, lr_at
-out = {"isa": extension().cpu_isa()}
+out = {"isa": extension().cpu_isa(), "threads": extension().cpu_parallel()["threads_used"]}
 shapes = [(0,), (1,), (7,), (17, 33), (16_385,), (600_000,), (700, 1000), (1031,)]
 for name, cls, lr, opts in [("lars", fastlars.LARS, 1.0, {"weight_decay": 1e-2, "nesterov": True}),
                             ("lamb", fastlars.LAMB, 0.01, {"max_grad_norm": 1.0}),
@@ -420,7 +420,8 @@ def _cpu_flags() -> set[str]:
 
 def test_every_cpu_instruction_set_build_gives_identical_results(tmp_path) -> None:
     """The element loops are built for the baseline, AVX2 and AVX-512 (csrc/cpu/kernels_*.cpp) and picked
-    by the CPU; FASTLARS_CPU_ISA caps the choice. Each build must give bit-identical params and state."""
+    by the CPU; FASTLARS_CPU_ISA caps the choice. Each build must give bit-identical params and state, on 1
+    thread as on 2 (norms are per-chunk partial sums added in chunk order)."""
     import os
     import subprocess
     import sys
@@ -428,16 +429,18 @@ def test_every_cpu_instruction_set_build_gives_identical_results(tmp_path) -> No
     if not {"avx2", "avx512f"} & _cpu_flags():
         pytest.skip("this CPU has neither AVX2 nor AVX-512 (/proc/cpuinfo): only the baseline build can run")
     runs = {}
-    for cap in ("baseline", "avx2", "avx512"):
-        out = tmp_path / f"{cap}.pt"
-        env = {**os.environ, "FASTLARS_CPU_ISA": cap, "OMP_NUM_THREADS": "2"}
+    for cap, threads in (("baseline", 2), ("avx2", 2), ("avx512", 2), ("avx512", 1)):
+        out = tmp_path / f"{cap}_{threads}.pt"
+        env = {**os.environ, "FASTLARS_CPU_ISA": cap, "OMP_NUM_THREADS": str(threads)}
         subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(Path(__file__).parent), str(out)], env=env,
                        check=True, timeout=600)
-        runs[cap] = torch.load(out)
-    isas = [runs[cap]["isa"] for cap in runs]
+        runs[cap, threads] = torch.load(out)
+    isas = [run["isa"] for run in runs.values()]
     assert isas[0] == "baseline" and len(set(isas)) > 1, isas
-    base = runs["baseline"]
-    for run in runs.values():
+    assert [run["threads"] for run in runs.values()] == [2, 2, 2, 1]
+    base = runs["baseline", 2]
+    for (_, threads), run in runs.items():
         for name in ("lars", "lamb", "lamb_decoupled", "lamb_bf16"):
             for i, (a, b) in enumerate(zip(base[name], run[name])):
-                assert torch.equal(a, b), f"{name} tensor {i}: the {run['isa']} build differs from the baseline"
+                assert torch.equal(a, b), (f"{name} tensor {i}: the {run['isa']} build on {threads} threads differs "
+                                           "from the baseline on 2")

@@ -11,10 +11,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <vector>
+
+#include "parallel.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 // AVX2 and baseline (SSE2) copies of a hot loop, picked at load time: the library runs on any x86-64.
@@ -63,12 +66,17 @@ inline float* thread_scratch(int arrays) {
 // pool costs more than the work, and far more when the cores are oversubscribed.
 constexpr int64_t kGrainChunks = 8;
 
+// Each call reports how many threads ran a range of it (parallel.h: last_step_threads); under OpenMP
+// each thread of the team runs at most one range.
 template <typename Body>
 void for_each_chunk(const Chunk* chunks, int64_t count, int arrays, const Body& body) {
+  std::atomic<int> threads{0};
   at::parallel_for(0, count, kGrainChunks, [&](int64_t lo, int64_t hi) {
+    threads.fetch_add(1, std::memory_order_relaxed);
     float* scratch = thread_scratch(arrays);
     for (int64_t c = lo; c < hi; ++c) body(c, chunks[c], scratch);
   });
+  record_pass_threads(threads.load(std::memory_order_relaxed));
 }
 
 template <typename Body>

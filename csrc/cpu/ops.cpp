@@ -25,6 +25,7 @@
 #include "kernels.h"
 #include "tensor_groups.h"
 #include "multi_tensor.h"
+#include "parallel.h"
 
 namespace fastlars::cpu {
 namespace {
@@ -148,6 +149,7 @@ void store_weight(const StepTensors& ts, const Chunk& c, const float* w) {
 
 // ------------------------------------------------------------------------------------ ops
 at::Tensor grad_norms_cpu(at::TensorList grads, const std::optional<at::Tensor>& grad_scale) {
+  begin_step_record();
   const size_t n = grads.size();
   std::vector<Slot> slots;
   std::vector<int64_t> numels;
@@ -181,6 +183,7 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
                    bool adapt, std::optional<at::ArrayRef<double>> trust_ratio_bounds, bool maximize,
                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                    const std::optional<at::Tensor>& trust_ratios) {
+  begin_step_record();
   if (params.empty()) return;
   const StepTensors ts = step_tensors(params, grads, {{momentum_buffers, "momentum_buffers"}}, master_params);
   const size_t n = params.size();
@@ -246,6 +249,7 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    bool trust_clip, bool adapt, std::optional<at::ArrayRef<double>> trust_ratio_bounds, bool maximize,
                    const std::optional<at::Tensor>& clip_coef, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& trust_ratios) {
+  begin_step_record();
   if (params.empty()) return;
   const StepTensors ts =
       step_tensors(params, grads, {{exp_avgs, "exp_avgs"}, {exp_avg_sqs, "exp_avg_sqs"}}, master_params);
