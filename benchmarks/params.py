@@ -3,7 +3,9 @@
 torchvision models are built on the meta device (no memory, no initialisation); BERT and GPT-2 are
 written out from their published architectures (no transformers dependency). Every set's count is
 checked against the published parameter count (tests/test_benchmarks_params.py). `tiny` is a
-synthetic few-tensor set for smoke tests, with no published count.
+synthetic few-tensor set for smoke tests; `small_cnn` (8 tensors) and `resnet50_small` (161 tensors of
+a few hundred elements) time the host overhead of a step, where memory traffic is negligible. These
+three have no published count.
 """
 
 from __future__ import annotations
@@ -48,6 +50,18 @@ def gpt2_shapes(layers: int, hidden: int, vocab: int = 50257, positions: int = 1
     return [*shapes, (h,), (h,)]
 
 
+def small_cnn_shapes() -> list[Shape]:
+    """The parameters of train.models.small_cnn(10): two bias-free 3×3 convs with BatchNorm, one linear
+    layer (8 tensors, 5K parameters)."""
+    return [(16, 3, 3, 3), (16,), (16,), (32, 16, 3, 3), (32,), (32,), (10, 32), (10,)]
+
+
+def resnet50_small_shapes() -> list[Shape]:
+    """ResNet-50's 161 tensors in its order, channel counts (the first two dims) divided by 64 and at
+    least 1, kernel sizes kept: ~11K parameters, the per-tensor cost of a deep network."""
+    return [tuple(max(1, d // 64) if i < 2 else d for i, d in enumerate(s)) for s in _torchvision_shapes("resnet50")]
+
+
 @dataclass(frozen=True)
 class ParamSet:
     """A model's parameter shapes and its published parameter count (with the source); `published` is
@@ -72,6 +86,8 @@ PARAM_SETS: dict[str, ParamSet] = {s.name: s for s in (
     ParamSet("bert_large", lambda: bert_shapes(24, 1024, 4096), 335_141_888, "HF bert-large-uncased BertModel"),
     ParamSet("gpt2_xl", lambda: gpt2_shapes(48, 1600), 1_557_611_200, "HF gpt2-xl GPT2Model"),
     ParamSet("tiny", lambda: [(64, 32, 3, 3), (64,), (64,), (10, 64), (10,)], None, "synthetic (smoke tests)"),
+    ParamSet("small_cnn", small_cnn_shapes, None, "train.models.small_cnn(10), 8 tensors (host overhead)"),
+    ParamSet("resnet50_small", resnet50_small_shapes, None, "ResNet-50's 161 tensors, channels / 64 (host overhead)"),
 )}
 
 

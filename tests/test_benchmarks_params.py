@@ -57,3 +57,17 @@ def test_bf16_without_masters_counts_half_width_weights_and_grads() -> None:
     state = state_lists(opt, params, ("exp_avg", "exp_avg_sq"))
     per_elem = 2 + 2 + 2 * state["exp_avg"][0].element_size() + 2 + 2 * state["exp_avg"][0].element_size()
     assert compulsory_bytes(params, state, masters(opt, params)) == per_elem * 20
+
+
+def test_small_cnn_set_is_the_trainers_model() -> None:
+    from train.models import small_cnn
+
+    assert PARAM_SETS["small_cnn"].shapes() == [tuple(p.shape) for p in small_cnn(10).parameters()]
+
+
+def test_resnet50_small_set_has_resnet50s_tensors_scaled_down() -> None:
+    pytest.importorskip("torchvision")
+    small, full = PARAM_SETS["resnet50_small"].shapes(), PARAM_SETS["resnet50"].shapes()
+    assert len(small) == len(full) == 161
+    assert all(len(s) == len(f) and s[2:] == f[2:] for s, f in zip(small, full))
+    assert PARAM_SETS["resnet50_small"].count() < 20_000
