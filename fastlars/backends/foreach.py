@@ -2,15 +2,22 @@
 
 Same formulas as :mod:`fastlars.backends.reference` (see there), computed in fp32 over whole tensor
 lists: a handful of multi-tensor launches per stage instead of a dozen launches per tensor. The
-per-tensor trust ratios are computed as one vector and broadcast back as 0-d tensors.
+per-tensor factors (trust ratios, bias corrections) are computed as one vector; off the CPU each is
+expanded into one flat buffer whose pieces have the tensors' shapes (:func:`per_tensor`), so that the
+multi-tensor op that applies it takes its fast path: a list of 0-d tensors would cost one launch per
+tensor. A step is then a fixed number of launches whatever the tensor count (tests/test_foreach_ops.py
+counts them), at the price of one fp32 element per parameter element per factor, written and read once.
 
 Skipping (``found_inf``): a flag on the CPU is read directly, which costs no device synchronisation;
 a flag on an accelerator (or any flag while torch.compile traces) is applied with a per-tensor
-``torch.where`` so nothing waits on the device (foreach has no masked copy).
+``torch.where`` so nothing waits on the device (foreach has no masked copy, and every foreach op
+propagates the NaN of a skipped step's gradients): the one part of a step whose launch count grows
+with the tensor count.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -31,6 +38,40 @@ def norms(tensors: list[Tensor]) -> Tensor:
     if tensors[0].device.type == "cpu":
         return torch.stack([l2_norm(t) for t in tensors])
     return torch.stack(torch._foreach_norm(tensors, dtype=torch.float32))
+
+
+def per_tensor(values: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """``out[i]`` = a tensor shaped like ``like[i]`` filled with ``values[i]`` (fp32), for multi-tensor ops.
+
+    Off the CPU (outside torch.compile): one ``repeat_interleave`` into a flat buffer of Σ numel(like[i])
+    elements, split into views, so that ``_foreach_mul(like, out)`` takes the fast path (equal shapes): a
+    fixed number of launches. On the CPU, or while torch.compile traces (Inductor fuses the broadcast),
+    the 0-d elements of ``values``: no buffer (the CPU has no launches to save). A ``like[i]`` that is not
+    contiguous (channels_last) still gets correct results, on the per-tensor path.
+    """
+    values = values.to(torch.float32)
+    if like[0].device.type == "cpu" or torch.compiler.is_compiling():
+        return list(values.unbind(0))
+    return expand_per_tensor(values, like)
+
+
+def expand_per_tensor(values: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """``per_tensor``'s flat form on any device: contiguous views of one buffer, ``out[i]`` shaped like
+    ``like[i]`` and filled with ``values[i]``."""
+    numels = tuple(t.numel() for t in like)
+    flat = torch.repeat_interleave(values, _repeats(like[0].device, numels)[1], output_size=sum(numels))
+    return [piece.view(t.shape) for piece, t in zip(flat.split(numels), like)]
+
+
+@functools.lru_cache(maxsize=64)
+def _repeats(device: torch.device, numels: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """(host, device) copies of the element counts, made once per tensor list: a pinned host tensor
+    moved without waiting, so no step synchronises with the device. The host copy is kept alive with
+    the device one because a CUDA graph captured around the first use replays the copy from it."""
+    host = torch.tensor(numels, dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host, host.to(device, non_blocking=True)
 
 
 def grad_norms(grads: list[Tensor], grad_scale: Tensor | None) -> Tensor:
@@ -75,12 +116,11 @@ def lars_step(
         _commit([trust_ratios], [ratios], found_inf)
     v = torch._foreach_mul(_as_fp32(momentum_buffers), h.momentum)
     if h.momentum_style == "mlperf":
-        scaled = list((lr * ratios).unbind(0))
-        step_d = torch._foreach_mul(d, scaled)
+        step_d = torch._foreach_mul(d, per_tensor(lr * ratios, d))
         torch._foreach_add_(v, step_d)
         update = torch._foreach_add(step_d, v, alpha=h.momentum) if h.nesterov else v
     else:
-        ratio_list = list(ratios.unbind(0))
+        ratio_list = per_tensor(ratios, d)
         torch._foreach_addcmul_(v, d, ratio_list)
         if h.nesterov:
             update = torch._foreach_mul(d, ratio_list)
@@ -130,10 +170,8 @@ def lamb_step(
     torch._foreach_addcmul_(v, g, g, value=1.0 - h.beta2)
     if h.bias_correction:
         t = torch.stack([s.to(w[0].device, torch.float32).reshape(()) for s in steps])
-        bc1 = list((1.0 - h.beta1**t).unbind(0))
-        bc2 = list((1.0 - h.beta2**t).unbind(0))
-        m_hat = torch._foreach_div(m, bc1)
-        denom = torch._foreach_sqrt(torch._foreach_div(v, bc2))
+        m_hat = torch._foreach_div(m, per_tensor(1.0 - h.beta1**t, m))
+        denom = torch._foreach_sqrt(torch._foreach_div(v, per_tensor(1.0 - h.beta2**t, v)))
     else:
         m_hat = m
         denom = torch._foreach_sqrt(v)
@@ -153,7 +191,7 @@ def lamb_step(
     ratios = lamb_trust_ratio(w_norms, u_norms, h).expand(len(params))
     if trust_ratios is not None:
         _commit([trust_ratios], [ratios], found_inf)
-    torch._foreach_mul_(u, list((lr * ratios).unbind(0)))
+    torch._foreach_mul_(u, per_tensor(lr * ratios, u))
     w_new = torch._foreach_sub(w, u)
     _commit(exp_avgs, m, found_inf)
     _commit(exp_avg_sqs, v, found_inf)
