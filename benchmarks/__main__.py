@@ -1,12 +1,14 @@
 """`python -m benchmarks`: one optimizer step of fastlars and its peers on real models' parameter sets.
 
-    python -m benchmarks                                   # CPU: ResNet-50 and BERT-base, LAMB and LARS, fp32
+    python -m benchmarks                                   # CPU: ResNet-50 and BERT-base, LAMB and LARS, fp32,
+                                                           # on all threads and on 1 (thread scaling)
     python -m benchmarks --device cuda --params resnet50,bert_large --dtype fp32,bf16+master
     python -m benchmarks --share --share-batches 1,4,16    # optimizer share of a ResNet-50 training step
 
-Prints a Markdown table (median step time with min–max, GB/s of compulsory traffic, % of the device's
-measured copy bandwidth, speed-up over each peer) and writes JSON (machine, versions, commit), the
-Markdown and a PNG under --out.
+Prints a Markdown table (median step time with min–max, GB/s of compulsory traffic, % of the CPU's
+streaming roofline and of the copy bandwidth, CPU/wall time, speed-up over each peer, thread scaling,
+host overhead on the small sets) and writes JSON (machine, versions, commit), the Markdown and a PNG
+under --out.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ import fastlars
 from benchmarks.cases import PEERS, unavailable_peers
 from benchmarks.params import PARAM_SETS
 from benchmarks.share import optimizer_share, share_markdown, share_plot
-from benchmarks.suite import DTYPES, machine, markdown, run, write
+from benchmarks.suite import DTYPES, machine, markdown, run, thread_counts, write
 from benchmarks.targets import evaluate
+
+CPU_SETS = "resnet50,bert_base,small_cnn,resnet50_small"  # the last two: host overhead per step
+CUDA_SETS = "resnet50,bert_large"
 
 
 def _list(value: str, allowed: list[str] | tuple[str, ...], flag: str) -> list[str]:
@@ -40,11 +45,14 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--params", default=None, help=f"comma-separated sets: {', '.join(PARAM_SETS)} "
-                   "(default: resnet50,bert_base on CPU, resnet50,bert_large on CUDA)")
+                   f"(default: {CPU_SETS} on CPU, {CUDA_SETS} on CUDA)")
     p.add_argument("--optim", default="lamb,lars", help="lamb, lars or both (comma-separated)")
     p.add_argument("--dtype", default="fp32", help=f"comma-separated: {', '.join(DTYPES)}")
     p.add_argument("--backends", default=None, help="fastlars backends (default: every one usable on the device)")
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated: {', '.join(PEERS)}, or 'none'")
+    p.add_argument("--threads", default=None,
+                   help="comma-separated torch.set_num_threads counts, 'all' = the current count (default: "
+                   "'all,1' on CPU, for the thread-scaling table; the current count on CUDA)")
     p.add_argument("--repeat", type=int, default=20, help="timed steps per case (after warm-up)")
     p.add_argument("--budget", type=float, default=30.0,
                    help="seconds of timed steps per case at most (slow peers get fewer repeats, never < 5)")
@@ -84,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--image-size: at least 64 (ResNet-50's last stage needs 2×2 maps for batch 1)")
     usable = fastlars.available_backends(device)
     try:
-        sets = _list(args.params or ("resnet50,bert_base" if device.type == "cpu" else "resnet50,bert_large"),
+        sets = _list(args.params or (CPU_SETS if device.type == "cpu" else CUDA_SETS),
                      list(PARAM_SETS), "--params")
         optims = _list(args.optim, ("lamb", "lars"), "--optim")
         dtypes = _list(args.dtype, list(DTYPES), "--dtype")
@@ -92,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         peers = () if args.peers == "none" else tuple(_list(args.peers, PEERS, "--peers"))
     except argparse.ArgumentTypeError as exc:
         p.error(str(exc))
+    try:
+        counts = thread_counts(args.threads, device)
+    except ValueError as exc:
+        p.error(f"--threads: {exc}")
     for name in ("reference", "foreach", "native", "triton"):
         if name not in usable:
             print(f"fastlars.{name}: not measured: {fastlars.backends.unavailable_reason(name, device)}")
@@ -116,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     not_measured = {**{f"fastlars.{b}": fastlars.backends.unavailable_reason(b, device)
                        for b in ("reference", "foreach", "native", "triton") if b not in usable},
                     **{p_: r for p_, r in skipped.items() if p_ in requested}}
-    result = run(device, sets, optims, dtypes, backends, peers, args.repeat, args.budget,
+    result = run(device, sets, optims, dtypes, backends, peers, args.repeat, args.budget, threads=counts,
                  on_row=lambda partial: write({**partial, "not_measured": not_measured}, out, f"step_{stem}",
                                               with_plot=False))
     result["not_measured"] = not_measured

@@ -3,10 +3,17 @@
 Compulsory bytes of one step: read w (the fp32 master when kept), g and every state buffer; write w
 (master and param when kept) and every state buffer. fp32 LAMB/AdamW: 28 B per element; LARS/SGD
 with momentum: 20 B. Achieved bandwidth = compulsory bytes / median step time.
+
+The CPU roofline is the best streaming bandwidth measured on the threads in use by the native probe
+fastlars._C.stream_pass (fastest of its repeats) over arrays far beyond the caches, for three
+read/write mixes: a read-only sum (4 B per element), an in-place x = c·x + z (12 B) and two
+in-place arrays fed by a third (20 B, the traffic mix of a momentum step), with torch's in-place
+x += y as a fourth. A step that moves its compulsory bytes cannot beat the best of them.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -25,6 +32,7 @@ class Timing:
     low: float
     high: float
     repeats: int
+    cpu_over_wall: float | None = None  # process CPU time / wall time over the timed repeats (CPU only)
 
 
 def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 3,
@@ -59,10 +67,13 @@ def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: i
         times = [start.elapsed_time(end) for start, end in events]
     else:
         times = []
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+        cpu_over_wall = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
+        return Timing(statistics.median(times), min(times), max(times), repeats, cpu_over_wall)
     return Timing(statistics.median(times), min(times), max(times), repeats)
 
 
@@ -86,6 +97,55 @@ def inplace_bandwidth_gbs(device: torch.device, nbytes: int | None = None, repea
     y = torch.ones_like(x)
     timing = time_ms(lambda: x.add_(y), device, repeats, warmup=2)
     return 3 * nbytes / (timing.median * 1e-3) / 1e9
+
+
+STREAM_MIXES = {"read": 4, "update": 12, "update2": 20}  # bytes moved per element by each probe mode
+
+
+def stream_bandwidths_gbs(nbytes: int = 256 << 20, repeats: int = 5) -> dict[str, float]:
+    """GB/s of each fastlars._C.stream_pass mix (STREAM_MIXES) on torch.get_num_threads() threads over
+    fp32 arrays of `nbytes` each (fastest of `repeats` passes), plus torch's in-place x += y
+    ("torch_inplace"). Without the compiled extension only the latter."""
+    from fastlars._extension import extension
+
+    out = {"torch_inplace": inplace_bandwidth_gbs(torch.device("cpu"), nbytes, repeats)}
+    ext = extension()
+    if ext is None or not hasattr(ext, "stream_pass"):
+        return out
+    n = nbytes // 4
+    x, y, z = torch.ones(n), torch.ones(n), torch.ones(n)
+    for mode, per_element in STREAM_MIXES.items():
+        ext.stream_pass(x, y, z, mode=mode, repeats=1)  # first touch, page faults
+        seconds = ext.stream_pass(x, y, z, mode=mode, repeats=repeats)
+        out[mode] = per_element * n / seconds / 1e9
+    return out
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the CPU's largest cache level (Linux sysfs), 0 when unknown."""
+    sizes = []
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for index in os.listdir(base):
+            try:
+                with open(f"{base}/{index}/size") as f:
+                    text = f.read().strip()
+            except OSError:
+                continue
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * scale)
+    except (OSError, ValueError):
+        return 0
+    return max(sizes, default=0)
+
+
+def roofline_fraction(gb_per_s: float, roofline_gbs: float | None, nbytes: int, cache_bytes: int) -> float | None:
+    """Achieved / roofline bandwidth, or None where the roofline does not bound the row: no roofline
+    measured, or compulsory bytes within 4× the last-level cache (a step over a cache-resident set is
+    not memory-bound, and the row measures host overhead)."""
+    if not roofline_gbs or nbytes <= 4 * cache_bytes:
+        return None
+    return gb_per_s / roofline_gbs
 
 
 def _bytes(tensors: list[Tensor]) -> int:

@@ -18,7 +18,14 @@ import torch
 
 import fastlars
 from benchmarks.cases import Case, fastlars_case, one_wave_case, peer_cases
-from benchmarks.measure import copy_bandwidth_gbs, inplace_bandwidth_gbs, time_ms
+from benchmarks.measure import (
+    copy_bandwidth_gbs,
+    inplace_bandwidth_gbs,
+    last_level_cache_bytes,
+    roofline_fraction,
+    stream_bandwidths_gbs,
+    time_ms,
+)
 from benchmarks.params import PARAM_SETS, make_params
 from benchmarks.targets import evaluate, targets_markdown
 from fastlars.env import cpu_name
@@ -44,6 +51,9 @@ class Row:
     fraction_of_inplace: float | None = None
     repeats: int | None = None
     skipped: str | None = None
+    threads: int | None = None  # torch.get_num_threads() while timed (None in results before issue 21)
+    cpu_over_wall: float | None = None  # process CPU time / wall time while timed (CPU only)
+    fraction_of_roofline: float | None = None  # of the best streaming bandwidth on `threads` threads
 
 
 def machine(device: torch.device) -> dict[str, Any]:
@@ -87,83 +97,215 @@ def plan(optim: str, backends: list[str], peers: tuple[str, ...], device: torch.
     return ours + peer_cases(optim, peers)
 
 
+def thread_counts(spec: str | None, device: torch.device) -> list[int]:
+    """--threads: comma-separated counts or 'all' (torch.get_num_threads() at start); default 'all,1' on
+    the CPU (the thread-scaling table), the current count on a GPU. Largest first, no repeats."""
+    full = torch.get_num_threads()
+    if spec is None:
+        spec = "all,1" if device.type == "cpu" else "all"
+    counts = []
+    for item in spec.split(","):
+        n = full if item.strip() == "all" else int(item)
+        if n < 1:
+            raise ValueError(f"thread count {n} < 1")
+        counts.append(n)
+    return sorted(set(counts), reverse=True)
+
+
+def rooflines(device: torch.device, counts: list[int], log: Any = print) -> dict[str, dict[str, float]]:
+    """Per thread count (as a string key, for JSON): each streaming mix's GB/s and "best", their maximum
+    (the CPU roofline, benchmarks.measure). Empty on a GPU."""
+    if device.type != "cpu":
+        return {}
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for n in counts:
+            torch.set_num_threads(n)
+            mixes = stream_bandwidths_gbs()
+            out[str(n)] = {**mixes, "best": max(mixes.values())}
+            log(f"cpu, {n} thread(s): streaming " + ", ".join(f"{k} {v:.1f}" for k, v in mixes.items())
+                + f" GB/s; roofline {out[str(n)]['best']:.1f} GB/s")
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
 def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[str], backends: list[str],
         peers: tuple[str, ...], repeats: int, budget_s: float | None = None, log: Any = print,
-        on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Every (set, dtype, optim, case), one after the other in this process; JSON-ready result.
-    `budget_s` caps the timed seconds of a slow case (see time_ms); `on_row` gets the result so far
+        on_row: Callable[[dict[str, Any]], None] | None = None, threads: list[int] | None = None) -> dict[str, Any]:
+    """Every (threads, set, dtype, optim, case), one after the other in this process; JSON-ready result.
+    `threads`: torch.set_num_threads for each pass over the cases, largest first (default: the current
+    count). `budget_s` caps the timed seconds of a slow case (see time_ms); `on_row` gets the result so far
     (with "partial": True) after every row, so an interrupted run keeps what it measured."""
+    counts = threads or [torch.get_num_threads()]
     copy_bw = copy_bandwidth_gbs(device)
     inplace_bw = inplace_bandwidth_gbs(device)
     log(f"{device}: copy bandwidth {copy_bw:.1f} GB/s, in-place x += y bandwidth {inplace_bw:.1f} GB/s")
+    roofs = rooflines(device, counts, log)
+    cache = last_level_cache_bytes() if device.type == "cpu" else 0
     result: dict[str, Any] = {"machine": machine(device), "copy_bandwidth_gbs": copy_bw,
-                              "inplace_bandwidth_gbs": inplace_bw, "repeats": repeats, "budget_s": budget_s,
-                              "partial": True, "rows": []}
-    for set_name in sets:
-        shapes = PARAM_SETS[set_name].shapes()
-        for dtype_name in dtypes:
-            dtype, master = DTYPES[dtype_name]
-            for optim in optims:
-                for case in plan(optim, backends, peers, device):
-                    row = Row(set_name, dtype_name, optim, case.implementation, case.peer)
-                    params = make_params(shapes, dtype, device)
-                    try:
-                        step, bytes_of = case.factory(params, master)
-                        timing = time_ms(step, device, repeats, budget_s=budget_s)
-                    except Exception as exc:
-                        row.skipped = f"{type(exc).__name__}: {exc}"[:200]
-                    else:
-                        row.ms_median, row.ms_min, row.ms_max = timing.median, timing.low, timing.high
-                        row.compulsory_bytes = bytes_of()
-                        row.gb_per_s = row.compulsory_bytes / (timing.median * 1e-3) / 1e9
-                        row.fraction_of_copy = row.gb_per_s / copy_bw
-                        row.fraction_of_inplace = row.gb_per_s / inplace_bw
-                        row.repeats = timing.repeats
-                    result["rows"].append(asdict(row))
-                    log(line(row))
-                    if on_row is not None:
-                        on_row(result)
-                    step = bytes_of = params = None
-                    gc.collect()
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                              "inplace_bandwidth_gbs": inplace_bw, "rooflines_gbs": roofs,
+                              "last_level_cache_bytes": cache, "thread_counts": counts, "repeats": repeats,
+                              "budget_s": budget_s, "partial": True, "rows": []}
+    before = torch.get_num_threads()
+    try:
+        for n in counts:
+            torch.set_num_threads(n)
+            roof = roofs.get(str(n), {}).get("best")
+            for set_name in sets:
+                shapes = PARAM_SETS[set_name].shapes()
+                for dtype_name in dtypes:
+                    dtype, master = DTYPES[dtype_name]
+                    for optim in optims:
+                        for case in plan(optim, backends, peers, device):
+                            row = Row(set_name, dtype_name, optim, case.implementation, case.peer, threads=n)
+                            _measure(row, case, shapes, dtype, master, device, repeats, budget_s, copy_bw,
+                                     inplace_bw, roof, cache)
+                            result["rows"].append(asdict(row))
+                            log(line(row))
+                            if on_row is not None:
+                                on_row(result)
+    finally:
+        torch.set_num_threads(before)
+    if roofs:  # probed again after the rows: the roofline is the best of both probes
+        result["rooflines_gbs"] = merge_rooflines(roofs, rooflines(device, counts, log))
+        apply_rooflines(result)
     result["partial"] = False
     return result
 
 
+def merge_rooflines(*probes: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per thread count and mix, the highest GB/s of several probes; "best" = the highest mix."""
+    merged: dict[str, dict[str, float]] = {}
+    for probe in probes:
+        for n, mixes in probe.items():
+            into = merged.setdefault(n, {})
+            for mix, gbs in mixes.items():
+                into[mix] = max(into.get(mix, 0.0), gbs)
+    for mixes in merged.values():
+        mixes["best"] = max(v for k, v in mixes.items() if k != "best")
+    return merged
+
+
+def apply_rooflines(result: dict[str, Any]) -> None:
+    """Sets every row's fraction_of_roofline from result["rooflines_gbs"] of its thread count, and lists
+    the rows above 100% in result["over_roofline"] (the probe then under-measured the machine, e.g.
+    under load: such a row is reported, never capped)."""
+    roofs = result.get("rooflines_gbs") or {}
+    cache = result.get("last_level_cache_bytes") or 0
+    over = []
+    for r in result["rows"]:
+        if r["skipped"] or r.get("threads") is None:
+            continue
+        best = roofs.get(str(r["threads"]), {}).get("best")
+        r["fraction_of_roofline"] = roofline_fraction(r["gb_per_s"], best, r["compulsory_bytes"], cache)
+        if r["fraction_of_roofline"] is not None and r["fraction_of_roofline"] > 1.0:
+            over.append(f"{r['param_set']} {r['dtype']} {r['optim']} {r['implementation']} on {r['threads']} "
+                        f"thread(s): {100 * r['fraction_of_roofline']:.0f}%")
+    result["over_roofline"] = over
+
+
+def _measure(row: Row, case: Case, shapes: list, dtype: torch.dtype, master: bool, device: torch.device,
+             repeats: int, budget_s: float | None, copy_bw: float, inplace_bw: float, roof: float | None,
+             cache: int) -> None:
+    """Times one case into `row` (or records why it was skipped), then frees its tensors."""
+    params = make_params(shapes, dtype, device)
+    try:
+        step, bytes_of = case.factory(params, master)
+        timing = time_ms(step, device, repeats, budget_s=budget_s)
+    except Exception as exc:
+        row.skipped = f"{type(exc).__name__}: {exc}"[:200]
+    else:
+        row.ms_median, row.ms_min, row.ms_max = timing.median, timing.low, timing.high
+        row.compulsory_bytes = bytes_of()
+        row.gb_per_s = row.compulsory_bytes / (timing.median * 1e-3) / 1e9
+        row.fraction_of_copy = row.gb_per_s / copy_bw
+        row.fraction_of_inplace = row.gb_per_s / inplace_bw
+        row.fraction_of_roofline = roofline_fraction(row.gb_per_s, roof, row.compulsory_bytes, cache)
+        row.cpu_over_wall = timing.cpu_over_wall
+        row.repeats = timing.repeats
+    step = bytes_of = params = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def line(r: Row) -> str:
-    head = f"{r.param_set:<10} {r.dtype:<11} {r.optim:<4} {r.implementation:<40}"
+    head = f"{r.param_set:<10} {r.dtype:<11} {r.optim:<4} {r.implementation:<40} {r.threads or '':>2}t"
     if r.skipped:
         return f"{head} skipped: {r.skipped}"
-    return (f"{head} {r.ms_median:9.2f} ms ({r.ms_min:.2f}–{r.ms_max:.2f}, n={r.repeats})  {r.gb_per_s:6.1f} GB/s  "
-            f"{100 * r.fraction_of_copy:5.1f}% of copy")
+    return (f"{head} {_ms(r.ms_median):>9} ms ({_ms(r.ms_min)}–{_ms(r.ms_max)}, n={r.repeats})  {r.gb_per_s:6.1f} GB/s"
+            f"  {_pct(r.fraction_of_roofline):>5} of roofline  CPU/wall {_ratio(r.cpu_over_wall)}")
+
+
+def _ms(ms: float) -> str:
+    return f"{ms:.2f}" if ms >= 10 else f"{ms:.3g}"
+
+
+def _pct(fraction: float | None) -> str:
+    return "—" if fraction is None else f"{100 * fraction:.0f}%"
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def main_threads(result: dict[str, Any]) -> int | None:
+    """The thread count of the main tables: the run's largest (None for results without thread counts)."""
+    counts = result.get("thread_counts")
+    return max(counts) if counts else None
+
+
+def main_rows(result: dict[str, Any]) -> list[Row]:
+    """Rows timed on the main thread count (every row of a result from before thread counts)."""
+    full = main_threads(result)
+    return [Row(**r) for r in result["rows"] if full is None or r.get("threads") in (None, full)]
+
+
+def _header(result: dict[str, Any]) -> list[str]:
+    m = result["machine"]
+    text = [f"Machine: {m['device']} ({m.get('cpus', '')} CPUs, {m['threads']} threads)" if m["device_type"] == "cpu"
+            else f"Machine: {m['device']}", f"torch {m['torch']}, fastlars {m['fastlars']}, commit {m['commit'][:10]}, "
+            f"{m['date_utc']}; copy bandwidth {result['copy_bandwidth_gbs']:.1f} GB/s (2 B per copied byte), in-place "
+            f"x += y {result.get('inplace_bandwidth_gbs', float('nan')):.1f} GB/s (3 B per element byte); "
+            f"{result['repeats']} timed steps per case (n: fewer for slow cases, at least 3), median (min–max)"
+            + (f"; load average at start {', '.join(f'{x:.1f}' for x in m['loadavg_1_5_15min_at_start'])} "
+               "(1, 5, 15 min)" if "loadavg_1_5_15min_at_start" in m else "")]
+    roofs = result.get("rooflines_gbs") or {}
+    if roofs:
+        text.append("Roofline = the best streaming bandwidth of fastlars._C.stream_pass on the same threads (fastest "
+                    "pass; read-only sum 4 B/element, in-place x = c·x + z 12 B, two in-place arrays and one read "
+                    "20 B) and torch's x += y: " + "; ".join(
+                        f"{n} thread(s) {v['best']:.1f} GB/s (" + ", ".join(
+                            f"{k} {g:.1f}" for k, g in v.items() if k != "best") + ")" for n, v in roofs.items())
+                    + f". % of roofline is left out (—) for sets within 4× the last-level cache "
+                    f"({result.get('last_level_cache_bytes', 0) >> 20} MiB): those steps measure host overhead. "
+                    "CPU/wall = process CPU time / wall time while timed (all threads busy: = threads).")
+    return [*text, ""]
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """Per (set, dtype, optim): a table of every implementation, then fastlars' speed-up over each peer
-    (peer median / fastlars median)."""
-    m = result["machine"]
+    """Per (set, dtype, optim) on the main thread count: a table of every implementation, then fastlars'
+    speed-up over each peer (peer median / fastlars median); then host overhead per step for the sets
+    that fit in cache, the thread-scaling table and the issues' targets."""
     out = ["**Partial run: interrupted before every case was measured.**", ""] if result.get("partial") else []
-    out += [f"Machine: {m['device']} ({m.get('cpus', '')} CPUs, {m['threads']} threads)" if m["device_type"] == "cpu"
-           else f"Machine: {m['device']}", f"torch {m['torch']}, fastlars {m['fastlars']}, commit {m['commit'][:10]}, "
-           f"{m['date_utc']}; copy bandwidth {result['copy_bandwidth_gbs']:.1f} GB/s (2 B per copied byte), in-place "
-           f"x += y {result.get('inplace_bandwidth_gbs', float('nan')):.1f} GB/s (3 B per element byte); "
-           f"{result['repeats']} timed steps per case (n: fewer for slow cases, at least 3), median (min–max)"
-           + (f"; load average at start {', '.join(f'{x:.1f}' for x in m['loadavg_1_5_15min_at_start'])} (1, 5, 15 min)"
-              if "loadavg_1_5_15min_at_start" in m else ""), ""]
-    rows = [Row(**r) for r in result["rows"]]
+    out += _header(result)
+    rows = main_rows(result)
     keys = list(dict.fromkeys((r.param_set, r.dtype, r.optim) for r in rows))
+    full = main_threads(result)
     for key in keys:
         group = [r for r in rows if (r.param_set, r.dtype, r.optim) == key]
-        out += [f"**{key[0]}, {key[1]}, {key[2].upper()}**", "",
-                "| implementation | step time ms (n) | GB/s | % of copy | % of in-place |", "|---|---:|---:|---:|---:|"]
+        out += [f"**{key[0]}, {key[1]}, {key[2].upper()}**" + (f" ({full} threads)" if full else ""), "",
+                "| implementation | step time ms (n) | GB/s | % of roofline | % of copy | CPU/wall |",
+                "|---|---:|---:|---:|---:|---:|"]
         for r in group:
             if r.skipped:
-                out.append(f"| {r.implementation} | skipped: {r.skipped} | | | |")
+                out.append(f"| {r.implementation} | skipped: {r.skipped} | | | | |")
             else:
-                inplace = f"{100 * r.fraction_of_inplace:.0f}%" if r.fraction_of_inplace is not None else ""
-                out.append(f"| {r.implementation} | {r.ms_median:.2f} ({r.ms_min:.2f}–{r.ms_max:.2f}, {r.repeats}) | "
-                           f"{r.gb_per_s:.1f} | {100 * r.fraction_of_copy:.0f}% | {inplace} |")
+                out.append(f"| {r.implementation} | {_ms(r.ms_median)} ({_ms(r.ms_min)}–{_ms(r.ms_max)}, {r.repeats}) "
+                           f"| {r.gb_per_s:.1f} | {_pct(r.fraction_of_roofline)} | {100 * r.fraction_of_copy:.0f}% | "
+                           f"{_ratio(r.cpu_over_wall)} |")
         ours = [r for r in group if not r.peer and not r.skipped]
         peers = [r for r in group if r.peer and not r.skipped]
         if ours and peers:
@@ -173,12 +315,61 @@ def markdown(result: dict[str, Any]) -> str:
                 out.append(f"| {r.implementation} | " + " | ".join(f"{p.ms_median / r.ms_median:.2f}×" for p in peers)
                            + " |")
         out.append("")
+    if result.get("over_roofline"):
+        out += ["**Rows above the roofline (the bandwidth probe under-measured; rerun on a quiet machine):** "
+                + "; ".join(result["over_roofline"]), ""]
+    out += host_overhead_markdown(result)
+    out += scaling_markdown(result)
     if result.get("not_measured"):
         out += ["Not measured: " + "; ".join(f"{k} ({v})" for k, v in result["not_measured"].items()), ""]
     targets = targets_markdown(evaluate(result))
     if targets:
         out += ["Targets of the issues (fp32):", "", targets, ""]
     return "\n".join(out)
+
+
+def host_overhead_markdown(result: dict[str, Any]) -> list[str]:
+    """Per step µs of every implementation on the sets within 4× the last-level cache (the per-step host
+    cost: Python, validation, launches), one column per set and optim."""
+    cache = result.get("last_level_cache_bytes") or 0
+    small = [r for r in main_rows(result) if not r.skipped and r.compulsory_bytes is not None
+             and r.compulsory_bytes <= 4 * cache]
+    if not small:
+        return []
+    columns = list(dict.fromkeys((r.param_set, r.dtype, r.optim) for r in small))
+    names = list(dict.fromkeys(r.implementation for r in small))
+    cell = {(r.param_set, r.dtype, r.optim, r.implementation): r for r in small}
+    out = ["**Host overhead: µs per step on cache-resident sets (median)**", "",
+           "| implementation | " + " | ".join(f"{s} {d} {o.upper()}" for s, d, o in columns) + " |",
+           "|---|" + "---:|" * len(columns)]
+    for name in names:
+        values = [cell.get((*c, name)) for c in columns]
+        out.append(f"| {name} | " + " | ".join("" if v is None else f"{1000 * v.ms_median:.0f}" for v in values) + " |")
+    return [*out, ""]
+
+
+def scaling_markdown(result: dict[str, Any]) -> list[str]:
+    """Each implementation at the fewest and the most threads of the run: step times, speed-up, CPU/wall
+    and % of the roofline on each count (empty for a run on one thread count)."""
+    counts = result.get("thread_counts") or []
+    if len(counts) < 2:
+        return []
+    lo, hi = min(counts), max(counts)
+    rows = [Row(**r) for r in result["rows"] if not r["skipped"]]
+    at = {(r.param_set, r.dtype, r.optim, r.implementation, r.threads): r for r in rows}
+    out = [f"**Thread scaling: {lo} vs {hi} threads (torch.set_num_threads)**", "",
+           f"| set | optim | implementation | ms, {lo} thr | ms, {hi} thr | speed-up | CPU/wall, {lo} thr | "
+           f"CPU/wall, {hi} thr | % roofline, {lo} thr | % roofline, {hi} thr |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key in dict.fromkeys((r.param_set, r.dtype, r.optim, r.implementation) for r in rows):
+        a, b = at.get((*key, lo)), at.get((*key, hi))
+        if a is None or b is None:
+            continue
+        dtype = "" if key[1] == "fp32" else f" {key[1]}"
+        out.append(f"| {key[0]}{dtype} | {key[2].upper()} | {key[3]} | {_ms(a.ms_median)} | {_ms(b.ms_median)} | "
+                   f"{a.ms_median / b.ms_median:.2f}× | {_ratio(a.cpu_over_wall)} | {_ratio(b.cpu_over_wall)} | "
+                   f"{_pct(a.fraction_of_roofline)} | {_pct(b.fraction_of_roofline)} |")
+    return [*out, ""]
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -188,7 +379,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [Row(**r) for r in result["rows"] if not r["skipped"]]
+    rows = [r for r in main_rows(result) if not r.skipped]
     keys = list(dict.fromkeys((r.param_set, r.dtype, r.optim) for r in rows))
     fig, axes = plt.subplots(len(keys), 1, figsize=(8, 1.2 + 0.45 * max(len(rows) // max(len(keys), 1), 3) * len(keys)),
                              squeeze=False)

@@ -79,6 +79,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stream_pass", &stream_pass, pybind11::arg("x"), pybind11::arg("y") = pybind11::none(),
         pybind11::arg("z") = pybind11::none(), pybind11::arg("mode") = "read", pybind11::arg("repeats") = 5,
         "Streaming-bandwidth probe on the intra-op threads, seconds of the fastest of `repeats` passes. mode "
-        "'read': sum of x^2 (reads x); 'update': x = c*x + z (reads x, z; writes x); 'update2': x = c*x + z, "
+        "'read': sum of x (reads x); 'update': x = c*x + z (reads x, z; writes x); 'update2': x = c*x + z, "
         "y = c*y + z (reads x, y, z; writes x, y).");
 }

@@ -10,8 +10,9 @@ import torch
 
 import fastlars
 from benchmarks.__main__ import main
-from benchmarks.suite import markdown
-from benchmarks.targets import ADAMW, SGD, evaluate
+from benchmarks.measure import roofline_fraction
+from benchmarks.suite import apply_rooflines, markdown, merge_rooflines, thread_counts
+from benchmarks.targets import ADAMW, COMPILED, SGD, evaluate
 
 
 def test_cli_tiny_run_writes_every_backend_and_peer(tmp_path, capsys) -> None:
@@ -35,12 +36,27 @@ def test_cli_tiny_run_writes_every_backend_and_peer(tmp_path, capsys) -> None:
     assert (json_path.with_suffix(".png")).stat().st_size > 0
     table = json_path.with_suffix(".md").read_text()
     assert "| fastlars.native |" in table and "speed-up over" in table and "copy bandwidth" in table
+    # default on the CPU: every case on all threads and on 1; CPU/wall recorded; the roofline probed per count
+    counts = sorted({torch.get_num_threads(), 1}, reverse=True)
+    assert result["thread_counts"] == counts
+    assert {r["threads"] for r in result["rows"]} == set(counts)
+    assert all(r["cpu_over_wall"] > 0 for r in result["rows"] if not r["skipped"])
+    for n in counts:
+        mixes = result["rooflines_gbs"][str(n)]
+        assert set(mixes) >= {"read", "update", "update2", "torch_inplace", "best"}
+        assert mixes["best"] == max(v for k, v in mixes.items() if k != "best") > 0
+    # the tiny set fits in cache: no roofline fraction, listed as host overhead instead
+    assert all(r["fraction_of_roofline"] is None for r in result["rows"]) and result["over_roofline"] == []
+    assert "Host overhead" in table
+    assert ("Thread scaling" in table) == (len(counts) > 1)
 
 
 @pytest.mark.parametrize("flags,message", [(["--params", "resnet51"], "--params: unknown"),
                                            (["--optim", "adam"], "--optim: unknown"),
                                            (["--backends", "warp"], "--backends: unknown"),
                                            (["--repeat", "1"], "--repeat: at least 3"),
+                                           (["--threads", "0"], "--threads"),
+                                           (["--threads", "two"], "--threads"),
                                            (["--share", "--share-batches", "1,x"], "--share-batches")])
 def test_cli_flag_errors_name_the_flag(flags, message, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
@@ -65,7 +81,9 @@ def test_cpu_targets_are_ratios_of_the_medians() -> None:
     assert got == {"resnet50 fp32: LAMB native / AdamW(fused) step time": (round(10 / 9, 4), True),
                    "resnet50 fp32: timm Lamb / LAMB native step time": (5.0, False),
                    "resnet50 fp32: LARS native / AdamW(fused) step time": (round(8 / 9, 4), True),
-                   "resnet50 fp32: LARS native / SGD(fused) step time": (round(8 / 8.5, 4), True)}
+                   "resnet50 fp32: LARS native / SGD(fused) step time": (round(8 / 8.5, 4), True),
+                   "resnet50 fp32: LARS native / SGD(fused) step time (21)": (round(8 / 8.5, 4), True),
+                   "resnet50 fp32: LAMB native / AdamW(fused) step time (21)": (round(10 / 9, 4), True)}
     text = markdown(result)
     assert "| fastlars.native | 0.90× | 5.00× |" in text  # speed-up = peer median / ours
     assert "| resnet50 fp32: timm Lamb / LAMB native step time | 5.00 | >= 6.0 | no |" in text
@@ -84,3 +102,56 @@ def test_cli_share_writes_table_json_and_plot(tmp_path, capsys) -> None:
         assert r["share"] == pytest.approx(r["step_ms"] / (r["step_ms"] + r["forward_backward_ms"]))
     assert next(tmp_path.glob("share_lars_cpu_*.png")).stat().st_size > 0
     assert "| 1 |" in capsys.readouterr().out
+
+
+def test_thread_counts_largest_first() -> None:
+    full = torch.get_num_threads()
+    assert thread_counts(None, torch.device("cpu")) == sorted({full, 1}, reverse=True)
+    assert thread_counts("1,all,1", torch.device("cpu")) == sorted({full, 1}, reverse=True)
+    assert thread_counts(None, torch.device("cuda")) == [full]
+
+
+def _big_row(implementation: str, threads: int, gb_per_s: float, nbytes: int = 10**9, optim: str = "lars",
+             ms: float = 10.0, cpu_over_wall: float = 1.9, peer: bool = True) -> dict:
+    return {"param_set": "resnet50", "dtype": "fp32", "optim": optim, "implementation": implementation, "peer": peer,
+            "ms_median": ms, "ms_min": ms, "ms_max": ms, "compulsory_bytes": nbytes, "gb_per_s": gb_per_s,
+            "fraction_of_copy": 0.5, "fraction_of_inplace": 0.5, "repeats": 5, "skipped": None, "threads": threads,
+            "cpu_over_wall": cpu_over_wall, "fraction_of_roofline": None}
+
+
+def test_roofline_is_the_best_mix_and_rows_above_it_are_reported_not_capped() -> None:
+    start = {"2": {"read": 40.0, "update": 45.0, "update2": 30.0, "torch_inplace": 44.0}, "1": {"read": 20.0}}
+    end = {"2": {"read": 38.0, "update": 50.0, "update2": 31.0, "torch_inplace": 20.0}, "1": {"read": 25.0}}
+    roofs = merge_rooflines(start, end)
+    assert roofs["2"] == {"read": 40.0, "update": 50.0, "update2": 31.0, "torch_inplace": 44.0, "best": 50.0}
+    assert roofs["1"]["best"] == 25.0
+    rows = [_big_row("fastlars.native", 2, 40.0, peer=False), _big_row(SGD, 2, 55.0),
+            _big_row("fastlars.native", 1, 20.0, peer=False), _big_row(SGD, 1, 10.0),
+            _big_row("fastlars.native", 2, 40.0, nbytes=1000, peer=False) | {"param_set": "small_cnn"}]
+    result = {"machine": {"device_type": "cpu", "device": "x", "cpus": 2, "threads": 2, "torch": "t",
+                          "fastlars": "f", "commit": "c" * 10, "date_utc": "d"},
+              "copy_bandwidth_gbs": 2.0, "inplace_bandwidth_gbs": 3.0, "repeats": 5, "rows": rows,
+              "rooflines_gbs": roofs, "last_level_cache_bytes": 32 << 20, "thread_counts": [2, 1]}
+    apply_rooflines(result)
+    assert [r["fraction_of_roofline"] for r in rows] == [0.8, 1.1, 0.8, 0.4, None]
+    assert result["over_roofline"] == [f"resnet50 fp32 lars {SGD} on 2 thread(s): 110%"]
+    text = markdown(result)
+    assert "Rows above the roofline" in text and "| 110% |" in text  # shown as measured, never capped
+    assert "Thread scaling: 1 vs 2 threads" in text
+    assert "| resnet50 | LARS | fastlars.native | 10.00 | 10.00 | 1.00× | 1.90 | 1.90 | 80% | 80% |" in text
+    assert "Host overhead" in text and "| fastlars.native | 10000 |" in text  # µs per step of the small set
+    assert roofline_fraction(10.0, None, 10**9, 0) is None and roofline_fraction(10.0, 20.0, 10**9, 0) == 0.5
+
+
+def test_issue21_targets_use_the_full_thread_count() -> None:
+    rows = [_big_row("fastlars.native", 2, 1.0, ms=16.0, peer=False), _big_row(COMPILED, 2, 1.0, ms=20.0),
+            _big_row(SGD, 2, 1.0, ms=14.0), _big_row("fastlars.native", 1, 1.0, ms=30.0, peer=False),
+            _big_row(SGD, 1, 1.0, ms=28.0), _big_row("fastlars.native", 2, 1.0, ms=22.0, optim="lamb", peer=False),
+            _big_row(ADAMW, 2, 1.0, ms=15.0, optim="lamb", cpu_over_wall=1.5)]
+    result = {"machine": {"device_type": "cpu"}, "rows": rows, "thread_counts": [2, 1]}
+    got = {e["label"]: (round(e["value"], 4), e["met"]) for e in evaluate(result)}
+    assert got["resnet50 fp32: LARS native / compiled reference step time"] == (0.8, True)
+    assert got["resnet50 fp32: LARS native / SGD(fused) step time (21)"] == (round(16 / 14, 4), True)
+    assert got["resnet50 fp32: LAMB native / AdamW(fused) step time (21)"] == (round(22 / 15, 4), True)
+    assert got["resnet50 fp32: LARS native CPU/wall"] == (1.9, True)
+    assert "bert_base fp32: LARS native CPU/wall" not in got  # no bert_base rows measured

@@ -47,7 +47,8 @@ struct ElementKernels {
   void (*lamb_moments_only)(float* m, float* v, const float* g, int64_t n, const LambArgs& a);
   // Moments and update in one pass (a group that does not adapt: step is lr).
   void (*lamb_full)(float* w, float* m, float* v, const float* g, int64_t n, const LambArgs& a, float step);
-  // Bandwidth probe (not a step): x ← c·x + z, and y ← c·y + z unless y is null.
+  // Bandwidth probes (not a step): Σx; x ← c·x + z, and y ← c·y + z unless y is null.
+  float (*stream_sum)(const float* x, int64_t n);
   void (*stream_update)(float* x, float* y, const float* z, int64_t n, float c);
 };
 

@@ -82,7 +82,7 @@ double stream_pass(float* x, float* y, float* z, int64_t n, const std::string& m
     const auto t0 = std::chrono::steady_clock::now();
     for_each_chunk(chunks, 0, [&](int64_t k, const Chunk& c, float*) {
       if (m == 0) {
-        partials[k] = kernels.sum_of_squares(x + c.begin, c.size);
+        partials[k] = kernels.stream_sum(x + c.begin, c.size);
       } else {
         kernels.stream_update(x + c.begin, m == 2 ? y + c.begin : nullptr, z + c.begin, c.size, 0.5f);
       }

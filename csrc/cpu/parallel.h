@@ -26,7 +26,7 @@ void begin_step_record();
 void record_pass_threads(int threads);
 
 // Streaming-bandwidth probe of the benchmarks' roofline: `repeats` passes over fp32 arrays of n
-// elements on the intra-op pool, chunked as the kernels are. mode "read": Σx² (reads x); "update":
+// elements on the intra-op pool, chunked as the kernels are. mode "read": Σx (reads x); "update":
 // x = c·x + z in place (reads x, z; writes x); "update2": x = c·x + z and y = c·y + z in place (reads
 // x, y, z; writes x, y: the traffic of a momentum step). Returns the fastest pass's seconds.
 double stream_pass(float* x, float* y, float* z, int64_t n, const std::string& mode, int repeats);
