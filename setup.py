@@ -60,8 +60,16 @@ def _want_cuda() -> bool:
     return possible
 
 
+def _cuda_include_dirs() -> list[str]:
+    """The toolkit's headers first, then the nvidia-* wheels' as a fallback for headers the toolkit lacks
+    (torch's CUDA headers include cusparse.h, ...); CUDAExtension would put the toolkit after ours."""
+    home = os.environ.get("CUDA_HOME", "")
+    toolkit = [str(Path(home) / "include")] if _has_runtime_header(home) else []
+    return toolkit + _nvidia_wheel_includes()
+
+
 def _nvidia_wheel_includes() -> list[str]:
-    """Headers (cusparse.h, ...) that torch's CUDA headers include come from the nvidia-* wheels."""
+    """Headers (cusparse.h, ...) that torch's CUDA headers include, from the nvidia-* wheels."""
     dirs = []
     for entry in sys.path:
         base = Path(entry) / "nvidia"
@@ -110,7 +118,7 @@ def _extensions() -> tuple[list, dict]:
         ext = CUDAExtension(
             "fastlars._C",
             sources,
-            include_dirs=include_dirs + _nvidia_wheel_includes(),
+            include_dirs=include_dirs + _cuda_include_dirs(),
             define_macros=[("FASTLARS_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "-fmad=false"]},
             extra_link_args=omp_link,
