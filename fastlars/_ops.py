@@ -10,7 +10,8 @@ Ops (all tensors of one call on one device; maths of fastlars.backends.reference
 * ``grad_norms(grads, grad_scale) -> Tensor``: out[i] = ||grads[i]|| / grad_scale, fp32, deterministic.
 * ``lars_step_(params, grads, momentum_buffers, master_params, grad_norms, lr, lr_tensor, ...)``:
   one LARS update in place; ``master_params`` empty means none; ``lr_tensor`` (read on the device)
-  replaces ``lr`` when given; nothing is written when ``found_inf`` is non-zero.
+  replaces ``lr`` when given; nothing is written when ``found_inf`` is non-zero. The CPU kernel also
+  takes an empty ``grad_norms``: it then computes ||g|| itself, in the pass that reads w for ||w||.
 * ``lamb_step_(params, grads, exp_avgs, exp_avg_sqs, master_params, steps, lr, lr_tensor, ...)``:
   one LAMB update in place; ``clip_coef`` multiplies the gradients (global clip); same skip rule.
 

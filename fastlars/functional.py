@@ -89,7 +89,11 @@ def lars_step(
     )
     impl = backends.load(backends.resolve(backend, params[0].device))
     if grad_norms is None:
-        grad_norms = impl.grad_norms(grads, grad_scale)
+        folds = getattr(impl, "folds_grad_norms", None)
+        if folds is not None and folds(params[0].device):  # ||g|| beside ||w|| in the kernel's norm pass
+            grad_norms = torch.empty(0, dtype=torch.float32, device=params[0].device)
+        else:
+            grad_norms = impl.grad_norms(grads, grad_scale)
     extra = {} if weight_norms is None else {"weight_norms": _needs_foreach(impl, "weight_norms", weight_norms)}
     if trust_ratios is not None:
         extra["trust_ratios"] = trust_ratios

@@ -444,3 +444,51 @@ def test_every_cpu_instruction_set_build_gives_identical_results(tmp_path) -> No
             for i, (a, b) in enumerate(zip(base[name], run[name])):
                 assert torch.equal(a, b), (f"{name} tensor {i}: the {run['isa']} build on {threads} threads differs "
                                            "from the baseline on 2")
+
+
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True), (torch.float16, False)],
+                         ids=str)
+@pytest.mark.parametrize("scale", [None, 1024.0], ids=["unscaled", "scaled"])
+def test_lars_folded_grad_norms_match_the_separate_pass(dtype, master, scale) -> None:
+    """An empty grad_norms makes lars_step_ take ||g|| in its norm pass beside ||w|| (one read of the
+    gradients less): params, momentum, masters and trust ratios bit-identical to the separate grad_norms
+    op, for every shape (empty, one, odd, several chunks, groups of many tensors) and grad_scale."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [*SHAPES, (300_001,), *[(1000,)] * 40]
+    base = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [(torch.randn(s, generator=gen) * (scale or 1.0)).to(dtype) for s in shapes]
+    grad_scale = None if scale is None else torch.tensor(scale)
+
+    def run(norms):
+        params = [b.to(dtype, copy=True) for b in base]
+        buffers = [torch.zeros(s, dtype=torch.float32 if master else dtype) for s in shapes]
+        masters = [b.clone() for b in base] if master else []
+        ratios = torch.empty(len(shapes))
+        torch.ops.fastlars.lars_step_(params, grads, buffers, masters, norms, 0.5, None, 0.9, 1e-2, 1e-3, 0.0, True,
+                                      False, True, True, None, False, grad_scale, None, ratios)
+        return [*params, *buffers, *masters, ratios]
+
+    separate = run(torch.ops.fastlars.grad_norms(grads, grad_scale))
+    folded = run(torch.empty(0))
+    assert all(torch.equal(a, b) for a, b in zip(separate, folded))
+    assert not torch.equal(separate[-1], torch.ones(len(shapes)))  # the ratios did adapt
+
+
+def test_lars_with_a_grad_scaler_reads_the_gradients_once_less(monkeypatch) -> None:
+    """With a GradScaler its found_inf is the skip flag, so the CPU LARS step computes no separate
+    gradient norms (the kernel folds them into its norm pass); without one it must, before any write."""
+    from fastlars.backends import native
+
+    calls = []
+    real = native.grad_norms
+    monkeypatch.setattr(native, "grad_norms", lambda *a: calls.append(1) or real(*a))
+    params = make_params(SHAPES, torch.float32)
+    opt = fastlars.LARS(params, lr=1.0, weight_decay=1e-2, backend="native")
+    for p, g in zip(params, synthetic_grads(params, 1)):
+        p.grad = g
+    opt.step()
+    assert len(calls) == 1
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(torch.ones(()))
+    scaler.step(opt)
+    assert len(calls) == 1

@@ -36,6 +36,12 @@ def _bounds(bounds: tuple[float, float] | None) -> list[float] | None:
     return None if bounds is None else [float(bounds[0]), float(bounds[1])]
 
 
+def folds_grad_norms(device: torch.device) -> bool:
+    """Whether lars_step computes ||g|| itself when given no grad_norms (the CPU kernels do, in the pass
+    that reads w for ||w||, so the gradients are read from memory once less)."""
+    return device.type == "cpu"
+
+
 def grad_norms(grads: list[Tensor], grad_scale: Tensor | None) -> Tensor:
     """Per-tensor fp32 L2 norms of grads / grad_scale, one deterministic multi-tensor launch."""
     return torch.ops.fastlars.grad_norms(grads, grad_scale)

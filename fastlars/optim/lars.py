@@ -98,6 +98,12 @@ class LARS(TrustRatioOptimizer):
         if group["nesterov"] and group["momentum"] == 0:
             raise ValueError("nesterov: Nesterov momentum requires momentum > 0")
 
+    def _needs_grad_norms(self, scaler_found_inf: Tensor | None, work: list[GroupWork]) -> bool:
+        # Without a GradScaler the norms give the skip flag, so every one is needed before any write. A
+        # GradScaler's found_inf already covers every gradient: then functional.lars_step lets kernels that
+        # can (the CPU's) take ||g|| in the pass that reads w for ||w||, one read of the gradients less.
+        return scaler_found_inf is None or self.stats_group is not None
+
     def _update_group(
         self,
         item: GroupWork,
