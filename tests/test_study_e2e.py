@@ -333,6 +333,16 @@ def test_imagenet_preset_prints_the_torchrun_plan(capsys: pytest.CaptureFixture[
     assert not (tmp_path / "cache").exists()
 
 
+def test_device_batch_accumulates_on_a_cpu_preset(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """--device-batch on a CPU preset plans the same runs with accumulation over fixed micro-batches (and
+    BatchNorm over them); only a multi-GPU preset turns a plain invocation into a printed torchrun plan."""
+    assert main(["--preset", "quick", "--out", str(tmp_path), "--device-batch", "32", "--plan"]) == 0
+    text = capsys.readouterr().out
+    assert "--global-batch 512 " in text and "--global-batch 64 " in text
+    assert "--device-batch 32" in text and "--device-batch 64" not in text
+    assert not PRESETS["quick"].multi_gpu and PRESETS["imagenet"].multi_gpu
+
+
 @pytest.mark.parametrize(("argv", "match"), [
     (["--optimizers", "adam"], "no optimizer 'adam'"),
     (["--batches", "16,x"], "--batches"),
@@ -340,6 +350,7 @@ def test_imagenet_preset_prints_the_torchrun_plan(capsys: pytest.CaptureFixture[
     (["--seeds", "0"], "--seeds"),
     (["--confidence", "1.5"], "--confidence"),
     (["--max-lr-extensions", "-1"], "--max-lr-extensions"),
+    (["--device-batch", "0"], "--device-batch"),
 ])
 def test_bad_arguments_exit_with_a_clear_message(argv: list[str], match: str | None, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:

@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, help="epoch budget; overrides the preset")
     p.add_argument("--optimizers", help="comma-separated subset of the preset's optimizers")
     p.add_argument("--batches", help="comma-separated subset of global batch sizes")
+    p.add_argument("--device-batch", type=int,
+                   help="images per micro-batch: larger global batches accumulate gradients and BatchNorm "
+                        "normalises over this fixed micro-batch (default: the preset's; none: the whole batch)")
     p.add_argument("--seeds", type=int, help="seeds per (optimizer, batch, LR): 0 … N−1 (default: the preset's)")
     p.add_argument("--lars-recipe", choices=LARS_RECIPES,
                    help="LARS LR and warmup rule of the preset's 'lars' (default: the preset's)")
@@ -74,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--epochs must be positive, got {args.epochs}")
     if args.jobs is not None and args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.device_batch is not None and args.device_batch < 1:
+        p.error(f"--device-batch must be at least 1, got {args.device_batch}")
     if args.seeds is not None and args.seeds < 1:
         p.error(f"--seeds must be at least 1, got {args.seeds}")
     if args.max_lr_extensions is not None and args.max_lr_extensions < 0:
@@ -139,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     if args.epochs is not None:
         preset = dataclasses.replace(preset, epochs=args.epochs)
+    if args.device_batch is not None:
+        preset = dataclasses.replace(preset, device_batch=args.device_batch)
     if args.seeds is not None:
         preset = dataclasses.replace(preset, seeds=tuple(range(args.seeds)))
     if args.max_lr_extensions is not None:
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = _rank()
     log = print if rank == 0 else (lambda _msg: None)
     engine = sweep.resolve_engine()
-    multi_gpu = preset.device_batch is not None
+    multi_gpu = preset.multi_gpu
     if data is not None and not multi_gpu and data != "default" and not Path(data).expanduser().exists():
         raise SystemExit(f"--data {data} does not exist; for the fashion preset run `make fashion` (it installs "
                          "Debian's dataset-fashion-mnist, or says which four files to put where) or pass --data FOLDER")

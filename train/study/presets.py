@@ -124,7 +124,9 @@ class Preset:
     whole training set. `train_size` fixes the training-set size where the data need not be present
     to plan (ImageNet-1k); otherwise it is counted from the data. `fixed_steps` is the step budget
     of the fixed-step runs. `device_batch`
-    caps the per-device batch; larger global batches accumulate gradients. `train` holds the
+    caps the per-device batch; larger global batches accumulate gradients, and BatchNorm's statistics
+    are then those of a fixed micro-batch of at most `device_batch` images. `multi_gpu`: the preset
+    is meant for torchrun (a single process prints its plan instead of training). `train` holds the
     remaining trainer-config fields (model, data, loader, ...), applied to every run.
     """
 
@@ -142,6 +144,7 @@ class Preset:
     batches: tuple[int, ...] | None = None
     diffusion_batches: tuple[int, ...] | None = None
     device_batch: int | None = None
+    multi_gpu: bool = False
     decay: str = "poly"
     poly_power: float = 2.0
     label_smoothing: float = 0.1
@@ -388,6 +391,7 @@ PRESETS: dict[str, Preset] = {
         smallest_batch=1024,
         diffusion_batches=(1024, 8192, 65536),
         device_batch=256,
+        multi_gpu=True,
         train_size=1_281_167,
         train={"model": "resnet50", "loader": "dali", "amp": "bf16", "channels_last": True, "workers": 8},
     ),
