@@ -51,28 +51,28 @@ def fastlars_case(algorithm: str, backend: str) -> Case:
     return Case(f"fastlars.{backend}", False, factory)
 
 
-def one_wave_case(algorithm: str) -> Case:
-    """fastlars native CUDA with FASTLARS_CUDA_WAVE_BYTES=0: one wave per kernel-argument table (fewest
-    launches, no L2 reuse between the two passes), to measure what the L2-sized waves buy."""
+def native_plan_case(algorithm: str, plan: str) -> Case:
+    """fastlars native CUDA under FASTLARS_CUDA_PLAN=``plan`` (csrc/cuda/launch_plan.h): "wave" closes a
+    launch group at half the L2 so pass 2 re-reads from L2 (many launches), "onepass" only when the
+    kernel-argument table is full (3 launches per step for BERT-Large LAMB, pass 2 from DRAM). The GPU
+    benchmark records both so the default is picked by measurement."""
     inner = fastlars_case(algorithm, "native").factory
 
     def factory(params: list[Tensor], master: bool) -> StepAndBytes:
         step, bytes_of = inner(params, master)
 
         def run() -> None:
-            before = os.environ.get("FASTLARS_CUDA_WAVE_BYTES")
-            os.environ["FASTLARS_CUDA_WAVE_BYTES"] = "0"
+            before = {k: os.environ.pop(k, None) for k in ("FASTLARS_CUDA_PLAN", "FASTLARS_CUDA_WAVE_BYTES")}
+            os.environ["FASTLARS_CUDA_PLAN"] = plan
             try:
                 step()
             finally:
-                if before is None:
-                    del os.environ["FASTLARS_CUDA_WAVE_BYTES"]
-                else:
-                    os.environ["FASTLARS_CUDA_WAVE_BYTES"] = before
+                del os.environ["FASTLARS_CUDA_PLAN"]
+                os.environ.update({k: v for k, v in before.items() if v is not None})
 
         return run, bytes_of
 
-    return Case("fastlars.native(one wave per table)", False, factory)
+    return Case(f"fastlars.native({plan} plan)", False, factory)
 
 
 def compiled_reference_case(algorithm: str) -> Case:

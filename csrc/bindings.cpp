@@ -2,11 +2,13 @@
 // Python side can tell "not built" from "built without CUDA".
 #include <torch/extension.h>
 
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "cpu/kernels.h"
 #include "cpu/parallel.h"
+#include "cuda/launch_plan.h"
 
 namespace {
 
@@ -62,6 +64,41 @@ double stream_pass(const torch::Tensor& x, const std::optional<torch::Tensor>& y
   return fastlars::cpu::stream_pass(xp, yp, zp, x.numel(), mode, repeats);
 }
 
+// The native CUDA launch plan (csrc/cuda/launch_plan.h) of one op call, computed on the host from the
+// tensors' sizes and a GPU's figures: the same function the CUDA build plans its launches with.
+pybind11::dict cuda_plan(const std::string& op, const std::vector<std::vector<int64_t>>& buckets, int sm_count,
+                         int64_t l2_bytes, const std::string& plan, bool adapt) {
+  using namespace fastlars::cuda;
+  Op kind;
+  if (op == "grad_norms") {
+    kind = Op::kGradNorms;
+  } else if (op == "lars") {
+    kind = Op::kLars;
+  } else if (op == "lamb") {
+    kind = Op::kLamb;
+  } else {
+    throw std::invalid_argument("op: expected 'grad_norms', 'lars' or 'lamb', got '" + op + "'");
+  }
+  if (sm_count < 1 || l2_bytes < 0) throw std::invalid_argument("sm_count must be >= 1 and l2_bytes >= 0");
+  const LaunchPlan p = plan_launches(kind, adapt, buckets, sm_count, l2_bytes, parse_plan(plan));
+  std::vector<int> grids;
+  std::vector<int64_t> waves;
+  std::vector<bool> chunked;
+  for (const Launch& l : p.launches) {
+    grids.push_back(l.grid);
+    waves.push_back(l.wave);
+    chunked.push_back(l.chunked);
+  }
+  pybind11::dict out;
+  out["waves"] = p.waves;
+  out["launches"] = static_cast<int64_t>(p.launches.size());
+  out["grid"] = grids;
+  out["wave"] = waves;
+  out["chunked"] = chunked;
+  out["total_chunks"] = p.total_chunks;
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -81,4 +118,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Streaming-bandwidth probe on the intra-op threads, seconds of the fastest of `repeats` passes. mode "
         "'read': sum of x (reads x); 'update': x = c*x + z (reads x, z; writes x); 'update2': x = c*x + z, "
         "y = c*y + z (reads x, y, z; writes x, y).");
+  m.def("cuda_plan", &cuda_plan, pybind11::arg("op"), pybind11::arg("buckets"), pybind11::arg("sm_count"),
+        pybind11::arg("l2_bytes"), pybind11::arg("plan") = "wave", pybind11::arg("adapt") = true,
+        "The native CUDA kernels' launch plan for one op call (csrc/cuda/launch_plan.h), from element counts "
+        "grouped by storage bucket, an SM count and an L2 size in bytes; plan 'wave' or 'onepass'. Returns "
+        "waves, launches, and per launch its grid, wave and whether it is a chunk kernel.");
 }

@@ -500,6 +500,25 @@ def test_emulated_glue_rejects_bad_tensors_by_name(emulated_glue) -> None:
         ops.lars_step_([w], [g], [v], [], norms, *args[:-1], torch.zeros(2))
 
 
+@pytest.mark.parametrize("plan", ["wave", "onepass"])
+@pytest.mark.parametrize("cls,base_lr", ALGOS, ids=["lars", "lamb"])
+def test_emulated_glue_follows_either_launch_plan(glue_native, monkeypatch, plan, cls, base_lr) -> None:
+    """FASTLARS_CUDA_PLAN (csrc/cuda/launch_plan.h) changes only how tensors are grouped into launches."""
+    monkeypatch.setenv("FASTLARS_CUDA_PLAN", plan)
+    ref, emu = _emu_pair(cls, {"weight_decay": 1e-2}, base_lr=base_lr, steps=3)
+    assert glue_native.calls > 0
+    assert_same_trajectory(ref, emu, torch.float32)
+
+
+def test_emulated_glue_rejects_an_unknown_launch_plan(emulated_glue, monkeypatch) -> None:
+    w, g, v = torch.ones(4, 4), torch.ones(4, 4), torch.zeros(4, 4)
+    args = (0.1, None, 0.9, 0.0, 1e-3, 0.0, False, False, True, True, None, False, None, None)
+    monkeypatch.setenv("FASTLARS_CUDA_PLAN", "fast")
+    with pytest.raises(RuntimeError, match="FASTLARS_CUDA_PLAN: expected 'wave' or 'onepass', got 'fast'"):
+        torch.ops.fastlars_emu.lars_step_([w], [g], [v], [], torch.ones(1), *args)
+    assert torch.equal(w, torch.ones(4, 4)) and torch.equal(v, torch.zeros(4, 4))  # nothing written
+
+
 # --------------------------------------------------------------------------- trajectories
 @pytest.mark.cuda
 @pytest.mark.parametrize("options", LARS_OPTIONS, ids=str)
@@ -562,10 +581,13 @@ def test_more_tensors_than_one_launch_holds(native_cuda, cls, base_lr) -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("wave_bytes", ["1", "4096", "0"])
+@pytest.mark.parametrize("plan,wave_bytes", [("wave", "1"), ("wave", "4096"), ("wave", "0"), ("wave", ""),
+                                             ("onepass", "")])
 @pytest.mark.parametrize("cls,base_lr", ALGOS, ids=["lars", "lamb"])
-def test_wave_sizes_match_reference(native_cuda, monkeypatch, wave_bytes, cls, base_lr) -> None:
-    """FASTLARS_CUDA_WAVE_BYTES: one tensor per wave, small waves, one wave per table."""
+def test_wave_sizes_match_reference(native_cuda, monkeypatch, plan, wave_bytes, cls, base_lr) -> None:
+    """FASTLARS_CUDA_WAVE_BYTES: one tensor per wave, small waves, one wave per table; then the two plans of
+    FASTLARS_CUDA_PLAN with their own budgets (half the L2; none)."""
+    monkeypatch.setenv("FASTLARS_CUDA_PLAN", plan)
     monkeypatch.setenv("FASTLARS_CUDA_WAVE_BYTES", wave_bytes)
     ref = _trajectory(cls, {"weight_decay": 1e-2}, "reference", base_lr=base_lr)
     nat = _trajectory(cls, {"weight_decay": 1e-2}, "native", base_lr=base_lr)

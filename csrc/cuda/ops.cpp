@@ -34,6 +34,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -74,12 +75,12 @@ class DeviceScope {
 
 struct DeviceFacts {
   int sm_count = 0;
-  int64_t half_l2 = 0;  // bytes
+  int64_t l2_bytes = 0;
 };
 
 DeviceFacts device_facts(const at::Device& device) {  // by value: the cache may grow meanwhile
 #ifdef FASTLARS_CUDA_EMULATION
-  static const DeviceFacts emulated{2, 64 * 1024};  // small grids and waves: every path is taken
+  static const DeviceFacts emulated{2, 128 * 1024};  // small grids and waves: every path is taken
   (void)device;
   return emulated;
 #else
@@ -93,18 +94,25 @@ DeviceFacts device_facts(const at::Device& device) {  // by value: the cache may
     int l2 = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&facts.sm_count, cudaDevAttrMultiProcessorCount, index));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, index));
-    facts.half_l2 = static_cast<int64_t>(l2) / 2;
+    facts.l2_bytes = static_cast<int64_t>(l2);
     cache[index] = facts;
   }
   return *cache[index];
 #endif
 }
 
-// First-pass bytes per wave: half the L2, so pass 2 finds the wave there; FASTLARS_CUDA_WAVE_BYTES
-// overrides it (read at every call, for benchmarks; 0 = one wave per kernel-argument table).
-int64_t wave_bytes(const DeviceFacts& facts) {
-  const char* env = std::getenv("FASTLARS_CUDA_WAVE_BYTES");
-  return env != nullptr && *env != '\0' ? std::atoll(env) : facts.half_l2;
+// Pass-1 bytes per wave of `op` (launch_plan.h): the plan FASTLARS_CUDA_PLAN names (wave: half the L2,
+// so pass 2 finds the wave there; onepass: no budget), FASTLARS_CUDA_WAVE_BYTES overriding it; read at
+// every call, for benchmarks. 0 when the op has one pass (no adapt).
+int64_t wave_bytes(const DeviceFacts& facts, bool adapt) {
+  if (!adapt) return 0;
+  PlanKind kind = PlanKind::kWave;
+  try {
+    kind = plan_from_env();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());
+  }
+  return wave_budget_from_env(kind, facts.l2_bytes);
 }
 
 // ---------------------------------------------------------------------------------- checks
@@ -279,7 +287,7 @@ at::Tensor grad_norms_cuda(at::TensorList grads, const std::optional<at::Tensor>
   }
   const float* scale = device_scalar(grad_scale, device, "grad_scale");
   const CallTensors call = raw_call({grads}, storage, -1);
-  const CallPlan plan = plan_call<NormTable>(call, 0, 0);
+  const CallPlan plan = plan_call<NormTable>(call, op_shape(Op::kGradNorms, false).bytes_per_elem, 0);
   const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
   const int64_t n = static_cast<int64_t>(grads.size());
   const bool any_empty = std::find(call.numel.begin(), call.numel.end(), 0) != call.numel.end();
@@ -319,7 +327,7 @@ void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const Lr rate = learning_rate(lr, lr_tensor, device);
   const DeviceFacts facts = device_facts(device);
   const CallTensors call = raw_call({params, grads, momentum_buffers, master_params}, storage, 3);
-  const CallPlan plan = plan_call<LarsTable>(call, 4, adapt ? wave_bytes(facts) : 0);
+  const CallPlan plan = plan_call<LarsTable>(call, op_shape(Op::kLars, adapt).bytes_per_elem, wave_bytes(facts, adapt));
   const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
   at::Tensor partials = at::empty({adapt ? plan.total_chunks : 0}, options);
   // ones when recording: the kernels never write the ratio of an empty tensor (the reference's is 1)
@@ -367,7 +375,7 @@ void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const Lr rate = learning_rate(lr, lr_tensor, device);
   const DeviceFacts facts = device_facts(device);
   const CallTensors call = raw_call({params, grads, exp_avgs, exp_avg_sqs, master_params}, storage, 4);
-  const CallPlan plan = plan_call<LambTable>(call, 16, adapt ? wave_bytes(facts) : 0);
+  const CallPlan plan = plan_call<LambTable>(call, op_shape(Op::kLamb, adapt).bytes_per_elem, wave_bytes(facts, adapt));
   const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
   at::Tensor partials = at::empty({adapt ? 2 * plan.total_chunks : 0}, options);
   // ones when recording: the kernels never write the ratio of an empty tensor (the reference's is 1)
