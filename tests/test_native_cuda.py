@@ -28,6 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cuda_accesses
 import pytest
 import torch
 
@@ -181,6 +182,12 @@ class EmulatedCuda:
             return lr, _float_ptr(lr), 0.0
         return None, None, float(lr)
 
+    def access_counts(self) -> tuple[int, int]:
+        """(16-byte vector accesses, one-element accesses) of main arrays since the last call."""
+        out = (ctypes.c_int64 * 2)()
+        self.lib.fl_emu_access_counts(out)
+        return out[0], out[1]
+
     def grad_norms(self, grads, grad_scale):
         self.calls += 1
         out = torch.empty(len(grads), dtype=torch.float32)
@@ -317,6 +324,55 @@ def test_emulated_misaligned_tensors_take_the_scalar_path(emulated_native) -> No
         assert_same_trajectory(runs[0], runs[1], torch.float32)
 
 
+_CPP_TYPE = {torch.float32: "float", torch.bfloat16: "__nv_bfloat16", torch.float16: "__half"}
+
+
+@pytest.mark.parametrize("dtype,master,offset_bytes",
+                         [(d, m, o) for d, m in STORAGE for o in (0, 8, 2) if o % d.itemsize == 0], ids=str)
+@pytest.mark.parametrize("cls,base_lr", ALGOS, ids=["lars", "lamb"])
+def test_emulated_accesses_are_16_bytes_wide(emulated_native, monkeypatch, cls, base_lr, dtype, master,
+                                             offset_bytes) -> None:
+    """Every main-array access of a vector iteration is 16 bytes, for every storage dtype: counted under the
+    emulation (which aborts on a misaligned vector access) against tests/cuda_accesses.py over a full chunk
+    and a partial one with a tail. A view not 16-byte aligned (8 or 2 bytes into its storage) takes the scalar
+    path in every kernel whose lists include it, and the results agree with the reference either way."""
+    n = 16_384 + 8 * 3 + 5
+    t = _CPP_TYPE[dtype]
+    offset = offset_bytes // dtype.itemsize  # elements into the storage
+    norm_calls = []
+    inner_norms = emulated_native.grad_norms
+    monkeypatch.setattr(emulated_native, "grad_norms", lambda *a: norm_calls.append(1) or inner_norms(*a))
+    runs, steps = [], 3
+    for backend in ("reference", "native"):
+        base = torch.randn(n + offset, generator=torch.Generator().manual_seed(5)).to(dtype)
+        params = [base[offset:].requires_grad_(True)]
+        opt = cls(params, lr=base_lr, weight_decay=1e-2, master_weights=master, backend=backend)
+        emulated_native.access_counts()
+        for step in range(1, steps + 1):
+            for p, g in zip(params, synthetic_grads(params, step)):
+                p.grad = g
+            opt.step()
+        runs.append((params, opt))
+    assert_same_trajectory(runs[0], runs[1], dtype)
+
+    width = cuda_accesses.vector_elems(t)
+    if cls is fastlars.LARS:
+        kernels = [cuda_accesses.Kernel("lars_pass1", t, master), cuda_accesses.Kernel("lars_pass2", t, master)]
+    else:
+        kernels = [cuda_accesses.Kernel("lamb_pass1", t, master),
+                   cuda_accesses.Kernel("lamb_pass2", t, master, cuda_accesses.stores_moments(t, master))]
+    runs_of = [(k, steps) for k in kernels] + [(cuda_accesses.Kernel("sumsq_kernel", t), len(norm_calls))]
+    vector = scalar = 0
+    for k, times in runs_of:
+        loads, stores = cuda_accesses.arrays(k)
+        # the lists a kernel checks: sumsq reads the (fresh) grads, LARS pass 1 only w (the master when kept)
+        aligned = offset == 0 or k.name == "sumsq_kernel" or (k.name == "lars_pass1" and master)
+        full = n - n % width if aligned else 0
+        vector += times * (full // width) * cuda_accesses.packs(loads + stores, t)
+        scalar += times * (n - full) * len(loads + stores)
+    assert emulated_native.access_counts() == (vector, scalar)
+
+
 def test_emulated_grad_norms(emulated_native) -> None:
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(n, generator=gen) for n in (0, 1, 7, 16_384, 40_000)]
@@ -359,6 +415,12 @@ class OpsBackend:
     @staticmethod
     def _lr(lr):
         return (0.0, lr) if isinstance(lr, torch.Tensor) else (float(lr), None)
+
+    def access_counts(self) -> tuple[int, int]:
+        """(16-byte vector accesses, one-element accesses) of main arrays since the last call."""
+        out = (ctypes.c_int64 * 2)()
+        self.lib.fl_emu_access_counts(out)
+        return out[0], out[1]
 
     def grad_norms(self, grads, grad_scale):
         self.calls += 1

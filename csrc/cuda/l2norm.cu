@@ -14,23 +14,19 @@ __global__ void __launch_bounds__(kThreads) sumsq_kernel(const __grid_constant__
   for_each_chunk(table, [&](int slot, int64_t c, int64_t begin, int64_t n) {
     const T* x = static_cast<const T*>(table.ptr[0][slot]) + begin;
     float acc[1] = {0.0f};
-    if (vec_aligned<T>(x)) {
-      const int64_t full = n - n % kVec;
-      for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < full; i += kThreads * kVec) {
-        float v[kVec];
-        load_vec(x, i, v);
+    // for_each_element's loops with the launch's constant block size as the stride: nvcc unrolls them here
+    constexpr int W = kVecOf<T>;
+    const int64_t full = vec_aligned(x) ? n - n % W : 0;
+    for (int64_t i = static_cast<int64_t>(threadIdx.x) * W; i < full; i += kThreads * W) {
+      float v[W];
+      load<W>(x, i, v);
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) acc[0] += v[k] * v[k];
-      }
-      for (int64_t i = full + threadIdx.x; i < n; i += kThreads) {
-        const float v = to_float(x[i]);
-        acc[0] += v * v;
-      }
-    } else {
-      for (int64_t i = threadIdx.x; i < n; i += kThreads) {
-        const float v = to_float(x[i]);
-        acc[0] += v * v;
-      }
+      for (int k = 0; k < W; ++k) acc[0] += v[k] * v[k];
+    }
+    for (int64_t i = full + threadIdx.x; i < n; i += kThreads) {
+      float v[1];
+      load<1>(x, i, v);
+      acc[0] += v[0] * v[0];
     }
     block_sum<1>(acc);
     if (threadIdx.x == 0) partials[table.first_chunk + c] = acc[0];

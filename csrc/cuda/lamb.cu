@@ -58,8 +58,8 @@ struct LambChunk {
         master(Master ? static_cast<float*>(t.ptr[4][slot]) + begin : nullptr) {}
 
   __device__ bool aligned() const {
-    bool ok = vec_aligned<T>(p) && vec_aligned<T>(g) && vec_aligned<S>(m) && vec_aligned<S>(v);
-    if constexpr (Master) ok = ok && vec_aligned<float>(master);
+    bool ok = vec_aligned(p) && vec_aligned(g) && vec_aligned(m) && vec_aligned(v);
+    if constexpr (Master) ok = ok && vec_aligned(master);
     return ok;
   }
 
@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kThreads) lamb_pass1(const __grid_constant__ L
     const LambChunk<T, S, Master> chunk(table, slot, begin);
     const math::LambConsts consts = lamb_consts(opt, s, table.index[slot]);
     float acc[2] = {0.0f, 0.0f};
-    for_each_element(n, chunk.aligned(), [&](auto width, int64_t i) {
+    for_each_element<kVecOf<T>>(n, chunk.aligned(), [&](auto width, int64_t i) {
       constexpr int W = decltype(width)::value;
       float w[W], mm[W], vv[W], u[W];
       chunk.template compute<W>(i, opt, s, consts, clip, w, mm, vv, u);
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(kThreads) lamb_pass2(const __grid_constant__ L
     const int idx = table.index[slot];
     const math::LambConsts consts = lamb_consts(opt, s, idx);
     const float step = consts.lr * (opt.adapt ? s.ratios[idx] : 1.0f);
-    for_each_element(n, chunk.aligned(), [&](auto width, int64_t i) {
+    for_each_element<kVecOf<T>>(n, chunk.aligned(), [&](auto width, int64_t i) {
       constexpr int W = decltype(width)::value;
       float w[W], u[W];
       if constexpr (FromMoments) {

@@ -21,7 +21,7 @@ __global__ void __launch_bounds__(kThreads) lars_pass1(const __grid_constant__ L
     float acc[1] = {0.0f};
     if constexpr (Master) {
       const float* w = static_cast<const float*>(table.ptr[3][slot]) + begin;
-      for_each_element(n, vec_aligned<float>(w), [&](auto width, int64_t i) {
+      for_each_element<kVecOf<T>>(n, vec_aligned(w), [&](auto width, int64_t i) {
         constexpr int W = decltype(width)::value;
         float x[W];
         load<W>(w, i, x);
@@ -30,7 +30,7 @@ __global__ void __launch_bounds__(kThreads) lars_pass1(const __grid_constant__ L
       });
     } else {
       const T* w = static_cast<const T*>(table.ptr[0][slot]) + begin;
-      for_each_element(n, vec_aligned<T>(w), [&](auto width, int64_t i) {
+      for_each_element<kVecOf<T>>(n, vec_aligned(w), [&](auto width, int64_t i) {
         constexpr int W = decltype(width)::value;
         float x[W];
         load<W>(w, i, x);
@@ -68,9 +68,9 @@ __global__ void __launch_bounds__(kThreads) lars_pass2(const __grid_constant__ L
     S* v = static_cast<S*>(table.ptr[2][slot]) + begin;
     float* master = Master ? static_cast<float*>(table.ptr[3][slot]) + begin : nullptr;
     const float r = opt.adapt ? s.ratios[table.index[slot]] : 1.0f;
-    bool aligned = vec_aligned<T>(p) && vec_aligned<T>(g) && vec_aligned<S>(v);
-    if constexpr (Master) aligned = aligned && vec_aligned<float>(master);
-    for_each_element(n, aligned, [&](auto width, int64_t i) {
+    bool aligned = vec_aligned(p) && vec_aligned(g) && vec_aligned(v);
+    if constexpr (Master) aligned = aligned && vec_aligned(master);
+    for_each_element<kVecOf<T>>(n, aligned, [&](auto width, int64_t i) {
       constexpr int W = decltype(width)::value;
       float w[W], gr[W], mom[W];
       if constexpr (Master) {

@@ -6,7 +6,7 @@
 // parameter: indexed in place in the constant bank, never copied to per-thread local memory. A fixed grid strides over the launch's chunks; each
 // block finds the tensor owning its chunk by walking the table's chunk prefix sums forward.
 // Sizes and offsets are 64-bit; 16-byte vector accesses are used where every list of a tensor is
-// aligned (chunks are a multiple of 8 elements, so an aligned tensor has aligned chunks).
+// 16-byte aligned (chunks are a multiple of 8 elements, so an aligned tensor has aligned chunks).
 #pragma once
 
 #ifndef FASTLARS_CUDA_EMULATION  // test/emu/cuda_emu.h stands in for the CUDA headers
@@ -16,6 +16,7 @@
 #endif
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "launch.h"
@@ -37,66 +38,130 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
-// kVec elements as one access of kVec * sizeof(T) bytes (16 B for fp32, 8 B for 16-bit types).
+// The main arrays are read and written 16 bytes per access (LDG.E.128 / STG.E.128 on sm_90; checked
+// from the SASS by tests/test_cuda_sass.py): a Pack is 4 fp32 or 8 bf16/fp16 elements.
+constexpr int kVecBytes = 16;
+
 template <typename T>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
+constexpr int kPackElems = kVecBytes / static_cast<int>(sizeof(T));
+
+// Under the host emulation every main-array access is counted and a misaligned vector access aborts
+// (csrc/cuda/test/emu/cuda_emu.h); on the GPU this is nothing.
+__device__ __forceinline__ void note_access(const void* p, bool vector) {
+#ifdef FASTLARS_CUDA_EMULATION
+  emu::note_access(p, kVecBytes, vector);
+#else
+  (void)p;
+  (void)vector;
+#endif
+}
+
+template <typename T>
+struct alignas(kVecBytes) Pack {
+  T v[kPackElems<T>];
 };
 
+// Two floats as the 32-bit word their bf16/fp16 roundings occupy in memory; for fp32 the word of x[0].
 template <typename T>
-__device__ __forceinline__ void load_vec(const T* base, int64_t i, float (&out)[kVec]) {
-  const Pack<T> p = reinterpret_cast<const Pack<T>*>(base)[i / kVec];
-#pragma unroll
-  for (int k = 0; k < kVec; ++k) out[k] = to_float(p.v[k]);
+__device__ __forceinline__ uint32_t to_word(const float* x) {
+  uint32_t word;
+  if constexpr (std::is_same_v<T, float>) {
+    memcpy(&word, x, sizeof word);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(x[0], x[1]);
+    memcpy(&word, &h, sizeof word);
+  } else {
+    const __half2 h = __floats2half2_rn(x[0], x[1]);
+    memcpy(&word, &h, sizeof word);
+  }
+  return word;
 }
 
-template <typename T>
-__device__ __forceinline__ void store_vec(T* base, int64_t i, const float (&in)[kVec]) {
-  Pack<T> p;
-#pragma unroll
-  for (int k = 0; k < kVec; ++k) p.v[k] = from_float<T>(in[k]);
-  reinterpret_cast<Pack<T>*>(base)[i / kVec] = p;
+// A 16-byte store (st.global.v4.b32) to p, 16-byte aligned. Inline PTX: nvcc 13 lowers a plain uint4 or
+// struct store to four or eight scalar stores, which ptxas merges only where an earlier vector load of the
+// same address proves the alignment (not the param of a step with masters); __stwb would make it STRONG.SM.
+__device__ __forceinline__ void store_v4(void* p, const uint4& v) {
+#ifdef __CUDA_ARCH__
+  asm("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+#else
+  *static_cast<uint4*>(p) = v;  // the host emulation
+#endif
 }
 
+// 16 bytes at p (16-byte aligned) as one ld.global.v4 (a uint4 load) or one st.global.v4.
 template <typename T>
+__device__ __forceinline__ Pack<T> load_pack(const T* p) {
+  note_access(p, true);
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  Pack<T> pk;
+  memcpy(&pk, &raw, sizeof pk);
+  return pk;
+}
+
+// x[0 .. kPackElems<T>) rounded to T and stored as 16 bytes at p (16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void store_pack(T* p, const float* x) {
+  note_access(p, true);
+  constexpr int kPerWord = kPackElems<T> / 4;
+  store_v4(p, make_uint4(to_word<T>(x), to_word<T>(x + kPerWord), to_word<T>(x + 2 * kPerWord),
+                         to_word<T>(x + 3 * kPerWord)));
+}
+
+// Elements per thread per vector iteration of a kernel whose params and grads are T: one 16-byte
+// access of every T array, two of every fp32 array (masters and optimizer state beside 16-bit params).
+template <typename T>
+constexpr int kVecOf = kPackElems<T>;
+
+// Whether p allows 16-byte accesses. A chunk starts a multiple of kChunk elements into its tensor and a
+// vector iteration a multiple of kVecOf<T> elements into its chunk, so an aligned tensor stays aligned.
 __device__ __forceinline__ bool vec_aligned(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * kVec) == 0;
+  return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0;
 }
 
-// Tag for the access width of an element loop: kVec (vector) or 1 (scalar).
+// Tag for the access width of an element loop: a kernel's vector width or 1 (scalar).
 template <int W>
 struct Width {
   static constexpr int value = W;
 };
 
-// W elements of p starting at element i, as floats (one vector access when W == kVec).
+// W elements of p starting at element i, as floats: W / kPackElems<T> 16-byte accesses (p + i aligned)
+// when W > 1, else one scalar access.
 template <int W, typename T>
 __device__ __forceinline__ void load(const T* p, int64_t i, float (&out)[W]) {
-  if constexpr (W == kVec) {
-    load_vec(p, i, out);
+  if constexpr (W == 1) {
+    note_access(p + i, false);
+    out[0] = to_float(p[i]);
   } else {
+    static_assert(W % kPackElems<T> == 0, "a vector iteration covers whole 16-byte packs");
 #pragma unroll
-    for (int k = 0; k < W; ++k) out[k] = to_float(p[i + k]);
+    for (int j = 0; j < W / kPackElems<T>; ++j) {
+      const Pack<T> pk = load_pack(p + i + j * kPackElems<T>);
+#pragma unroll
+      for (int k = 0; k < kPackElems<T>; ++k) out[j * kPackElems<T> + k] = to_float(pk.v[k]);
+    }
   }
 }
 
 template <int W, typename T>
 __device__ __forceinline__ void store(T* p, int64_t i, const float (&in)[W]) {
-  if constexpr (W == kVec) {
-    store_vec(p, i, in);
+  if constexpr (W == 1) {
+    note_access(p + i, false);
+    p[i] = from_float<T>(in[0]);
   } else {
+    static_assert(W % kPackElems<T> == 0, "a vector iteration covers whole 16-byte packs");
 #pragma unroll
-    for (int k = 0; k < W; ++k) p[i + k] = from_float<T>(in[k]);
+    for (int j = 0; j < W / kPackElems<T>; ++j) store_pack(p + i + j * kPackElems<T>, in + j * kPackElems<T>);
   }
 }
 
-// Calls f(Width<kVec>{}, i) for the vectors and f(Width<1>{}, i) for the remaining elements of a
-// chunk of n elements, spread over the block; vectors only when `aligned`.
-template <typename F>
+// Calls f(Width<V>{}, i) for the vector iterations and f(Width<1>{}, i) for the remaining elements of a
+// chunk of n elements, spread over the block; vectors only when `aligned` (every list's pointer passes
+// vec_aligned), else every element takes the scalar path.
+template <int V, typename F>
 __device__ __forceinline__ void for_each_element(int64_t n, bool aligned, F&& f) {
-  const int64_t full = aligned ? n - n % kVec : 0;
-  for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < full; i += static_cast<int64_t>(blockDim.x) * kVec) {
-    f(Width<kVec>{}, i);
+  const int64_t full = aligned ? n - n % V : 0;
+  for (int64_t i = static_cast<int64_t>(threadIdx.x) * V; i < full; i += static_cast<int64_t>(blockDim.x) * V) {
+    f(Width<V>{}, i);
   }
   for (int64_t i = full + threadIdx.x; i < n; i += blockDim.x) f(Width<1>{}, i);
 }

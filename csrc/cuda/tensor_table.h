@@ -14,7 +14,6 @@ constexpr int kParamBytes = kParamBytesCuda121;
 #else
 constexpr int kParamBytes = kParamBytesLegacy;
 #endif
-constexpr int kVec = 4;               // elements per vector access
 constexpr int kFinalizeThreads = 256;  // threads per block of the per-tensor reductions
 
 // The tensors of one launch. ptr[l][s]: list l (param, grad, buffers...) of slot s.

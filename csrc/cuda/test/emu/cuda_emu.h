@@ -119,6 +119,31 @@ inline void resume(unsigned i) {
   std::abort();
 }
 
+// Main-array accesses of the kernels (multi_tensor_apply.cuh's load/store report each one), so the tests
+// can tell which path ran. A misaligned vector access aborts: on a GPU it faults.
+struct AccessCounts {
+  int64_t vector = 0;  // 16-byte accesses
+  int64_t scalar = 0;  // one-element accesses
+};
+
+inline AccessCounts& access_counts() {
+  static AccessCounts c;
+  return c;
+}
+
+inline void note_access(const void* p, int bytes, bool vector) {
+  if (!vector) {
+    ++access_counts().scalar;
+    return;
+  }
+  if (reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) != 0) {
+    std::fprintf(stderr, "cuda_emu: a %d-byte vector access at %p in block %u is misaligned (a fault on a GPU)\n",
+                 bytes, p, block().index);
+    std::abort();
+  }
+  ++access_counts().vector;
+}
+
 // Runs `body` as every thread of every block of a 1-D launch.
 inline void run_grid(unsigned grid, unsigned threads, const std::function<void()>& body) {
   constexpr size_t kStack = 256 * 1024;  // kernels take their argument tables (up to 32 KB) by value

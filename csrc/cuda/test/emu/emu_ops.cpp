@@ -2,6 +2,8 @@
 // host memory, with the same planning code as ops.cpp (host_plan.h). Built as a shared library
 // by tests/test_native_cuda.py and driven through ctypes like a fastlars backend, so CI runs the
 // kernel sources without a GPU. Return value: 0 (success).
+#include "cuda_emu.h"  // first: it stands in for the CUDA headers
+
 #include <cstdint>
 #include <vector>
 
@@ -76,6 +78,15 @@ int fl_emu_lamb_step(int n, void* const* params, void* const* grads, void* const
   for_each_wave<kLambDepth>(plan, call, [&](const LambTable& t, Storage st, const Wave& w) {
     launch_lamb_wave(t, st, opt, s, chunk_grid(w.chunks, kEmulatedSms), nullptr);
   });
+  return 0;
+}
+
+// out[0]: 16-byte vector accesses, out[1]: one-element accesses of the main arrays since the last call.
+int fl_emu_access_counts(int64_t* out) {
+  fastlars::emu::AccessCounts& c = fastlars::emu::access_counts();
+  out[0] = c.vector;
+  out[1] = c.scalar;
+  c = fastlars::emu::AccessCounts{};
   return 0;
 }
 

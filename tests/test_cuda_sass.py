@@ -1,0 +1,143 @@
+"""The native CUDA kernels' sm_90 SASS (no GPU needed): 16-byte global loads and stores on every main array.
+
+csrc/cuda/{l2norm,lars,lamb}.cu are compiled to sm_90 cubins with the toolkit and include dirs setup.py builds
+with (its own functions, read from setup.py), torch's nvcc flags and setup.py's, then disassembled with the
+cuobjdump in Triton's package. Per chunk-kernel instantiation (tests/cuda_accesses.py):
+
+- the LDG.E.128 / STG.E.128 count is the number of 16-byte accesses one vector iteration makes to the kernel's
+  arrays (one per bf16/fp16/fp32 array of the param dtype, two per fp32 array beside 16-bit params; the
+  grad-norm kernel's unrolled loop has several copies of its one), and no 8-byte accesses remain;
+- the scalar fallback (tails, views that are not 16-byte aligned) is there: one-element loads and stores of
+  every element width the kernel's arrays have;
+- registers do not spill (cuobjdump -res-usage: no local memory, at most 8 bytes of stack).
+
+Skipped with the reason where nvcc or Triton's cuobjdump is missing. About 30 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import cuda_accesses
+import pytest
+from cuda_accesses import Kernel
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ["l2norm", "lars", "lamb"]
+NVCC_FLAGS = ["-O3", "-lineinfo", "-fmad=false", "-std=c++20"]  # setup.py's nvcc flags; torch adds the standard
+_MANGLED = re.compile(r"(sumsq_kernel|lars_pass1|lars_pass2|lamb_pass1|lamb_pass2)I(f|6__half|13__nv_bfloat16)"
+                      r"((?:Lb[01]E)*)E")
+_TYPES = {"f": "float", "6__half": "__half", "13__nv_bfloat16": "__nv_bfloat16"}
+_ACCESS = re.compile(r"\b(LDG|STG)\.E((?:\.[A-Z0-9]+)*)")
+
+
+def _setup_functions() -> dict:
+    """setup.py's toolkit and include-dir finders, without running setup.py (it calls setup())."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    wanted = {"_has_runtime_header", "_find_cuda_home", "_cuda_include_dirs", "_nvidia_wheel_includes"}
+    module = ast.Module(body=[n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted],
+                        type_ignores=[])
+    namespace = {"os": os, "sys": sys, "glob": glob, "shutil": shutil, "Path": Path}
+    exec(compile(module, "setup.py", "exec"), namespace)
+    return namespace
+
+
+def _cuobjdump() -> Path | None:
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    tool = Path(spec.submodule_search_locations[0]) / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return tool if os.access(tool, os.X_OK) else None
+
+
+def _kernel(mangled: str) -> Kernel | None:
+    m = _MANGLED.search(mangled)
+    if m is None:
+        return None  # a per-tensor reduction: no main array
+    flags = [b == "1" for b in re.findall(r"Lb([01])E", m.group(3))]
+    return Kernel(m.group(1), _TYPES[m.group(2)], *flags)
+
+
+def _width(modifiers: str) -> int:
+    """Bits of one access from its SASS modifiers (.128, .64, .U16; none: 32)."""
+    mods = set(modifiers.split("."))
+    for bits in (128, 64):
+        if str(bits) in mods:
+            return bits
+    return 16 if mods & {"U16", "S16"} else 8 if mods & {"U8", "S8"} else 32
+
+
+@pytest.fixture(scope="module")
+def sass(tmp_path_factory: pytest.TempPathFactory) -> dict[Kernel, dict]:
+    """Per chunk-kernel instantiation: Counter of (LDG|STG, bits) and the -res-usage figures."""
+    setup = _setup_functions()
+    home = setup["_find_cuda_home"]()
+    cuobjdump = _cuobjdump()
+    if home is None or not (Path(home) / "bin" / "nvcc").is_file():
+        pytest.skip("no CUDA toolkit with nvcc (the one setup.py would build with)")
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump in Triton's package (triton/backends/nvidia/bin)")
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    os.environ["CUDA_HOME"] = home  # as setup.py sets it before asking for the include dirs
+    includes = [f"-I{d}" for d in [str(ROOT / "csrc"), *setup["_cuda_include_dirs"]()]]
+    out = tmp_path_factory.mktemp("sass")
+    procs = {}
+    for src in SOURCES:
+        cmd = [str(Path(home) / "bin" / "nvcc"), "-cubin", "-arch=sm_90", *COMMON_NVCC_FLAGS, *NVCC_FLAGS, *includes,
+               str(ROOT / "csrc" / "cuda" / f"{src}.cu"), "-o", str(out / f"{src}.cubin")]
+        procs[src] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result: dict[Kernel, dict] = {}
+    for src, proc in procs.items():
+        log = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, f"nvcc {src}.cu for sm_90 failed:\n{log[-4000:]}"
+        cubin = str(out / f"{src}.cubin")
+        text = subprocess.run([str(cuobjdump), "-sass", cubin], check=True, capture_output=True, text=True).stdout
+        for block in re.split(r"\n\s*Function : ", text)[1:]:
+            kernel = _kernel(block.split("\n", 1)[0])
+            if kernel is not None:
+                result[kernel] = {"access": Counter((op, _width(mods)) for op, mods in _ACCESS.findall(block))}
+        usage = subprocess.run([str(cuobjdump), "-res-usage", cubin], check=True, capture_output=True, text=True)
+        for name, figures in re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", usage.stdout):
+            kernel = _kernel(name)
+            if kernel is not None:
+                result[kernel]["res"] = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", figures)}
+    return result
+
+
+def test_every_chunk_kernel_is_in_the_cubins(sass) -> None:
+    assert set(sass) == set(cuda_accesses.instantiations())
+
+
+@pytest.mark.parametrize("kernel", cuda_accesses.instantiations(), ids=Kernel.label)
+def test_main_arrays_move_16_bytes_per_access(sass, kernel) -> None:
+    found = sass[kernel]["access"]
+    loads, stores = cuda_accesses.arrays(kernel)
+    expected = (cuda_accesses.packs(loads, kernel.param), cuda_accesses.packs(stores, kernel.param))
+    got = (found["LDG", 128], found["STG", 128])
+    if kernel.name == "sumsq_kernel":  # its loop strides by the constant block size: nvcc unrolls it (7 or 31 copies)
+        assert got[0] >= expected[0] and got[1] == expected[1], f"{kernel.label()}: {got}, expected {expected}"
+    else:
+        assert got == expected, f"{kernel.label()}: (LDG.E.128, STG.E.128) = {got}, expected {expected}"
+    assert found["LDG", 64] == found["STG", 64] == 0, f"{kernel.label()}: 8-byte accesses remain"
+    # the scalar path: at least one one-element access per array, of the array's element width
+    for op, dtypes in (("LDG", loads), ("STG", stores)):
+        for bits, arrays in Counter(8 * cuda_accesses.BYTES[d] for d in dtypes).items():
+            assert found[op, bits] >= arrays, f"{kernel.label()}: no scalar {op} path for its {bits}-bit arrays"
+
+
+@pytest.mark.parametrize("kernel", cuda_accesses.instantiations(), ids=Kernel.label)
+def test_registers_do_not_spill_into_the_loop(sass, kernel) -> None:
+    """No local arrays and at most 8 bytes of stack: ptxas keeps lamb_pass2<16-bit, true, true> at 40 registers
+    (3 blocks of 512 threads per SM) by keeping lr on the stack (one store and one load per chunk)."""
+    res = sass[kernel]["res"]
+    assert res["LOCAL"] == 0 and res["STACK"] <= 8, f"{kernel.label()} spills: {res}"
