@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/host_step.h"
 #include "cpu/kernels.h"
 #include "cpu/parallel.h"
 #include "cuda/launch_plan.h"
@@ -103,6 +104,7 @@ pybind11::dict cuda_plan(const std::string& op, const std::vector<std::vector<in
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastlars compiled kernels";
+  fastlars::cpu::register_host_plan(m);
   m.def("kernel_devices", &kernel_devices, "Device types this build has LARS/LAMB kernels for.");
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA sources were compiled in.");
   m.def("cpu_isa", &cpu_isa,

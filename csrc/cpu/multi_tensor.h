@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -62,16 +63,21 @@ inline float* thread_scratch(int arrays) {
 
 // Runs body(chunk, scratch) over all chunks on the intra-op thread pool, with `arrays` fp32 scratch
 // arrays of kChunk elements per thread.
-// A call with fewer than kGrainChunks chunks (a small model) runs on the calling thread: waking the
-// pool costs more than the work, and far more when the cores are oversubscribed.
+// A call with fewer than kGrainChunks chunks, or fewer than kSerialElements elements in all (a small
+// model: many tiny tensors are as many chunks), runs on the calling thread: waking the pool costs more
+// than the work, and far more when the cores are oversubscribed.
 constexpr int64_t kGrainChunks = 8;
+constexpr int64_t kSerialElements = kChunk;
 
 // Each call reports how many threads ran a range of it (parallel.h: last_step_threads); under OpenMP
 // each thread of the team runs at most one range.
 template <typename Body>
 void for_each_chunk(const Chunk* chunks, int64_t count, int arrays, const Body& body) {
   std::atomic<int> threads{0};
-  at::parallel_for(0, count, kGrainChunks, [&](int64_t lo, int64_t hi) {
+  int64_t elements = 0;
+  for (int64_t c = 0; c < count && elements < kSerialElements; ++c) elements += chunks[c].size;
+  const int64_t grain = elements < kSerialElements ? std::max<int64_t>(count, 1) : kGrainChunks;
+  at::parallel_for(0, count, grain, [&](int64_t lo, int64_t hi) {
     threads.fetch_add(1, std::memory_order_relaxed);
     float* scratch = thread_scratch(arrays);
     for (int64_t c = lo; c < hi; ++c) body(c, chunks[c], scratch);

@@ -60,7 +60,8 @@ ParallelReport parallel_report() {
 #endif
   report.threads = at::get_num_threads();
   report.probe_chunks = int64_t{4} * kGrainChunks * std::max(report.threads, 1);
-  const std::vector<Chunk> chunks(static_cast<size_t>(report.probe_chunks), Chunk{0, 0, 0});
+  // full-size chunks (their elements are never touched), so the pass is as wide as a large step's
+  const std::vector<Chunk> chunks(static_cast<size_t>(report.probe_chunks), Chunk{0, 0, kChunk});
   std::vector<size_t> ran_on(chunks.size());
   for_each_chunk(chunks, 0, [&](int64_t k, const Chunk&, float*) {
     ran_on[k] = std::hash<std::thread::id>{}(std::this_thread::get_id());

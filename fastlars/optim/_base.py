@@ -9,6 +9,9 @@ The step of both optimizers has the same shape:
 4. count the step on the device (``step += 1 − found_inf``), then call the functional update
    once per group; backends write nothing when ``found_inf`` is set.
 
+When every group runs the native CPU kernels, the next steps take a cached path that does the same in
+one compiled call (fastlars.optim._host; bit-identical results), until something it cached changes.
+
 With :meth:`TrustRatioOptimizer.record_trust_ratios` on, step 4 also hands each group's backend a
 small fp32 vector that receives the per-tensor trust ratios it computes (``trust_ratios``).
 
@@ -26,6 +29,7 @@ import torch
 from torch import Tensor
 
 from fastlars import backends, distributed, functional
+from fastlars.optim import _host
 from fastlars.optim import _validation as check
 
 
@@ -67,11 +71,19 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
     sharded_weight_norms: bool = False
     """Whether sharded groups reduce ||w|| in the gradient-statistics all-reduce (LARS: yes)."""
 
+    algorithm: str = ""
+    """"lars" or "lamb": which native op the cached host path (fastlars.optim._host) calls."""
+
+    host_plan_enabled: bool = True
+    """Whether steps over native CPU groups may take the cached host path; False: always the Python
+    step (the results are bit-identical either way)."""
+
     # Subclasses define ``_update_group(item, views, steps, grad_scale, found_inf, global_grad_norm,
     # trust_ratios)``, which calls their functional update for one group.
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._check_options(defaults)
+        self._host_plan: Any | None = None
         self._resolved: dict[tuple[int, torch.device], str] = {}
         self._trust_ratios: list[Tensor | None] | None = None
         self.stats_group: Any | None = None
@@ -103,6 +115,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         if params and merged["backend"] != "auto":
             backends.resolve(merged["backend"], params[0].device)
         super().add_param_group({**param_group, "params": params})
+        self._host_plan = None
         if params:
             self._backend_for(index, params[0].device)
 
@@ -205,14 +218,21 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        scaler_found_inf: Tensor | None = getattr(self, "found_inf", None)
+        if not torch.compiler.is_compiling():
+            plan = getattr(self, "_host_plan", None)  # absent on an unpickled optimizer
+            if (plan is not None and self._trust_ratios is None and self.stats_group is None
+                    and self.host_plan_enabled
+                    and plan.step(self.param_groups, self.state, grad_scale, scaler_found_inf, self._skipped)):
+                return loss
+            self._host_plan = None
         work = self._gather()
         if not work and self.stats_group is None:
             return loss
         for item in work:
             self._init_state(item)
 
-        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
-        scaler_found_inf: Tensor | None = getattr(self, "found_inf", None)
         flags = self._gradient_statistics(work, grad_scale, scaler_found_inf)
         home = work[0].device if work else self._home_device()
         found_inf = torch.stack([f.to(home, torch.float32, non_blocking=True).reshape(()) for f in flags]).amax()
@@ -238,6 +258,8 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
                                None if ratios is None else ratios[0])
             if ratios is not None and ratios[1] is not None:  # back into the places of the params that took part
                 ratios[1].index_copy_(0, ratios[2], ratios[0])
+        if not torch.compiler.is_compiling():
+            self._host_plan = _host.build_plan(self, work, self.algorithm)
         return loss
 
     def _gradient_statistics(
@@ -321,6 +343,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         parameter dtype); each group keeps this optimizer's ``backend``.
         """
         self._check_state_dict(state_dict)
+        self._host_plan = None
         backends_now = [g["backend"] for g in self.param_groups]
         saved = copy.deepcopy(state_dict["state"])
         super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})

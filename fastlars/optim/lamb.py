@@ -50,6 +50,7 @@ class LAMB(TrustRatioOptimizer):
     """
 
     buffer_names = ("exp_avg", "exp_avg_sq")
+    algorithm = "lamb"
 
     def __init__(
         self,

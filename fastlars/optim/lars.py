@@ -51,6 +51,7 @@ class LARS(TrustRatioOptimizer):
     """
 
     buffer_names = ("momentum_buffer",)
+    algorithm = "lars"
     sharded_weight_norms = True
 
     def __init__(

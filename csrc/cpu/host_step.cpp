@@ -1,0 +1,490 @@
+// fastlars._C.HostPlan: the host path of a LARS/LAMB step over native CPU groups (host_step.h).
+//
+// The maths stays in the ops (ops.cpp), called through the dispatcher with the cached tensor lists;
+// this file reproduces, bit for bit, what fastlars/optim/_base.py does around them:
+//   norms_g   = fastlars::grad_norms(grads_g, grad_scale)          (only without a GradScaler flag, or for
+//                                                                    LAMB's clipping; LARS otherwise passes
+//                                                                    none and its op folds ||g|| in)
+//   skip      = max(found_inf, any non-finite norm) > 0            (a NaN found_inf never skips)
+//   skipped  += skip;  steps += 1 − skip
+//   ||G||     = sqrt(Σ_g sum(norms_g²));  clip = ||G|| > c ? ||G||⁻¹·c : 1     (LAMB max_grad_norm c)
+//   fastlars::lars_step_ / lamb_step_ per group, unless skip.
+#include "host_step.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <array>
+#include <cmath>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace fastlars::cpu {
+namespace {
+
+namespace py = pybind11;
+
+using LarsOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, const at::Tensor&, double,
+                    const std::optional<at::Tensor>&, double, double, double, double, bool, bool, bool, bool,
+                    std::optional<at::ArrayRef<double>>, bool, const std::optional<at::Tensor>&,
+                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+using LambOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                    double, const std::optional<at::Tensor>&, double, double, double, double, bool, bool, bool, bool,
+                    bool, std::optional<at::ArrayRef<double>>, bool, const std::optional<at::Tensor>&,
+                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                    const std::optional<at::Tensor>&);
+using NormsOp = at::Tensor(at::TensorList, const std::optional<at::Tensor>&);
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// ---------------------------------------------------------------- reading Python values strictly
+// Any value of another type than the Python step would accept makes the plan step refuse (false).
+bool as_double(PyObject* o, double& out) {
+  if (o == nullptr || PyBool_Check(o) || !(PyFloat_Check(o) || PyLong_Check(o))) return false;
+  out = PyFloat_AsDouble(o);
+  if (out == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return false;
+  }
+  return true;
+}
+
+bool as_bool(PyObject* o, bool& out) {
+  if (o == nullptr || !PyBool_Check(o)) return false;
+  out = o == Py_True;
+  return true;
+}
+
+// The option names a group dict is read with, interned once (a lookup then hashes nothing).
+struct OptionKeys {
+  py::object params = key("params"), lr = key("lr"), weight_decay = key("weight_decay"), eps = key("eps"),
+             maximize = key("maximize"), trust_clip = key("trust_clip"),
+             trust_ratio_bounds = key("trust_ratio_bounds"), adapt = key("adapt"),
+             momentum_style = key("momentum_style"), momentum = key("momentum"),
+             trust_coefficient = key("trust_coefficient"), nesterov = key("nesterov"), betas = key("betas"),
+             max_grad_norm = key("max_grad_norm"), bias_correction = key("bias_correction"),
+             grad_averaging = key("grad_averaging"), decoupled_decay = key("decoupled_decay");
+
+  static py::object key(const char* name) {
+    return py::reinterpret_steal<py::object>(PyUnicode_InternFromString(name));
+  }
+};
+
+PyObject* item(PyObject* dict, const py::object& key) { return PyDict_GetItem(dict, key.ptr()); }  // borrowed or null
+
+// dict[key] (borrowed, or null with no error set) for a key whose hash is known: Tensor.__hash__ is a Python
+// function (id-based), which would otherwise run once per parameter and step.
+PyObject* lookup(PyObject* dict, PyObject* key, Py_hash_t hash) {
+#if PY_VERSION_HEX < 0x030D0000
+  PyObject* value = _PyDict_GetItem_KnownHash(dict, key, hash);
+#else
+  (void)hash;
+  PyObject* value = PyDict_GetItemWithError(dict, key);
+#endif
+  if (value == nullptr) PyErr_Clear();
+  return value;
+}
+
+bool is_cpu_scalar(const at::Tensor& t) {
+  return t.defined() && t.device().is_cpu() && t.numel() == 1 && !t.key_set().has(c10::DispatchKey::Python);
+}
+
+// An optional one-element CPU tensor argument (grad_scale, found_inf, a tensor lr).
+bool optional_scalar(PyObject* o, std::optional<at::Tensor>& out) {
+  if (o == nullptr || o == Py_None) return true;
+  if (!THPVariable_Check(o)) return false;
+  const at::Tensor& t = THPVariable_Unpack(o);
+  if (!is_cpu_scalar(t)) return false;
+  out = t;
+  return true;
+}
+
+// The learning rate as the native backend passes it: (value, nullopt) or (0, tensor).
+bool learning_rate(PyObject* o, double& value, std::optional<at::Tensor>& tensor) {
+  if (o != nullptr && THPVariable_Check(o)) {
+    value = 0.0;
+    return optional_scalar(o, tensor) && tensor.has_value();
+  }
+  return as_double(o, value);
+}
+
+// trust_ratio_bounds: None, or a pair (lo, hi) with lo <= hi.
+bool ratio_bounds(PyObject* o, bool& has, std::array<double, 2>& bounds) {
+  has = o != nullptr && o != Py_None;
+  if (!has) return o != nullptr;
+  if (!(PyTuple_Check(o) || PyList_Check(o)) || PySequence_Size(o) != 2) return false;
+  for (Py_ssize_t k = 0; k < 2; ++k) {
+    PyObject* v = PySequence_GetItem(o, k);
+    const bool ok = as_double(v, bounds[k]);
+    Py_XDECREF(v);
+    if (!ok) return false;
+  }
+  return bounds[0] <= bounds[1];
+}
+
+// ----------------------------------------------------------------------------- tensor checks
+// The conditions under which the native CPU ops accept a tensor (ops.cpp: check_dense_cpu,
+// check_supported_dtype, check_like), as booleans.
+// (A tensor subclass that dispatches to Python is refused: the Python step hands it to the op through its
+// __torch_dispatch__.)
+bool dense_cpu(const at::Tensor& t) {
+  return t.defined() && t.layout() == at::kStrided && t.device().is_cpu() && t.is_non_overlapping_and_dense() &&
+         !t.key_set().has(c10::DispatchKey::Python);
+}
+
+bool supported(const at::Tensor& t) {
+  const auto type = t.scalar_type();
+  return type == at::kFloat || type == at::kBFloat16 || type == at::kHalf;
+}
+
+bool like(const at::Tensor& t, const at::Tensor& param, at::ScalarType type) {
+  if (!dense_cpu(t) || t.scalar_type() != type || t.sizes() != param.sizes()) return false;
+  for (int64_t d = 0; d < param.dim(); ++d) {
+    if (param.size(d) != 1 && t.stride(d) != param.stride(d)) return false;
+  }
+  return true;
+}
+
+// -------------------------------------------------------------------------------- the plan
+struct Options {
+  double lr = 0.0;
+  std::optional<at::Tensor> lr_tensor;
+  bool has_bounds = false;
+  std::array<double, 2> bounds{};
+  bool maximize = false, trust_clip = false, adapt = false;
+  double weight_decay = 0.0, eps = 0.0;
+  // LARS
+  double momentum = 0.0, trust_coefficient = 0.0;
+  bool nesterov = false, mlperf = true;
+  // LAMB
+  double beta1 = 0.0, beta2 = 0.0, max_grad_norm = 0.0;
+  bool bias_correction = true, grad_averaging = true, decoupled_decay = false;
+};
+
+struct Param {
+  PyObject* object;         // the param as listed in the group (a new reference, released by the plan)
+  bool takes_part;          // had a gradient when the plan was made
+  Py_hash_t hash = -1;      // its hash, as the state dict keys it (when it takes part)
+  PyObject* state = nullptr;            // its state dict (new reference) when it takes part
+  std::vector<PyObject*> state_values;  // the state entries the plan uses (new references)
+};
+
+struct Group {
+  PyObject* params_list = nullptr;  // the group's "params" list object (new reference)
+  std::vector<Param> members;
+  // Of the params that take part, in order:
+  std::vector<at::Tensor> params, grads, steps, masters;  // masters: empty, or one per param (the param itself
+                                                           // where it has none), as the Python step passes them
+  std::vector<std::vector<at::Tensor>> buffers;
+  std::vector<bool> has_master;
+  Options options;
+  at::Tensor norms;  // this step's ||g||, or empty (LARS: computed in its op)
+};
+
+class HostPlan {
+ public:
+  HostPlan(const std::string& algorithm, py::object state, const std::vector<std::string>& buffer_names,
+           py::list groups)
+      : lamb_(algorithm == "lamb"), state_(state), buffer_names_(buffer_names) {
+    TORCH_CHECK(algorithm == "lars" || algorithm == "lamb", "HostPlan: algorithm must be 'lars' or 'lamb'");
+    std::vector<std::string> names{"step"};
+    names.insert(names.end(), buffer_names_.begin(), buffer_names_.end());
+    for (const std::string& name : names) keys_.push_back(py::reinterpret_steal<py::object>(PyUnicode_InternFromString(name.c_str())));
+    master_key_ = py::reinterpret_steal<py::object>(PyUnicode_InternFromString("master_param"));
+    for (py::handle entry : groups) {
+      // (the group's params list, per param whether it takes part, per taking-part param its state dict)
+      py::tuple spec = py::reinterpret_borrow<py::tuple>(entry);
+      py::list params = spec[0].cast<py::list>();
+      std::vector<bool> takes_part = spec[1].cast<std::vector<bool>>();
+      py::list state_dicts = spec[2].cast<py::list>();
+      TORCH_CHECK(takes_part.size() == params.size(), "HostPlan: one takes-part flag per param");
+      Group g;
+      g.params_list = params.ptr();
+      Py_INCREF(g.params_list);
+      g.buffers.resize(buffer_names_.size());
+      size_t k = 0;
+      for (size_t i = 0; i < params.size(); ++i) {
+        Param member{params[i].ptr(), takes_part[i]};
+        Py_INCREF(member.object);
+        if (member.takes_part) {
+          TORCH_CHECK(k < state_dicts.size(), "HostPlan: one state dict per taking-part param");
+          member.hash = PyObject_Hash(member.object);
+          if (member.hash == -1) throw py::error_already_set();
+          member.state = state_dicts[k++].ptr();
+          Py_INCREF(member.state);
+          g.params.push_back(THPVariable_Unpack(member.object));
+          for (size_t b = 0; b < keys_.size(); ++b) {
+            PyObject* value = PyDict_GetItem(member.state, keys_[b].ptr());
+            TORCH_CHECK(value != nullptr && THPVariable_Check(value), "HostPlan: state lacks ", names[b]);
+            Py_INCREF(value);
+            member.state_values.push_back(value);
+            (b == 0 ? g.steps : g.buffers[b - 1]).push_back(THPVariable_Unpack(value));
+          }
+          PyObject* master = PyDict_GetItem(member.state, master_key_.ptr());
+          g.has_master.push_back(master != nullptr);
+          if (master != nullptr) {
+            TORCH_CHECK(THPVariable_Check(master), "HostPlan: master_param is not a tensor");
+            Py_INCREF(master);
+            member.state_values.push_back(master);
+            g.masters.push_back(THPVariable_Unpack(master));
+          } else {
+            g.masters.push_back(g.params.back());
+          }
+        }
+        g.members.push_back(member);
+      }
+      bool any_master = false;
+      for (bool m : g.has_master) any_master |= m;
+      if (!any_master) g.masters.clear();
+      g.grads.resize(g.params.size());
+      groups_.push_back(std::move(g));
+    }
+  }
+
+  ~HostPlan() {
+    py::gil_scoped_acquire gil;
+    for (Group& g : groups_) {
+      Py_XDECREF(g.params_list);
+      for (Param& m : g.members) {
+        Py_XDECREF(m.object);
+        Py_XDECREF(m.state);
+        for (PyObject* v : m.state_values) Py_XDECREF(v);
+      }
+    }
+  }
+
+  HostPlan(const HostPlan&) = delete;
+  HostPlan& operator=(const HostPlan&) = delete;
+
+  // One optimizer step; false (and nothing changed) when the cached view or a tensor is not as planned.
+  bool step(py::list param_groups, py::object state, py::object grad_scale_obj, py::object found_inf_obj,
+            py::object skipped_obj) {
+    std::optional<at::Tensor> grad_scale, scaler_found_inf;
+    if (!optional_scalar(grad_scale_obj.ptr(), grad_scale) || !optional_scalar(found_inf_obj.ptr(), scaler_found_inf)) {
+      return false;
+    }
+    if (!THPVariable_Check(skipped_obj.ptr())) return false;
+    at::Tensor skipped = THPVariable_Unpack(skipped_obj.ptr());
+    if (!is_cpu_scalar(skipped) || skipped.dim() != 0) return false;
+    // The plan must not keep this step's gradients alive after it (zero_grad(set_to_none) frees them).
+    struct Release {
+      std::vector<Group>& groups;
+      ~Release() {
+        for (Group& g : groups) {
+          for (at::Tensor& grad : g.grads) grad.reset();
+          g.norms.reset();
+        }
+      }
+    } release_grads{groups_};
+    if (!current(param_groups, state)) return false;
+
+    py::gil_scoped_release release;
+    return run(grad_scale, scaler_found_inf, skipped);
+  }
+
+  int64_t tensors() const {
+    int64_t n = 0;
+    for (const Group& g : groups_) n += static_cast<int64_t>(g.params.size());
+    return n;
+  }
+
+ private:
+  // Whether the optimizer still holds what the plan cached, every tensor passes the ops' checks, and
+  // every option reads as the Python step would read it. Fills grads and options. Needs the GIL.
+  bool current(py::list param_groups, py::object state) {
+    if (state.ptr() != state_.ptr() || !PyDict_Check(state.ptr())) return false;
+    if (static_cast<size_t>(PyList_GET_SIZE(param_groups.ptr())) != groups_.size()) return false;
+    for (size_t gi = 0; gi < groups_.size(); ++gi) {
+      Group& g = groups_[gi];
+      PyObject* group = PyList_GET_ITEM(param_groups.ptr(), gi);
+      if (!PyDict_Check(group)) return false;
+      PyObject* params = item(group, keys_opt_.params);
+      if (params != g.params_list || !PyList_Check(params) ||
+          static_cast<size_t>(PyList_GET_SIZE(params)) != g.members.size()) {
+        return false;
+      }
+      size_t k = 0;
+      for (size_t i = 0; i < g.members.size(); ++i) {
+        const Param& m = g.members[i];
+        if (PyList_GET_ITEM(params, i) != m.object) return false;
+        const at::Tensor& grad = THPVariable_Unpack(m.object).grad();
+        if (grad.defined() != m.takes_part) return false;
+        if (!m.takes_part) continue;
+        if (lookup(state.ptr(), m.object, m.hash) != m.state) return false;
+        for (size_t b = 0; b < keys_.size(); ++b) {
+          if (PyDict_GetItem(m.state, keys_[b].ptr()) != m.state_values[b]) return false;
+        }
+        if (PyDict_GetItem(m.state, master_key_.ptr()) != (g.has_master[k] ? m.state_values.back() : nullptr)) {
+          return false;
+        }
+        if (!tensors_ok(g, k, grad)) return false;
+        g.grads[k] = grad;
+        ++k;
+      }
+      if (!g.params.empty() && !read_options(group, g.options)) return false;  // the Python step reads no other
+    }
+    return true;
+  }
+
+  bool tensors_ok(const Group& g, size_t k, const at::Tensor& grad) const {
+    const at::Tensor& p = g.params[k];
+    if (!dense_cpu(p) || !supported(p) || !like(grad, p, p.scalar_type())) return false;
+    const at::Tensor& step = g.steps[k];
+    if (!is_cpu_scalar(step) || step.scalar_type() != at::kFloat || !step.is_contiguous()) return false;
+    const bool master = g.has_master[k];
+    if (master) {
+      const at::Tensor& w = g.masters[k];
+      // The op treats a master that is the param (or shares its data) as none.
+      if (w.is_same(p) || (p.numel() > 0 && w.data_ptr() == p.data_ptr()) || !like(w, p, at::kFloat)) return false;
+    }
+    const at::ScalarType state_type = master ? at::kFloat : p.scalar_type();
+    for (const auto& list : g.buffers) {
+      if (!like(list[k], p, state_type)) return false;
+    }
+    return true;
+  }
+
+  bool read_options(PyObject* group, Options& o) const {
+    if (!learning_rate(item(group, keys_opt_.lr), o.lr, o.lr_tensor)) return false;
+    if (!as_double(item(group, keys_opt_.weight_decay), o.weight_decay) || !as_double(item(group, keys_opt_.eps), o.eps) ||
+        !as_bool(item(group, keys_opt_.maximize), o.maximize) || !as_bool(item(group, keys_opt_.trust_clip), o.trust_clip) ||
+        !ratio_bounds(item(group, keys_opt_.trust_ratio_bounds), o.has_bounds, o.bounds)) {
+      return false;
+    }
+    PyObject* adapt = item(group, keys_opt_.adapt);
+    if (adapt == Py_None) {
+      o.adapt = o.weight_decay != 0.0;
+    } else if (!as_bool(adapt, o.adapt)) {
+      return false;
+    }
+    if (!lamb_) {
+      PyObject* style = item(group, keys_opt_.momentum_style);
+      if (style == nullptr || !PyUnicode_Check(style)) return false;
+      const char* name = PyUnicode_AsUTF8(style);
+      if (name == nullptr) {
+        PyErr_Clear();
+        return false;
+      }
+      o.mlperf = std::string(name) == "mlperf";
+      if (!o.mlperf && std::string(name) != "torch") return false;
+      return as_double(item(group, keys_opt_.momentum), o.momentum) &&
+             as_double(item(group, keys_opt_.trust_coefficient), o.trust_coefficient) &&
+             as_bool(item(group, keys_opt_.nesterov), o.nesterov);
+    }
+    PyObject* betas = item(group, keys_opt_.betas);
+    if (betas == nullptr || !(PyTuple_Check(betas) || PyList_Check(betas)) || PySequence_Size(betas) != 2) return false;
+    for (Py_ssize_t k = 0; k < 2; ++k) {
+      PyObject* v = PySequence_GetItem(betas, k);
+      const bool ok = as_double(v, k == 0 ? o.beta1 : o.beta2);
+      Py_XDECREF(v);
+      if (!ok) return false;
+    }
+    PyObject* clip = item(group, keys_opt_.max_grad_norm);
+    o.max_grad_norm = 0.0;
+    if (clip == nullptr || (clip != Py_None && !as_double(clip, o.max_grad_norm))) return false;
+    return as_bool(item(group, keys_opt_.bias_correction), o.bias_correction) &&
+           as_bool(item(group, keys_opt_.grad_averaging), o.grad_averaging) &&
+           as_bool(item(group, keys_opt_.decoupled_decay), o.decoupled_decay);
+  }
+
+  // The step proper, after every check passed (no Python objects touched: runs without the GIL).
+  bool run(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& scaler_found_inf,
+           at::Tensor& skipped) {
+    static const auto norms_op = op_handle<NormsOp>("fastlars::grad_norms");
+    bool clipping = false;  // over the groups that take part, as the Python step asks
+    for (const Group& g : groups_) clipping |= lamb_ && !g.params.empty() && g.options.max_grad_norm != 0.0;
+    // As _needs_grad_norms: the norms give the skip flag when no GradScaler does, and LAMB's ||G||.
+    const bool norms_needed = !scaler_found_inf.has_value() || clipping;
+
+    // skip = max(found_inf, any non-finite norm) > 0, as torch.stack(flags).amax() > 0 gives it.
+    float flag = 0.0f;
+    bool nan_flag = false;
+    if (scaler_found_inf.has_value()) {
+      flag = scaler_found_inf->item<float>();
+      nan_flag = std::isnan(flag);
+    }
+    std::vector<at::Tensor> norm_sums;
+    for (Group& g : groups_) {
+      if (g.params.empty()) continue;
+      if (!norms_needed) {
+        g.norms = empty_norms_;  // LARS: ||g|| beside ||w|| in its op's norm pass
+        continue;
+      }
+      g.norms = norms_op.call(g.grads, grad_scale);
+      const float* n = g.norms.data_ptr<float>();
+      for (int64_t i = 0; i < g.norms.numel(); ++i) {
+        if (!std::isfinite(n[i])) flag = std::max(flag, 1.0f);
+      }
+      if (clipping) norm_sums.push_back(g.norms.to(at::kFloat).square().sum());
+    }
+    const bool skip = !nan_flag && flag > 0.0f;
+    if (skip) {
+      skipped.add_(1.0);
+      return true;
+    }
+    for (Group& g : groups_) {
+      for (at::Tensor& step : g.steps) *step.data_ptr<float>() += 1.0f;
+    }
+    std::optional<at::Tensor> global_norm;
+    if (clipping) global_norm = at::stack(norm_sums).sum().sqrt();
+    for (Group& g : groups_) {
+      if (g.params.empty()) continue;
+      update(g, grad_scale, global_norm);
+    }
+    return true;
+  }
+
+  void update(const Group& g, const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& global_norm) const {
+    static const auto lars_op = op_handle<LarsOp>("fastlars::lars_step_");
+    static const auto lamb_op = op_handle<LambOp>("fastlars::lamb_step_");
+    const Options& o = g.options;
+    const std::optional<at::ArrayRef<double>> bounds =
+        o.has_bounds ? std::optional<at::ArrayRef<double>>(at::ArrayRef<double>(o.bounds.data(), 2)) : std::nullopt;
+    const std::optional<at::Tensor> none;
+    if (!lamb_) {
+      lars_op.call(g.params, g.grads, g.buffers[0], g.masters, g.norms, o.lr, o.lr_tensor, o.momentum, o.weight_decay,
+                   o.trust_coefficient, o.eps, o.nesterov, o.trust_clip, o.mlperf, o.adapt, bounds, o.maximize,
+                   grad_scale, none, none);
+      return;
+    }
+    std::optional<at::Tensor> clip;
+    if (o.max_grad_norm != 0.0) {  // reference.lamb_clip_coefficient: where(G > c, c / G, 1), c / G as torch's G⁻¹·c
+      const at::Tensor& G = *global_norm;
+      clip = at::where(G.gt(o.max_grad_norm), G.reciprocal().mul(o.max_grad_norm), at::ones_like(G));
+    }
+    lamb_op.call(g.params, g.grads, g.buffers[0], g.buffers[1], g.masters, g.steps, o.lr, o.lr_tensor, o.beta1,
+                 o.beta2, o.eps, o.weight_decay, o.bias_correction, o.grad_averaging, o.decoupled_decay,
+                 o.trust_clip, o.adapt, bounds, o.maximize, clip, grad_scale, none, none);
+  }
+
+  bool lamb_;
+  py::object state_;
+  std::vector<std::string> buffer_names_;
+  std::vector<py::object> keys_;  // interned "step" and the buffer names
+  py::object master_key_;
+  OptionKeys keys_opt_;
+  at::Tensor empty_norms_ = at::empty({0}, at::TensorOptions().dtype(at::kFloat));
+  std::vector<Group> groups_;
+};
+
+}  // namespace
+
+void register_host_plan(py::module_& m) {
+  py::class_<HostPlan>(m, "HostPlan",
+                       "A LARS/LAMB optimizer's step over native CPU groups with its tensor lists cached "
+                       "(fastlars/optim/_host.py builds and invalidates it).")
+      .def(py::init<const std::string&, py::object, const std::vector<std::string>&, py::list>(),
+           py::arg("algorithm"), py::arg("state"), py::arg("buffer_names"), py::arg("groups"))
+      .def("step", &HostPlan::step, py::arg("param_groups"), py::arg("state"), py::arg("grad_scale"),
+           py::arg("found_inf"), py::arg("skipped"),
+           "One step; False (and nothing changed) when the optimizer no longer matches the plan.")
+      .def_property_readonly("tensors", &HostPlan::tensors, "How many params take part in a step.");
+}
+
+}  // namespace fastlars::cpu
