@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import fastlars
+from fastlars import compat
 from harness import make_params, synthetic_grads
 
 pytestmark = pytest.mark.skipif(fastlars.backends.unavailable_reason("native", torch.device("cpu")) is not None,
@@ -327,3 +328,21 @@ def test_the_plan_keeps_no_gradient_alive() -> None:
     refs = [weakref.ref(p.grad) for p in params]
     opt.zero_grad(set_to_none=True)
     assert all(r() is None for r in refs)
+
+
+def test_a_subclass_that_changes_the_step_keeps_the_python_step() -> None:
+    """The plan calls the ops itself: a subclass overriding a method it stands in for is never planned,
+    one that only adds options (fastlars.compat) is."""
+
+    class HalfLR(fastlars.LARS):
+        def _update_group(self, item, views, steps, grad_scale, found_inf, global_grad_norm, trust_ratios=None):
+            item.group = {**item.group, "lr": item.group["lr"] * 0.5}
+            super()._update_group(item, views, steps, grad_scale, found_inf, global_grad_norm, trust_ratios)
+
+    for cls, planned in ((HalfLR, False), (compat.Lars, True), (compat.FusedLAMB, True)):
+        params = make_params(SHAPES, torch.float32)
+        opt = cls(params, lr=0.1, **({"backend": "native"} if cls is HalfLR else {}))  # compat: auto = native
+        for p, g in zip(params, synthetic_grads(params, 1)):
+            p.grad = g
+        opt.step()
+        assert (opt._host_plan is not None) == planned, cls.__name__

@@ -28,14 +28,29 @@ if TYPE_CHECKING:
 PLAIN_TYPES = (Tensor, nn.Parameter)
 """Param types whose ``.grad`` the plan may read in C++ (no subclass overrides it, no DTensor)."""
 
+REPLACED = ("step", "_gather", "_init_state", "_keeps_master", "_needs_grad_norms", "_gradient_statistics",
+            "_update_group", "_views", "_masters", "adapts", "_check_options")
+"""What a plan step does instead of these methods: a subclass overriding any of them keeps the Python step."""
+
+
+def _overrides_the_step(opt: TrustRatioOptimizer, algorithm: str) -> bool:
+    from fastlars.optim.lamb import LAMB
+    from fastlars.optim.lars import LARS
+
+    base = {"lars": LARS, "lamb": LAMB}.get(algorithm)
+    return base is None or not isinstance(opt, base) or any(
+        getattr(type(opt), name) is not getattr(base, name) for name in REPLACED)
+
 
 def build_plan(opt: TrustRatioOptimizer, work: list[GroupWork], algorithm: str) -> Any | None:
     """A HostPlan for ``opt`` after a Python step that did ``work``, or None when its steps cannot take the
     cached path: a group not on the native CPU backend or sharded, recorded trust ratios, a stats group,
-    a param of a tensor subclass, or an extension built without the plan."""
+    a param of a tensor subclass, a subclass that overrides part of the step, or an extension built
+    without the plan."""
     plan_class = getattr(extension(), "HostPlan", None)
     if (plan_class is None or not work or not opt.host_plan_enabled or opt.trust_ratios is not None
-            or opt.stats_group is not None or opt._skipped.device.type != "cpu"):
+            or opt.stats_group is not None or opt._skipped.device.type != "cpu"
+            or _overrides_the_step(opt, algorithm)):
         return None
     if any(item.backend != "native" or item.reduce is not None or item.device.type != "cpu" for item in work):
         return None
