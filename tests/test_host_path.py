@@ -330,6 +330,31 @@ def test_the_plan_keeps_no_gradient_alive() -> None:
     assert all(r() is None for r in refs)
 
 
+def test_a_stand_in_native_backend_sees_every_step(monkeypatch) -> None:
+    """A "native" backend replaced in fastlars.backends (as the CUDA emulation tests do) is never bypassed
+    by a plan: every step calls it."""
+    real = fastlars.backends.load("native")
+    calls = []
+
+    class StandIn:
+        __name__ = "tests.stand_in_native"
+
+        def __getattr__(self, name):
+            attr = getattr(real, name)
+            if name in ("lars_step", "lamb_step"):
+                return lambda *a, **k: calls.append(name) or attr(*a, **k)
+            return attr
+
+    monkeypatch.setitem(fastlars.backends._LOADED, "native", StandIn())
+    params = make_params(SHAPES, torch.float32)
+    opt = fastlars.LAMB(params, lr=0.01, backend="native")
+    for t in range(1, 4):
+        for p, g in zip(params, synthetic_grads(params, t)):
+            p.grad = g
+        opt.step()
+    assert opt._host_plan is None and calls == ["lamb_step"] * 3
+
+
 def test_a_subclass_that_changes_the_step_keeps_the_python_step() -> None:
     """The plan calls the ops itself: a subclass overriding a method it stands in for is never planned,
     one that only adds options (fastlars.compat) is."""
