@@ -3,6 +3,12 @@
 These functions hold no state: the caller owns the buffers, counts steps and decides what to skip.
 The optimizer classes in :mod:`fastlars.optim` are thin wrappers over them. The maths is written out
 in :mod:`fastlars.backends.reference`.
+
+State buffers may be low-precision (:mod:`fastlars.backends.quantization`): bf16 tensors, or int8
+codes with block scales as :class:`~fastlars.backends.quantization.QuantizedBuffer`; bf16 weights
+without masters may be stochastically rounded (``rounding``). Such calls go to the backend's
+low-precision module (:func:`fastlars.backends.resolve_low_precision`; the maths in
+:mod:`fastlars.backends.reference_lowbit`); a backend without one raises.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from torch import Tensor
 
 from fastlars import backends
 from fastlars.backends._common import LambHyper, LarsHyper, Scalar
+from fastlars.backends.quantization import QuantizedBuffer
 from fastlars.backends.reference import lamb_clip_coefficient
+from fastlars.backends.reference_lowbit import StateBuffer, StochasticRounding
 
 
 def grad_norms(grads: list[Tensor], grad_scale: Tensor | None = None, *, backend: str = "auto") -> Tensor:
@@ -40,7 +48,7 @@ def global_norm(per_tensor_norms: list[Tensor]) -> Tensor:
 def lars_step(
     params: list[Tensor],
     grads: list[Tensor],
-    momentum_buffers: list[Tensor],
+    momentum_buffers: list[StateBuffer],
     *,
     lr: Scalar,
     momentum: float = 0.9,
@@ -59,6 +67,9 @@ def lars_step(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     trust_ratios: Tensor | None = None,
+    steps: list[Tensor] | None = None,
+    rounding: StochasticRounding | None = None,
+    low_precision: bool | None = None,
     backend: str = "auto",
 ) -> None:
     """One LARS update of ``params`` (and their ``momentum_buffers``) in place.
@@ -71,10 +82,14 @@ def lars_step(
     written when ``found_inf`` is non-zero. ``weight_norms`` (foreach backend only) carries
     precomputed whole-tensor ||w|| when the tensors are shards (fastlars.distributed).
     ``trust_ratios`` (a 1-D fp32 tensor of len(params) on their device) receives each tensor's r.
+    ``rounding`` stochastically rounds bf16 params without masters, keyed by ``steps`` (t per tensor);
+    ``low_precision`` says whether the call carries low-precision state (None: look at the buffers).
     """
     if not params:
         return
     _check_ratio_output(trust_ratios, params)
+    if low_precision is None:
+        low_precision = _carries_low_precision(params, master_params, rounding, momentum_buffers)
     hyper = LarsHyper(
         momentum=momentum,
         weight_decay=weight_decay,
@@ -87,6 +102,17 @@ def lars_step(
         trust_ratio_bounds=trust_ratio_bounds,
         maximize=maximize,
     )
+    if low_precision:
+        name = backends.resolve_low_precision(backend, params[0].device)
+        if weight_norms is not None:
+            raise ValueError("weight_norms: sharded parameters take fp32 state only")
+        impl = backends.load(name)
+        if grad_norms is None:
+            grad_norms = impl.grad_norms(grads, grad_scale)
+        backends.load_low_precision(name).lars_step(
+            params, grads, momentum_buffers, master_params, grad_norms, steps, lr=lr, h=hyper,
+            grad_scale=grad_scale, found_inf=found_inf, rounding=rounding, trust_ratios=trust_ratios)
+        return
     impl = backends.load(backends.resolve(backend, params[0].device))
     if grad_norms is None:
         folds = getattr(impl, "folds_grad_norms", None)
@@ -114,8 +140,8 @@ def lars_step(
 def lamb_step(
     params: list[Tensor],
     grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
+    exp_avgs: list[StateBuffer],
+    exp_avg_sqs: list[StateBuffer],
     steps: list[Tensor],
     *,
     lr: Scalar = 1e-3,
@@ -136,6 +162,8 @@ def lamb_step(
     found_inf: Tensor | None = None,
     reduce_sumsq: Callable[[Tensor], Tensor] | None = None,
     trust_ratios: Tensor | None = None,
+    rounding: StochasticRounding | None = None,
+    low_precision: bool | None = None,
     backend: str = "auto",
 ) -> None:
     """One LAMB update of ``params``, ``exp_avgs`` (m) and ``exp_avg_sqs`` (v) in place.
@@ -148,10 +176,14 @@ def lamb_step(
     ``grads``. Nothing is written when ``found_inf`` is non-zero. ``reduce_sumsq`` (foreach backend
     only) sums the per-tensor Σw², Σu² of shards over ranks, giving whole-tensor norms.
     ``trust_ratios`` (a 1-D fp32 tensor of len(params) on their device) receives each tensor's r.
+    ``rounding`` stochastically rounds bf16 params without masters; ``low_precision`` says whether the
+    call carries low-precision state (None: look at the buffers).
     """
     if not params:
         return
     _check_ratio_output(trust_ratios, params)
+    if low_precision is None:
+        low_precision = _carries_low_precision(params, master_params, rounding, exp_avgs, exp_avg_sqs)
     hyper = LambHyper(
         beta1=betas[0],
         beta2=betas[1],
@@ -165,12 +197,20 @@ def lamb_step(
         trust_ratio_bounds=trust_ratio_bounds,
         maximize=maximize,
     )
-    impl = backends.load(backends.resolve(backend, params[0].device))
+    name = (backends.resolve_low_precision if low_precision else backends.resolve)(backend, params[0].device)
+    impl = backends.load(name)
     clip_coef = None
     if max_grad_norm:
         if global_grad_norm is None:
             global_grad_norm = global_norm([impl.grad_norms(grads, grad_scale)])
         clip_coef = lamb_clip_coefficient(global_grad_norm, max_grad_norm)
+    if low_precision:
+        if reduce_sumsq is not None:
+            raise ValueError("reduce_sumsq: sharded parameters take fp32 state only")
+        backends.load_low_precision(name).lamb_step(
+            params, grads, exp_avgs, exp_avg_sqs, master_params, steps, lr=lr, h=hyper, clip_coef=clip_coef,
+            grad_scale=grad_scale, found_inf=found_inf, rounding=rounding, trust_ratios=trust_ratios)
+        return
     extra = {} if reduce_sumsq is None else {"reduce_sumsq": _needs_foreach(impl, "reduce_sumsq", reduce_sumsq)}
     if trust_ratios is not None:
         extra["trust_ratios"] = trust_ratios
@@ -188,6 +228,22 @@ def lamb_step(
         found_inf=found_inf,
         **extra,
     )
+
+
+def _carries_low_precision(params: list[Tensor], master_params: list[Tensor] | None,
+                           rounding: StochasticRounding | None, *buffer_lists: list[StateBuffer]) -> bool:
+    """Whether a call needs a low-precision step: stochastic rounding, an int8 buffer, or a buffer whose
+    dtype is not the fp32 path's (fp32 beside a master, else the param's dtype)."""
+    if rounding is not None:
+        return True
+    for buffers in buffer_lists:
+        for i, (b, p) in enumerate(zip(buffers, params)):
+            if isinstance(b, QuantizedBuffer):
+                return True
+            has_master = master_params is not None and master_params[i] is not p
+            if b.dtype != (torch.float32 if has_master else p.dtype):
+                return True
+    return False
 
 
 def _check_ratio_output(trust_ratios: Tensor | None, params: list[Tensor]) -> None:

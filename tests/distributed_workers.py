@@ -30,10 +30,14 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(STEPS)]
 
 
-def make_optimizer(algo: str, groups):
+INT8_STATE = {"state_dtype": "int8", "min_quantized_size": 0, "backend": "auto"}
+"""Options of the "-int8" modes: every adapting tensor's state in int8 (this model's tensors are small)."""
+
+
+def make_optimizer(algo: str, groups, **options):
     if algo == "lars":
-        return fastlars.LARS(groups, lr=0.5, momentum=0.9, backend="foreach")
-    return fastlars.LAMB(groups, lr=0.02, max_grad_norm=0.5, backend="foreach")
+        return fastlars.LARS(groups, **{"lr": 0.5, "momentum": 0.9, "backend": "foreach", **options})
+    return fastlars.LAMB(groups, **{"lr": 0.02, "max_grad_norm": 0.5, "backend": "foreach", **options})
 
 
 def lr_at(step: int, algo: str) -> float:
@@ -57,9 +61,9 @@ def train(model: nn.Module, opt, algo: str, rank: int = 0, world: int = 1, poiso
         opt.zero_grad()
 
 
-def single_process(algo: str, poison_step: int | None = None) -> list[torch.Tensor]:
+def single_process(algo: str, poison_step: int | None = None, **options) -> list[torch.Tensor]:
     model = make_model()
-    opt = make_optimizer(algo, fastlars.param_groups(model, 1e-2))
+    opt = make_optimizer(algo, fastlars.param_groups(model, 1e-2), **options)
     train(model, opt, algo, poison_step=poison_step)
     return [p.detach().clone() for p in model.parameters()]
 
@@ -73,17 +77,32 @@ def worker(rank: int, world: int, init_file: str, mode: str, algo: str, out: str
     _init(rank, world, init_file)
     try:
         model = make_model()
+        options = {}
+        if mode.endswith("-int8"):
+            mode, options = mode.removesuffix("-int8"), INT8_STATE
+        if mode == "fsdp2-refused":  # low-precision state over DTensor shards must be refused, naming why
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+            try:
+                make_optimizer(algo, fastlars.param_groups(model, 1e-2), **INT8_STATE)
+                message = ""
+            except ValueError as exc:
+                message = str(exc)
+            torch.save({"message": message}, out if rank == 0 else out + f".rank{rank}")
+            dist.barrier()
+            return
         if mode == "ddp":
             wrapped = nn.parallel.DistributedDataParallel(model)
-            opt = make_optimizer(algo, fastlars.param_groups(model, 1e-2))
+            opt = make_optimizer(algo, fastlars.param_groups(model, 1e-2), **options)
             train(wrapped, opt, algo, rank, world, poison_step)
         elif mode == "zero":
             wrapped = nn.parallel.DistributedDataParallel(model)
             cls = fastlars.LARS if algo == "lars" else fastlars.LAMB
-            probe = make_optimizer(algo, [torch.zeros(1, requires_grad=True)])
-            options = {k: v for k, v in probe.defaults.items()}
+            probe = make_optimizer(algo, [torch.zeros(1, requires_grad=True)], **options)
             opt = fastlars.distributed.zero_redundancy_optimizer(
-                fastlars.param_groups(model, 1e-2), optimizer_class=cls, **options)
+                fastlars.param_groups(model, 1e-2), optimizer_class=cls, **probe.defaults)
             train(wrapped, opt, algo, rank, world, poison_step)
         elif mode == "fsdp2":
             from torch.distributed.device_mesh import init_device_mesh

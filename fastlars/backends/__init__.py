@@ -34,6 +34,13 @@ _AUTO_ORDER = {
 }
 _AUTO_FALLBACK = ("foreach",)
 
+_LOW_PRECISION_MODULES = {
+    "reference": "fastlars.backends.reference_lowbit",
+}
+"""Backends that step low-precision state (bf16 or int8 buffers) and stochastically rounded weights, and the
+module that does it (signatures of :mod:`fastlars.backends.reference_lowbit`). The others take fp32 state
+only; asked for low-precision state they raise instead of silently keeping fp32."""
+
 ENV_OVERRIDE = "FASTLARS_BACKEND"
 """Environment variable naming the backend that ``backend="auto"`` resolves to."""
 
@@ -50,10 +57,13 @@ _USABLE: set[tuple[str, str]] = set()  # (backend, device type) pairs found usab
 
 
 def load(name: str) -> ModuleType:
-    """Import a backend module by name (cached, so a traced step sees a plain dict lookup)."""
+    """Import a backend module by name (cached, so a traced step sees a plain dict lookup); "name:low_precision"
+    is the module stepping low-precision state for backend name."""
     module = _LOADED.get(name)
     if module is None:
-        module = importlib.import_module(_MODULES[validate_backend_name(name)])
+        base, _, variant = name.partition(":")
+        table = _LOW_PRECISION_MODULES if variant == "low_precision" else _MODULES
+        module = importlib.import_module(table[validate_backend_name(base)])
         _LOADED[name] = module
     return module
 
@@ -85,6 +95,45 @@ def resolve(name: str, device: torch.device) -> str:
         raise RuntimeError(f"backend={name!r} is not usable on {device}: {reason}")
     _USABLE.add((name, device.type))
     return name
+
+
+def supports_low_precision_state(name: str) -> bool:
+    """Whether backend ``name`` can step bf16/int8 optimizer state and stochastically rounded weights."""
+    return name in _LOW_PRECISION_MODULES
+
+
+def load_low_precision(name: str) -> ModuleType:
+    """The module stepping low-precision state for backend ``name`` (ValueError when it has none)."""
+    if not supports_low_precision_state(name):
+        raise ValueError(f"backend={name!r} steps fp32 state only; low-precision state (state_dtype='bf16'/'int8' "
+                         f"or stochastic_rounding) runs on {', '.join(map(repr, _LOW_PRECISION_MODULES))}")
+    return load(f"{name}:low_precision")
+
+
+def resolve_low_precision(name: str, device: torch.device) -> str:
+    """The concrete backend for a group with low-precision state on ``device``: for "auto" (and the
+    FASTLARS_BACKEND override when it names a backend that cannot) the first of the device's "auto"
+    order that steps such state, else the reference; an explicit name must step it (ValueError)."""
+    name = validate_backend_name(name)
+    if name == "auto":
+        override = os.environ.get(ENV_OVERRIDE)
+        if override and supports_low_precision_state(override):
+            return resolve(override, device)
+        for candidate in (*_AUTO_ORDER.get(device.type, _AUTO_FALLBACK), "reference"):
+            if supports_low_precision_state(candidate) and low_precision_unavailable_reason(candidate, device) is None:
+                return candidate
+        return "reference"
+    reason = low_precision_unavailable_reason(name, device)
+    if reason is not None:
+        raise ValueError(f"backend={name!r} cannot step low-precision state on {device}: {reason}")
+    return resolve(name, device)
+
+
+def low_precision_unavailable_reason(name: str, device: torch.device) -> str | None:
+    """None if backend ``name`` steps low-precision state on ``device``, else why not (ValueError when it
+    never does)."""
+    reason = unavailable_reason(name, device)
+    return reason if reason is not None else load_low_precision(name).unavailable_reason(device)
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:

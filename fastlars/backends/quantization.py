@@ -81,7 +81,7 @@ carries ``state["state_format"]``, a dict of plain strings and ints (so ``torch.
 weights_only=True)`` loads it)::
 
     {"version": 1, "dtype": "int8", "block_size": 256, "layout": "rows", "scale": "absmax_fp32",
-     "maps": {"exp_avg": "dynamic_tree_signed", "exp_avg_sq": "dynamic_tree_squared_unsigned"}}
+     "maps": {"exp_avg": "pow4_signed", "exp_avg_sq": "pow8_unsigned"}}
     {"version": 1, "dtype": "bf16", "rounding": "nearest_even"}
 
 An int8 buffer ``name`` is stored as ``state[name]`` (uint8 codes, the parameter's shape and memory
@@ -523,30 +523,39 @@ def pack_state(buffers: Mapping[str, Tensor], dtype: str, maps: Mapping[str, Cod
     return out
 
 
-def unpack_state(entry: Mapping[str, Any], buffer_names: tuple[str, ...],
-                 known_maps: Mapping[str, CodeMap]) -> dict[str, Tensor]:
-    """fp32 values of each buffer of a saved state entry, whatever its format (validates the record:
-    an unknown version, dtype or map name raises a ValueError naming it)."""
-    record = entry.get(FORMAT_KEY)
+def validate_record(record: Any, buffer_names: tuple[str, ...], known_maps: Mapping[str, CodeMap]) -> None:
+    """Check a ``state_format`` record (None: fp32 state): an unknown version, dtype, layout, block size
+    or map name raises a ValueError naming it."""
     if record is None:
-        return {name: entry[name].float() for name in buffer_names}
+        return
     if not isinstance(record, Mapping) or record.get("version") != FORMAT_VERSION:
         raise ValueError(f"state_format: unsupported record {record!r} (this fastlars reads version {FORMAT_VERSION})")
     dtype = record.get("dtype")
     if dtype == "bf16":
-        return {name: entry[name].float() for name in buffer_names}
+        return
     if dtype != "int8":
         raise ValueError(f"state_format: unknown dtype {dtype!r}")
     if record.get("layout") != "rows" or record.get("scale") != "absmax_fp32":
         raise ValueError(f"state_format: unknown layout/scale {record.get('layout')!r}/{record.get('scale')!r}")
     block = record.get("block_size")
-    if not isinstance(block, int) or block <= 0:
+    if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
         raise ValueError(f"state_format: block_size must be a positive int, got {block!r}")
-    out = {}
+    maps = record.get("maps")
     for name in buffer_names:
-        map_name = record.get("maps", {}).get(name)
+        map_name = maps.get(name) if isinstance(maps, Mapping) else None
         if map_name not in known_maps:
             raise ValueError(f"state_format: buffer {name!r} uses code map {map_name!r}, which this fastlars "
                              f"does not know (known: {sorted(known_maps)})")
-        out[name] = dequantize_blockwise(entry[name], entry[name + ABSMAX_SUFFIX], known_maps[map_name], block)
-    return out
+
+
+def unpack_state(entry: Mapping[str, Any], buffer_names: tuple[str, ...],
+                 known_maps: Mapping[str, CodeMap]) -> dict[str, Tensor]:
+    """fp32 values of each buffer of a saved state entry, whatever its format (validates the record
+    with :func:`validate_record` first)."""
+    record = entry.get(FORMAT_KEY)
+    validate_record(record, buffer_names, known_maps)
+    if record is None or record["dtype"] == "bf16":
+        return {name: entry[name].float() for name in buffer_names}
+    block, maps = record["block_size"], record["maps"]
+    return {name: dequantize_blockwise(entry[name], entry[name + ABSMAX_SUFFIX], known_maps[maps[name]], block)
+            for name in buffer_names}

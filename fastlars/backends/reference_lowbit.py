@@ -35,7 +35,8 @@ every buffer an fp32 tensor and no stochastic rounding, these functions equal
 :func:`fastlars.backends.reference.lamb_step` / ``lars_step`` bit for bit.
 
 Both functions return the per-tensor trust ratios they applied (fp32, one per tensor, on the
-parameters' device), so tests can compare them across backends.
+parameters' device), so tests can compare them across backends, and write them into ``trust_ratios``
+when given (only when the update is committed), as every backend does.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ class StochasticRounding:
         return q.stochastic_round_bf16(w_new, bits)
 
 
+def unavailable_reason(device: torch.device) -> str | None:
+    """The quantisation-aware reference runs wherever PyTorch runs."""
+    return None
+
+
 def load(buffer: StateBuffer) -> Tensor:
     """fp32 values of a state buffer."""
     return buffer.dequantize() if isinstance(buffer, q.QuantizedBuffer) else buffer.float()
@@ -108,6 +114,7 @@ def lamb_step(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     rounding: StochasticRounding | None = None,
+    trust_ratios: Tensor | None = None,
 ) -> Tensor:
     """One LAMB update with low-precision state (see the module docstring); returns the trust ratios.
 
@@ -144,7 +151,7 @@ def lamb_step(
         commit(exp_avgs[i], m_stored, found_inf)
         commit(exp_avg_sqs[i], v_stored, found_inf)
         _write_weights(i, param, weight, master_params, w_new, steps[i], rounding, found_inf)
-    return _stack(ratios, params)
+    return _record(_stack(ratios, params), trust_ratios, found_inf)
 
 
 def lars_step(
@@ -160,6 +167,7 @@ def lars_step(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     rounding: StochasticRounding | None = None,
+    trust_ratios: Tensor | None = None,
 ) -> Tensor:
     """One LARS update with a low-precision momentum buffer; returns the trust ratios.
 
@@ -191,7 +199,7 @@ def lars_step(
         commit(momentum_buffers[i], stored, found_inf)
         step = steps[i] if steps is not None else None
         _write_weights(i, param, weight, master_params, w - update, step, rounding, found_inf)
-    return _stack(ratios, params)
+    return _record(_stack(ratios, params), trust_ratios, found_inf)
 
 
 def _write_weights(i: int, param: Tensor, weight: Tensor, master_params: list[Tensor] | None, w_new: Tensor,
@@ -206,6 +214,12 @@ def _write_weights(i: int, param: Tensor, weight: Tensor, master_params: list[Te
         _commit(param, rounding.round(i, w_new, step), found_inf)
     else:
         _commit(param, w_new, found_inf)
+
+
+def _record(ratios: Tensor, trust_ratios: Tensor | None, found_inf: Tensor | None) -> Tensor:
+    if trust_ratios is not None and ratios.numel():
+        _commit(trust_ratios, ratios, found_inf)
+    return ratios
 
 
 def _stack(ratios: list[Tensor], params: list[Tensor]) -> Tensor:

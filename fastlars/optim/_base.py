@@ -29,8 +29,18 @@ import torch
 from torch import Tensor
 
 from fastlars import backends, distributed, functional
+from fastlars.backends import quantization
+from fastlars.backends.reference_lowbit import StateBuffer, StochasticRounding
 from fastlars.optim import _host
+from fastlars.optim import _state_format as state_format
 from fastlars.optim import _validation as check
+
+STORAGE_OPTIONS = ("backend", "state_dtype", "min_quantized_size")
+"""Options that say how THIS optimizer stores and steps its state: load_state_dict keeps them (and converts
+the saved state into them) instead of taking the checkpoint's."""
+
+TRAJECTORY_OPTIONS_WITH_DEFAULTS = ("stochastic_rounding", "rounding_seed")
+"""Options a checkpoint from before they existed lacks: this optimizer's values are kept then."""
 
 
 @dataclass
@@ -57,8 +67,11 @@ class GroupViews:
 
     params: list[Tensor]
     grads: list[Tensor]
-    buffers: dict[str, list[Tensor]]
+    buffers: dict[str, list[StateBuffer]]
     masters: list[Tensor] | None
+    low_precision: bool = False
+    """Whether the group steps low-precision state or stochastically rounded weights."""
+    rounding: StochasticRounding | None = None
 
 
 class TrustRatioOptimizer(torch.optim.Optimizer):
@@ -73,6 +86,12 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
 
     algorithm: str = ""
     """"lars" or "lamb": which native op the cached host path (fastlars.optim._host) calls."""
+
+    _state_dtype_overrides: Mapping[Tensor, str] = {}
+    """Per-parameter state dtypes set by set_state_dtype (replaced, never mutated: the class default is shared)."""
+
+    _param_positions: dict[int, int] | None = None
+    """Each param's position in the optimizer (stochastic rounding's tensor key), built when first needed."""
 
     host_plan_enabled: bool = True
     """Whether steps over native CPU groups may take the cached host path; False: always the Python
@@ -112,10 +131,16 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         self._check_options(merged)
         index = len(self.param_groups)
         check.check_group_params(index, params, merged["capturable"], merged["lr"])
+        check.check_rounding_params(index, params, merged["stochastic_rounding"])
+        low_precision = self._is_low_precision(merged)
+        if params:
+            self._refuse_sharded_low_precision(index, params[0], low_precision)
         if params and merged["backend"] != "auto":
-            backends.resolve(merged["backend"], params[0].device)
+            resolve = backends.resolve_low_precision if low_precision else backends.resolve
+            resolve(merged["backend"], params[0].device)
         super().add_param_group({**param_group, "params": params})
         self._host_plan = None
+        self._param_positions = None
         if params:
             self._backend_for(index, params[0].device)
 
@@ -123,6 +148,79 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
     def adapts(group: Mapping[str, Any]) -> bool:
         """Whether the trust ratio applies: ``adapt`` when set, else weight_decay ≠ 0."""
         return group["weight_decay"] != 0.0 if group["adapt"] is None else group["adapt"]
+
+    # ------------------------------------------------------------ state precision
+    def _is_low_precision(self, group: Mapping[str, Any]) -> bool:
+        """Whether a group steps low-precision state or stochastically rounded weights (then it runs on a
+        backend with a low-precision step, see fastlars.backends.resolve_low_precision)."""
+        if group["state_dtype"] != "fp32" or group["stochastic_rounding"]:
+            return True
+        overrides = self._state_dtype_overrides
+        return bool(overrides) and any(overrides.get(p, "fp32") != "fp32" for p in group.get("params", ()))
+
+    @staticmethod
+    def _refuse_sharded_low_precision(group_index: int, param: Tensor, low_precision: bool) -> None:
+        if low_precision and distributed.is_sharded(param):
+            raise ValueError(
+                f"state_dtype: param_groups[{group_index}] holds sharded (DTensor) parameters, whose steps "
+                "take fp32 state only; use state_dtype='fp32' and stochastic_rounding=False for FSDP2 groups "
+                "(ZeRO via fastlars.distributed.zero_redundancy_optimizer keeps whole tensors and takes any)")
+
+    def state_dtype_of(self, param: Tensor) -> str:
+        """The state dtype ``param`` gets (or has): "fp32", "bf16" or "int8", from its group's
+        ``state_dtype`` and ``min_quantized_size``, the trust-ratio rule (groups that do not adapt keep
+        fp32) and :meth:`set_state_dtype`."""
+        group = self._group_of(param)
+        return state_format.target_dtype(group, param.numel(), self.adapts(group),
+                                         self._state_dtype_overrides.get(param))
+
+    def set_state_dtype(self, param: Tensor, dtype: str | None) -> None:
+        """Store ``param``'s state as ``dtype`` ("fp32", "bf16", "int8"; None: its group's rule) whatever
+        its group says; existing state is converted now (through fp32: int8 → fp32 is exact)."""
+        group = self._group_of(param)
+        if dtype is not None:
+            check.check_choice("dtype", dtype, quantization.STATE_DTYPES)
+        overrides = dict(self._state_dtype_overrides)
+        if dtype is None:
+            overrides.pop(param, None)
+        else:
+            overrides[param] = dtype
+        previous, self._state_dtype_overrides = self._state_dtype_overrides, overrides
+        try:
+            low_precision = self._is_low_precision(group)
+            self._refuse_sharded_low_precision(self.param_groups.index(group), param, low_precision)
+            if group["backend"] != "auto":
+                (backends.resolve_low_precision if low_precision else backends.resolve)(group["backend"], param.device)
+        except ValueError:
+            self._state_dtype_overrides = previous
+            raise
+        state = self.state.get(param)
+        if state:
+            converted = state_format.convert_entry(state, self.buffer_names, self.state_dtype_of(param), param,
+                                                   "master_param" in state)
+            for key in state_format.buffer_keys(self.buffer_names):
+                state.pop(key, None)
+            master = state.pop("master_param", None)
+            state.update(converted)
+            if master is not None:
+                state["master_param"] = master
+        self._host_plan = None
+        self._resolved.clear()
+
+    def _group_of(self, param: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                return group
+        raise ValueError("param: not a parameter of this optimizer")
+
+    def _rounding(self, item: GroupWork) -> StochasticRounding | None:
+        """How the group's bf16 weights without masters are stochastically rounded (None: to nearest)."""
+        if not item.group["stochastic_rounding"]:
+            return None
+        if self._param_positions is None:
+            self._param_positions = {id(p): i for i, p in
+                                     enumerate(p for g in self.param_groups for p in g["params"])}
+        return StochasticRounding(item.group["rounding_seed"], [self._param_positions[id(p)] for p in item.params])
 
     # ----------------------------------------------------------------------- step
     def record_trust_ratios(self, enabled: bool = True) -> None:
@@ -175,6 +273,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
                 item.params.append(p)
                 item.grads.append(p.grad)
             if item.params:
+                self._refuse_sharded_low_precision(gi, item.params[0], self._is_low_precision(group))
                 if distributed.is_sharded(item.params[0]):
                     # whole-tensor norms need the shard all-reduce, which the foreach backend takes
                     item.reduce = distributed.sum_over(distributed.shard_groups(item.params))
@@ -188,7 +287,9 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         """The group's concrete backend on ``device``, resolved once (torch.compile then sees a lookup)."""
         key = (group_index, device)
         if key not in self._resolved:
-            self._resolved[key] = backends.resolve(self.param_groups[group_index]["backend"], device)
+            group = self.param_groups[group_index]
+            resolve = backends.resolve_low_precision if self._is_low_precision(group) else backends.resolve
+            self._resolved[key] = resolve(group["backend"], device)
         return self._resolved[key]
 
     def _keeps_master(self, group: Mapping[str, Any], p: Tensor) -> bool:
@@ -200,10 +301,10 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
             if state:
                 continue
             master = self._keeps_master(item.group, p)
-            buffer_dtype = torch.float32 if master else p.dtype
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            for name in self.buffer_names:
-                state[name] = torch.zeros_like(p, dtype=buffer_dtype, memory_format=torch.preserve_format)
+            dtype = state_format.target_dtype(item.group, p.numel(), self.adapts(item.group),
+                                              self._state_dtype_overrides.get(p))
+            state.update(state_format.new_entry(p, self.buffer_names, dtype, master))
             if master:
                 state["master_param"] = p.detach().clone().float()
 
@@ -315,6 +416,16 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         if item.reduce is not None:  # a sharded group: its DTensors' local shards
             local = distributed.local
         masters = self._masters(item)
+        if self._is_low_precision(item.group):  # never sharded (refused in _gather)
+            return GroupViews(
+                params=item.params,
+                grads=item.grads,
+                buffers={name: [state_format.buffer_view(self.state[p], name) for p in item.params]
+                         for name in self.buffer_names},
+                masters=masters,
+                low_precision=True,
+                rounding=self._rounding(item),
+            )
         return GroupViews(
             params=[local(p) for p in item.params],
             grads=[local(g) for g in item.grads],
@@ -339,23 +450,32 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state_dict saved by any backend, after checking its groups, keys and shapes.
 
-        Buffers keep their saved precision (fp32 master weights and moments are not rounded to the
-        parameter dtype); each group keeps this optimizer's ``backend``.
+        Each group keeps this optimizer's storage options (``backend``, ``state_dtype``,
+        ``min_quantized_size``); the saved state is converted into them: an entry already stored as this
+        optimizer stores it is copied unchanged (so resuming is exact), others go through fp32 (an fp32
+        checkpoint loads into an int8 optimizer and back). Full-precision buffers keep their saved
+        precision (fp32 master weights and moments are not rounded to the parameter dtype). A checkpoint
+        from before ``stochastic_rounding``/``rounding_seed`` existed keeps this optimizer's values.
         """
         self._check_state_dict(state_dict)
         self._host_plan = None
-        backends_now = [g["backend"] for g in self.param_groups]
+        self._param_positions = None
+        kept = [{key: g[key] for key in STORAGE_OPTIONS} for g in self.param_groups]
+        defaults = [{key: g[key] for key in TRAJECTORY_OPTIONS_WITH_DEFAULTS} for g in self.param_groups]
         saved = copy.deepcopy(state_dict["state"])
-        super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+        groups = [{**fallback, **saved_group} for fallback, saved_group in zip(defaults, state_dict["param_groups"])]
+        super().load_state_dict({"state": state_dict["state"], "param_groups": groups})
+        for group, storage in zip(self.param_groups, kept):
+            group.update(storage)
         id_to_param = self._saved_id_map(state_dict)
         for pid, entry in saved.items():
             p = id_to_param[pid]
             master = "master_param" in entry
-            for key, value in entry.items():
-                dtype = torch.float32 if key in ("step", "master_param") or master else p.dtype
-                self.state[p][key] = value.to(device=p.device, dtype=dtype).clone()
-        for group, backend in zip(self.param_groups, backends_now):
-            group["backend"] = backend
+            new = {"step": entry["step"].to(device=p.device, dtype=torch.float32).clone()}
+            new.update(state_format.convert_entry(entry, self.buffer_names, self.state_dtype_of(p), p, master))
+            if master:
+                new["master_param"] = entry["master_param"].to(device=p.device, dtype=torch.float32).clone()
+            self.state[p] = new
         self._resolved.clear()
         skipped = int(state_dict.get("skipped_steps", 0))
         home = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else "cpu"
@@ -380,11 +500,12 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
             if len(saved["params"]) != len(ours["params"]):
                 raise ValueError(f"state_dict: param_groups[{gi}] holds {len(saved['params'])} params, "
                                  f"this optimizer's holds {len(ours['params'])}")
-            missing = set(self.defaults) - set(saved) - {"backend"}
+            missing = set(self.defaults) - set(saved) - {*STORAGE_OPTIONS, *TRAJECTORY_OPTIONS_WITH_DEFAULTS}
             if missing:
                 raise ValueError(f"state_dict: param_groups[{gi}] lacks option(s) {sorted(missing)}")
             try:
-                self._check_options({**saved, "backend": ours["backend"]})
+                fallback = {key: ours[key] for key in TRAJECTORY_OPTIONS_WITH_DEFAULTS}
+                self._check_options({**fallback, **saved, **{key: ours[key] for key in STORAGE_OPTIONS}})
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"state_dict: param_groups[{gi}]: {exc}") from exc
         if not isinstance(state, Mapping):
@@ -400,12 +521,24 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
             name = check.describe(gi, pi, p)
             if not isinstance(entry, Mapping):
                 raise ValueError(f"state_dict: state of {name} is not a dict")
-            expected = {"step", *self.buffer_names}
+            try:
+                quantization.validate_record(entry.get(quantization.FORMAT_KEY), self.buffer_names,
+                                             state_format.KNOWN_MAPS)
+            except ValueError as exc:
+                raise ValueError(f"state_dict: state of {name}: {exc}") from exc
+            expected = {"step", *state_format.expected_keys(entry, self.buffer_names)}
             if saved_group["master_weights"] and p.dtype in check.LOW_PRECISION:
                 expected.add("master_param")
             if set(entry) != expected:
                 raise ValueError(f"state_dict: state of {name} has keys {sorted(entry)}, expected {sorted(expected)}")
-            for key, value in entry.items():
+            try:
+                state_format.check_entry(entry, self.buffer_names, p, name)
+            except ValueError as exc:
+                raise ValueError(f"state_dict: {exc}") from exc
+            for key in ("step", "master_param"):
+                if key not in entry:
+                    continue
+                value = entry[key]
                 if not isinstance(value, Tensor) or not value.is_floating_point():
                     raise ValueError(f"state_dict: state[{key!r}] of {name} must be a floating tensor")
                 want = torch.Size([]) if key == "step" else p.shape

@@ -46,13 +46,14 @@ def _overrides_the_step(opt: TrustRatioOptimizer, algorithm: str) -> bool:
 def build_plan(opt: TrustRatioOptimizer, work: list[GroupWork], algorithm: str) -> Any | None:
     """A HostPlan for ``opt`` after a Python step that did ``work``, or None when its steps cannot take the
     cached path: a group not on the native CPU backend or sharded, recorded trust ratios, a stats group,
-    a param of a tensor subclass, a subclass that overrides part of the step, a "native" backend that is not
-    fastlars.backends.native (a test's stand-in: the plan would bypass it), or an extension built without
-    the plan."""
+    a param of a tensor subclass, a group with low-precision state or stochastic rounding, a subclass that
+    overrides part of the step, a "native" backend that is not fastlars.backends.native (a test's
+    stand-in: the plan would bypass it), or an extension built without the plan."""
     plan_class = getattr(extension(), "HostPlan", None)
     if (plan_class is None or not work or not opt.host_plan_enabled or opt.trust_ratios is not None
             or getattr(backends.load("native"), "__name__", None) != "fastlars.backends.native"
             or opt.stats_group is not None or opt._skipped.device.type != "cpu"
+            or any(opt._is_low_precision(group) for group in opt.param_groups)
             or _overrides_the_step(opt, algorithm)):
         return None
     if any(item.backend != "native" or item.reduce is not None or item.device.type != "cpu" for item in work):

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from fastlars import backends
+from fastlars.backends.quantization import STATE_DTYPES
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -105,6 +106,21 @@ def check_common_options(group: Mapping[str, Any]) -> None:
     check_bool("capturable", group["capturable"])
     check_bool("master_weights", group["master_weights"])
     backends.validate_backend_name(group["backend"])
+    check_choice("state_dtype", group["state_dtype"], STATE_DTYPES)
+    check_count("min_quantized_size", group["min_quantized_size"])
+    check_bool("stochastic_rounding", group["stochastic_rounding"])
+    if group["stochastic_rounding"] and group["master_weights"]:
+        raise ValueError("stochastic_rounding: rounds bf16 weights that keep no fp32 master; it cannot be combined "
+                         "with master_weights=True")
+    seed = group["rounding_seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"rounding_seed: expected an int in [0, 2**32), got {seed!r}")
+
+
+def check_count(name: str, value: Any) -> None:
+    """An int ≥ 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
 
 
 def describe(group_index: int, param_index: int, tensor: Tensor) -> str:
@@ -134,6 +150,16 @@ def check_group_params(group_index: int, params: list[Any], capturable: bool, lr
     if capturable and isinstance(lr, Tensor) and device is not None and lr.device != device:
         raise ValueError(f"lr: with capturable=True a tensor lr must live on the parameters' device {device}, "
                          f"not {lr.device}")
+
+
+def check_rounding_params(group_index: int, params: list[Tensor], stochastic_rounding: bool) -> None:
+    """Stochastic rounding is defined for bf16 weights (fp32 ones need none): an fp16 parameter is an error."""
+    if not stochastic_rounding:
+        return
+    for i, p in enumerate(params):
+        if p.dtype == torch.float16:
+            raise ValueError(f"{describe(group_index, i, p)}: stochastic_rounding rounds bfloat16 weights; keep fp16 "
+                             "parameters in a group with stochastic_rounding=False (or master_weights=True)")
 
 
 def check_grad(group_index: int, param_index: int, param: Tensor, grad: Tensor) -> None:

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from fastlars import functional
 from fastlars.backends._common import Scalar
+from fastlars.backends.quantization import MIN_QUANTIZED_SIZE
 from fastlars.optim import _validation as check
 from fastlars.optim._base import GroupViews, GroupWork, TrustRatioOptimizer
 
@@ -47,6 +48,17 @@ class LARS(TrustRatioOptimizer):
         capturable: check that a tensor lr lives on the device, so CUDA graphs replay a changing lr;
             step() never synchronises with the device either way.
         master_weights: keep fp32 copies of fp16/bf16 params (and fp32 momentum) in the state.
+        state_dtype: how the moments/momentum are stored: "fp32" (full precision: fp32, or the param's
+            dtype when a 16-bit param keeps no master), "bf16" (round to nearest even) or "int8"
+            (blockwise 8-bit codes with an fp32 scale per 256 elements; fastlars.backends.quantization).
+            Each step decodes, updates in fp32 and re-encodes; LAMB's ratio uses the norm of the update
+            computed from the re-encoded moments, i.e. of exactly the update it applies.
+        min_quantized_size: tensors with fewer elements keep fp32 state (as do groups that do not adapt);
+            ``set_state_dtype(param, dtype)`` overrides the rule per parameter.
+        stochastic_rounding: write bf16 params that keep no master by stochastic rounding, unbiased
+            (E[SR(x)] = x), with bits from a counter-based RNG keyed on (rounding_seed, the param's position
+            in the optimizer, step, element index), identical on every backend; False: round to nearest.
+        rounding_seed: the RNG seed (32 bits; saved in the state_dict with the group's options).
         backend: "auto", "reference", "foreach", "triton" or "native".
     """
 
@@ -70,6 +82,10 @@ class LARS(TrustRatioOptimizer):
         maximize: bool = False,
         capturable: bool = False,
         master_weights: bool = False,
+        state_dtype: str = "fp32",
+        min_quantized_size: int = MIN_QUANTIZED_SIZE,
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
         backend: str = "auto",
     ) -> None:
         defaults = dict(
@@ -86,6 +102,10 @@ class LARS(TrustRatioOptimizer):
             maximize=maximize,
             capturable=capturable,
             master_weights=master_weights,
+            state_dtype=state_dtype,
+            min_quantized_size=min_quantized_size,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=rounding_seed,
             backend=backend,
         )
         super().__init__(params, defaults)
@@ -137,6 +157,9 @@ class LARS(TrustRatioOptimizer):
             grad_scale=grad_scale,
             found_inf=found_inf,
             trust_ratios=trust_ratios,
+            steps=steps,
+            rounding=views.rounding,
+            low_precision=views.low_precision,
             backend=item.backend,
         )
 
