@@ -1,37 +1,52 @@
-"""`python -m benchmarks.state_memory`: bytes per parameter of LAMB and LARS in each state format,
-measured with fastlars.memory from the tensors each format allocates (parameters, gradients, fp32
-masters, moments or codes + block scales, step counters) for real models' parameter sets.
+"""`python -m benchmarks.state_memory`: bytes per parameter of fastlars.LAMB and fastlars.LARS in each
+state format, measured with fastlars.memory from what a real optimizer holds after its first step.
 
     python -m benchmarks.state_memory                         # ResNet-50 and BERT-base, on the meta device
-    python -m benchmarks.state_memory --device cpu --params resnet50
+    python -m benchmarks.state_memory --device cpu --params resnet50 --out benchmarks/results
 
-The state follows the format's rules (fastlars.backends.quantization.resolve_state_dtype): tensors of
-≥ 2 dims with ≥ 4096 elements take the requested state dtype; 1-d tensors (biases, norm gains: no decay,
-no adaptation under fastlars.param_groups) and small tensors keep fp32. The default meta device
-allocates nothing (storages still have their sizes); --device cpu allocates for real.
+For each parameter set, algorithm and mode, a module holding the set's parameters (in the mode's dtype,
+with zero gradients) is split by ``fastlars.param_groups`` as a user gets it (tensors of < 2 dims:
+no decay, no trust ratio, so fp32 state), handed to ``fastlars.LAMB``/``fastlars.LARS`` with the mode's
+``state_dtype``, ``master_weights`` and ``stochastic_rounding``, stepped once (the optimizer creates its
+state then), and ``fastlars.memory.optimizer_memory`` counts the storages it holds: parameters, gradients,
+fp32 masters, moments or int8 codes + block scales, step counters. Nothing is computed from a formula.
+
+The meta device allocates nothing (each storage still has its size) and runs the optimizer's own state
+creation and step; tests/test_state_memory_benchmark.py checks that it reports what --device cpu does.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from benchmarks.params import PARAM_SETS
-from fastlars.backends import quantization as q
-from fastlars.memory import MemoryReport, state_memory
+import fastlars
+from benchmarks.params import PARAM_SETS, Shape
+from benchmarks.suite import machine
+from fastlars.memory import MemoryReport, optimizer_memory
 
 
 @dataclass(frozen=True)
 class Mode:
-    """How weights and state are kept: parameter dtype, fp32 masters or not, state dtype."""
+    """How weights and state are kept: parameter dtype, fp32 masters or not, state dtype. bf16 params
+    without masters are written by stochastic rounding."""
 
     label: str
     param_dtype: torch.dtype
     masters: bool
     state_dtype: str
+
+    @property
+    def stochastic_rounding(self) -> bool:
+        return self.param_dtype == torch.bfloat16 and not self.masters
 
 
 MODES = [
@@ -43,49 +58,70 @@ MODES = [
     Mode("bf16 params (stochastic rounding), int8 state", torch.bfloat16, False, "int8"),
 ]
 
-BUFFERS = {"lamb": (("exp_avg", q.SIGNED_MAP), ("exp_avg_sq", q.UNSIGNED_MAP)),
-           "lars": (("momentum_buffer", q.SIGNED_MAP),)}
+ALGORITHMS = ("lamb", "lars")
+WEIGHT_DECAY = {"lamb": 0.01, "lars": 5e-5}
 
 
-def build_state(shapes: Sequence[tuple[int, ...]], algorithm: str, mode: Mode, device: str
-                ) -> tuple[list[torch.Tensor], list[dict]]:
-    """Parameters (with gradients in the parameter dtype) and their optimizer state in ``mode``."""
-    params, states = [], []
-    for shape in shapes:
-        p = torch.zeros(shape, dtype=mode.param_dtype, device=device)
+class ShapesModule(nn.Module):
+    """A module whose parameters have ``shapes`` (in order), so that fastlars.param_groups splits them."""
+
+    def __init__(self, shapes: Sequence[Shape], dtype: torch.dtype, device: str | torch.device) -> None:
+        super().__init__()
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.zeros(shape, dtype=dtype, device=device)) for shape in shapes)
+
+
+def build_optimizer(shapes: Sequence[Shape], algorithm: str, mode: Mode, device: str | torch.device
+                    ) -> torch.optim.Optimizer:
+    """fastlars.LAMB/LARS over ``shapes`` in ``mode``, grouped by fastlars.param_groups, after one step on
+    zero gradients (which creates the state)."""
+    model = ShapesModule(shapes, mode.param_dtype, device)
+    for p in model.parameters():
         p.grad = torch.zeros_like(p)
-        state: dict = {"step": torch.zeros((), dtype=torch.float32, device=device)}
-        dtype = q.resolve_state_dtype(mode.state_dtype, p.numel(), adapts=p.dim() > 1)
-        for name, code_map in BUFFERS[algorithm]:
-            if dtype == "int8":
-                state[name] = q.QuantizedBuffer.zeros_like(p, code_map)
-            else:
-                state[name] = torch.zeros(shape, device=device,
-                                          dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
-        if mode.masters:
-            state["master_param"] = torch.zeros(shape, dtype=torch.float32, device=device)
-        params.append(p)
-        states.append(state)
-    return params, states
+    groups = fastlars.param_groups(model, WEIGHT_DECAY[algorithm])
+    options: dict[str, Any] = dict(master_weights=mode.masters, state_dtype=mode.state_dtype,
+                                   stochastic_rounding=mode.stochastic_rounding)
+    if algorithm == "lamb":
+        opt: torch.optim.Optimizer = fastlars.LAMB(groups, lr=1e-3, **options)
+    else:
+        opt = fastlars.LARS(groups, lr=1.0, momentum=0.9, **options)
+    opt.step()
+    return opt
 
 
-def measure(param_set: str, algorithm: str, mode: Mode, device: str) -> MemoryReport:
-    """The memory report of one parameter set, algorithm and mode."""
-    params, states = build_state(PARAM_SETS[param_set].shapes(), algorithm, mode, device)
-    return state_memory(params, states)
+def measure(param_set: str, algorithm: str, mode: Mode, device: str | torch.device = "meta") -> MemoryReport:
+    """The memory report of the optimizer of one parameter set, algorithm and mode."""
+    return optimizer_memory(build_optimizer(PARAM_SETS[param_set].shapes(), algorithm, mode, device))
 
 
-def markdown(param_sets: Sequence[str], device: str) -> str:
-    """One row per mode: bytes per parameter (total and state) per parameter set and algorithm."""
-    header = "| mode | " + " | ".join(f"{s} {a.upper()} total (state)" for s in param_sets for a in BUFFERS) + " |"
-    lines = [header, "|---|" + "---:|" * (len(param_sets) * len(BUFFERS))]
+def measure_all(param_sets: Sequence[str], device: str | torch.device) -> list[dict[str, Any]]:
+    """One JSON-ready record per (mode, parameter set, algorithm)."""
+    records = []
     for mode in MODES:
-        cells = []
         for s in param_sets:
-            for algorithm in BUFFERS:
+            for algorithm in ALGORITHMS:
                 r = measure(s, algorithm, mode, device)
-                cells.append(f"{r.bytes_per_parameter:.2f} ({r.state_bytes_per_parameter:.2f})")
-        lines.append(f"| {mode.label} | " + " | ".join(cells) + " |")
+                records.append({"mode": mode.label, "param_set": s, "algorithm": algorithm,
+                                "param_dtype": str(mode.param_dtype).removeprefix("torch."),
+                                "master_weights": mode.masters, "state_dtype": mode.state_dtype,
+                                "stochastic_rounding": mode.stochastic_rounding, "parameters": r.parameters,
+                                "param_bytes": r.param_bytes, "grad_bytes": r.grad_bytes,
+                                "state_bytes_by_key": r.state_bytes_by_key,
+                                "bytes_per_parameter": r.bytes_per_parameter,
+                                "state_bytes_per_parameter": r.state_bytes_per_parameter})
+    return records
+
+
+def markdown(records: Sequence[dict[str, Any]]) -> str:
+    """One row per mode: bytes per parameter, total (state alone), per parameter set and algorithm."""
+    columns = list(dict.fromkeys((r["param_set"], r["algorithm"]) for r in records))
+    header = "| mode | " + " | ".join(f"{s} {a.upper()} total (state)" for s, a in columns) + " |"
+    lines = [header, "|---|" + "---:|" * len(columns)]
+    for label in dict.fromkeys(r["mode"] for r in records):
+        by_column = {(r["param_set"], r["algorithm"]): r for r in records if r["mode"] == label}
+        cells = [f"{by_column[c]['bytes_per_parameter']:.2f} ({by_column[c]['state_bytes_per_parameter']:.2f})"
+                 for c in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -93,11 +129,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.state_memory", description=__doc__.splitlines()[0])
     p.add_argument("--params", default="resnet50,bert_base", help=f"comma-separated: {', '.join(PARAM_SETS)}")
     p.add_argument("--device", default="meta", help="meta (allocates nothing), cpu or cuda")
+    p.add_argument("--out", default=None,
+                   help="folder for state_memory_<device>_<date>.json and .md (default: print only)")
     args = p.parse_args(argv)
-    print("Bytes per parameter (params + grads + optimizer state; state alone in parentheses), measured "
-          "from the tensors by fastlars.memory.state_memory")
-    print()
-    print(markdown([s for s in args.params.split(",") if s], args.device))
+    sets = [s for s in args.params.split(",") if s]
+    unknown = [s for s in sets if s not in PARAM_SETS]
+    if unknown or not sets:
+        p.error(f"--params: unknown {unknown or args.params!r}; choose from {', '.join(PARAM_SETS)}")
+    records = measure_all(sets, args.device)
+    host = machine(torch.device("cpu"))
+    today = dt.date.today().isoformat()
+    text = (f"Bytes per parameter (params + grads + optimizer state; state alone in parentheses) of fastlars.LAMB "
+            f"and fastlars.LARS after one step, measured by fastlars.memory.optimizer_memory from the tensors the "
+            f"optimizer holds; fastlars.param_groups (biases/norms: fp32 state); device {args.device}; "
+            f"{host['device']} ({host['cpus']} CPUs), torch {host['torch']}, commit {host['commit'][:10]}, {today}"
+            "\n\n" + markdown(records))
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"state_memory_{args.device}_{today}"
+        (out / f"{stem}.json").write_text(json.dumps(
+            {"device": args.device, "machine": host, "records": records}, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(text + "\n")
+        print(f"wrote {out / stem}.json, .md")
     return 0
 
 
