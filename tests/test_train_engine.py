@@ -1,5 +1,6 @@
 """The trainer end to end on CPU: the bundled-data run, DDP / ZeRO / FSDP2 with gloo equal to one
-process, SIGKILL then --resume equal to an uninterrupted run, and clear errors for bad inputs."""
+process, SIGKILL then --resume equal to an uninterrupted run (fp32 and int8 LAMB state), and clear
+errors for bad inputs."""
 
 from __future__ import annotations
 
@@ -109,8 +110,14 @@ def test_two_processes_equal_one(env: dict[str, str], tmp_path: Path, shard: str
     assert (one["steps"], two["steps"], one["accumulation_steps"], two["world_size"]) == (12, 12, 2, 2)
 
 
-def test_sigkill_then_resume_equals_uninterrupted(env: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("state", ["fp32", "int8"])
+def test_sigkill_then_resume_equals_uninterrupted(env: dict[str, str], tmp_path: Path, state: str) -> None:
+    """LAMB killed mid-run and resumed with --resume ends bit-identical to the uninterrupted run, with fp32
+    state and with int8 state on every adapting weight (--optim-state-min-size 0: the codes, block scales
+    and format records go through checkpoint.pt)."""
     args = [*SMALL_RUN, "--device-batch", "16", "--max-steps", "16", "--checkpoint-every", "2"]
+    if state != "fp32":
+        args += ["--optim-state", state, "--optim-state-min-size", "0"]
     whole = run_train([*args, "--out", str(tmp_path / "whole")], env)
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "killed"
@@ -132,6 +139,10 @@ def test_sigkill_then_resume_equals_uninterrupted(env: dict[str, str], tmp_path:
     proc.wait()
     killed_at = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["progress"]["t"]
     assert 6 <= killed_at < 16
+    if state == "int8":
+        saved = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["optimizer"]["state"]
+        assert sum(any(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in entry.values())
+                   for entry in saved.values()) == 3  # the three adapting weights of the small CNN
     resumed = run_train([*args, "--out", str(out), "--resume"], env)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(final_weights(tmp_path / "whole"), final_weights(out), atol=0)

@@ -4,6 +4,7 @@ checkpoints, the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -36,6 +37,8 @@ def test_accumulation_steps_divide_or_say_why() -> None:
     ("amp", "fp8", "--amp must be one of"),
     ("shard", "zero3", "--shard must be one of"),
     ("betas", (0.9, 1.0), "--betas must lie in"),
+    ("optim_state", "fp8", "--optim-state must be one of"),
+    ("optim_state_min_size", -1, "--optim-state-min-size must be ≥ 0"),
 ])
 def test_config_errors_name_the_flag(field: str, value: object, message: str) -> None:
     cfg = TrainConfig(**{field: value})
@@ -127,6 +130,42 @@ def test_models_and_optimizer_groups() -> None:
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["nesterov"]
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_optim_state_is_fastlars_only(optimizer: str) -> None:
+    """--optim-state bf16|int8 with a torch optimizer is an error naming the flag, from the config and from
+    build_optimizer alike (nothing is built)."""
+    with pytest.raises(ValueError, match=f"--optim-state int8 applies to .*{optimizer}"):
+        TrainConfig(optimizer=optimizer, optim_state="int8").check()
+    with pytest.raises(ValueError, match=f"--optim-state bf16 applies to lars and lamb only; {optimizer}"):
+        build_optimizer(TrainConfig(optimizer=optimizer, optim_state="bf16"), build_model("small_cnn", 10), lr=0.1)
+    with pytest.raises(ValueError, match="--optim-state int8 with --shard fsdp2"):
+        TrainConfig(optimizer="lamb", optim_state="int8", shard="fsdp2").check()
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "lamb"])
+def test_optim_state_reaches_the_fastlars_state(optimizer: str) -> None:
+    """--optim-state/--optim-state-min-size become state_dtype/min_quantized_size: with the library's 4096 only
+    the small CNN's 4,608-element conv is int8; with 0 every adapting weight is; biases and BN stay fp32.
+    The state itself holds uint8 codes for exactly those tensors after a step."""
+    import fastlars.backends.quantization as q
+
+    assert TrainConfig().optim_state_min_size == q.MIN_QUANTIZED_SIZE
+    cfg = config_from_args(["--optimizer", optimizer, "--optim-state", "int8"])
+    assert (cfg.optim_state, cfg.optim_state_min_size) == ("int8", q.MIN_QUANTIZED_SIZE)
+    for min_size, expected in ((q.MIN_QUANTIZED_SIZE, {"3.weight"}), (0, {"0.weight", "3.weight", "8.weight"})):
+        torch.manual_seed(0)
+        model = build_model("small_cnn", 10)
+        opt = build_optimizer(dataclasses.replace(cfg, optim_state_min_size=min_size), model, lr=0.01)
+        names = dict(model.named_parameters())
+        assert {n for n, p in names.items() if opt.state_dtype_of(p) == "int8"} == expected
+        assert {opt.state_dtype_of(p) for n, p in names.items() if n not in expected} == {"fp32"}
+        model(torch.randn(4, 3, 16, 16)).sum().backward()
+        opt.step()
+        coded = {n for n, p in names.items() if any(t.dtype == torch.uint8 for t in opt.state[p].values()
+                                                       if isinstance(t, torch.Tensor))}
+        assert coded == expected
+
+
 def test_trust_ratios_by_layer_name() -> None:
     """The adapting layers' ratios by parameter name, as the optimizer's backend recorded them; none for
     optimizers without a trust ratio."""
@@ -195,5 +234,5 @@ def test_cli_parses_flags_and_rejects_bad_values(capsys) -> None:
     assert config_from_args(["--no-tensorboard"]).tensorboard == "off"
     help_text = parser().format_help()
     for flag in ("--data", "--loader", "--lr-scaling", "--poly-power", "--checkpoint-every", "--shard", "--amp",
-                 "--tensorboard", "--no-tensorboard"):
+                 "--tensorboard", "--no-tensorboard", "--optim-state", "--optim-state-min-size"):
         assert flag in help_text

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from train.config import AMP_MODES, DECAYS, LOADERS, LR_SCALINGS, OPTIMIZERS, SHARDINGS, TrainConfig
+from train.config import AMP_MODES, DECAYS, LOADERS, LR_SCALINGS, OPTIM_STATES, OPTIMIZERS, SHARDINGS, TrainConfig
 from train.models import MODELS
 
 EXAMPLES = """examples:
@@ -50,6 +50,11 @@ def parser() -> argparse.ArgumentParser:
     opt.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
     opt.add_argument("--backend", default=d.backend, help="fastlars backend for lars/lamb (auto, native, triton, "
                      "foreach, reference)")
+    opt.add_argument("--optim-state", default=d.optim_state, choices=OPTIM_STATES,
+                     help="how lars/lamb store momentum and moments: fp32, bf16, or int8 (blockwise, 256 per fp32 "
+                          "scale); biases, norms and small tensors stay fp32; sgd/adamw: fp32 only")
+    opt.add_argument("--optim-state-min-size", type=int, default=d.optim_state_min_size, metavar="N",
+                     help="tensors with fewer elements keep fp32 state (default: fastlars' 4096)")
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay,
                      help="default 1e-4 (sgd, lars), 0.01 (lamb, adamw); never on biases and norm layers")
     opt.add_argument("--momentum", type=float, default=d.momentum)

@@ -11,12 +11,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from fastlars.backends.quantization import MIN_QUANTIZED_SIZE
+
 OPTIMIZERS = ("lars", "lamb", "sgd", "adamw")
 LOADERS = ("dali", "gpu", "cpu", "synthetic")
 LR_SCALINGS = ("linear", "sqrt", "none")
 DECAYS = ("poly", "cosine", "step")
 AMP_MODES = ("bf16", "fp16", "off")
 SHARDINGS = ("none", "zero", "fsdp2")
+OPTIM_STATES = ("fp32", "bf16", "int8")
 # Base LR per 256 images when neither --lr nor --base-lr is given (ImageNet/ResNet-50 recipes: Goyal et al.
 # for SGD; MLPerf LARS, peak 10 at 16K; LAMB and AdamW scaled by √B as in You et al. 2019).
 DEFAULT_BASE_LR = {"sgd": 0.1, "lars": 0.16, "lamb": 0.004, "adamw": 0.001}
@@ -32,7 +35,10 @@ class TrainConfig:
     `weight_decay` None means 1e-4 for SGD/LARS and 0.01 for LAMB/AdamW. `device_batch` None means
     global_batch / world_size (no accumulation). `model` "default" is the
     small CNN for the bundled data and ResNet-50 otherwise. `tensorboard`: a folder for TensorBoard event
-    files, "auto" (OUT/tensorboard when the tensorboard package is installed) or "off"."""
+    files, "auto" (OUT/tensorboard when the tensorboard package is installed) or "off". `optim_state`:
+    how fastlars LARS/LAMB store their moments/momentum ("fp32", "bf16" or blockwise "int8"), for
+    adapting tensors of at least `optim_state_min_size` elements (the library's `state_dtype` and
+    `min_quantized_size`; default 4096 as there); SGD and AdamW take fp32 only."""
 
     data: str = "default"
     loader: str = "cpu"
@@ -66,6 +72,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float | None = None
     backend: str = "auto"
+    optim_state: str = "fp32"
+    optim_state_min_size: int = MIN_QUANTIZED_SIZE
     shard: str = "none"
     image_size: int | None = None
     train_subset: int | None = None
@@ -79,7 +87,7 @@ class TrainConfig:
     def check(self) -> None:
         """Raise ValueError naming the first bad field (as its command-line flag) and what was wrong."""
         choices = {"optimizer": OPTIMIZERS, "loader": LOADERS, "lr_scaling": LR_SCALINGS, "decay": DECAYS,
-                   "amp": AMP_MODES, "shard": SHARDINGS}
+                   "amp": AMP_MODES, "shard": SHARDINGS, "optim_state": OPTIM_STATES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -103,7 +111,8 @@ class TrainConfig:
                 raise ValueError(f"{flag(name)} must be positive, got {value}")
         nonneg = {"warmup_epochs": self.warmup_epochs, "label_smoothing": self.label_smoothing,
                   "workers": self.workers, "checkpoint_every": self.checkpoint_every,
-                  "eval_every": self.eval_every, "momentum": self.momentum}
+                  "eval_every": self.eval_every, "momentum": self.momentum,
+                  "optim_state_min_size": self.optim_state_min_size}
         if self.weight_decay is not None:
             nonneg["weight_decay"] = self.weight_decay
         for name, value in nonneg.items():
@@ -115,6 +124,12 @@ class TrainConfig:
             raise ValueError(f"--betas must lie in [0, 1), got {self.betas}")
         if self.nesterov and self.optimizer not in ("sgd", "lars"):
             raise ValueError(f"--nesterov applies to sgd and lars, not {self.optimizer}")
+        if self.optim_state != "fp32" and self.optimizer not in ("lars", "lamb"):
+            raise ValueError(f"--optim-state {self.optim_state} applies to the fastlars optimizers (lars, lamb); "
+                             f"{self.optimizer} keeps fp32 state: use --optim-state fp32")
+        if self.optim_state != "fp32" and self.shard == "fsdp2":
+            raise ValueError(f"--optim-state {self.optim_state} with --shard fsdp2 is not supported (fastlars' "
+                             "sharded steps take fp32 state); use --optim-state fp32 or --shard none|zero")
         if self.amp != "off" and self.shard == "fsdp2":
             raise ValueError("--amp with --shard fsdp2 is not supported yet (use FSDP2 mixed-precision policies); "
                              "use --amp off or --shard none|zero")

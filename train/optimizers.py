@@ -21,18 +21,24 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float,
                     zero: bool = False) -> torch.optim.Optimizer:
     """cfg.optimizer over `model`'s parameters at learning rate `lr`; with `zero`, wrapped in
     torch's ZeroRedundancyOptimizer (fastlars' version for LARS/LAMB, which reduces the skip flag and
-    LAMB's global gradient norm over ranks)."""
+    LAMB's global gradient norm over ranks). LARS/LAMB store their state as cfg.optim_state
+    (fastlars' state_dtype) for adapting tensors of at least cfg.optim_state_min_size elements."""
     wd = cfg.weight_decay if cfg.weight_decay is not None else default_weight_decay(cfg.optimizer)
     groups = fastlars.param_groups(model, weight_decay=wd)
     options: dict[str, Any]
+    storage = {"state_dtype": cfg.optim_state, "min_quantized_size": cfg.optim_state_min_size}
     if cfg.optimizer == "lars":
         cls: type[torch.optim.Optimizer] = fastlars.LARS
         options = {"momentum": cfg.momentum, "nesterov": cfg.nesterov, "trust_coefficient": cfg.trust_coefficient,
-                   "backend": cfg.backend}
+                   "backend": cfg.backend, **storage}
     elif cfg.optimizer == "lamb":
         cls = fastlars.LAMB
-        options = {"betas": cfg.betas, "eps": 1e-6 if cfg.eps is None else cfg.eps, "backend": cfg.backend}
+        options = {"betas": cfg.betas, "eps": 1e-6 if cfg.eps is None else cfg.eps, "backend": cfg.backend,
+                   **storage}
     else:
+        if cfg.optim_state != "fp32":
+            raise ValueError(f"--optim-state {cfg.optim_state} applies to lars and lamb only; "
+                             f"{cfg.optimizer} keeps fp32 state")
         for group in groups:
             group.pop("adapt", None)
         if cfg.optimizer == "adamw":
