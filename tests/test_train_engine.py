@@ -208,3 +208,24 @@ def test_mixed_precision_and_channels_last_train(env: dict[str, str], tmp_path: 
     assert result["top1"] > 0.3
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss"] == r["loss"] and r["loss"] < 10 for r in records)
+
+
+def test_resume_checks_the_state_format(env: dict[str, str], tmp_path: Path, monkeypatch) -> None:
+    """--resume refuses a checkpoint written with another --optim-state (naming the field), and takes one
+    written before the field existed as fp32 (the default then)."""
+    from train import checkpoint
+    from train.config import TrainConfig
+    from train.engine import train
+
+    monkeypatch.setenv("FASTLARS_DATA_CACHE", env["FASTLARS_DATA_CACHE"])
+    cfg = TrainConfig(data="default", loader="cpu", workers=0, device="cpu", quiet=True, optimizer="lamb",
+                      global_batch=256, lr=0.02, epochs=1, max_steps=2, checkpoint_every=1, out=str(tmp_path),
+                      tensorboard="off", track_diffusion=False, noise_scale=False)
+    train(cfg)
+    with pytest.raises(ValueError, match="different optim_state"):
+        train(TrainConfig(**{**cfg.as_dict(), "resume": True, "optim_state": "int8"}))
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    for name in ("optim_state", "optim_state_min_size"):
+        del state["config"][name]
+    checkpoint.save_atomic(state, tmp_path / "checkpoint.pt")
+    assert train(TrainConfig(**{**cfg.as_dict(), "resume": True})).steps == 2

@@ -208,8 +208,10 @@ class _Run:
             self._log(f"--resume: no checkpoint at {self.checkpoint_path} yet; starting from step 0")
             return
         state = checkpoint.load(self.checkpoint_path)
+        # a field a checkpoint predates was at its default then (e.g. optim_state: fp32)
+        saved = {**TrainConfig().as_dict(), **state["config"]}
         differing = sorted(k for k, v in self.cfg.as_dict().items()
-                           if k not in RESUME_FREE_FIELDS and _jsonable(state["config"].get(k)) != _jsonable(v))
+                           if k not in RESUME_FREE_FIELDS and _jsonable(saved.get(k)) != _jsonable(v))
         if differing:
             raise ValueError(f"--resume: {self.checkpoint_path} was written by a run with different "
                              f"{', '.join(differing)}; resume with the same settings or a new --out")
