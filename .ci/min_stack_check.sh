@@ -3,7 +3,8 @@
 # triton 3.6.0, torchvision 0.26.0), on this CPU machine:
 #  1. a venv of that stack in .venv-min (kept between runs, like make setup's .venv; rebuilt when its
 #     package list changes): the pinned torch/triton/torchvision, ninja, pybind11 and the test, bench
-#     and train extras of pyproject.toml EXCEPT torch-optimizer, which the GPU image lacks (it has timm,
+#     and train extras of pyproject.toml EXCEPT torch-optimizer and the low-precision peers (bitsandbytes,
+#     torchao, torch-optimi), which the GPU image lacks (it has timm,
 #     pytest, pytest-timeout, tensorboard and build; the device tool's KINDS.md lists it);
 #  2. a copy of the working tree's tracked files, built there with the CPU kernels;
 #  3. the GPU session's collection: `pytest -m cuda --collect-only` must collect the GPU suite with no
@@ -32,7 +33,7 @@ PYTHON312=$(find_python312)
 start=$(date +%s)
 
 # Not on the GPU image, so never installed here: step 3 then collects on the image's package set.
-not_on_gpu_image=(torch-optimizer)
+not_on_gpu_image=(torch-optimizer bitsandbytes torchao torch-optimi)
 mapfile -t deps < <("$PYTHON312" - "${not_on_gpu_image[@]}" <<'PY'
 import re
 import sys

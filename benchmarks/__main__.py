@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("reference", "foreach", "native", "triton"):
         if name not in usable:
             print(f"fastlars.{name}: not measured: {fastlars.backends.unavailable_reason(name, device)}")
-    skipped = unavailable_peers(device)
+    skipped = unavailable_peers(device, peers)
     for peer in peers:
         if peer in skipped:
             print(f"{peer}: not measured: {skipped[peer]}")

@@ -19,7 +19,12 @@ from fastlars import functional
 
 StepAndBytes = tuple[Callable[[], Any], Callable[[], int]]
 STATE_NAMES = {"lamb": ("exp_avg", "exp_avg_sq"), "lars": ("momentum_buffer",)}
-PEERS = ("reference+compile", "timm", "torch_optimizer", "torch_fused", "apex", "deepspeed")
+PEERS = ("reference+compile", "timm", "torch_optimizer", "torch_fused", "apex", "deepspeed", "bitsandbytes", "torchao",
+         "optimi")
+PEER_MODULES = {"apex": "apex.optimizers", "deepspeed": "deepspeed.ops.lamb", "timm": "timm.optim",
+                "torch_optimizer": "torch_optimizer", "bitsandbytes": "bitsandbytes.optim", "torchao": "torchao.optim",
+                "optimi": "optimi"}
+"""The module each optional peer imports (inside its case only: the GPU image lacks several)."""
 
 
 @dataclass(frozen=True)
@@ -149,19 +154,117 @@ def peer_cases(algorithm: str, wanted: tuple[str, ...]) -> list[Case]:
             return FusedLamb(params, lr=1e-3, weight_decay=0.01)
 
         cases.append(_peer("deepspeed.FusedLamb", deepspeed_lamb, names))
+    return cases + lowbit_peer_cases(algorithm, wanted)
+
+
+# ---------------------------------------------------------------------------------- low-precision peers
+def _state_tensors(value: Any) -> list[Tensor]:
+    """The storages behind one state value: a torchao quantised state's codes and scales (its shared
+    256-entry code map is left out, as is bitsandbytes' qmap), else the tensor itself."""
+    if hasattr(value, "codes") and hasattr(value, "scale"):
+        return [value.codes, value.scale]
+    return [value] if isinstance(value, Tensor) else []
+
+
+def _own_bytes(opt: torch.optim.Optimizer, params: list[Tensor], keys: tuple[str, ...]) -> int:
+    """Compulsory bytes of a peer that keeps no master: read w, g and the state under `keys` that each param
+    has (codes, block scales, Kahan compensations), write w and that state."""
+    state = {k: [t for p in params if k in opt.state[p] for t in _state_tensors(opt.state[p][k])] for k in keys}
+    return compulsory_bytes(params, state, None)
+
+
+def _lowbit_peer(name: str, build: Callable[[list[Tensor]], torch.optim.Optimizer], keys: tuple[str, ...],
+                 dtype: torch.dtype | None = None) -> Case:
+    """A peer stepping `dtype` copies of the params (with `dtype` grads) when given, else the params."""
+
+    def factory(params: list[Tensor], master: bool) -> StepAndBytes:
+        if dtype is not None and any(p.dtype != dtype for p in params):
+            copies = [p.detach().to(dtype).requires_grad_(True) for p in params]
+            for c, p in zip(copies, params):
+                c.grad = p.grad.to(dtype)
+            params = copies
+        opt = build(params)
+        opt.step()  # creates the state (torchao: compiles one step per distinct shape)
+        return opt.step, lambda: _own_bytes(opt, params, keys)
+
+    return Case(name, True, factory)
+
+
+def lowbit_peer_cases(algorithm: str, wanted: tuple[str, ...]) -> list[Case]:
+    """The low-precision steps a user would pick instead of an int8/bf16 fastlars LAMB or LARS.
+
+    * bitsandbytes LAMB8bit / LARS8bit: their 8-bit state (tensors of >= 4096 elements; 256-element blocks,
+      dynamic-tree codes) is stepped by the blockwise Adam / momentum update, on the CPU and on CUDA alike,
+      which has no trust ratio and no update-norm clip (bitsandbytes 0.50: max_unorm must stay 1.0);
+      smaller tensors keep fp32 state and take the 32-bit Adam / momentum step with the clip
+      min(1, max_unorm·||w||/||u||) (max_unorm 1.0 / 0.02), one .item() each.
+    * torchao.optim.AdamW8bit (LAMB only: torchao has no 8-bit SGD): AdamW whose m and v are quantised
+      when a tensor has >= 4096 elements and a multiple of 256 (fp32 otherwise); one torch.compile'd step
+      per tensor, compiled once per distinct shape.
+    * optimi.AdamW (LAMB) / optimi.SGD with momentum (LARS) on bf16 weights with Kahan summation (bf16
+      m, v and compensation buffers), stepping bf16 copies of the params when the run's are not bf16.
+
+    Their bytes (in the label) are counted from the state each one holds: read w, g and every state
+    buffer (codes + block scales, compensations), write w and the buffers; no master is kept.
+    """
+    cases: list[Case] = []
+    if "bitsandbytes" in wanted:
+        if algorithm == "lamb":
+            def bnb_lamb(params: list[Tensor]) -> torch.optim.Optimizer:
+                from bitsandbytes.optim import LAMB8bit
+
+                return LAMB8bit(params, lr=1e-3, weight_decay=0.01)
+
+            cases.append(_lowbit_peer("bitsandbytes.LAMB8bit = 8-bit AdamW, no trust ratio [w,g,m,v codes+scales]",
+                                      bnb_lamb, ("state1", "state2", "absmax1", "absmax2")))
+        else:
+            def bnb_lars(params: list[Tensor]) -> torch.optim.Optimizer:
+                from bitsandbytes.optim import LARS8bit
+
+                return LARS8bit(params, lr=1.0, momentum=0.9, weight_decay=5e-5)
+
+            cases.append(_lowbit_peer("bitsandbytes.LARS8bit = 8-bit SGD-momentum, no trust ratio [w,g,m codes+scales]",
+                                      bnb_lars, ("state1", "absmax1")))
+    if "torchao" in wanted and algorithm == "lamb":
+        def torchao_adamw(params: list[Tensor]) -> torch.optim.Optimizer:
+            from torchao.optim import AdamW8bit
+
+            return AdamW8bit(params, lr=1e-3, weight_decay=0.01)
+
+        cases.append(_lowbit_peer("torchao.AdamW8bit (compiled) [w,g,m,v codes+scales]", torchao_adamw,
+                                  ("exp_avg", "exp_avg_sq")))
+    if "optimi" in wanted:
+        if algorithm == "lamb":
+            def optimi_adamw(params: list[Tensor]) -> torch.optim.Optimizer:
+                from optimi import AdamW
+
+                return AdamW(params, lr=1e-3, weight_decay=0.01, kahan_sum=True)
+
+            cases.append(_lowbit_peer("optimi.AdamW(bf16 w, Kahan) [bf16 w,g,m,v,comp]", optimi_adamw,
+                                      ("exp_avg", "exp_avg_sq", "kahan_comp"), torch.bfloat16))
+        else:
+            def optimi_sgd(params: list[Tensor]) -> torch.optim.Optimizer:
+                from optimi import SGD
+
+                return SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-5, kahan_sum=True)
+
+            cases.append(_lowbit_peer("optimi.SGD(bf16 w, Kahan, momentum) [bf16 w,g,m,comp]", optimi_sgd,
+                                      ("exp_avg", "kahan_comp"), torch.bfloat16))
     return cases
 
 
-def unavailable_peers(device: torch.device) -> dict[str, str]:
-    """Peers that cannot run here, with the reason printed next to the table."""
+def unavailable_peers(device: torch.device, wanted: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Peers (among `wanted`, default all) that cannot run here, with the reason printed next to the table."""
     reasons: dict[str, str] = {}
-    for module, peer in (("apex.optimizers", "apex"), ("deepspeed.ops.lamb", "deepspeed"), ("timm.optim", "timm"),
-                         ("torch_optimizer", "torch_optimizer")):
+    for peer, module in PEER_MODULES.items():
+        if wanted is not None and peer not in wanted:
+            continue
         try:
             importlib.import_module(module)
         except Exception as exc:
             reasons[peer] = f"not importable ({type(exc).__name__}: {str(exc)[:80]})"
     if device.type != "cuda":
         for peer in ("apex", "deepspeed"):
-            reasons.setdefault(peer, "CUDA-only")
+            if wanted is None or peer in wanted:
+                reasons.setdefault(peer, "CUDA-only")
     return reasons

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import importlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -81,6 +82,11 @@ def machine(device: torch.device) -> dict[str, Any]:
             info[module] = getattr(importlib.import_module(module), "__version__", "installed")
         except Exception as exc:
             info[module] = f"not importable ({type(exc).__name__})"
+    for dist in ("bitsandbytes", "torchao", "torch-optimi"):  # low-precision peers: versions without importing
+        try:
+            info[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            info[dist] = "not installed"
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                         check=True).stdout.strip()

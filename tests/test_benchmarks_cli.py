@@ -155,3 +155,53 @@ def test_issue21_targets_use_the_full_thread_count() -> None:
     assert got["resnet50 fp32: LAMB native / AdamW(fused) step time (21)"] == (round(22 / 15, 4), True)
     assert got["resnet50 fp32: LARS native CPU/wall"] == (1.9, True)
     assert "bert_base fp32: LARS native CPU/wall" not in got  # no bert_base rows measured
+
+
+# ---------------------------------------------------------------------------------- low-precision peers
+TINY_BIG, TINY_SMALL = 18_432, 778  # the tiny set: one 64×288 conv weight (72 blocks of 256), 778 elements below 4096
+LOWBIT_BYTES = {  # read w, g and each state buffer, write w and the buffers (benchmarks.cases.lowbit_peer_cases)
+    ("lamb", "bitsandbytes"): TINY_BIG * (4 + 4 + 4 + 2 * 2) + 2 * 2 * 72 * 4 + TINY_SMALL * 28,  # int8 m, v + scales
+    ("lars", "bitsandbytes"): TINY_BIG * (4 + 4 + 4 + 2) + 2 * 72 * 4 + TINY_SMALL * 20,
+    ("lamb", "torchao"): TINY_BIG * (4 + 4 + 4 + 2 * 2) + 2 * 2 * 72 * 4 + TINY_SMALL * 28,
+    ("lamb", "optimi"): (TINY_BIG + TINY_SMALL) * 2 * 9,  # bf16 w (r+w), g, m, v, compensation (r+w)
+    ("lars", "optimi"): (TINY_BIG + TINY_SMALL) * 2 * 7,  # bf16 w (r+w), g, momentum, compensation (r+w)
+}
+INSTALL = {"bitsandbytes": "pip install bitsandbytes", "torchao": "pip install torchao",
+           "optimi": "pip install torch-optimi"}
+
+
+@pytest.mark.parametrize("algorithm,peer", list(LOWBIT_BYTES))
+def test_lowbit_peer_case_builds_steps_and_counts_its_own_bytes(algorithm: str, peer: str) -> None:
+    """Each low-precision peer builds, steps the tiny set once (optimi on bf16 weights, the others on fp32)
+    and counts the bytes of the state it holds: 8-bit codes and block scales where it quantises (a fp32
+    count would fail here), full-precision state below 4096 elements."""
+    from benchmarks.cases import PEER_MODULES, lowbit_peer_cases
+    from benchmarks.params import PARAM_SETS, make_params
+
+    pytest.importorskip(PEER_MODULES[peer], reason=f"{peer} is not installed ({INSTALL[peer]})")
+    dtype = torch.bfloat16 if peer == "optimi" else torch.float32
+    params = make_params(PARAM_SETS["tiny"].shapes(), dtype, "cpu")
+    before = [p.detach().clone() for p in params]
+    (case,) = lowbit_peer_cases(algorithm, (peer,))
+    assert case.peer and case.implementation.split(".")[0] == peer
+    # torchao compiles its step per shape (a minute on 2 cores); eager runs the same function
+    with torch.compiler.set_stance("force_eager"):
+        step, nbytes = case.factory(params, False)
+        step()
+    assert all(torch.isfinite(p).all() for p in params)
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))
+    assert nbytes() == LOWBIT_BYTES[(algorithm, peer)]
+
+
+def test_lowbit_peers_say_what_runs_and_are_reported_when_missing(monkeypatch) -> None:
+    from benchmarks import cases
+
+    labels = {c.implementation for a in ("lamb", "lars") for c in cases.lowbit_peer_cases(a, cases.PEERS)}
+    installed = {peer for peer in ("bitsandbytes", "torchao", "optimi") if not cases.unavailable_peers(
+        torch.device("cpu"), (peer,))}
+    if "bitsandbytes" in installed:
+        assert any("LAMB8bit = 8-bit AdamW, no trust ratio" in label for label in labels)
+        assert any("LARS8bit = 8-bit SGD-momentum, no trust ratio" in label for label in labels)
+    monkeypatch.setitem(cases.PEER_MODULES, "torchao", "torchao_not_a_module")
+    assert cases.unavailable_peers(torch.device("cpu"), ("torchao",))["torchao"].startswith("not importable")
+    assert cases.unavailable_peers(torch.device("cpu"), ("timm",)).keys() <= {"timm"}

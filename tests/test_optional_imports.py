@@ -1,12 +1,13 @@
-"""Optional peers (torch-optimizer, apex, deepspeed, DALI, timm) are never imported at module level.
+"""Optional peers (torch-optimizer, apex, deepspeed, DALI, timm, bitsandbytes, torchao, optimi) are never
+imported at module level.
 
-The GPU machine's image has timm but not torch-optimizer, apex, deepspeed or DALI; one module-level
-import of a missing peer in a collected file makes `pytest -m cuda` fail at collection and run no GPU
-test at all. So every test module, and every module of the packages the tests import, imports a peer
-only inside the function that needs it (tests: `pytest.importorskip`). Module level here means code
-run at import: the module body and class bodies, `if`/`try` blocks included, function bodies excluded
-(`if TYPE_CHECKING:` blocks excepted). .ci/min_stack_check.sh proves the same by collecting the
-`cuda` suite on a stack without torch-optimizer.
+The GPU machine's image has timm but not torch-optimizer, apex, deepspeed, DALI, bitsandbytes, torchao or
+optimi; one module-level import of a missing peer in a collected file makes `pytest -m cuda` fail at
+collection and run no GPU test at all. So every test module, and every module of the packages the tests
+import, imports a peer only inside the function that needs it (tests: `pytest.importorskip`). Module
+level here means code run at import: the module body and class bodies, `if`/`try` blocks included,
+function bodies excluded (`if TYPE_CHECKING:` blocks excepted). .ci/min_stack_check.sh proves the same by
+collecting the `cuda` suite on a stack without torch-optimizer.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL_PEERS = ("torch_optimizer", "apex", "deepspeed", "nvidia.dali", "timm")
+OPTIONAL_PEERS = ("torch_optimizer", "apex", "deepspeed", "nvidia.dali", "timm", "bitsandbytes", "torchao", "optimi")
 SCANNED = ("tests", "fastlars", "benchmarks", "train")
 
 
