@@ -4,6 +4,7 @@
     python -m train.study --preset quick              # smoke test, ≈ 30 s
     python -m train.study --preset lars-recipes       # both LARS recipes against momentum SGD
     python -m train.study --preset fashion            # Fashion-MNIST (make fashion installs it), ≈ 1 h on 2 cores
+    python -m train.study --preset state-formats      # LARS/LAMB with fp32, bf16 and int8 optimizer state
     python -m train.study --preset imagenet --data /path/to/imagenet   # prints the torchrun plan
     torchrun --nproc_per_node=8 -m train.study --preset imagenet --data /path/to/imagenet  # runs it
 
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from train import tensorboard
-from train.study import sweep
+from train.study import formats, formats_report, sweep
 from train.study.cache import ResultCache, write_json_atomic
 from train.study.presets import LARS_RECIPES, PRESETS, Preset, lars_recipe_of, with_lars_recipe
 from train.study.progress import SweepBar
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="LR factors tried beyond the initial grid per (optimizer, batch) (default: the preset's)")
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="accuracy 'holds' while its drop from the peak is surely below this top-1 fraction "
-                        "(default: %(default)s)")
+                        "(default: %(default)s; the state-formats preset's margin is fixed at 1 point)")
     p.add_argument("--confidence", type=float, default=0.95,
                    help="two-sided confidence of every interval and decision (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
@@ -214,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", "train.study", *(argv or sys.argv[1:])]),
     }
     write_json_atomic((args.report_dir or out) / "study.json", meta)  # beside the report it describes
+    if preset.compares_states:
+        report = formats_report.write_report(outcome.records, preset, args.report_dir or out, meta,
+                                             confidence=args.confidence)
+        log(formats_report.headline(formats.compare(outcome.records, confidence=args.confidence)))
+        log(f"trained {outcome.executed}, cached {outcome.cached}, {meta['wall_time_s']:.0f} s; report: {report}")
+        return 0
     cells, found = analyse(outcome.records, preset, args.tolerance, args.confidence)
     report = write_report(outcome.records, cells, found, preset, args.report_dir or out, args.tolerance, meta,
                           args.confidence)

@@ -8,7 +8,9 @@ Each function writes one file and returns its path:
 - diffusion.png: ‖w_t − w_0‖ against step (log x), per batch the mean over seeds with the band
   between the smallest and largest seed, fixed-epoch and fixed-step panels;
 - noise_scale.png: EMA-smoothed B_simple against step per batch, mean over seeds with a min–max band,
-  with the batch where accuracy first surely falls drawn as a horizontal line.
+  with the batch where accuracy first surely falls drawn as a horizontal line;
+- difference_vs_batch.png, accuracy_vs_batch.png of the state-formats preset (state_differences,
+  state_accuracy): the paired top-1 difference to fp32 state, and top-1 per state format.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from train.study import analysis
+from train.study import analysis, formats, stats
 from train.study.analysis import Cell, Record
 
 DPI = 90
@@ -145,4 +147,52 @@ def noise_scale(records: Sequence[Record], optimizer: str, fall_batch: int | Non
     ax.set_title(f"gradient noise scale ({optimizer})" + ("" if plotted else ": not measured"))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def state_differences(comparisons: Sequence[formats.Comparison], margin: float, path: Path, title: str) -> Path:
+    """Top-1 of each low-precision state format minus fp32's (points) against batch, one line per optimizer
+    and format, error bars the paired interval (none where unbounded), the ±margin band shaded."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    series = list(dict.fromkeys((c.optimizer, c.state) for c in comparisons))
+    for i, (optimizer, state) in enumerate(series):
+        row = sorted((c for c in comparisons if (c.optimizer, c.state) == (optimizer, state)), key=lambda c: c.batch)
+        mean = [100 * c.difference.estimate for c in row]
+        low = [0.0 if math.isinf(c.difference.low) else mean[j] - 100 * c.difference.low for j, c in enumerate(row)]
+        high = [0.0 if math.isinf(c.difference.high) else 100 * c.difference.high - mean[j] for j, c in enumerate(row)]
+        shift = 2 ** ((i - (len(series) - 1) / 2) * 0.04)
+        ax.errorbar([c.batch * shift for c in row], mean, yerr=[low, high], marker="o", capsize=3,
+                    label=f"{optimizer} {state}")
+    ax.axhspan(-100 * margin, 100 * margin, color="0.85", zorder=0, label=f"±{100 * margin:g} point")
+    ax.axhline(0.0, color="0.4", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("global batch size")
+    ax.set_ylabel("top-1 difference to fp32 state (points)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def state_accuracy(records: Sequence[Record], path: Path, title: str, confidence: float = 0.95) -> Path:
+    """Mean final top-1 against batch per optimizer and state format, error bars the t interval over seeds."""
+    groups: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for r in analysis.epoch_records(records):
+        key = (formats.optimizer_of(r), formats.state_of(r))
+        groups.setdefault(key, {}).setdefault(int(r["batch"]), []).append(100 * float(r["result"]["top1"]))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, ((optimizer, state), by_batch) in enumerate(sorted(groups.items())):
+        batches = sorted(by_batch)
+        intervals = [stats.mean_interval(by_batch[b], confidence) for b in batches]
+        mean = [iv.estimate for iv in intervals]
+        err = [0.0 if math.isinf(iv.half_width) else iv.half_width for iv in intervals]
+        shift = 2 ** ((i - (len(groups) - 1) / 2) * 0.03)
+        ax.errorbar([b * shift for b in batches], mean, yerr=err, marker="o", capsize=3, label=f"{optimizer} {state}",
+                    linestyle="-" if state == formats.REFERENCE else "--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("global batch size")
+    ax.set_ylabel("final top-1 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(fig, path)

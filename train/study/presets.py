@@ -30,6 +30,7 @@ from typing import Any
 
 LR_RULES = ("linear", "sqrt", "none")
 WARMUP_RULES = ("fixed", "sqrt")
+STATE_FORMATS = ("fp32", "bf16", "int8")
 
 
 def scaled_lr(base_lr: float, batch: int, base_batch: int, rule: str) -> float:
@@ -80,7 +81,9 @@ class OptimizerSpec:
 
     `label` names it in tables ("sgd", "nesterov", "lars", "lamb", "adamw"); `optimizer`,
     `nesterov`, `momentum`, `weight_decay` and `trust_coefficient` are passed to the trainer's config
-    unchanged; `warmup` is the warmup rule (WARMUP_RULES, see warmup_epochs).
+    unchanged; `warmup` is the warmup rule (WARMUP_RULES, see warmup_epochs). `optim_state` is the
+    trainer's --optim-state (STATE_FORMATS; not fp32 for fastlars' lars and lamb only), set in a run's
+    config only when it is not fp32, so fp32 runs keep the configs (and cache keys) they always had.
     """
 
     label: str
@@ -92,8 +95,14 @@ class OptimizerSpec:
     nesterov: bool = False
     warmup: str = "fixed"
     trust_coefficient: float = 0.001
+    optim_state: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.optim_state not in STATE_FORMATS:
+            raise ValueError(f"{self.label}: optim_state must be one of {STATE_FORMATS}, got {self.optim_state!r}")
+        if self.optim_state != "fp32" and self.optimizer not in ("lars", "lamb"):
+            raise ValueError(f"{self.label}: optim_state {self.optim_state} applies to lars and lamb, "
+                             f"not {self.optimizer}")
         if self.lr_scaling not in LR_RULES:
             raise ValueError(f"{self.label}: lr_scaling must be one of {LR_RULES}, got {self.lr_scaling!r}")
         if self.warmup not in WARMUP_RULES:
@@ -128,6 +137,12 @@ class Preset:
     are then those of a fixed micro-batch of at most `device_batch` images. `multi_gpu`: the preset
     is meant for torchrun (a single process prints its plan instead of training). `train` holds the
     remaining trainer-config fields (model, data, loader, ...), applied to every run.
+
+    Fixed LRs: `fixed_lr_factors` = ((optimizer, batch, factor), ...), keyed by the trainer optimizer
+    (OptimizerSpec.optimizer), replaces the LR search: every contestant trains each batch at that
+    factor on the held-out seeds only (no search runs, no fixed-step runs). `optim_state_min_size`
+    is the trainer's --optim-state-min-size for the contestants whose `optim_state` is not fp32
+    (None: the trainer's default).
     """
 
     name: str
@@ -157,6 +172,8 @@ class Preset:
     max_lr_extensions: int = 0
     train_size: int | None = None
     train: dict[str, Any] = field(default_factory=dict)
+    fixed_lr_factors: tuple[tuple[str, int, float], ...] = ()
+    optim_state_min_size: int | None = None
 
     def __post_init__(self) -> None:
         labels = [o.label for o in self.optimizers]
@@ -183,6 +200,13 @@ class Preset:
                              f"got {self.heldout}")
         if self.fixed_steps <= 0:
             raise ValueError(f"preset {self.name}: fixed_steps must be positive, got {self.fixed_steps}")
+        if self.fixed_lr_factors and not self.heldout:
+            raise ValueError(f"preset {self.name}: fixed_lr_factors train the held-out seeds only, so heldout "
+                             "must not be empty")
+        if any(not f > 0 for _, _, f in self.fixed_lr_factors):
+            raise ValueError(f"preset {self.name}: fixed_lr_factors must be positive, got {self.fixed_lr_factors}")
+        if self.optim_state_min_size is not None and self.optim_state_min_size < 0:
+            raise ValueError(f"preset {self.name}: optim_state_min_size must be ≥ 0, got {self.optim_state_min_size}")
 
     def optimizer(self, label: str) -> OptimizerSpec:
         """The optimizer spec called `label`."""
@@ -190,6 +214,20 @@ class Preset:
             if spec.label == label:
                 return spec
         raise KeyError(f"preset {self.name} has no optimizer {label!r}")
+
+    @property
+    def compares_states(self) -> bool:
+        """Whether some contestant has low-precision optimizer state (the state-formats report applies)."""
+        return any(o.optim_state != "fp32" for o in self.optimizers)
+
+    def fixed_lr_factor(self, label: str, batch: int) -> float:
+        """The fixed LR factor of contestant `label` at `batch` (from `fixed_lr_factors`, by its trainer
+        optimizer), or a KeyError naming what is missing."""
+        optimizer = self.optimizer(label).optimizer
+        for name, b, factor in self.fixed_lr_factors:
+            if (name, b) == (optimizer, batch):
+                return factor
+        raise KeyError(f"preset {self.name} fixes no LR factor for {optimizer} at batch {batch}")
 
     def heldout_seeds(self, batch: int) -> tuple[int, ...]:
         """The fresh seeds of the held-out runs at `batch` (module docstring of Preset); () when none."""
@@ -304,6 +342,41 @@ DEFAULT = Preset(
     train=DIGITS_TRAIN,
 )
 
+# The LR factor the default preset's search chose per (optimizer, batch) for LARS and LAMB, fixed from its committed
+# report (train/study/results/default/results.csv, column lr_factor: 2 search seeds, 479 runs): the state-formats
+# preset trains every state format at the LR fp32 state was chosen at, so a difference is the format's, not the LR's.
+# 1/9 is written as the search computes it, so these runs' configs equal the default's held-out runs'.
+DEFAULT_CHOSEN_LR_FACTORS = (
+    ("lamb", 64, 1.0), ("lamb", 128, 1.0), ("lamb", 256, 1.0), ("lamb", 512, 1.0), ("lamb", 1024, 1.0),
+    ("lars", 64, 1.0), ("lars", 128, 1.0), ("lars", 256, 1 / 3), ("lars", 512, 1 / 3), ("lars", 1024, (1 / 3) / 3),
+)
+# The small CNN's adapting weights have 432, 4,608 and 320 elements (conv 3→16, conv 16→32, linear 32→10), so the
+# library's min_quantized_size of 4096 would quantise one of the three; 0 quantises all of them (biases and BN keep
+# fp32 state, as they do not adapt).
+STATE_FORMATS_MIN_SIZE = 0
+
+
+def state_format_contestants(specs: tuple[OptimizerSpec, ...],
+                             formats: tuple[str, ...] = STATE_FORMATS) -> tuple[OptimizerSpec, ...]:
+    """Each spec in each state format, labelled "<label>" (fp32) or "<label>-<format>"."""
+    return tuple(dataclasses.replace(spec, label=spec.label if fmt == "fp32" else f"{spec.label}-{fmt}",
+                                     optim_state=fmt)
+                 for spec in specs for fmt in formats)
+
+
+STATE_FORMATS_PRESET = dataclasses.replace(
+    DEFAULT,
+    name="state-formats",
+    description="the default preset's LARS and LAMB with fp32, bf16 and blockwise int8 optimizer state (every adapting "
+                "weight), each at the LR the default's search chose for fp32, on the default's held-out seeds and "
+                "folds: batch 64 … 1024, 5–22 seeds, differences to fp32 paired by seed",
+    optimizers=state_format_contestants(tuple(o for o in DIGITS_CONTESTANTS if o.optimizer in ("lars", "lamb"))),
+    compare=None,
+    diffusion_optimizer="lars",
+    fixed_lr_factors=DEFAULT_CHOSEN_LR_FACTORS,
+    optim_state_min_size=STATE_FORMATS_MIN_SIZE,
+)
+
 # Fashion-MNIST (Xiao et al. 2017, arXiv:1708.07747; MIT licence): 60,000 training and 10,000 test images of
 # 28×28, read from the four IDX files (Debian's dataset-fashion-mnist; `make fashion`). The 28×28 recipe: pad-
 # and-crop (±2 px) and flip, whole-image evaluation, the cnn28 model. To fit one hour on two cores the runs train
@@ -342,6 +415,7 @@ FASHION = Preset(
 PRESETS: dict[str, Preset] = {
     "fashion": FASHION,
     "default": DEFAULT,
+    "state-formats": STATE_FORMATS_PRESET,
     "lars-recipes": dataclasses.replace(
         DEFAULT, name="lars-recipes",
         description="the default preset's grid for momentum SGD and both LARS recipes (linear LR and fixed warmup; "

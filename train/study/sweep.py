@@ -150,6 +150,10 @@ def _run_config(preset: Preset, label: str, batch: int, factor: float, budget: s
         "target_accuracy": preset.target_accuracy,
         "quiet": True,
     }
+    if spec.optim_state != "fp32":
+        config["optim_state"] = spec.optim_state
+        if preset.optim_state_min_size is not None:
+            config["optim_state_min_size"] = preset.optim_state_min_size
     config.update(overrides)
     config["data"] = preset.data_for_seed(config["data"], seed) if "data" in config else None
     if config["data"] is None:
@@ -174,6 +178,7 @@ def plan_runs(preset: Preset, train_size: int, overrides: dict[str, Any] | None 
 
     `overrides` replace trainer-config fields in every run (e.g. data path, device); `optimizers`
     and `batches` restrict the grid to a subset (the cache is shared, so a later full run reuses them).
+    A preset with fixed LRs (Preset.fixed_lr_factors) plans its held-out runs at those LRs, and nothing else.
     """
     overrides = dict(overrides or {})
     labels = [o.label for o in preset.optimizers] if optimizers is None else list(optimizers)
@@ -183,6 +188,10 @@ def plan_runs(preset: Preset, train_size: int, overrides: dict[str, Any] | None 
     if batches is not None:
         wanted = list(batches)
         grid = tuple(b for b in grid if b in wanted) or tuple(wanted)
+    if preset.fixed_lr_factors:
+        return [planned_run(preset, label, batch, preset.fixed_lr_factor(label, batch), "epochs", seed, train_size,
+                            overrides, engine, "heldout")
+                for batch in grid for label in labels for seed in preset.heldout_seeds(batch)]
     diffusion = tuple(b for b in (preset.diffusion_batches or grid) if batches is None or b in grid)
     plan: list[tuple[str, str, int, float, int]] = [
         ("epochs", label, batch, factor, seed)
