@@ -193,11 +193,12 @@ def _lowbit_peer(name: str, build: Callable[[list[Tensor]], torch.optim.Optimize
 def lowbit_peer_cases(algorithm: str, wanted: tuple[str, ...]) -> list[Case]:
     """The low-precision steps a user would pick instead of an int8/bf16 fastlars LAMB or LARS.
 
-    * bitsandbytes LAMB8bit / LARS8bit: their 8-bit state (tensors of >= 4096 elements; 256-element blocks,
-      dynamic-tree codes) is stepped by the blockwise Adam / momentum update, on the CPU and on CUDA alike,
-      which has no trust ratio and no update-norm clip (bitsandbytes 0.50: max_unorm must stay 1.0);
-      smaller tensors keep fp32 state and take the 32-bit Adam / momentum step with the clip
-      min(1, max_unorm·||w||/||u||) (max_unorm 1.0 / 0.02), one .item() each.
+    * bitsandbytes LAMB8bit / LARS8bit (0.50): on the CPU their 8-bit state (tensors of >= 4096 elements;
+      256-element blocks, dynamic-tree codes) is stepped by the blockwise Adam / momentum update, which has
+      no trust ratio and no update-norm clip (max_unorm must stay 1.0); smaller tensors keep fp32 state and
+      take the 32-bit Adam / momentum step with the clip min(1, max_unorm·||w||/||u||) (max_unorm 1.0 /
+      0.02), one .item() each. Their CUDA 8-bit table has no "lamb"/"lars" entry, so there the first step
+      of a >= 4096-element tensor raises ValueError and the row is recorded as skipped with it.
     * torchao.optim.AdamW8bit (LAMB only: torchao has no 8-bit SGD): AdamW whose m and v are quantised
       when a tensor has >= 4096 elements and a multiple of 256 (fp32 otherwise); one torch.compile'd step
       per tensor, compiled once per distinct shape.
