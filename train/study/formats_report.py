@@ -139,7 +139,9 @@ the default preset's recipe ({preset.warmup_epochs:g} warmup epochs, {preset.dec
 bf16. int8: blockwise 8-bit codes with an fp32 scale per block (fastlars.backends.quantization). The
 low-precision formats apply to every adapting weight of at least {min_size} elements: the small CNN's
 adapting weights have 432, 4,608 and 320 elements, so the library's default of 4096 would quantise only one
-of the three, and {min_size} quantises all of them (biases and BatchNorm parameters keep fp32 state). The
+of the three, and {min_size} quantises all of them (biases and BatchNorm parameters keep fp32 state). An int8
+block never spans two dim-0 rows, so here every block is one output channel's row of 27, 144 or 32 elements
+with its own scale: finer than the 256-element blocks of a large layer's rows, which favours int8. The
 low-precision runs step on the quantisation-aware reference backend (`backend="auto"` picks it), the fp32 runs
 on the native CPU kernels where built.
 
