@@ -88,12 +88,13 @@ def verdict_markdown(comparisons: Sequence[Comparison], margin: float) -> str:
 
 
 def time_by_state(records: Sequence[Record]) -> str:
-    """Mean wall time of a run and its optimizer share, per optimizer and state format."""
+    """Median wall time of a run and its optimizer share, per optimizer and state format (medians: a run
+    paused or slowed by other work on the machine moves a mean, not them)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in epoch_records(records):
         groups.setdefault((formats.optimizer_of(r), formats.state_of(r)), []).append(r["result"])
-    parts = [f"{opt} {state}: {statistics.fmean(x['wall_time_s'] for x in res):.1f} s a run, optimizer step "
-             f"{100 * statistics.fmean(x['optimizer_share'] for x in res):.0f}% of it"
+    parts = [f"{opt} {state}: {statistics.median(x['wall_time_s'] for x in res):.1f} s a run, optimizer step "
+             f"{100 * statistics.median(x['optimizer_share'] for x in res):.0f}% of it"
              for (opt, state), res in sorted(groups.items())]
     return "; ".join(parts)
 
@@ -162,7 +163,8 @@ an interval that excludes 0 (a detectable difference, whatever its size). No cor
 Trained by `{meta.get("engine", "train.engine")}`. Machine: {meta.get("machine", machine())}.
 {meta.get("runs", len(records))} runs ({meta.get("executed", "?")} trained by the invocation that wrote this
 report, {meta.get("cached", "?")} read from the cache of earlier ones, {meta.get("jobs", 1)} at a time); wall
-time of the invocation: {meta.get("wall_time_s", 0):.0f} s. Per optimizer and state: {time_by_state(records)}.
+time of the invocation: {meta.get("wall_time_s", 0):.0f} s. Per optimizer and state (medians, timed while the
+machine was shared): {time_by_state(records)}.
 
 ## Verdict per batch
 
