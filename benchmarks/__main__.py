@@ -4,6 +4,8 @@
                                                            # on all threads and on 1 (thread scaling)
     python -m benchmarks --device cuda --params resnet50,bert_large --dtype fp32,bf16+master
     python -m benchmarks --share --share-batches 1,4,16    # optimizer share of a ResNet-50 training step
+    python -m benchmarks --params bert_base,resnet50 --state fp32,int8 --peers none
+                                                           # low-precision state rows beside fp32
 
 Prints a Markdown table (median step time with min–max, GB/s of compulsory traffic, % of the CPU's
 streaming roofline and of the copy bandwidth, CPU/wall time, speed-up over each peer, thread scaling,
@@ -26,7 +28,7 @@ import fastlars
 from benchmarks.cases import PEERS, unavailable_peers
 from benchmarks.params import PARAM_SETS
 from benchmarks.share import optimizer_share, share_markdown, share_plot
-from benchmarks.suite import DTYPES, machine, markdown, run, thread_counts, write
+from benchmarks.suite import DTYPES, STATES, machine, markdown, run, thread_counts, write
 from benchmarks.targets import evaluate
 
 CPU_SETS = "resnet50,bert_base,small_cnn,resnet50_small"  # the last two: host overhead per step
@@ -48,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
                    f"(default: {CPU_SETS} on CPU, {CUDA_SETS} on CUDA)")
     p.add_argument("--optim", default="lamb,lars", help="lamb, lars or both (comma-separated)")
     p.add_argument("--dtype", default="fp32", help=f"comma-separated: {', '.join(DTYPES)}")
+    p.add_argument("--state", default="fp32", help=f"comma-separated state dtypes of the fastlars rows: "
+                   f"{', '.join(STATES)} (bf16/int8 rows: the backends that step such state, e.g. "
+                   f"'fastlars.native [int8 state]')")
     p.add_argument("--backends", default=None, help="fastlars backends (default: every one usable on the device)")
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated: {', '.join(PEERS)}, or 'none'")
     p.add_argument("--threads", default=None,
@@ -96,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                      list(PARAM_SETS), "--params")
         optims = _list(args.optim, ("lamb", "lars"), "--optim")
         dtypes = _list(args.dtype, list(DTYPES), "--dtype")
+        states = tuple(_list(args.state, STATES, "--state"))
         backends = _list(args.backends, usable, "--backends") if args.backends else list(usable)
         peers = () if args.peers == "none" else tuple(_list(args.peers, PEERS, "--peers"))
     except argparse.ArgumentTypeError as exc:
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     not_measured = {**{f"fastlars.{b}": fastlars.backends.unavailable_reason(b, device)
                        for b in ("reference", "foreach", "native", "triton") if b not in usable},
                     **{p_: r for p_, r in skipped.items() if p_ in requested}}
-    result = run(device, sets, optims, dtypes, backends, peers, args.repeat, args.budget, threads=counts,
+    result = run(device, sets, optims, dtypes, backends, peers, args.repeat, args.budget, threads=counts, states=states,
                  on_row=lambda partial: write({**partial, "not_measured": not_measured}, out, f"step_{stem}",
                                               with_plot=False))
     result["not_measured"] = not_measured

@@ -41,19 +41,45 @@ def _with_bytes(opt: torch.optim.Optimizer, params: list[Tensor], names: tuple[s
     return opt.step, lambda: compulsory_bytes(params, state_lists(opt, params, names), masters(opt, params))
 
 
-def fastlars_optimizer(algorithm: str, backend: str, params: list[Tensor], master: bool) -> torch.optim.Optimizer:
+def fastlars_optimizer(algorithm: str, backend: str, params: list[Tensor], master: bool,
+                       state: str = "fp32") -> torch.optim.Optimizer:
     """LAMB (lr 1e-3, decay 0.01) or LARS (lr 1, momentum 0.9, decay 5e-5) over one group: every
-    tensor decays and adapts, the costliest configuration."""
+    tensor decays and adapts, the costliest configuration. ``state``: the group's state_dtype (bf16/int8:
+    tensors below the default min_quantized_size, 4096 elements, keep fp32 state)."""
     if algorithm == "lamb":
-        return fastlars.LAMB(params, lr=1e-3, weight_decay=0.01, master_weights=master, backend=backend)
-    return fastlars.LARS(params, lr=1.0, momentum=0.9, weight_decay=5e-5, master_weights=master, backend=backend)
+        return fastlars.LAMB(params, lr=1e-3, weight_decay=0.01, master_weights=master, backend=backend,
+                             state_dtype=state)
+    return fastlars.LARS(params, lr=1.0, momentum=0.9, weight_decay=5e-5, master_weights=master, backend=backend,
+                         state_dtype=state)
 
 
-def fastlars_case(algorithm: str, backend: str) -> Case:
+def state_label(state: str) -> str:
+    """The suffix of a fastlars row with low-precision state: " [int8 state]" ("" for fp32)."""
+    return "" if state == "fp32" else f" [{state} state]"
+
+
+def _all_state(opt: torch.optim.Optimizer, params: list[Tensor]) -> dict[str, list[Tensor]]:
+    """Every state tensor of each param but the step count and the master (codes, block scales, fp32 or bf16
+    buffers as each param stores them), for its compulsory bytes."""
+    out: dict[str, list[Tensor]] = {}
+    for i, p in enumerate(params):
+        out[str(i)] = [t for k, t in opt.state[p].items()
+                       if isinstance(t, Tensor) and k not in ("step", "master_param")]
+    return out
+
+
+def fastlars_case(algorithm: str, backend: str, state: str = "fp32") -> Case:
+    """fastlars on ``backend``; with low-precision ``state`` the row is labelled e.g. "fastlars.native [int8
+    state]" and its GB/s counts its own bytes: 1-byte codes and their fp32 block scales (or 2-byte bf16
+    buffers) read and written once, beside the weights and gradients."""
     def factory(params: list[Tensor], master: bool) -> StepAndBytes:
-        return _with_bytes(fastlars_optimizer(algorithm, backend, params, master), params, STATE_NAMES[algorithm])
+        opt = fastlars_optimizer(algorithm, backend, params, master, state)
+        if state == "fp32":
+            return _with_bytes(opt, params, STATE_NAMES[algorithm])
+        opt.step()  # creates the state
+        return opt.step, lambda: compulsory_bytes(params, _all_state(opt, params), masters(opt, params))
 
-    return Case(f"fastlars.{backend}", False, factory)
+    return Case(f"fastlars.{backend}{state_label(state)}", False, factory)
 
 
 def native_plan_case(algorithm: str, plan: str) -> Case:

@@ -95,12 +95,21 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def plan(optim: str, backends: list[str], peers: tuple[str, ...], device: torch.device) -> list[Case]:
+STATES = ("fp32", "bf16", "int8")
+"""--state choices: the state_dtype of the fastlars rows (bf16/int8 rows beside the fp32 ones)."""
+
+
+def plan(optim: str, backends: list[str], peers: tuple[str, ...], device: torch.device,
+         states: tuple[str, ...] = ("fp32",)) -> list[Case]:
     """fastlars on each backend, then the peers. On CUDA the native backend is timed under both launch plans:
-    "fastlars.native" runs the default (wave), "fastlars.native(onepass plan)" the other."""
-    ours = [fastlars_case(optim, b) for b in backends]
-    if device.type == "cuda" and "native" in backends:
+    "fastlars.native" runs the default (wave), "fastlars.native(onepass plan)" the other. Each low-precision
+    state of ``states`` adds the backends that step it on ``device`` (e.g. "fastlars.native [int8 state]")."""
+    ours = [fastlars_case(optim, b) for b in backends] if "fp32" in states else []
+    if device.type == "cuda" and "native" in backends and "fp32" in states:
         ours.append(native_plan_case(optim, "onepass"))
+    for state in (s for s in states if s != "fp32"):
+        ours += [fastlars_case(optim, b, state) for b in backends if fastlars.backends.supports_low_precision_state(b)
+                 and fastlars.backends.low_precision_unavailable_reason(b, device) is None]
     return ours + peer_cases(optim, peers)
 
 
@@ -140,11 +149,13 @@ def rooflines(device: torch.device, counts: list[int], log: Any = print) -> dict
 
 def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[str], backends: list[str],
         peers: tuple[str, ...], repeats: int, budget_s: float | None = None, log: Any = print,
-        on_row: Callable[[dict[str, Any]], None] | None = None, threads: list[int] | None = None) -> dict[str, Any]:
+        on_row: Callable[[dict[str, Any]], None] | None = None, threads: list[int] | None = None,
+        states: tuple[str, ...] = ("fp32",)) -> dict[str, Any]:
     """Every (threads, set, dtype, optim, case), one after the other in this process; JSON-ready result.
     `threads`: torch.set_num_threads for each pass over the cases, largest first (default: the current
     count). `budget_s` caps the timed seconds of a slow case (see time_ms); `on_row` gets the result so far
-    (with "partial": True) after every row, so an interrupted run keeps what it measured."""
+    (with "partial": True) after every row, so an interrupted run keeps what it measured. `states`: the
+    state dtypes of the fastlars rows (see plan)."""
     counts = threads or [torch.get_num_threads()]
     copy_bw = copy_bandwidth_gbs(device)
     inplace_bw = inplace_bandwidth_gbs(device)
@@ -154,7 +165,7 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
     result: dict[str, Any] = {"machine": machine(device), "copy_bandwidth_gbs": copy_bw,
                               "inplace_bandwidth_gbs": inplace_bw, "rooflines_gbs": roofs,
                               "last_level_cache_bytes": cache, "thread_counts": counts, "repeats": repeats,
-                              "budget_s": budget_s, "partial": True, "rows": []}
+                              "budget_s": budget_s, "states": list(states), "partial": True, "rows": []}
     before = torch.get_num_threads()
     try:
         for n in counts:
@@ -165,7 +176,7 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
                 for dtype_name in dtypes:
                     dtype, master = DTYPES[dtype_name]
                     for optim in optims:
-                        for case in plan(optim, backends, peers, device):
+                        for case in plan(optim, backends, peers, device, states):
                             row = Row(set_name, dtype_name, optim, case.implementation, case.peer, threads=n)
                             _measure(row, case, shapes, dtype, master, device, repeats, budget_s, copy_bw,
                                      inplace_bw, roof, cache)

@@ -10,6 +10,8 @@ reference and ≤ 1.25× SGD(fused); LAMB native ≤ 1.5× (ResNet-50) and ≤ 1
 native CPU/wall ≥ 1.8 (on 2 threads or more); host overhead on the small_cnn (8 tensors) and
 resnet50_small (161 tensors) sets: LARS and LAMB native ≤ AdamW(fused) per step, and ≤ 1.5× SGD(fused)
 on resnet50_small.
+CPU (issue 22, fp32 params, on all threads): on ResNet-50 and BERT-base, LAMB native with int8 state
+(--state int8) ≤ 0.65× the fp32-state native step.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 ADAMW = "torch.AdamW(fused) [same 28 B]"
 SGD = "torch.SGD(fused, momentum) [same 20 B]"
 COMPILED = "fastlars.reference+torch.compile"
+INT8_NATIVE = "fastlars.native [int8 state]"
 HOST_SETS = ("small_cnn", "resnet50_small")  # benchmarks.params: 8 and 161 tensors, host overhead per step
 
 
@@ -71,6 +74,8 @@ TARGETS = (
            "LARS native / SGD(fused) host overhead"),
     Target("cpu", "resnet50_small", "lamb", "fastlars.native", SGD, "<=", 1.5,
            "LAMB native / SGD(fused) host overhead", "lars"),
+    *(Target("cpu", model, "lamb", INT8_NATIVE, "fastlars.native", "<=", 0.65,
+             "LAMB native int8 / fp32 native step time") for model in ("bert_base", "resnet50")),
 )
 
 

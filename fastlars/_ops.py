@@ -15,6 +15,18 @@ Ops (all tensors of one call on one device; maths of fastlars.backends.reference
 * ``lamb_step_(params, grads, exp_avgs, exp_avg_sqs, master_params, steps, lr, lr_tensor, ...)``:
   one LAMB update in place; ``clip_coef`` multiplies the gradients (global clip); same skip rule.
 
+Low-precision state (``LOWBIT_SCHEMAS``; CPU kernels only; maths of fastlars.backends.reference_lowbit):
+
+* ``lamb_lowbit_step_(params, grads, exp_avgs, exp_avg_absmax, exp_avg_sqs, exp_avg_sq_absmax, master_params,
+  steps, rounding_keys, lr, ...)``: each buffer is a floating tensor (fp32/bf16/fp16 state, its absmax entry
+  an unused placeholder) or uint8 codes whose absmax entry holds the fp32 block scales (format of
+  fastlars.backends.quantization: m pow4_signed, v pow8_unsigned, blocks of 256 along rows);
+  ``rounding_keys`` (one 32-bit ``sr_tensor_key`` per param, or empty) writes bf16 params without
+  masters by stochastic rounding keyed by ``steps``.
+* ``lars_lowbit_step_(params, grads, momentum_buffers, momentum_absmax, master_params, grad_norms, steps,
+  rounding_keys, lr, ...)``: the same for LARS's momentum (pow4_signed); ``steps`` may be empty without
+  rounding keys.
+
 Both step ops take an optional last argument ``trust_ratios``: a contiguous 1-D fp32 tensor of
 len(params) elements on the params' device that receives the trust ratio applied to each tensor
 (1 when ``adapt`` is false), written only when the update is (not when ``found_inf`` is non-zero).
@@ -45,8 +57,26 @@ SCHEMAS = {
     ),
 }
 
+LOWBIT_SCHEMAS = {
+    "lamb_lowbit_step_": (
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_absmax, "
+        "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] exp_avg_sq_absmax, Tensor(f!)[] master_params, Tensor[] steps, "
+        "int[] rounding_keys, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, "
+        "bool bias_correction, bool grad_averaging, bool decoupled_decay, bool trust_clip, bool adapt, "
+        "float[]? trust_ratio_bounds, bool maximize, Tensor? clip_coef, Tensor? grad_scale, Tensor? found_inf, "
+        "Tensor(g!)? trust_ratios=None) -> ()"
+    ),
+    "lars_lowbit_step_": (
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] momentum_absmax, "
+        "Tensor(d!)[] master_params, Tensor grad_norms, Tensor[] steps, int[] rounding_keys, float lr, "
+        "Tensor? lr_tensor, float momentum, float weight_decay, float trust_coefficient, float eps, bool nesterov, "
+        "bool trust_clip, bool mlperf_momentum, bool adapt, float[]? trust_ratio_bounds, bool maximize, "
+        "Tensor? grad_scale, Tensor? found_inf, Tensor(e!)? trust_ratios=None) -> ()"
+    ),
+}
+
 _library = torch.library.Library(NAMESPACE, "FRAGMENT")
-for _name, _signature in SCHEMAS.items():
+for _name, _signature in (*SCHEMAS.items(), *LOWBIT_SCHEMAS.items()):
     if not hasattr(getattr(torch.ops, NAMESPACE), _name):
         _library.define(_name + _signature)
 
@@ -64,4 +94,14 @@ def _lars_step_fake(*args: object) -> None:
 
 @torch.library.register_fake(f"{NAMESPACE}::lamb_step_")
 def _lamb_step_fake(*args: object) -> None:
+    return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::lamb_lowbit_step_")
+def _lamb_lowbit_step_fake(*args: object) -> None:
+    return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::lars_lowbit_step_")
+def _lars_lowbit_step_fake(*args: object) -> None:
     return None

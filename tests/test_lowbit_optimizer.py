@@ -1,6 +1,7 @@
 """fastlars.LAMB / LARS with low-precision state (state_dtype, min_quantized_size, set_state_dtype) and
-stochastically rounded bf16 weights: each step equals the quantisation-aware reference called by hand
-(fastlars/backends/reference_lowbit.py) bit for bit; which tensors get which format; backends that step
+stochastically rounded bf16 weights: each step on backend="reference" equals the quantisation-aware
+reference called by hand (fastlars/backends/reference_lowbit.py) bit for bit (the native kernels against
+it: tests/test_native_lowbit.py); which tensors get which format; backends that step
 fp32 state only refuse it by name; the state_dict is self-describing, loads with weights_only=True,
 resumes exactly and converts fp32 ↔ bf16 ↔ int8 both ways; a corrupt record is refused before any
 change; skipped steps write nothing; the host plan never runs such groups."""
@@ -89,7 +90,7 @@ def _assert_buffer_equal(state: dict, name: str, expected) -> None:
 @pytest.mark.parametrize("state_dtype", ["int8", "bf16"])
 def test_lamb_steps_equal_the_reference_called_by_hand(state_dtype: str) -> None:
     params, twins = _params(), _params()
-    opt = fastlars.LAMB(params, state_dtype=state_dtype, **LAMB_KW)
+    opt = fastlars.LAMB(params, state_dtype=state_dtype, backend="reference", **LAMB_KW)
     for t in range(1, STEPS + 1):
         _step(opt, params, t)
     ms, vs = _by_hand_lamb(twins, lambda p: state_dtype if p.numel() >= q.MIN_QUANTIZED_SIZE else "fp32", STEPS)
@@ -102,7 +103,7 @@ def test_lamb_steps_equal_the_reference_called_by_hand(state_dtype: str) -> None
 
 def test_lars_int8_momentum_steps_equal_the_reference_called_by_hand() -> None:
     params, twins = _params(), _params()
-    opt = fastlars.LARS(params, state_dtype="int8", min_quantized_size=256, **LARS_KW)
+    opt = fastlars.LARS(params, state_dtype="int8", min_quantized_size=256, backend="reference", **LARS_KW)
     for t in range(1, STEPS + 1):
         _step(opt, params, t)
     h = LarsHyper(momentum=0.9, weight_decay=1e-3, trust_coefficient=0.001, eps=0.0, nesterov=False,
@@ -164,9 +165,12 @@ def test_backends_without_low_precision_state_refuse_it_by_name(monkeypatch) -> 
     assert opt.state_dtype_of(p) == "fp32"  # the refused override left nothing behind
     monkeypatch.setenv("FASTLARS_BACKEND", "foreach")
     opt = fastlars.LAMB([p], state_dtype="int8")
-    assert opt._backend_for(0, p.device) == "reference"
+    # auto takes the first backend of the CPU's order that steps such state: native when built, else the reference
+    native = fastlars.backends.low_precision_unavailable_reason("native", p.device) is None
+    assert opt._backend_for(0, p.device) == ("native" if native else "reference")
     monkeypatch.delenv("FASTLARS_BACKEND")
-    assert fastlars.backends.resolve_low_precision("auto", torch.device("cpu")) == "reference"
+    assert fastlars.backends.resolve_low_precision("auto", torch.device("cpu")) == ("native" if native else "reference")
+    assert fastlars.backends.low_precision_unavailable_reason("native", torch.device("meta")) is not None
 
 
 def test_state_dict_is_self_describing_loads_weights_only_and_resumes_exactly() -> None:
@@ -289,7 +293,7 @@ def test_non_finite_gradient_and_gradscaler_skip_write_nothing(cls, kw) -> None:
 @pytest.mark.parametrize("cls,kw", [(fastlars.LAMB, LAMB_KW), (fastlars.LARS, LARS_KW)], ids=["lamb", "lars"])
 def test_trust_ratios_are_recorded_with_low_precision_state(cls, kw) -> None:
     params, twins = _params(shapes=[(5000,), (7,)]), _params(shapes=[(5000,), (7,)])
-    opt = cls(params, state_dtype="int8", **kw)
+    opt = cls(params, state_dtype="int8", backend="reference", **kw)
     opt.record_trust_ratios()
     fp32 = cls(twins, backend="reference", **kw)
     fp32.record_trust_ratios()
@@ -305,7 +309,7 @@ def test_trust_ratios_are_recorded_with_low_precision_state(cls, kw) -> None:
 def test_stochastic_rounding_follows_the_spec_and_the_seed() -> None:
     shapes = [(4096,), (33, 129), (1,)]
     params, twins = _params(torch.bfloat16, shapes), _params(torch.bfloat16, shapes)
-    opt = fastlars.LAMB(params, stochastic_rounding=True, rounding_seed=1234, **LAMB_KW)
+    opt = fastlars.LAMB(params, stochastic_rounding=True, rounding_seed=1234, backend="reference", **LAMB_KW)
     for t in range(1, 4):
         _step(opt, params, t)
     _by_hand_lamb(twins, lambda p: "fp32", 3, rounding=rl.StochasticRounding(1234, [0, 1, 2]))
@@ -333,7 +337,7 @@ def test_stochastic_rounding_options_are_checked() -> None:
 
 def test_bf16_params_with_fp32_masters_and_int8_state() -> None:
     params, twins = _params(torch.bfloat16), _params(torch.bfloat16)
-    opt = fastlars.LAMB(params, state_dtype="int8", master_weights=True, **LAMB_KW)
+    opt = fastlars.LAMB(params, state_dtype="int8", master_weights=True, backend="reference", **LAMB_KW)
     for t in range(1, 4):
         _step(opt, params, t)
     _by_hand_lamb(twins, lambda p: "int8" if p.numel() >= q.MIN_QUANTIZED_SIZE else "fp32", 3, master=True)
@@ -351,4 +355,6 @@ def test_the_host_plan_never_runs_low_precision_groups() -> None:
     opt.set_state_dtype(params[0], "int8")
     assert opt._host_plan is None
     _step(opt, params, 2)
-    assert opt._host_plan is None and opt._backend_for(0, params[0].device) == "reference"
+    # the group now steps on native's low-precision kernels (the reference when they are not built), never the plan
+    native = fastlars.backends.low_precision_unavailable_reason("native", params[0].device) is None
+    assert opt._host_plan is None and opt._backend_for(0, params[0].device) == ("native" if native else "reference")

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "../common/quant_math.h"
 #include "../common/step_math.h"
 
 namespace fastlars::cpu {
@@ -50,6 +51,22 @@ struct ElementKernels {
   // Bandwidth probes (not a step): Σx; x ← c·x + z, and y ← c·y + z unless y is null.
   float (*stream_sum)(const float* x, int64_t n);
   void (*stream_update)(float* x, float* y, const float* z, int64_t n, float c);
+  // Low-precision state (format: fastlars/backends/quantization.py, maths: quant_math.h). A "piece" of n
+  // elements starts at a block boundary of a row and holds whole blocks of quant::kBlockSize (the last one
+  // may be ragged: it ends the row); `scales` holds one fp32 scale per block of the piece.
+  // out ← decode(codes)·scale (pow4_signed / pow8_unsigned).
+  void (*decode_signed)(const uint8_t* codes, const float* scales, float* out, int64_t n);
+  void (*decode_unsigned)(const uint8_t* codes, const float* scales, float* out, int64_t n);
+  // Per block: absmax, codes and stored scale written; x ← what the codes decode to.
+  void (*quantize_signed)(float* x, uint8_t* codes, float* scales, int64_t n);
+  void (*quantize_unsigned)(float* x, uint8_t* codes, float* scales, int64_t n);
+  // LAMB direction from (decoded) moments: u into u_out unless null, sums[0] = Σw'², sums[1] = Σu² (w is
+  // not written; w' is w after decoupled decay).
+  void (*lamb_direction_sums)(const float* w, const float* m, const float* v, float* u_out, int64_t n,
+                              const LambArgs& a, float* sums);
+  // bf16 bits of w by stochastic rounding, element i drawing the bits of index first_index + i under `key`
+  // (quant::sr_key of the tensor and step).
+  void (*stochastic_round_bf16)(const float* w, uint16_t* out, int64_t n, uint32_t key, uint64_t first_index);
 };
 
 namespace isa_baseline {
@@ -64,6 +81,11 @@ namespace isa_avx512 {
 extern const ElementKernels kernels;
 }
 #endif
+
+// What each code byte decodes to before the block scale (quant::decode_signed / decode_unsigned of every
+// byte, filled once in kernels_dispatch.cpp, built for the baseline): decoding is one exact lookup.
+extern const float* const kSignedValues;
+extern const float* const kUnsignedValues;
 
 // The fastest build this CPU runs, chosen at the first call. FASTLARS_CPU_ISA=baseline|avx2|avx512
 // caps the choice (a build the CPU cannot run is never chosen).

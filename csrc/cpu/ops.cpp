@@ -25,69 +25,13 @@
 #include "kernels.h"
 #include "tensor_groups.h"
 #include "multi_tensor.h"
+#include "op_checks.h"
 #include "parallel.h"
 
 namespace fastlars::cpu {
 namespace {
 
-// ---------------------------------------------------------------------------------- checks
-void check_supported_dtype(const at::Tensor& t, const char* what, size_t i) {
-  const auto type = t.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf, what, "[", i, "]: dtype ", type,
-              " is not supported by the CPU kernels (float32, bfloat16 or float16)");
-}
-
-void check_dense_cpu(const at::Tensor& t, const char* what, size_t i) {
-  TORCH_CHECK(t.device().is_cpu(), what, "[", i, "]: on ", t.device(), "; these are the CPU kernels");
-  TORCH_CHECK(t.is_non_overlapping_and_dense(), what, "[", i,
-              "]: the CPU kernels need a dense tensor (contiguous or a permutation of it)");
-}
-
-// Element-wise kernels walk storage linearly: a companion tensor must order its elements as its param does.
-void check_like(const at::Tensor& t, const at::Tensor& param, const char* what, size_t i) {
-  check_dense_cpu(t, what, i);
-  TORCH_CHECK(t.sizes() == param.sizes(), what, "[", i, "]: shape ", t.sizes(), " differs from its param's ",
-              param.sizes());
-  bool same_order = true;
-  for (int64_t d = 0; d < param.dim(); ++d) same_order &= param.size(d) == 1 || t.stride(d) == param.stride(d);
-  TORCH_CHECK(same_order, what, "[", i, "]: strides ", t.strides(), " order its elements differently from its "
-              "param's ", param.strides());
-}
-
-void check_count(size_t n, at::TensorList list, const char* what) {
-  TORCH_CHECK(list.size() == n, what, ": holds ", list.size(), " tensors, params hold ", n);
-}
-
-// The value of an optional one-element CPU tensor, or `absent`.
-std::optional<float> host_scalar(const std::optional<at::Tensor>& t, const char* what) {
-  if (!t.has_value() || !t->defined()) return std::nullopt;
-  TORCH_CHECK(t->device().is_cpu(), what, ": on ", t->device(), ", the params are on the CPU");
-  TORCH_CHECK(t->numel() == 1, what, ": expected one element, got ", t->numel());
-  return t->item<float>();
-}
-
-struct Bounds {
-  bool has = false;
-  float lo = 0.0f;
-  float hi = 0.0f;
-};
-
-Bounds ratio_bounds(const std::optional<at::ArrayRef<double>>& bounds) {
-  if (!bounds.has_value()) return {};
-  TORCH_CHECK(bounds->size() == 2 && (*bounds)[0] <= (*bounds)[1],
-              "trust_ratio_bounds: expected (lo, hi) with lo <= hi, got ", *bounds);
-  return {true, static_cast<float>((*bounds)[0]), static_cast<float>((*bounds)[1])};
-}
-
-// The optional trust_ratios output (one fp32 per param, on the CPU, contiguous), or nullptr.
-float* ratio_output(const std::optional<at::Tensor>& out, size_t n) {
-  if (!out.has_value() || !out->defined()) return nullptr;
-  TORCH_CHECK(out->device().is_cpu() && out->scalar_type() == at::kFloat && out->dim() == 1 &&
-                  out->numel() == static_cast<int64_t>(n) && out->is_contiguous(),
-              "trust_ratios: expected a contiguous 1-D float32 CPU tensor of ", n, " elements, got ",
-              out->scalar_type(), " of shape ", out->sizes(), " on ", out->device());
-  return out->data_ptr<float>();
-}
+using namespace checks;
 
 // Per tensor: where its weight lives (the fp32 master, else the param) and whether a master exists.
 struct StepTensors {
