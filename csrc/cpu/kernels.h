@@ -82,11 +82,6 @@ extern const ElementKernels kernels;
 }
 #endif
 
-// What each code byte decodes to before the block scale (quant::decode_signed / decode_unsigned of every
-// byte, filled once in kernels_dispatch.cpp, built for the baseline): decoding is one exact lookup.
-extern const float* const kSignedValues;
-extern const float* const kUnsignedValues;
-
 // The fastest build this CPU runs, chosen at the first call. FASTLARS_CPU_ISA=baseline|avx2|avx512
 // caps the choice (a build the CPU cannot run is never chosen).
 const ElementKernels& element_kernels();

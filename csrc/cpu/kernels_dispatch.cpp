@@ -34,29 +34,3 @@ const ElementKernels& element_kernels() {
 }
 
 }  // namespace fastlars::cpu
-
-namespace fastlars::cpu {
-namespace {
-
-struct DecodeTables {
-  float signed_values[256];
-  float unsigned_values[256];
-  DecodeTables() {
-    for (int c = 0; c < 256; ++c) {
-      signed_values[c] = quant::decode_signed(static_cast<uint8_t>(c));
-      unsigned_values[c] = quant::decode_unsigned(static_cast<uint8_t>(c));
-    }
-  }
-};
-
-const DecodeTables& tables() {
-  static const DecodeTables built;
-  return built;
-}
-
-}  // namespace
-
-const float* const kSignedValues = tables().signed_values;
-const float* const kUnsignedValues = tables().unsigned_values;
-
-}  // namespace fastlars::cpu
