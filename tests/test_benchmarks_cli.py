@@ -205,3 +205,33 @@ def test_lowbit_peers_say_what_runs_and_are_reported_when_missing(monkeypatch) -
     monkeypatch.setitem(cases.PEER_MODULES, "torchao", "torchao_not_a_module")
     assert cases.unavailable_peers(torch.device("cpu"), ("torchao",))["torchao"].startswith("not importable")
     assert cases.unavailable_peers(torch.device("cpu"), ("timm",)).keys() <= {"timm"}
+
+
+# ---------------------------------------------------------------------------------- --state rows (issue 22)
+@pytest.mark.parametrize("algorithm", ["lamb", "lars"])
+def test_fastlars_int8_state_rows_count_their_own_bytes(algorithm: str) -> None:
+    """'fastlars.native [int8 state]' steps the tiny set and counts codes and block scales (the rule of the
+    low-precision peers), full-precision state below 4096 elements. fastlars blocks along rows: the 64×288
+    weight has 64 rows of 256 + 32, so 128 scales per buffer where a flat layout has 72."""
+    if fastlars.backends.low_precision_unavailable_reason("native", torch.device("cpu")) is not None:
+        pytest.skip("the native low-precision CPU kernels are not built")
+    from benchmarks.cases import fastlars_case
+    from benchmarks.params import PARAM_SETS, make_params
+
+    params = make_params(PARAM_SETS["tiny"].shapes(), torch.float32, "cpu")
+    case = fastlars_case(algorithm, "native", "int8")
+    assert case.implementation == "fastlars.native [int8 state]" and not case.peer
+    step, nbytes = case.factory(params, False)
+    step()
+    buffers = 2 if algorithm == "lamb" else 1
+    assert nbytes() == TINY_BIG * (4 + 4 + 4 + 2 * buffers) + 2 * buffers * 128 * 4 + TINY_SMALL * (12 + 8 * buffers)
+
+
+def test_int8_state_target_is_the_ratio_to_the_fp32_native_step() -> None:
+    rows = [_big_row("fastlars.native", 2, 1.0, ms=20.0, optim="lamb", peer=False),
+            _big_row("fastlars.native [int8 state]", 2, 1.0, ms=12.0, optim="lamb", peer=False)]
+    result = {"machine": {"device_type": "cpu"}, "rows": rows, "thread_counts": [2]}
+    got = {e["label"]: (round(e["value"], 4), e["met"]) for e in evaluate(result)}
+    assert got["resnet50 fp32: LAMB native int8 / fp32 native step time"] == (0.6, True)
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--state", "int4"])
