@@ -242,29 +242,8 @@ void lamb_lowbit_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   const std::optional<float> scale = host_scalar(grad_scale, "grad_scale");
   const std::optional<float> clip = host_scalar(clip_coef, "clip_coef");
   const float rate = host_scalar(lr_tensor, "lr_tensor").value_or(static_cast<float>(lr));
-  std::vector<LambArgs> args(n);
-  for (size_t i = 0; i < n; ++i) {
-    args[i].scaled = scale.has_value();
-    args[i].maximize = maximize;
-    args[i].scale = scale.value_or(1.0f);
-    args[i].clip = clip.value_or(1.0f);
-    math::LambConsts& c = args[i].consts;
-    c.beta1 = static_cast<float>(beta1);
-    c.beta2 = static_cast<float>(beta2);
-    c.beta3 = static_cast<float>(grad_averaging ? 1.0 - beta1 : 1.0);
-    c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-    c.eps = static_cast<float>(eps);
-    c.weight_decay = static_cast<float>(weight_decay);
-    c.lr = rate;
-    c.has_decay = weight_decay != 0.0;
-    c.decoupled = decoupled_decay;
-    c.inv_bc1 = c.inv_bc2 = 1.0f;
-    if (bias_correction) {
-      const float t = host_scalar(steps[i], "steps").value();
-      c.inv_bc1 = 1.0f / (1.0f - powf(c.beta1, t));
-      c.inv_bc2 = 1.0f / (1.0f - powf(c.beta2, t));
-    }
-  }
+  const std::vector<LambArgs> args = lamb_args(steps, scale, clip, rate, beta1, beta2, eps, weight_decay,
+                                                bias_correction, grad_averaging, decoupled_decay, maximize);
   if (skip.has_value() && *skip != 0.0f) return;
 
   const ElementKernels& kernels = element_kernels();

@@ -4,7 +4,11 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
+#include <vector>
+
+#include "kernels.h"
 
 namespace fastlars::cpu {
 namespace checks {
@@ -65,6 +69,38 @@ inline float* ratio_output(const std::optional<at::Tensor>& out, size_t n) {
               "trust_ratios: expected a contiguous 1-D float32 CPU tensor of ", n, " elements, got ",
               out->scalar_type(), " of shape ", out->sizes(), " on ", out->device());
   return out->data_ptr<float>();
+}
+
+// Per-tensor arguments of the LAMB element loops from an op's options: β3 and 1 − β2 rounded from double
+// as the reference does, and each tensor's bias corrections 1 / (1 − β^t) from its step count t.
+inline std::vector<LambArgs> lamb_args(at::TensorList steps, const std::optional<float>& scale,
+                                       const std::optional<float>& clip, float rate, double beta1, double beta2,
+                                       double eps, double weight_decay, bool bias_correction, bool grad_averaging,
+                                       bool decoupled_decay, bool maximize) {
+  std::vector<LambArgs> args(steps.size());
+  for (size_t i = 0; i < args.size(); ++i) {
+    args[i].scaled = scale.has_value();
+    args[i].maximize = maximize;
+    args[i].scale = scale.value_or(1.0f);
+    args[i].clip = clip.value_or(1.0f);
+    math::LambConsts& c = args[i].consts;
+    c.beta1 = static_cast<float>(beta1);
+    c.beta2 = static_cast<float>(beta2);
+    c.beta3 = static_cast<float>(grad_averaging ? 1.0 - beta1 : 1.0);
+    c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+    c.eps = static_cast<float>(eps);
+    c.weight_decay = static_cast<float>(weight_decay);
+    c.lr = rate;
+    c.has_decay = weight_decay != 0.0;
+    c.decoupled = decoupled_decay;
+    c.inv_bc1 = c.inv_bc2 = 1.0f;
+    if (bias_correction) {
+      const float t = host_scalar(steps[i], "steps").value();
+      c.inv_bc1 = 1.0f / (1.0f - powf(c.beta1, t));
+      c.inv_bc2 = 1.0f / (1.0f - powf(c.beta2, t));
+    }
+  }
+  return args;
 }
 
 }  // namespace checks
