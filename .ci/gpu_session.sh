@@ -7,12 +7,16 @@
 #   bash .ci/gpu_session.sh            # call 1 (the one that matters): build, smoke, tests, memcheck,
 #                                      #   racecheck, bench
 #   bash .ci/gpu_session.sh compile    # optional call 2: build, bench_compile (a fresh machine builds again)
+#   bash .ci/gpu_session.sh train      # build, train: the trainer on the GPU for about a minute
 #
 # from the repository root; everything goes into $OUT/session.log as it happens (else ./gpu-out), plus
 # $OUT/junit.xml and the benchmark's JSON/Markdown/PNG (the device tool brings back at most 8 files).
 #
 #   stage          limit  what
-#   build          120 s  pip install --no-build-isolation --no-deps -e . with MAX_JOBS=16: 11 translation
+#   build          120 s  .ci/gpu_build.sh: an extension already in fastlars/ (an earlier call's build) or
+#                         carried in .gpu-prebuilt/ (built elsewhere against the GPU image's torch) is used
+#                         when .ci/gpu_extension_check.py proves it runs on this GPU (seconds); else
+#                         pip install --no-build-isolation --no-deps -e . with MAX_JOBS=16: 11 translation
 #                         units (bindings, 6 CPU, ops.cpp, 3 .cu), all compiled at once, for the visible
 #                         GPU's arch only; measured on the 2-core CPU machine (see README, "GPU session")
 #   smoke           30 s  .ci/gpu_smoke.py: one LAMB and one LARS check of 3 steps per GPU backend (native,
@@ -30,6 +34,10 @@
 #   bench_compile  360 s  call 2 only: native vs the reference under torch.compile, ResNet-50 fp32 (two
 #                         cold compiles of a 161-tensor loop do not fit a stage of call 1), in $OUT/compile
 #   call 2         480 s  (build 120 + bench_compile 360)
+#   train           60 s  python -m train: ResNet-50, synthetic data on the GPU, bf16 autocast,
+#                         channels_last, LARS native, 150 updates of 256 images; prints images/s and the
+#                         optimizer's share of update time (run after call 1 in the same command, its
+#                         build stage reuses call 1's extension)
 #
 # Each stage ends PASSED, FAILED (its status) or TIMEOUT (it ran out of its limit: interrupted with SIGINT
 # so pytest still writes its summary, killed 10 s later), or SKIPPED with the reason: no GPU (nvidia-smi
@@ -45,12 +53,14 @@ log=$out/session.log
 : >"$log"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the working tree's fastlars, also without pip install
 
-declare -A limit=([build]=120 [smoke]=30 [tests]=170 [memcheck]=40 [racecheck]=30 [bench]=90 [bench_compile]=360)
+declare -A limit=([build]=120 [smoke]=30 [tests]=170 [memcheck]=40 [racecheck]=30 [bench]=90 [bench_compile]=360 [train]=60)
 case ${1:-main} in
   main) stages=(build smoke tests memcheck racecheck bench) ;;
   compile) stages=(build bench_compile) ;;
-  *) echo "usage: bash .ci/gpu_session.sh [compile]" >&2; exit 64 ;;
+  train) stages=(build train) ;;
+  *) echo "usage: bash .ci/gpu_session.sh [compile|train]" >&2; exit 64 ;;
 esac
 budget=0
 for name in "${stages[@]}"; do budget=$((budget + limit[$name])); done
@@ -138,7 +148,7 @@ sanitize=(--error-exitcode 1 --target-processes all "$PY" tests/cuda_sanitizer_c
 
 for name in "${stages[@]}"; do
   case $name in
-    build) stage build -- "$PY" -m pip install --no-build-isolation --no-deps -e . ;;
+    build) stage build -- bash .ci/gpu_build.sh ;;
     smoke) stage smoke -- "$PY" .ci/gpu_smoke.py ;;
     tests)
       rm -f "$out/junit.xml"
@@ -152,6 +162,9 @@ for name in "${stages[@]}"; do
       --peers timm,torch_optimizer,torch_fused,apex,deepspeed ;;
     bench_compile) stage bench_compile -- "$PY" benchmarks/gpu_step.py --out "$out/compile" --budget 2 \
       --params resnet50 --dtype fp32 --backends native --peers reference+compile ;;
+    train) stage train -- "$PY" -m train --loader synthetic --model resnet50 --amp bf16 --channels-last \
+      --optimizer lars --backend native --global-batch 256 --max-steps 150 --no-noise-scale --quiet \
+      --device cuda --no-tensorboard --out "${TMPDIR:-/tmp}/fastlars_gpu_train" ;;
   esac
 done
 
