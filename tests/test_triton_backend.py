@@ -171,7 +171,8 @@ _INT_ARGS = {"n_tensors", "row", "n_chunks", "n_out"}
 @pytest.mark.skipif(_TRITON_MISSING is not None, reason=f"triton backend: {_TRITON_MISSING}")
 def test_kernels_compile_for_sm90_with_vector_accesses(tmp_path, monkeypatch) -> None:
     """triton.compile of every specialisation to an sm_90 cubin (no GPU needed): the compiled path type-checks
-    and lowers, which the interpreter (helpers run as plain Python) cannot show.
+    and lowers, which the interpreter (helpers run as plain Python) cannot show; with the launches'
+    enable_fp_fusion=False, the PTX has no fma.rn.f32, div.full/approx or sqrt.approx (IEEE rounding).
 
     And the PTX accesses parameter, gradient and state arrays 128 bits at a time: for an aligned bucket,
     exactly one ``ld.global.v4`` per 16 bytes per thread of every array a full block loads (4 fp32 or
@@ -201,12 +202,16 @@ def test_kernels_compile_for_sm90_with_vector_accesses(tmp_path, monkeypatch) ->
             else:
                 signature[arg] = "fp32"
         compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": warps})
+                                  options={"num_warps": warps, "enable_fp_fusion": False})  # as ops.py launches
         what = f"{name} {constexprs}"
         assert compiled.asm.get("cubin"), f"{what}: no cubin"
+        ptx = compiled.asm["ptx"]
+        # The reference's rounding: IEEE division and square root, no contraction into fma (an H200 run
+        # with div.full.f32, sqrt.approx.f32 and fma drifted from the reference by a few ulp).
+        inexact = re.findall(r"\b(?:fma\.rn\.f32|div\.(?:full|approx)\.[a-z0-9.]*f32|sqrt\.approx\.[a-z0-9.]*f32)", ptx)
+        assert inexact == [], f"{what}: {sorted(set(inexact))} in the PTX"
         if name == "sum_chunks_kernel":
             continue
-        ptx = compiled.asm["ptx"]
         loads, stores = _main_arrays(name, constexprs)
         aligned = constexprs["ALIGNED"]
         expected = (_v4_count(loads, constexprs["BLOCK"], warps) if aligned else 0,

@@ -226,6 +226,32 @@ def test_grad_scale_unscales_and_found_inf_skips_in_kernels(found) -> None:
             assert torch.equal(p, p0.detach())
 
 
+def test_every_launch_turns_off_fp_fusion(monkeypatch) -> None:
+    """Every kernel launch of a LARS and a LAMB step (norms, both passes, unscaling) passes
+    enable_fp_fusion=False: compiled for a GPU, a*b + c would otherwise become one fma and the
+    trajectory leave the reference's rounding (the interpreter ignores the option, so only the launch
+    arguments can show it here; the sm_90 PTX test checks what it compiles to)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches = []
+    run = InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        launches.append((self.fn.__name__, kwargs.get("enable_fp_fusion")))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    for cls, base_lr, options in ALGOS:
+        params = make_params(SHAPES, torch.float32)
+        opt = cls(params, lr=base_lr, backend="triton", **options)
+        for p, g in zip(params, synthetic_grads(params, 1)):
+            p.grad = g
+        opt.step()
+    kernels = {name for name, _ in launches}
+    assert {"sumsq_partials_kernel", "sum_chunks_kernel", "lars_update_kernel", "lamb_kernel"} <= kernels
+    assert [(name, fusion) for name, fusion in launches if fusion is not False] == []
+
+
 def test_grad_norms_are_deterministic_and_accurate() -> None:
     impl = backends.load("triton")
     gen = torch.Generator().manual_seed(0)

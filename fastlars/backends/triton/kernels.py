@@ -141,9 +141,9 @@ def sum_chunks_kernel(
         acc += tl.load(base + idx, mask=idx < hi, other=0.0)
     total = _block_sum(acc, 0)
     if SQRT:
-        total = tl.sqrt(total)
+        total = tl.sqrt_rn(total)
         if HAS_SCALE:
-            total = total / tl.load(scale_ptr).to(tl.float32)
+            total = tl.div_rn(total, tl.load(scale_ptr).to(tl.float32))
     tl.store(out_ptr + k.to(tl.int64) * n_out + tl.load(index_ptr + i), total)
 
 
@@ -214,17 +214,17 @@ def lars_update_kernel(
     lr_v, keep = _load_scalars(lr, lr_ptr, inf_ptr, LR_TENSOR)
     if ADAPT:
         j = tl.load(index_ptr + i)
-        w_norm = tl.sqrt(tl.load(wsq_ptr + j))
+        w_norm = tl.sqrt_rn(tl.load(wsq_ptr + j))
         g_norm = tl.load(gnorm_ptr + j).to(tl.float32)
-        r = trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps)
+        r = tl.div_rn(trust_coefficient * w_norm, g_norm + weight_decay * w_norm + eps)
         if TRUST_CLIP:
-            r = tl.minimum(r / lr_v, 1.0)
+            r = tl.minimum(tl.div_rn(r, lr_v), 1.0)
         ratio = _clamp_ratio(r, w_norm, g_norm, lo, hi, BOUNDS)
     else:
         ratio = 1.0
     inv_scale = 1.0
     if HAS_SCALE:
-        inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
+        inv_scale = tl.div_rn(tl.full((), 1.0, tl.float32), tl.load(scale_ptr).to(tl.float32))
     p_ptr = _typed(addr_table, 0, i, n_tensors, P_DTYPE, ALIGNED)
     g_ptr = _typed(addr_table, 1, i, n_tensors, G_DTYPE, ALIGNED)
     v_ptr = _typed(addr_table, 2, i, n_tensors, V_DTYPE, ALIGNED)
@@ -303,7 +303,7 @@ def _lamb_direction(
     else:
         m_new = beta1 * m + beta3 * g
         v_new = beta2 * v + one_minus_beta2 * g * g
-    u = (m_new / bc1) / (tl.sqrt(v_new / bc2) + eps)
+    u = tl.div_rn(tl.div_rn(m_new, bc1), tl.sqrt_rn(tl.div_rn(v_new, bc2)) + eps)
     if DECOUPLED:
         w = w - lr_v * weight_decay * w
     else:
@@ -345,11 +345,11 @@ def lamb_kernel(
         bc1 = tl.load(bc1_ptr + j)
         bc2 = tl.load(bc2_ptr + j)
     else:
-        bc1 = 1.0
-        bc2 = 1.0
-    g_mul = 1.0
+        bc1 = tl.full((), 1.0, tl.float32)
+        bc2 = tl.full((), 1.0, tl.float32)
+    g_mul = tl.full((), 1.0, tl.float32)
     if HAS_SCALE:
-        g_mul = g_mul / tl.load(scale_ptr).to(tl.float32)
+        g_mul = tl.div_rn(g_mul, tl.load(scale_ptr).to(tl.float32))
     if MAXIMIZE:
         g_mul = -g_mul
     clip = 1.0
@@ -358,9 +358,9 @@ def lamb_kernel(
     ratio = 1.0
     if PASS == 2:
         if ADAPT:
-            w_norm = tl.sqrt(tl.load(sums_ptr + j))
-            u_norm = tl.sqrt(tl.load(sums_ptr + n_out + j))
-            r = w_norm / u_norm
+            w_norm = tl.sqrt_rn(tl.load(sums_ptr + j))
+            u_norm = tl.sqrt_rn(tl.load(sums_ptr + n_out + j))
+            r = tl.div_rn(w_norm, u_norm)
             if TRUST_CLIP:
                 r = tl.minimum(r, 1.0)
             ratio = _clamp_ratio(r, w_norm, u_norm, lo, hi, BOUNDS)

@@ -52,10 +52,14 @@ CHUNK = 4_096 if INTERPRETED else 65_536
 UPDATE_BLOCK = 4_096 if INTERPRETED else 2_048
 UPDATE_WARPS = 8
 REDUCE_BLOCK = 256
+# Every launch passes enable_fp_fusion=False and the kernels divide and take square roots with
+# tl.div_rn / tl.sqrt_rn: the reference's IEEE rounding, op by op, as the native kernels' -fmad=false.
+# Compiled for a GPU, a*b + c otherwise becomes one fma and x / y div.full.f32 (2 ulp), and the
+# trajectories drift apart by a few ulp where a weight passes near zero (seen on an H200).
 
 
 def _sumsq(grid, *args, **kw) -> None:
-    kernels.sumsq_partials_kernel[grid](*args, BLOCK=UPDATE_BLOCK, num_warps=UPDATE_WARPS, **kw)
+    kernels.sumsq_partials_kernel[grid](*args, BLOCK=UPDATE_BLOCK, num_warps=UPDATE_WARPS, enable_fp_fusion=False, **kw)
 
 
 def _tl(dtype: torch.dtype) -> object:
@@ -116,7 +120,8 @@ def _sumsq_per_tensor(b: tables.Bucket, rows: list[int], out: Tensor, n_out: int
             _sumsq((b.n_chunks,), b.addr, b.numel, b.chunk_tensor, b.chunk_start, partial[k * b.n_chunks:],
                    b.n_tensors, row, DTYPE=_tl(b.dtypes[row]), ALIGNED=b.aligned, CHUNK=CHUNK)
     kernels.sum_chunks_kernel[(b.n_tensors, len(rows))](
-        partial, b.first_chunk, b.index, out, out, b.n_chunks, n_out, SQRT=False, HAS_SCALE=False, BLOCK=REDUCE_BLOCK
+        partial, b.first_chunk, b.index, out, out, b.n_chunks, n_out, SQRT=False, HAS_SCALE=False, BLOCK=REDUCE_BLOCK,
+        enable_fp_fusion=False,
     )
 
 
@@ -132,7 +137,7 @@ def grad_norms_impl(grads: list[Tensor], grad_scale: Tensor | None) -> Tensor:
                    DTYPE=_tl(b.dtypes[0]), ALIGNED=b.aligned, CHUNK=CHUNK)
         kernels.sum_chunks_kernel[(b.n_tensors, 1)](
             partial, b.first_chunk, b.index, out, scale, b.n_chunks, len(grads),
-            SQRT=True, HAS_SCALE=has_scale, BLOCK=REDUCE_BLOCK,
+            SQRT=True, HAS_SCALE=has_scale, BLOCK=REDUCE_BLOCK, enable_fp_fusion=False,
         )
     return out
 
@@ -169,6 +174,7 @@ def lars_step_impl(
             ADAPT=bool(adapt), NESTEROV=bool(nesterov), TRUST_CLIP=bool(trust_clip), MLPERF=bool(mlperf_momentum),
             BOUNDS=trust_ratio_bounds is not None, MAXIMIZE=bool(maximize), LR_TENSOR=lr_is_tensor,
             HAS_SCALE=has_scale, ALIGNED=b.aligned, CHUNK=CHUNK, BLOCK=UPDATE_BLOCK, num_warps=UPDATE_WARPS,
+            enable_fp_fusion=False,
         )
     if trust_ratios is not None:
         h = LarsHyper(momentum, weight_decay, trust_coefficient, eps, nesterov, trust_clip,
@@ -219,7 +225,7 @@ def lamb_step_impl(
             STORE_MOMENTS=store_moments, ADAPT=bool(adapt), BIAS_CORRECTION=bool(bias_correction),
             DECOUPLED=bool(decoupled_decay), TRUST_CLIP=bool(trust_clip), BOUNDS=trust_ratio_bounds is not None,
             MAXIMIZE=bool(maximize), LR_TENSOR=lr_is_tensor, HAS_SCALE=has_scale, HAS_CLIP=has_clip,
-            ALIGNED=b.aligned, CHUNK=CHUNK, BLOCK=UPDATE_BLOCK, num_warps=UPDATE_WARPS,
+            ALIGNED=b.aligned, CHUNK=CHUNK, BLOCK=UPDATE_BLOCK, num_warps=UPDATE_WARPS, enable_fp_fusion=False,
         )
         table = (b.addr, b.numel, b.chunk_tensor, b.chunk_start, b.index, b.n_tensors)
         if b.dtypes[2] != b.dtypes[3]:
@@ -230,7 +236,7 @@ def lamb_step_impl(
                                                **options)
             kernels.sum_chunks_kernel[(b.n_tensors, 2)](
                 partial, b.first_chunk, b.index, sums, sums, b.n_chunks, n_out,
-                SQRT=False, HAS_SCALE=False, BLOCK=REDUCE_BLOCK,
+                SQRT=False, HAS_SCALE=False, BLOCK=REDUCE_BLOCK, enable_fp_fusion=False,
             )
         kernels.lamb_kernel[(b.n_chunks,)](*table, flag, 0, *scalars, PASS=2, FROM_MOMENTS=store_moments,
                                            **options)
