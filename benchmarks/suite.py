@@ -102,11 +102,11 @@ STATES = ("fp32", "bf16", "int8")
 def plan(optim: str, backends: list[str], peers: tuple[str, ...], device: torch.device,
          states: tuple[str, ...] = ("fp32",)) -> list[Case]:
     """fastlars on each backend, then the peers. On CUDA the native backend is timed under both launch plans:
-    "fastlars.native" runs the default (wave), "fastlars.native(onepass plan)" the other. Each low-precision
+    "fastlars.native" runs the default (onepass), "fastlars.native(wave plan)" the other. Each low-precision
     state of ``states`` adds the backends that step it on ``device`` (e.g. "fastlars.native [int8 state]")."""
     ours = [fastlars_case(optim, b) for b in backends] if "fp32" in states else []
     if device.type == "cuda" and "native" in backends and "fp32" in states:
-        ours.append(native_plan_case(optim, "onepass"))
+        ours.append(native_plan_case(optim, "wave"))
     for state in (s for s in states if s != "fp32"):
         ours += [fastlars_case(optim, b, state) for b in backends if fastlars.backends.supports_low_precision_state(b)
                  and fastlars.backends.low_precision_unavailable_reason(b, device) is None]

@@ -7,9 +7,12 @@
 //            the wave's tensors still in L2; 3 launches (pass 1, ratios, pass 2) per wave;
 //   onepass  a wave closes only when its kernel-argument table is full: 3 launches per table, pass 2
 //            re-reads everything from DRAM.
-// FASTLARS_CUDA_PLAN=wave|onepass picks one (default wave); FASTLARS_CUDA_WAVE_BYTES=N, when set,
-// overrides the wave budget itself (0: onepass). Which is faster is a measurement for a GPU
-// (benchmarks/gpu_step.py records both); benchmarks/cuda_plan.py prints the launch counts.
+// FASTLARS_CUDA_PLAN=wave|onepass picks one (default onepass); FASTLARS_CUDA_WAVE_BYTES=N, when set,
+// overrides the wave budget itself (0: onepass). The default is measured: on an H200 (2026-12-04,
+// benchmarks/results/step_cuda_NVIDIA_H200_*) onepass was faster in all 8 cases, BERT-Large fp32 LAMB
+// 4.25 vs 7.30 ms and LARS 2.37 vs 3.02 ms, ResNet-50 LAMB 1.29 vs 1.54 ms: the L2 reuse of a wave
+// does not pay for its launches (294 for BERT-Large LAMB, each too small to fill the GPU).
+// benchmarks/gpu_step.py records both; benchmarks/cuda_plan.py prints the launch counts.
 #pragma once
 
 #include <cstdint>
@@ -49,10 +52,10 @@ inline PlanKind parse_plan(const std::string& name) {
   throw std::invalid_argument("FASTLARS_CUDA_PLAN: expected 'wave' or 'onepass', got '" + name + "'");
 }
 
-// The plan FASTLARS_CUDA_PLAN names (read at every call, so benchmarks can switch it); wave when unset.
+// The plan FASTLARS_CUDA_PLAN names (read at every call, so benchmarks can switch it); onepass when unset.
 inline PlanKind plan_from_env() {
   const char* env = std::getenv("FASTLARS_CUDA_PLAN");
-  return env != nullptr && *env != '\0' ? parse_plan(env) : PlanKind::kWave;
+  return env != nullptr && *env != '\0' ? parse_plan(env) : PlanKind::kOnePass;
 }
 
 // Pass-1 bytes after which a wave closes (0: only a full table closes it).

@@ -106,7 +106,7 @@ DeviceFacts device_facts(const at::Device& device) {  // by value: the cache may
 // every call, for benchmarks. 0 when the op has one pass (no adapt).
 int64_t wave_bytes(const DeviceFacts& facts, bool adapt) {
   if (!adapt) return 0;
-  PlanKind kind = PlanKind::kWave;
+  PlanKind kind = PlanKind::kOnePass;
   try {
     kind = plan_from_env();
   } catch (const std::invalid_argument& e) {
