@@ -28,8 +28,9 @@
 #                         (H200, 2026-12-04: 117 tests in 162 s, 64 s of it two 1500-tensor tests since cut
 #                         to 8 steps)
 #   memcheck        40 s  compute-sanitizer --tool memcheck over tests/cuda_sanitizer_check.py
-#   racecheck       50 s  compute-sanitizer --tool racecheck over its --quick workload (the full one ran
-#                         past 30 s on the H200; memcheck took 27 s)
+#   racecheck       50 s  compute-sanitizer --tool racecheck over its --quick workload (no 1300-tensor
+#                         case; on the H200 the full workload ran past 30 s and --quick with that case
+#                         past 50 s; memcheck took 27 s)
 #   bench           90 s  benchmarks/gpu_step.py: BERT-Large and ResNet-50, fp32 and bf16+master, every
 #                         backend and peer but the compiled reference
 #   ----------------------
