@@ -55,6 +55,8 @@ class GroupWork:
     """For DTensor-sharded groups: sums per-tensor statistics over the ranks holding the shards."""
     grad_norms: Tensor | None = None
     weight_norms: Tensor | None = None
+    states: list[dict[str, Any]] = field(default_factory=list)
+    """The optimizer's state entry of each of ``params`` (looked up once per step: a lookup hashes the tensor)."""
 
     @property
     def device(self) -> torch.device:
@@ -267,11 +269,14 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             item = GroupWork(group)
             for pi, p in enumerate(group["params"]):
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                check.check_grad(gi, pi, p, p.grad)
+                if (grad.layout != torch.strided or grad.dtype != p.dtype or grad.shape != p.shape
+                        or grad.device != p.device or grad.is_complex()):
+                    check.check_grad(gi, pi, p, grad)  # the full check, raising with the parameter's name
                 item.params.append(p)
-                item.grads.append(p.grad)
+                item.grads.append(grad)
             if item.params:
                 self._refuse_sharded_low_precision(gi, item.params[0], self._is_low_precision(group))
                 if distributed.is_sharded(item.params[0]):
@@ -296,8 +301,8 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         return bool(group["master_weights"]) and p.dtype in check.LOW_PRECISION
 
     def _init_state(self, item: GroupWork) -> None:
-        for p in item.params:
-            state = self.state[p]
+        item.states = [self.state[p] for p in item.params]
+        for p, state in zip(item.params, item.states):
             if state:
                 continue
             master = self._keeps_master(item.group, p)
@@ -350,7 +355,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
 
         keep = 1.0 - found_inf
         for item in work:
-            steps = [self.state[p]["step"] for p in item.params]
+            steps = [state["step"] for state in item.states]
             torch._foreach_add_(steps, [keep.to(item.device, non_blocking=True)] * len(steps))
             views = self._views(item)
             gnorm = None if global_grad_norm is None else global_grad_norm.to(item.device)
@@ -411,31 +416,31 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         return torch.device("cpu")
 
     def _views(self, item: GroupWork) -> GroupViews:
-        def local(t: Tensor) -> Tensor:
-            return t
-        if item.reduce is not None:  # a sharded group: its DTensors' local shards
-            local = distributed.local
         masters = self._masters(item)
         if self._is_low_precision(item.group):  # never sharded (refused in _gather)
             return GroupViews(
                 params=item.params,
                 grads=item.grads,
-                buffers={name: [state_format.buffer_view(self.state[p], name) for p in item.params]
+                buffers={name: [state_format.buffer_view(state, name) for state in item.states]
                          for name in self.buffer_names},
                 masters=masters,
                 low_precision=True,
                 rounding=self._rounding(item),
             )
+        if item.reduce is None:
+            return GroupViews(params=item.params, grads=item.grads, masters=masters,
+                              buffers={name: [state[name] for state in item.states] for name in self.buffer_names})
+        local = distributed.local  # a sharded group: its DTensors' local shards
         return GroupViews(
             params=[local(p) for p in item.params],
             grads=[local(g) for g in item.grads],
-            buffers={name: [local(self.state[p][name]) for p in item.params] for name in self.buffer_names},
+            buffers={name: [local(state[name]) for state in item.states] for name in self.buffer_names},
             masters=None if masters is None else [local(m) for m in masters],
         )
 
     def _masters(self, item: GroupWork) -> list[Tensor] | None:
         """fp32 master copies for the group's params, or None when the group keeps none."""
-        masters = [self.state[p].get("master_param") for p in item.params]
+        masters = [state.get("master_param") for state in item.states]
         if all(m is None for m in masters):
             return None
         return [m if m is not None else p for m, p in zip(masters, item.params)]
