@@ -107,9 +107,16 @@ def native_plan_case(algorithm: str, plan: str) -> Case:
 
 
 def compiled_reference_case(algorithm: str) -> Case:
-    """The reference backend's functional step under torch.compile: what a user gets by compiling."""
+    """The reference backend's functional step under torch.compile: what a user gets by compiling.
+
+    Every case's step is the same code object, so dynamo caches each new case's graph beside the earlier
+    ones (guarded on the closure's tensors); past torch._dynamo.config.recompile_limit (8) entries it would
+    run the step eagerly, as it did for every row after the eighth (the 1-thread rows of a default CPU
+    run). So each case starts from a fresh dynamo cache and compiles its own step, for the thread count
+    it is timed on (inductor's CPU kernels are built for torch.get_num_threads())."""
 
     def factory(params: list[Tensor], master: bool) -> StepAndBytes:
+        torch._dynamo.reset()
         opt = fastlars_optimizer(algorithm, "reference", params, master)
         opt.step()
         group, grads = opt.param_groups[0], [p.grad for p in params]

@@ -235,3 +235,25 @@ def test_int8_state_target_is_the_ratio_to_the_fp32_native_step() -> None:
     assert got["resnet50 fp32: LAMB native int8 / fp32 native step time"] == (0.6, True)
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--state", "int4"])
+
+
+def test_compiled_reference_case_compiles_each_case_past_the_recompile_limit(monkeypatch) -> None:
+    """Every compiled-reference row is a compiled step: with a recompile limit of 1, the third case's step
+    is still compiled (not run eagerly by dynamo, as it was past the limit before each case reset it)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from benchmarks.cases import compiled_reference_case
+    from benchmarks.params import PARAM_SETS, make_params
+
+    counter = CompileCounter()  # dynamo's tracing without inductor: seconds, not minutes
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=counter))
+    frames = []
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for _ in range(3):
+            params = make_params(PARAM_SETS["tiny"].shapes(), torch.float32, "cpu")
+            step, _ = compiled_reference_case("lars").factory(params, False)
+            before = counter.frame_count
+            step()
+            frames.append(counter.frame_count - before)
+    assert all(f >= 1 for f in frames), frames
