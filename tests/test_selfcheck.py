@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +59,23 @@ def test_text_report(capsys: pytest.CaptureFixture[str], one_thread) -> None:
     assert "backends on cpu (auto -> " in out
     assert "cpu   foreach  lamb  bf16+master  ok       max |Δ| " in out
     assert out.rstrip().endswith("cases match the reference")
+    # The README's troubleshooting output has the command's current format, line for line: every case
+    # line of a backend usable here, numbers aside (a hand-edited or stale copy fails).
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("$ OMP_NUM_THREADS=1 python -m fastlars"):]
+    block = block[:block.index("```")]
+    ours = _self_check_lines(out)
+    usable = {line.split()[1] for line in ours if line.startswith("cpu ")}
+    documented = [line for line in _self_check_lines(block) if not line.startswith("cpu ") or line.split()[1] in usable]
+    assert documented == ours
+    assert "openmp on 1 of 1 threads" in block or "openmp" not in block  # it says it ran on one thread
+
+
+def _self_check_lines(text: str) -> list[str]:
+    """The self-check part of the text report with every number as # and runs of spaces as one."""
+    lines = text[text.index("self-check: "):].splitlines()
+    lines = lines[:next(i for i, line in enumerate(lines) if line.endswith("cases match the reference")) + 1]
+    return [" ".join(re.sub(r"\d+(\.\d+)?(e[-+]\d+)?", "#", line).split()) for line in lines if line.strip()]
 
 
 def _corrupting(module):
@@ -92,3 +111,9 @@ def test_a_wrong_or_crashing_backend_fails_the_check(monkeypatch, capsys: pytest
     assert "cpu   foreach  lars  fp32         MISMATCH max |Δ| " in out
     assert "cpu   foreach  lamb  fp32         ERROR    RuntimeError: kernel exploded" in out
     assert "FAILED: cpu/foreach/lars/fp32, cpu/foreach/lamb/fp32" in out
+    monkeypatch.setattr(sys, "argv", ["fastlars"])
+    monkeypatch.delitem(sys.modules, "fastlars.__main__")  # runpy runs it afresh, as `-m` does
+    with pytest.raises(SystemExit) as exited:  # `python -m fastlars` as the interpreter runs it
+        runpy.run_module("fastlars", run_name="__main__")
+    assert exited.value.code == 1
+    assert "FAILED: cpu/foreach/lars/fp32, cpu/foreach/lamb/fp32" in capsys.readouterr().out
