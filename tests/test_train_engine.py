@@ -95,6 +95,27 @@ def test_tensorboard_view_holds_the_metrics(env: dict[str, str], tmp_path: Path)
     assert layer == [(r["step"], pytest.approx(r["trust_ratios"]["3.weight"], rel=1e-6)) for r in records]
 
 
+def test_tensorboard_on_by_default_or_a_one_line_note(env: dict[str, str], tmp_path: Path, monkeypatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --tensorboard: event files in OUT/tensorboard when the package is installed; without it, one
+    line saying TensorBoard logging is off and the run goes on."""
+    pytest.importorskip("tensorboard")
+    from train import tensorboard
+    from train.config import TrainConfig
+    from train.engine import train
+
+    monkeypatch.setenv("FASTLARS_DATA_CACHE", env["FASTLARS_DATA_CACHE"])
+    cfg = TrainConfig(data="default", loader="cpu", workers=0, device="cpu", optimizer="lars", global_batch=256,
+                      epochs=1, max_steps=1, track_diffusion=False, noise_scale=False)
+    train(TrainConfig(**{**cfg.as_dict(), "out": str(tmp_path / "on")}))
+    assert list((tmp_path / "on" / "tensorboard").glob("events.out.tfevents.*"))
+    assert tensorboard.NOT_INSTALLED not in capsys.readouterr().out
+    monkeypatch.setattr(tensorboard, "installed", lambda: False)
+    assert train(TrainConfig(**{**cfg.as_dict(), "out": str(tmp_path / "off")})).steps == 1
+    assert capsys.readouterr().out.count(tensorboard.NOT_INSTALLED) == 1
+    assert not (tmp_path / "off" / "tensorboard").exists()
+
+
 @pytest.mark.parametrize("shard", ["none", "zero", "fsdp2"])
 def test_two_processes_equal_one(env: dict[str, str], tmp_path: Path, shard: str) -> None:
     """Global batch 64 as 2 ranks × 32 equals 1 process × 32 × 2 accumulation steps: same micro-batches,
