@@ -11,9 +11,7 @@ Ops (all tensors of one call on one device; maths of fastlars.backends.reference
 * ``lars_step_(params, grads, momentum_buffers, master_params, grad_norms, lr, lr_tensor, ...)``:
   one LARS update in place; ``master_params`` empty means none; ``lr_tensor`` (read on the device)
   replaces ``lr`` when given; nothing is written when ``found_inf`` is non-zero. The CPU kernel also
-  takes an empty ``grad_norms``: it then computes ||g|| itself, in the pass that reads w for ||w||; or
-  2·len(params) elements, ||g_i|| then ||w_i|| (negative where the kernel computes ||w_i|| itself): the
-  cached CPU step passes those for tensors too big to stay cached until their update (csrc/cpu/lars_norms.h).
+  takes an empty ``grad_norms``: it then computes ||g|| itself, in the pass that reads w for ||w||.
 * ``lamb_step_(params, grads, exp_avgs, exp_avg_sqs, master_params, steps, lr, lr_tensor, ...)``:
   one LAMB update in place; ``clip_coef`` multiplies the gradients (global clip); same skip rule.
 

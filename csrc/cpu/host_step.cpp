@@ -4,17 +4,12 @@
 // this file reproduces, bit for bit, what fastlars/optim/_base.py does around them:
 //   norms_g   = fastlars::grad_norms(grads_g, grad_scale)          (only without a GradScaler flag, or for
 //                                                                    LAMB's clipping; LARS otherwise passes
-//                                                                    none and its op folds ||g|| in; LARS
-//                                                                    over tensors too big to stay cached
-//                                                                    takes their ||w|| in the same pass:
-//                                                                    lars_norms_cpu, the same ||g||)
+//                                                                    none and its op folds ||g|| in)
 //   skip      = max(found_inf, any non-finite norm) > 0            (a NaN found_inf never skips)
 //   skipped  += skip;  steps += 1 − skip
 //   ||G||     = sqrt(Σ_g sum(norms_g²));  clip = ||G|| > c ? ||G||⁻¹·c : 1     (LAMB max_grad_norm c)
 //   fastlars::lars_step_ / lamb_step_ per group, unless skip.
 #include "host_step.h"
-
-#include "lars_norms.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -420,11 +415,9 @@ class HostPlan {
         g.norms = empty_norms_;  // LARS: ||g|| beside ||w|| in its op's norm pass
         continue;
       }
-      // LARS over big tensors: their ||w|| in the pass that reads the gradients (lars_norms.h)
-      g.norms = !lamb_ && lars_norms_read_weights(g.params) ? lars_norms_cpu(g.params, g.grads, g.masters, grad_scale)
-                                                           : norms_op.call(g.grads, grad_scale);
+      g.norms = norms_op.call(g.grads, grad_scale);
       const float* n = g.norms.data_ptr<float>();
-      for (size_t i = 0; i < g.grads.size(); ++i) {
+      for (int64_t i = 0; i < g.norms.numel(); ++i) {
         if (!std::isfinite(n[i])) flag = std::max(flag, 1.0f);
       }
       if (clipping) norm_sums.push_back(g.norms.to(at::kFloat).square().sum());

@@ -5,8 +5,7 @@
 //
 // grad_norms:  out[i] = ||g_i|| / grad_scale                         one pass, reads g
 // lars_step_:  per group of tensors (tensor_groups.h; adapting groups only): pass 1 ||w_i|| (and ||g_i||
-//              when grad_norms is empty: no separate gradient pass), pass 2 the update; groups whose ||w||
-//              is given (lars_norms_cpu's 2n norms) only the update, consecutive ones in one pass
+//              when grad_norms is empty: no separate gradient pass), pass 2 the update
 // lamb_step_:  per group of tensors (tensor_groups.h): pass 1 new m, v (written when fp32), u into a
 //              workspace, ||w_i||, ||u_i||; pass 2 w ← w − lr·r_i·u from the stored u (bf16/fp16
 //              moments: pass 1 works on copies and pass 2 recomputes them from the old ones and g, so
@@ -19,13 +18,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <optional>
 #include <vector>
 
 #include "../common/step_math.h"
 #include "kernels.h"
-#include "lars_norms.h"
 #include "tensor_groups.h"
 #include "multi_tensor.h"
 #include "op_checks.h"
@@ -135,15 +132,12 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   const StepTensors ts = step_tensors(params, grads, {{momentum_buffers, "momentum_buffers"}}, master_params);
   const size_t n = params.size();
   float* const ratio_out = ratio_output(trust_ratios, n);
-  // An empty grad_norms asks for ||g|| from the norm pass, beside ||w|| (the caller needs no norms before it);
-  // 2n elements (lars_norms.h) also give ||w|| of the tensors whose entry n + i is not negative.
+  // An empty grad_norms asks for ||g|| from the norm pass, beside ||w|| (the caller needs no norms before it).
   const bool fold = grad_norms.numel() == 0;
-  const bool given_weights = grad_norms.numel() == 2 * static_cast<int64_t>(n);
   TORCH_CHECK(grad_norms.device().is_cpu() && grad_norms.scalar_type() == at::kFloat && grad_norms.dim() == 1 &&
-                  (fold || given_weights || grad_norms.numel() == static_cast<int64_t>(n)),
-              "grad_norms: expected a 1-D float32 CPU tensor of ", n, " elements (or none: computed in the step; "
-              "or ", 2 * n, ": ||g|| then ||w||, negative where the step computes it), got ", grad_norms.scalar_type(),
-              " of shape ", grad_norms.sizes(), " on ", grad_norms.device());
+                  (fold || grad_norms.numel() == static_cast<int64_t>(n)),
+              "grad_norms: expected a 1-D float32 CPU tensor of ", n, " elements (or none: computed in the step), "
+              "got ", grad_norms.scalar_type(), " of shape ", grad_norms.sizes(), " on ", grad_norms.device());
   const Bounds bounds = ratio_bounds(trust_ratio_bounds);
   const std::optional<float> skip = host_scalar(found_inf, "found_inf");
   const std::optional<float> scale = host_scalar(grad_scale, "grad_scale");
@@ -172,37 +166,14 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
     if (ratio_out != nullptr) std::copy(ratios.begin(), ratios.end(), ratio_out);
     return;
   }
-  const auto ratio_of = [&](float w_norm, float g_norm) {
-    return math::lars_ratio(w_norm, g_norm, rate, static_cast<float>(trust_coefficient),
-                            static_cast<float>(weight_decay), static_cast<float>(eps), true, trust_clip, bounds.has,
-                            bounds.lo, bounds.hi);
-  };
   // Per group (tensor_groups.h): ||w|| (and, folded, ||g||) of its tensors, their ratios, then their update,
-  // which finds w (and g) of the group still in cache. Consecutive groups whose ||w|| is given are updated
-  // in one pass.
+  // which finds w (and g) of the group still in cache.
   const at::Tensor norms = fold ? grad_norms : grad_norms.contiguous();
   const float* given_norm = fold ? nullptr : norms.data_ptr<float>();
-  const float* given_weight_norm = given_weights ? given_norm + n : nullptr;
   const GroupPlan plan = plan_groups(chunks, ts.numel);
   const int stride = fold ? 2 : 1;
   std::vector<float> partials(stride * chunks.size());
-  size_t run_first_chunk = 0;  // the chunks of the groups with given norms since the last update
-  const auto update_run = [&](size_t end_chunk) {
-    if (end_chunk > run_first_chunk) {
-      update(chunks.data() + run_first_chunk, static_cast<int64_t>(end_chunk - run_first_chunk), ratios);
-    }
-  };
   for (const TensorGroup& group : plan.groups) {
-    bool known = given_weight_norm != nullptr;
-    for (size_t i = group.first_tensor; known && i < group.end_tensor; ++i) known = !(given_weight_norm[i] < 0.0f);
-    if (known) {
-      for (size_t i = group.first_tensor; i < group.end_tensor; ++i) {
-        ratios[i] = ratio_of(given_weight_norm[i], given_norm[i]);
-      }
-      continue;
-    }
-    update_run(group.first_chunk);
-    run_first_chunk = group.end_chunk;
     const Chunk* first = chunks.data() + group.first_chunk;
     const int64_t count = static_cast<int64_t>(group.end_chunk - group.first_chunk);
     for_each_chunk(first, count, 1, [&](int64_t k, const Chunk& c, float* scratch) {
@@ -219,11 +190,13 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
       } else {
         g_norm = given_norm[i];
       }
-      ratios[i] = ratio_of(static_cast<float>(std::sqrt(plan.tensor_sum(partials, i, stride, 0))), g_norm);
+      const float w_norm = static_cast<float>(std::sqrt(plan.tensor_sum(partials, i, stride, 0)));
+      ratios[i] = math::lars_ratio(w_norm, g_norm, rate,
+                                   static_cast<float>(trust_coefficient), static_cast<float>(weight_decay),
+                                   static_cast<float>(eps), true, trust_clip, bounds.has, bounds.lo, bounds.hi);
     }
     update(first, count, ratios);
   }
-  update_run(chunks.size());
   if (ratio_out != nullptr) std::copy(ratios.begin(), ratios.end(), ratio_out);
 }
 
@@ -331,45 +304,6 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
 }
 
 }  // namespace
-
-int64_t lars_pass1_weight_elements() {
-  const char* limit = std::getenv("FASTLARS_LARS_PASS1_WEIGHT_ELEMENTS");
-  return limit != nullptr ? std::strtoll(limit, nullptr, 10) : kStreamedWeightElements;
-}
-
-bool lars_norms_read_weights(at::TensorList params) {
-  const int64_t limit = lars_pass1_weight_elements();
-  return std::any_of(params.begin(), params.end(), [&](const at::Tensor& p) { return p.numel() > limit; });
-}
-
-at::Tensor lars_norms_cpu(at::TensorList params, at::TensorList grads, at::TensorList master_params,
-                          const std::optional<at::Tensor>& grad_scale) {
-  begin_step_record();
-  const StepTensors ts = step_tensors(params, grads, {}, master_params);
-  const size_t n = params.size();
-  const std::optional<float> scale = host_scalar(grad_scale, "grad_scale");
-  const std::vector<Chunk> chunks = plan_chunks(ts.numel);
-  std::vector<float> partials(2 * chunks.size());
-  const ElementKernels& kernels = element_kernels();
-  const int64_t limit = lars_pass1_weight_elements();
-  // one pass: the chunk's gradient, then (big tensors) its weight
-  for_each_chunk(chunks, 1, [&](int64_t k, const Chunk& c, float* scratch) {
-    partials[2 * k] = kernels.sum_of_squares(load(ts.grad[c.tensor], c.begin, c.size, scratch), c.size);
-    if (ts.numel[c.tensor] > limit) {
-      partials[2 * k + 1] = kernels.sum_of_squares(load(ts.weight[c.tensor], c.begin, c.size, scratch), c.size);
-    }
-  });
-  const std::vector<double> g_sums = per_tensor_sums(chunks, partials, n, 2, 0);
-  const std::vector<double> w_sums = per_tensor_sums(chunks, partials, n, 2, 1);
-  at::Tensor out = at::empty({2 * static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  for (size_t i = 0; i < n; ++i) {
-    const float norm = static_cast<float>(std::sqrt(g_sums[i]));
-    o[i] = scale.has_value() ? norm / *scale : norm;
-    o[n + i] = ts.numel[i] > limit ? static_cast<float>(std::sqrt(w_sums[i])) : -1.0f;
-  }
-  return out;
-}
 
 TORCH_LIBRARY_IMPL(fastlars, CPU, m) {
   m.impl("grad_norms", &grad_norms_cpu);

@@ -10,8 +10,7 @@ dicts and state tensors) and that every tensor passes the ops' checks; when anyt
 nothing and the Python step runs (raising today's errors, naming the parameter), then a new plan is made.
 ``add_param_group`` and ``load_state_dict`` drop the plan; a step that creates state (a param's first
 gradient) takes the Python path, which makes a new one. The plan calls the ops the Python step would
-(no gradient norms under a GradScaler unless LAMB clips: LARS's op then folds ||g|| into its norm pass;
-without one, LARS takes the ||w|| of tensors above 4M elements in its gradient-norm pass, csrc/cpu/lars_norms.h),
+(no gradient norms under a GradScaler unless LAMB clips: LARS's op then folds ||g|| into its norm pass),
 counts steps and skipped steps itself, and holds no gradient between steps.
 """
 
