@@ -257,3 +257,19 @@ def test_compiled_reference_case_compiles_each_case_past_the_recompile_limit(mon
             step()
             frames.append(counter.frame_count - before)
     assert all(f >= 1 for f in frames), frames
+
+
+@pytest.mark.skipif(fastlars.backends.unavailable_reason("native", torch.device("cpu")) is not None,
+                    reason="the native CPU backend is not built")
+def test_lars_passes_times_every_pass_and_writes_json(tmp_path, capsys) -> None:
+    """benchmarks.lars_passes on the tiny set: every pass timed on one set of tensors, the ratios derived."""
+    from benchmarks.lars_passes import CASES, main
+
+    out = tmp_path / "passes.json"
+    assert main(["--params", "tiny", "--rounds", "3", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["median_ms"]) == set(CASES) and all(v > 0 for v in result["median_ms"].values())
+    assert result["threads"] == torch.get_num_threads() and len(result["loadavg_start"]) == 3
+    d = result["derived"]
+    assert d["step_over_sgd"] == pytest.approx(result["median_ms"]["step"] / result["median_ms"]["fused_sgd"])
+    assert "||w|| passes" in capsys.readouterr().out
