@@ -23,6 +23,7 @@
 
 #include "../common/step_math.h"
 #include "kernels.h"
+#include "lars_ratios.h"
 #include "tensor_groups.h"
 #include "multi_tensor.h"
 #include "op_checks.h"
@@ -133,11 +134,7 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   const size_t n = params.size();
   float* const ratio_out = ratio_output(trust_ratios, n);
   // An empty grad_norms asks for ||g|| from the norm pass, beside ||w|| (the caller needs no norms before it).
-  const bool fold = grad_norms.numel() == 0;
-  TORCH_CHECK(grad_norms.device().is_cpu() && grad_norms.scalar_type() == at::kFloat && grad_norms.dim() == 1 &&
-                  (fold || grad_norms.numel() == static_cast<int64_t>(n)),
-              "grad_norms: expected a 1-D float32 CPU tensor of ", n, " elements (or none: computed in the step), "
-              "got ", grad_norms.scalar_type(), " of shape ", grad_norms.sizes(), " on ", grad_norms.device());
+  const bool fold = lars_folds_grad_norms(grad_norms, n);
   const Bounds bounds = ratio_bounds(trust_ratio_bounds);
   const std::optional<float> skip = host_scalar(found_inf, "found_inf");
   const std::optional<float> scale = host_scalar(grad_scale, "grad_scale");
@@ -166,37 +163,10 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
     if (ratio_out != nullptr) std::copy(ratios.begin(), ratios.end(), ratio_out);
     return;
   }
-  // Per group (tensor_groups.h): ||w|| (and, folded, ||g||) of its tensors, their ratios, then their update,
-  // which finds w (and g) of the group still in cache.
-  const at::Tensor norms = fold ? grad_norms : grad_norms.contiguous();
-  const float* given_norm = fold ? nullptr : norms.data_ptr<float>();
-  const GroupPlan plan = plan_groups(chunks, ts.numel);
-  const int stride = fold ? 2 : 1;
-  std::vector<float> partials(stride * chunks.size());
-  for (const TensorGroup& group : plan.groups) {
-    const Chunk* first = chunks.data() + group.first_chunk;
-    const int64_t count = static_cast<int64_t>(group.end_chunk - group.first_chunk);
-    for_each_chunk(first, count, 1, [&](int64_t k, const Chunk& c, float* scratch) {
-      float* sums = &partials[stride * (group.first_chunk + k)];
-      sums[0] = kernels.sum_of_squares(load(ts.weight[c.tensor], c.begin, c.size, scratch), c.size);
-      if (fold) sums[1] = kernels.sum_of_squares(load(ts.grad[c.tensor], c.begin, c.size, scratch), c.size);
-    });
-    for (size_t i = group.first_tensor; i < group.end_tensor; ++i) {
-      // as grad_norms_cpu computes it: the chunk sums in order, in double, then / grad_scale
-      float g_norm = 0.0f;
-      if (fold) {
-        g_norm = static_cast<float>(std::sqrt(plan.tensor_sum(partials, i, 2, 1)));
-        if (scale.has_value()) g_norm = g_norm / *scale;
-      } else {
-        g_norm = given_norm[i];
-      }
-      const float w_norm = static_cast<float>(std::sqrt(plan.tensor_sum(partials, i, stride, 0)));
-      ratios[i] = math::lars_ratio(w_norm, g_norm, rate,
-                                   static_cast<float>(trust_coefficient), static_cast<float>(weight_decay),
-                                   static_cast<float>(eps), true, trust_clip, bounds.has, bounds.lo, bounds.hi);
-    }
-    update(first, count, ratios);
-  }
+  lars_ratios_then_update(kernels, chunks, ts, grad_norms, fold, scale,
+                          {rate, static_cast<float>(trust_coefficient), static_cast<float>(weight_decay),
+                           static_cast<float>(eps), trust_clip, bounds},
+                          ratios, [&](const Chunk* first, int64_t count) { update(first, count, ratios); });
   if (ratio_out != nullptr) std::copy(ratios.begin(), ratios.end(), ratio_out);
 }
 

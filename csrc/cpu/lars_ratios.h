@@ -1,0 +1,78 @@
+// LARS's trust-ratio pass, shared by the CPU ops with fp32 state (ops.cpp) and with low-precision state
+// (lowbit_ops.cpp): the grad_norms argument's rule, then per tensor group (tensor_groups.h) ||w|| of the
+// group's tensors (and ||g|| in the same pass when no norms were given), their ratios, and the group's
+// update, which finds w (and g) of the group still in cache.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "../common/step_math.h"
+#include "kernels.h"
+#include "multi_tensor.h"
+#include "op_checks.h"
+#include "tensor_groups.h"
+
+namespace fastlars::cpu {
+
+// grad_norms of a LARS op over n params: n per-tensor ||g|| (already divided by grad_scale), or empty, which
+// asks the op to take ||g|| in its ||w|| pass. Returns whether it is empty (the fold).
+inline bool lars_folds_grad_norms(const at::Tensor& grad_norms, size_t n) {
+  const bool fold = grad_norms.numel() == 0;
+  TORCH_CHECK(grad_norms.device().is_cpu() && grad_norms.scalar_type() == at::kFloat && grad_norms.dim() == 1 &&
+                  (fold || grad_norms.numel() == static_cast<int64_t>(n)),
+              "grad_norms: expected a 1-D float32 CPU tensor of ", n, " elements (or none: computed in the step), "
+              "got ", grad_norms.scalar_type(), " of shape ", grad_norms.sizes(), " on ", grad_norms.device());
+  return fold;
+}
+
+struct LarsRatioArgs {
+  float rate;  // the step's lr
+  float trust_coefficient;
+  float weight_decay;
+  float eps;
+  bool trust_clip;
+  checks::Bounds bounds;
+};
+
+// For each tensor group of `chunks`: ratios[i] = lars_ratio(||w_i||, ||g_i||) of its tensors, ||w|| (and with
+// `fold`, ||g|| / scale) as the chunk sums in chunk order, in double (as grad_norms_cpu computes ||g||), then
+// update(first_chunk, chunk_count). `ts` holds weight/grad slots per tensor and numel.
+template <typename Tensors, typename Update>
+void lars_ratios_then_update(const ElementKernels& kernels, const std::vector<Chunk>& chunks, const Tensors& ts,
+                             const at::Tensor& grad_norms, bool fold, std::optional<float> scale,
+                             const LarsRatioArgs& a, std::vector<float>& ratios, const Update& update) {
+  const at::Tensor norms = fold ? grad_norms : grad_norms.contiguous();
+  const float* given_norm = fold ? nullptr : norms.data_ptr<float>();
+  const GroupPlan plan = plan_groups(chunks, ts.numel);
+  const int stride = fold ? 2 : 1;
+  std::vector<float> partials(stride * chunks.size());
+  for (const TensorGroup& group : plan.groups) {
+    const Chunk* first = chunks.data() + group.first_chunk;
+    const int64_t count = static_cast<int64_t>(group.end_chunk - group.first_chunk);
+    for_each_chunk(first, count, 1, [&](int64_t k, const Chunk& c, float* scratch) {
+      float* sums = &partials[stride * (group.first_chunk + k)];
+      sums[0] = kernels.sum_of_squares(load(ts.weight[c.tensor], c.begin, c.size, scratch), c.size);
+      if (fold) sums[1] = kernels.sum_of_squares(load(ts.grad[c.tensor], c.begin, c.size, scratch), c.size);
+    });
+    for (size_t i = group.first_tensor; i < group.end_tensor; ++i) {
+      float g_norm = 0.0f;
+      if (fold) {
+        g_norm = static_cast<float>(std::sqrt(plan.tensor_sum(partials, i, 2, 1)));
+        if (scale.has_value()) g_norm = g_norm / *scale;
+      } else {
+        g_norm = given_norm[i];
+      }
+      const float w_norm = static_cast<float>(std::sqrt(plan.tensor_sum(partials, i, stride, 0)));
+      ratios[i] = math::lars_ratio(w_norm, g_norm, a.rate, a.trust_coefficient, a.weight_decay, a.eps, true,
+                                   a.trust_clip, a.bounds.has, a.bounds.lo, a.bounds.hi);
+    }
+    update(first, count);
+  }
+}
+
+}  // namespace fastlars::cpu
