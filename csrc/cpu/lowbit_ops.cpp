@@ -191,6 +191,26 @@ void store_state(const LowbitTensors& ts, const StateSlot& s, bool is_signed, co
   if (s.full.type != at::kFloat) load(s.full, c.begin, c.size, x);  // widened back into x
 }
 
+// LAMB pass 1 of a chunk whose m and v are both int8, fused per block (kernels.h): the chunk's sums[0] =
+// Σw'², sums[1] = Σu² in the order of lamb_direction_sums over the chunk (so the same bits).
+void lamb_int8_pass1(const ElementKernels& kernels, const LowbitTensors& ts, const Chunk& c, const StateSlot& m,
+                     const StateSlot& v, const float* w, const float* g, float* u, const LambArgs& args,
+                     float* sums) {
+  float lanes[32] = {};
+  for_each_row_piece(ts, c, [&](int64_t off, int64_t len, int64_t block) {
+    kernels.lamb_int8_pass1(w + off, g + off, m.codes + c.begin + off, m.scales + block, v.codes + c.begin + off,
+                            v.scales + block, u != nullptr ? u + off : nullptr, len, args,
+                            static_cast<int>(off & 15), lanes);
+  });
+  float sw = 0.0f, su = 0.0f;
+  for (int k = 0; k < 16; ++k) {
+    sw += lanes[k];
+    su += lanes[16 + k];
+  }
+  sums[0] = sw;
+  sums[1] = su;
+}
+
 // Writes the new fp32 weights of a chunk: master (if any) and param rounded to nearest, or the bf16
 // param by stochastic rounding under `key`.
 void store_weights(const LowbitTensors& ts, const Chunk& c, const float* w, uint32_t key) {
@@ -265,13 +285,20 @@ void lamb_lowbit_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
     for_each_chunk(first, count, 4, [&](int64_t k, const Chunk& c, float* scratch) {
       const float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
       const float* g = load(ts.grad[c.tensor], c.begin, c.size, scratch + kChunk);
-      float* m = load_state(ts, m_slots[c.tensor], true, c, scratch + 2 * kChunk);
-      float* v = load_state(ts, v_slots[c.tensor], false, c, scratch + 3 * kChunk);
-      kernels.lamb_moments_only(m, v, g, c.size, args[c.tensor]);
-      store_state(ts, m_slots[c.tensor], true, c, m);
-      store_state(ts, v_slots[c.tensor], false, c, v);
       float* u = store_u ? workspace + plan.offset[c.tensor] + c.begin : nullptr;
-      kernels.lamb_direction_sums(w, m, v, u, c.size, args[c.tensor], &partials[2 * (group.first_chunk + k)]);
+      float* sums = &partials[2 * (group.first_chunk + k)];
+      const StateSlot& m_slot = m_slots[c.tensor];
+      const StateSlot& v_slot = v_slots[c.tensor];
+      if (m_slot.quantized() && v_slot.quantized()) {
+        lamb_int8_pass1(kernels, ts, c, m_slot, v_slot, w, g, u, args[c.tensor], sums);
+        return;
+      }
+      float* m = load_state(ts, m_slot, true, c, scratch + 2 * kChunk);
+      float* v = load_state(ts, v_slot, false, c, scratch + 3 * kChunk);
+      kernels.lamb_moments_only(m, v, g, c.size, args[c.tensor]);
+      store_state(ts, m_slot, true, c, m);
+      store_state(ts, v_slot, false, c, v);
+      kernels.lamb_direction_sums(w, m, v, u, c.size, args[c.tensor], sums);
     });
 
     for (size_t i = group.first_tensor; i < group.end_tensor; ++i) {
@@ -285,8 +312,15 @@ void lamb_lowbit_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
     for_each_chunk(first, count, 3, [&](int64_t, const Chunk& c, float* scratch) {
       float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
       const float step = steps_by_tensor[c.tensor];
+      const StateSlot& m_slot = m_slots[c.tensor];
+      const StateSlot& v_slot = v_slots[c.tensor];
       if (store_u) {
         kernels.lamb_apply_stored(w, workspace + plan.offset[c.tensor] + c.begin, c.size, args[c.tensor], step);
+      } else if (m_slot.quantized() && v_slot.quantized()) {
+        for_each_row_piece(ts, c, [&](int64_t off, int64_t len, int64_t block) {
+          kernels.lamb_int8_apply(w + off, m_slot.codes + c.begin + off, m_slot.scales + block,
+                                  v_slot.codes + c.begin + off, v_slot.scales + block, len, args[c.tensor], step);
+        });
       } else {
         const float* m = load_state(ts, m_slots[c.tensor], true, c, scratch + kChunk);
         const float* v = load_state(ts, v_slots[c.tensor], false, c, scratch + 2 * kChunk);
@@ -328,12 +362,20 @@ void lars_lowbit_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   const auto update = [&](const Chunk* first, int64_t count) {
     for_each_chunk(first, count, 3, [&](int64_t, const Chunk& c, float* scratch) {
       float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
-      float* v = load_state(ts, slots[c.tensor], true, c, scratch + kChunk);
       const float* g = load(ts.grad[c.tensor], c.begin, c.size, scratch + 2 * kChunk);
       LarsArgs tensor_args = args;
       tensor_args.ratio = ratios[c.tensor];
-      kernels.lars_update(w, v, g, c.size, tensor_args);
-      store_state(ts, slots[c.tensor], true, c, v);
+      const StateSlot& slot = slots[c.tensor];
+      if (slot.quantized()) {
+        for_each_row_piece(ts, c, [&](int64_t off, int64_t len, int64_t block) {
+          kernels.lars_int8_update(w + off, slot.codes + c.begin + off, slot.scales + block, g + off, len,
+                                   tensor_args);
+        });
+      } else {
+        float* v = load_state(ts, slot, true, c, scratch + kChunk);
+        kernels.lars_update(w, v, g, c.size, tensor_args);
+        store_state(ts, slot, true, c, v);
+      }
       store_weights(ts, c, w, keys[c.tensor]);
     });
   };
