@@ -35,6 +35,18 @@ CONFIGS = [
                                  "grad_averaging": False, "eps": 1e-8}, torch.float32, id="lamb-clip-options"),
     pytest.param(fastlars.LAMB, {"lr": 0.01, "master_weights": True, "bias_correction": False}, torch.float16,
                  id="lamb-fp16-master"),
+    # Low-precision state (lowbit ops): int8 beside fp32 below min_quantized_size, bf16 state, bf16 weights
+    # by stochastic rounding, bf16 with masters.
+    pytest.param(fastlars.LARS, {"lr": 1.0, "weight_decay": 1e-2, "state_dtype": "int8", "min_quantized_size": 16},
+                 torch.float32, id="lars-int8"),
+    pytest.param(fastlars.LARS, {"lr": 1.0, "weight_decay": 1e-2, "state_dtype": "bf16", "min_quantized_size": 0,
+                                 "stochastic_rounding": True, "nesterov": True}, torch.bfloat16, id="lars-bf16-sr"),
+    pytest.param(fastlars.LAMB, {"lr": 0.01, "state_dtype": "int8", "min_quantized_size": 16, "max_grad_norm": 1.0},
+                 torch.float32, id="lamb-int8-clip"),
+    pytest.param(fastlars.LAMB, {"lr": 0.01, "state_dtype": "int8", "min_quantized_size": 0,
+                                 "stochastic_rounding": True, "rounding_seed": 7}, torch.bfloat16, id="lamb-int8-sr"),
+    pytest.param(fastlars.LAMB, {"lr": 0.01, "state_dtype": "bf16", "master_weights": True}, torch.bfloat16,
+                 id="lamb-bf16-state-master"),
 ]
 
 
@@ -80,6 +92,9 @@ class Twin:
         for pid, entry in sa["state"].items():
             assert entry.keys() == sb["state"][pid].keys()
             for key, value in entry.items():
+                if isinstance(value, dict):  # a low-precision entry's state_format record
+                    assert value == sb["state"][pid][key], f"state[{pid}][{key!r}]"
+                    continue
                 assert torch.equal(value, sb["state"][pid][key]), f"state[{pid}][{key!r}]"
 
     def cached_steps(self, steps: int, first: int) -> None:
@@ -141,7 +156,8 @@ def _swap_data(ps, o):
 def _replace_buffer(ps, o):
     state = o.state[ps[4]]
     name = o.buffer_names[0]
-    state[name] = state[name].clone() + 1e-3
+    value = state[name]
+    state[name] = value.clone() + 1e-3 if value.is_floating_point() else value.clone()  # int8 codes: a copy
 
 
 def _add_master(ps, o):
@@ -149,7 +165,7 @@ def _add_master(ps, o):
 
 
 def _new_state_dict(ps, o):
-    o.state[ps[2]] = {k: v.clone() for k, v in o.state[ps[2]].items()}
+    o.state[ps[2]] = {k: dict(v) if isinstance(v, dict) else v.clone() for k, v in o.state[ps[2]].items()}
 
 
 def _clear_state(ps, o):
@@ -187,7 +203,28 @@ INVALIDATIONS = [
 ]
 
 
-@pytest.mark.parametrize("cls,kw,dtype", [CONFIGS[0], CONFIGS[3]])
+def _replace_scales(ps, o):
+    state = o.state[ps[5]]  # 40000 elements: int8 in both configs
+    name = o.buffer_names[0] + "_absmax"
+    state[name] = state[name].clone()
+
+
+def _replace_format_record(ps, o):
+    o.state[ps[5]]["state_format"] = dict(o.state[ps[5]]["state_format"])
+
+
+def _new_rounding_seed(ps, o):
+    o.param_groups[0]["rounding_seed"] = 123
+
+
+LOW_PRECISION_INVALIDATIONS = [
+    pytest.param(_replace_scales, True, id="block-scales-replaced"),
+    pytest.param(_replace_format_record, True, id="format-record-replaced"),
+    pytest.param(_new_rounding_seed, True, id="rounding-seed-changed"),
+]
+
+
+@pytest.mark.parametrize("cls,kw,dtype", [CONFIGS[0], CONFIGS[3], CONFIGS[9]])
 @pytest.mark.parametrize("change,python_path", INVALIDATIONS)
 def test_what_a_user_changes_between_steps_is_seen(cls, kw, dtype, change, python_path) -> None:
     twin = Twin(cls, kw, dtype)
@@ -198,6 +235,14 @@ def test_what_a_user_changes_between_steps_is_seen(cls, kw, dtype, change, pytho
     twin.step(4)
     assert twin.python_steps == before + python_path
     twin.cached_steps(3, 5)
+
+
+@pytest.mark.parametrize("cls,kw,dtype", [CONFIGS[6], CONFIGS[9]])
+@pytest.mark.parametrize("change,python_path", LOW_PRECISION_INVALIDATIONS)
+def test_what_a_user_changes_in_low_precision_state_is_seen(cls, kw, dtype, change, python_path) -> None:
+    """Block scales and format records are re-checked like the other state tensors, and the group options
+    that choose the low-precision op's inputs (rounding_seed) drop the plan."""
+    test_what_a_user_changes_between_steps_is_seen(cls, kw, dtype, change, python_path)
 
 
 @pytest.mark.parametrize("cls,kw,dtype", [CONFIGS[0], CONFIGS[3]])

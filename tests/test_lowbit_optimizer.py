@@ -345,7 +345,7 @@ def test_bf16_params_with_fp32_masters_and_int8_state() -> None:
     assert opt.state[params[5]]["master_param"].dtype == torch.float32
 
 
-def test_the_host_plan_never_runs_low_precision_groups() -> None:
+def test_set_state_dtype_drops_the_host_plan_and_the_next_plan_steps_the_new_format() -> None:
     if fastlars.backends.unavailable_reason("native", torch.device("cpu")) is not None:
         pytest.skip("the native CPU backend is not built")
     params = _params(shapes=[(5000,)])
@@ -354,7 +354,10 @@ def test_the_host_plan_never_runs_low_precision_groups() -> None:
     assert opt._host_plan is not None
     opt.set_state_dtype(params[0], "int8")
     assert opt._host_plan is None
-    _step(opt, params, 2)
-    # the group now steps on native's low-precision kernels (the reference when they are not built), never the plan
+    _step(opt, params, 2)  # the Python step converts the state to int8
+    # the group now steps on native's low-precision kernels, through a new plan (the reference, without a plan,
+    # when those kernels are not built)
     native = fastlars.backends.low_precision_unavailable_reason("native", params[0].device) is None
-    assert opt._host_plan is None and opt._backend_for(0, params[0].device) == ("native" if native else "reference")
+    assert opt._backend_for(0, params[0].device) == ("native" if native else "reference")
+    assert (opt._host_plan is not None) == native
+    assert opt.state[params[0]]["exp_avg"].dtype == torch.uint8

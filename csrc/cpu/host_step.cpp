@@ -9,11 +9,16 @@
 //   skipped  += skip;  steps += 1 − skip
 //   ||G||     = sqrt(Σ_g sum(norms_g²));  clip = ||G|| > c ? ||G||⁻¹·c : 1     (LAMB max_grad_norm c)
 //   fastlars::lars_step_ / lamb_step_ per group, unless skip.
+// Groups with low-precision state or stochastically rounded weights call lars_lowbit_step_ /
+// lamb_lowbit_step_ with the buffers' codes and scales as native_lowbit.py passes them (LARS then always
+// passes ||g|| from grad_norms, which under a GradScaler does not enter the skip flag: functional.lars_step).
 #include "host_step.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/python_variable.h>
+
+#include "../common/quant_math.h"
 
 #include <array>
 #include <cmath>
@@ -36,6 +41,17 @@ using LambOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorLi
                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                     const std::optional<at::Tensor>&);
 using NormsOp = at::Tensor(at::TensorList, const std::optional<at::Tensor>&);
+using LarsLowbitOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                          const at::Tensor&, at::TensorList, at::IntArrayRef, double, const std::optional<at::Tensor>&,
+                          double, double, double, double, bool, bool, bool, bool,
+                          std::optional<at::ArrayRef<double>>, bool, const std::optional<at::Tensor>&,
+                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+using LambLowbitOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                          at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef, double,
+                          const std::optional<at::Tensor>&, double, double, double, double, bool, bool, bool, bool,
+                          bool, std::optional<at::ArrayRef<double>>, bool, const std::optional<at::Tensor>&,
+                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                          const std::optional<at::Tensor>&);
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
@@ -68,7 +84,9 @@ struct OptionKeys {
              momentum_style = key("momentum_style"), momentum = key("momentum"),
              trust_coefficient = key("trust_coefficient"), nesterov = key("nesterov"), betas = key("betas"),
              max_grad_norm = key("max_grad_norm"), bias_correction = key("bias_correction"),
-             grad_averaging = key("grad_averaging"), decoupled_decay = key("decoupled_decay");
+             grad_averaging = key("grad_averaging"), decoupled_decay = key("decoupled_decay"),
+             state_dtype = key("state_dtype"), stochastic_rounding = key("stochastic_rounding"),
+             rounding_seed = key("rounding_seed");
 
   static py::object key(const char* name) {
     return py::reinterpret_steal<py::object>(PyUnicode_InternFromString(name));
@@ -172,6 +190,8 @@ struct Param {
   Py_hash_t hash = -1;      // its hash, as the state dict keys it (when it takes part)
   PyObject* state = nullptr;            // its state dict (new reference) when it takes part
   std::vector<PyObject*> state_values;  // the state entries the plan uses (new references)
+  // Per buffer its "<name>_absmax" entry, then "state_format" (new references; null where absent).
+  std::vector<PyObject*> format_values;
 };
 
 struct Group {
@@ -181,7 +201,11 @@ struct Group {
   std::vector<at::Tensor> params, grads, steps, masters;  // masters: empty, or one per param (the param itself
                                                            // where it has none), as the Python step passes them
   std::vector<std::vector<at::Tensor>> buffers;
+  std::vector<std::vector<at::Tensor>> scales;  // per buffer: the int8 block scales, or an empty placeholder
   std::vector<bool> has_master;
+  bool low_precision = false;          // steps through the lowbit ops
+  std::vector<int64_t> rounding_keys;  // sr_tensor_key per param (stochastically rounded weights), or none
+  std::vector<py::object> storage;     // state_dtype, stochastic_rounding, rounding_seed when planned
   Options options;
   at::Tensor norms;  // this step's ||g||, or empty (LARS: computed in its op)
 };
@@ -196,17 +220,30 @@ class HostPlan {
     names.insert(names.end(), buffer_names_.begin(), buffer_names_.end());
     for (const std::string& name : names) keys_.push_back(py::reinterpret_steal<py::object>(PyUnicode_InternFromString(name.c_str())));
     master_key_ = py::reinterpret_steal<py::object>(PyUnicode_InternFromString("master_param"));
+    for (const std::string& name : buffer_names_) {
+      format_keys_.push_back(py::reinterpret_steal<py::object>(PyUnicode_InternFromString((name + "_absmax").c_str())));
+    }
+    format_keys_.push_back(py::reinterpret_steal<py::object>(PyUnicode_InternFromString("state_format")));
     for (py::handle entry : groups) {
-      // (the group's params list, per param whether it takes part, per taking-part param its state dict)
+      // (the group's params list, per param whether it takes part, per taking-part param its state dict,
+      //  whether it steps low-precision state, its rounding keys, (state_dtype, stochastic_rounding,
+      //  rounding_seed) as planned)
       py::tuple spec = py::reinterpret_borrow<py::tuple>(entry);
+      TORCH_CHECK(spec.size() == 6, "HostPlan: a group is (params, takes_part, states, low_precision, "
+                  "rounding_keys, storage)");
       py::list params = spec[0].cast<py::list>();
       std::vector<bool> takes_part = spec[1].cast<std::vector<bool>>();
       py::list state_dicts = spec[2].cast<py::list>();
       TORCH_CHECK(takes_part.size() == params.size(), "HostPlan: one takes-part flag per param");
       Group g;
+      g.low_precision = spec[3].cast<bool>();
+      g.rounding_keys = spec[4].cast<std::vector<int64_t>>();
+      for (py::handle value : spec[5].cast<py::tuple>()) g.storage.push_back(py::reinterpret_borrow<py::object>(value));
+      TORCH_CHECK(g.storage.size() == 3, "HostPlan: storage is (state_dtype, stochastic_rounding, rounding_seed)");
       g.params_list = params.ptr();
       Py_INCREF(g.params_list);
       g.buffers.resize(buffer_names_.size());
+      g.scales.resize(buffer_names_.size());
       size_t k = 0;
       for (size_t i = 0; i < params.size(); ++i) {
         Param member{params[i].ptr(), takes_part[i]};
@@ -225,6 +262,18 @@ class HostPlan {
             member.state_values.push_back(value);
             (b == 0 ? g.steps : g.buffers[b - 1]).push_back(THPVariable_Unpack(value));
           }
+          for (size_t f = 0; f < format_keys_.size(); ++f) {
+            PyObject* value = PyDict_GetItem(member.state, format_keys_[f].ptr());
+            Py_XINCREF(value);
+            member.format_values.push_back(value);
+            if (f == buffer_names_.size()) break;
+            if (value != nullptr) {
+              TORCH_CHECK(THPVariable_Check(value), "HostPlan: ", buffer_names_[f], "_absmax is not a tensor");
+              g.scales[f].push_back(THPVariable_Unpack(value));
+            } else {
+              g.scales[f].push_back(empty_scales_);
+            }
+          }
           PyObject* master = PyDict_GetItem(member.state, master_key_.ptr());
           g.has_master.push_back(master != nullptr);
           if (master != nullptr) {
@@ -241,6 +290,8 @@ class HostPlan {
       bool any_master = false;
       for (bool m : g.has_master) any_master |= m;
       if (!any_master) g.masters.clear();
+      TORCH_CHECK(g.rounding_keys.empty() || g.rounding_keys.size() == g.params.size(),
+                  "HostPlan: one rounding key per taking-part param, or none");
       g.grads.resize(g.params.size());
       groups_.push_back(std::move(g));
     }
@@ -254,6 +305,7 @@ class HostPlan {
         Py_XDECREF(m.object);
         Py_XDECREF(m.state);
         for (PyObject* v : m.state_values) Py_XDECREF(v);
+        for (PyObject* v : m.format_values) Py_XDECREF(v);
       }
     }
   }
@@ -322,11 +374,30 @@ class HostPlan {
         if (PyDict_GetItem(m.state, master_key_.ptr()) != (g.has_master[k] ? m.state_values.back() : nullptr)) {
           return false;
         }
+        for (size_t f = 0; f < format_keys_.size(); ++f) {
+          if (PyDict_GetItem(m.state, format_keys_[f].ptr()) != m.format_values[f]) return false;
+        }
         if (!tensors_ok(g, k, grad)) return false;
         g.grads[k] = grad;
         ++k;
       }
       if (!g.params.empty() && !read_options(group, g.options)) return false;  // the Python step reads no other
+      if (!same_storage(group, g)) return false;
+    }
+    return true;
+  }
+
+  // Whether the group's storage options read as when planned (they choose the op and the rounding keys).
+  bool same_storage(PyObject* group, const Group& g) const {
+    const py::object* keys[] = {&keys_opt_.state_dtype, &keys_opt_.stochastic_rounding, &keys_opt_.rounding_seed};
+    for (size_t i = 0; i < g.storage.size(); ++i) {
+      PyObject* value = item(group, *keys[i]);
+      if (value == nullptr) return false;
+      const int same = PyObject_RichCompareBool(value, g.storage[i].ptr(), Py_EQ);
+      if (same != 1) {
+        if (same < 0) PyErr_Clear();
+        return false;
+      }
     }
     return true;
   }
@@ -342,11 +413,43 @@ class HostPlan {
       // The op treats a master that is the param (or shares its data) as none.
       if (w.is_same(p) || (p.numel() > 0 && w.data_ptr() == p.data_ptr()) || !like(w, p, at::kFloat)) return false;
     }
+    if (g.low_precision) return lowbit_tensors_ok(g, k);
     const at::ScalarType state_type = master ? at::kFloat : p.scalar_type();
     for (const auto& list : g.buffers) {
       if (!like(list[k], p, state_type)) return false;
     }
     return true;
+  }
+
+  // The checks of lowbit_ops.cpp's lowbit_tensors on param k's buffers: each one like the param, either
+  // floating or uint8 codes with contiguous fp32 scales of shape (rows, ceil(row_length / 256)); int8 codes
+  // and stochastically rounded weights need a contiguous or channels_last param.
+  bool lowbit_tensors_ok(const Group& g, size_t k) const {
+    const at::Tensor& p = g.params[k];
+    const int64_t rows = p.dim() >= 2 ? p.size(0) : 1;
+    const int64_t row_length = rows > 0 ? p.numel() / rows : 0;
+    const int64_t blocks_per_row = (row_length + quant::kBlockSize - 1) / quant::kBlockSize;
+    bool any_codes = false;
+    for (size_t b = 0; b < g.buffers.size(); ++b) {
+      const at::Tensor& x = g.buffers[b][k];
+      if (!dense_cpu(x) || !like(x, p, x.scalar_type())) return false;
+      if (x.scalar_type() == at::kByte) {
+        const at::Tensor& s = g.scales[b][k];
+        if (!s.defined() || !s.device().is_cpu() || s.scalar_type() != at::kFloat || !s.is_contiguous() ||
+            s.dim() != 2 || s.size(0) != rows || s.size(1) != blocks_per_row || s.key_set().has(c10::DispatchKey::Python)) {
+          return false;
+        }
+        any_codes = true;
+      } else if (!supported(x)) {
+        return false;
+      }
+    }
+    const bool rounded = !g.rounding_keys.empty() && g.masters.empty() && p.scalar_type() == at::kBFloat16;
+    if (!(any_codes || rounded)) return true;
+    if (p.is_contiguous()) return true;
+    if (p.dim() == 4) return p.is_contiguous(at::MemoryFormat::ChannelsLast);
+    if (p.dim() == 5) return p.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+    return false;
   }
 
   bool read_options(PyObject* group, Options& o) const {
@@ -434,6 +537,9 @@ class HostPlan {
     if (clipping) global_norm = at::stack(norm_sums).sum().sqrt();
     for (Group& g : groups_) {
       if (g.params.empty()) continue;
+      // Low-precision LARS takes ||g|| from grad_norms (after the skip test, which its norms do not enter
+      // when a GradScaler gave the flag), as functional.lars_step computes them.
+      if (!lamb_ && g.low_precision && g.norms.numel() == 0) g.norms = norms_op.call(g.grads, grad_scale);
       update(g, grad_scale, global_norm);
     }
     return true;
@@ -447,20 +553,46 @@ class HostPlan {
     const std::optional<at::ArrayRef<double>> bounds =
         o.has_bounds ? std::optional<at::ArrayRef<double>>(at::ArrayRef<double>(o.bounds.data(), 2)) : std::nullopt;
     const std::optional<at::Tensor> none;
+    if (g.low_precision) {
+      update_lowbit(g, grad_scale, global_norm, bounds);
+      return;
+    }
     if (!lamb_) {
       lars_op.call(g.params, g.grads, g.buffers[0], g.masters, g.norms, o.lr, o.lr_tensor, o.momentum, o.weight_decay,
                    o.trust_coefficient, o.eps, o.nesterov, o.trust_clip, o.mlperf, o.adapt, bounds, o.maximize,
                    grad_scale, none, none);
       return;
     }
-    std::optional<at::Tensor> clip;
-    if (o.max_grad_norm != 0.0) {  // reference.lamb_clip_coefficient: where(G > c, c / G, 1), c / G as torch's G⁻¹·c
-      const at::Tensor& G = *global_norm;
-      clip = at::where(G.gt(o.max_grad_norm), G.reciprocal().mul(o.max_grad_norm), at::ones_like(G));
-    }
+    const std::optional<at::Tensor> clip = clip_coefficient(o, global_norm);
     lamb_op.call(g.params, g.grads, g.buffers[0], g.buffers[1], g.masters, g.steps, o.lr, o.lr_tensor, o.beta1,
                  o.beta2, o.eps, o.weight_decay, o.bias_correction, o.grad_averaging, o.decoupled_decay,
                  o.trust_clip, o.adapt, bounds, o.maximize, clip, grad_scale, none, none);
+  }
+
+  static std::optional<at::Tensor> clip_coefficient(const Options& o, const std::optional<at::Tensor>& global_norm) {
+    if (o.max_grad_norm == 0.0) return std::nullopt;
+    // reference.lamb_clip_coefficient: where(G > c, c / G, 1), c / G as torch's G⁻¹·c
+    const at::Tensor& G = *global_norm;
+    return at::where(G.gt(o.max_grad_norm), G.reciprocal().mul(o.max_grad_norm), at::ones_like(G));
+  }
+
+  void update_lowbit(const Group& g, const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& global_norm,
+                     const std::optional<at::ArrayRef<double>>& bounds) const {
+    static const auto lars_op = op_handle<LarsLowbitOp>("fastlars::lars_lowbit_step_");
+    static const auto lamb_op = op_handle<LambLowbitOp>("fastlars::lamb_lowbit_step_");
+    const Options& o = g.options;
+    const std::optional<at::Tensor> none;
+    if (!lamb_) {
+      lars_op.call(g.params, g.grads, g.buffers[0], g.scales[0], g.masters, g.norms, g.steps, g.rounding_keys, o.lr,
+                   o.lr_tensor, o.momentum, o.weight_decay, o.trust_coefficient, o.eps, o.nesterov, o.trust_clip,
+                   o.mlperf, o.adapt, bounds, o.maximize, grad_scale, none, none);
+      return;
+    }
+    lamb_op.call(g.params, g.grads, g.buffers[0], g.scales[0], g.buffers[1], g.scales[1], g.masters, g.steps,
+                 g.rounding_keys, o.lr, o.lr_tensor, o.beta1, o.beta2, o.eps, o.weight_decay, o.bias_correction,
+                 o.grad_averaging, o.decoupled_decay, o.trust_clip, o.adapt, bounds, o.maximize,
+                 clip_coefficient(o, global_norm), grad_scale, none, none);
   }
 
   bool lamb_;
@@ -468,6 +600,8 @@ class HostPlan {
   std::vector<std::string> buffer_names_;
   std::vector<py::object> keys_;  // interned "step" and the buffer names
   py::object master_key_;
+  std::vector<py::object> format_keys_;  // interned "<buffer>_absmax" per buffer, then "state_format"
+  at::Tensor empty_scales_ = at::empty({0}, at::TensorOptions().dtype(at::kFloat));
   OptionKeys keys_opt_;
   at::Tensor empty_norms_ = at::empty({0}, at::TensorOptions().dtype(at::kFloat));
   std::vector<Group> groups_;

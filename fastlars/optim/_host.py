@@ -11,7 +11,10 @@ nothing and the Python step runs (raising today's errors, naming the parameter),
 ``add_param_group`` and ``load_state_dict`` drop the plan; a step that creates state (a param's first
 gradient) takes the Python path, which makes a new one. The plan calls the ops the Python step would
 (no gradient norms under a GradScaler unless LAMB clips: LARS's op then folds ||g|| into its norm pass),
-counts steps and skipped steps itself, and holds no gradient between steps.
+counts steps and skipped steps itself, and holds no gradient between steps. Groups with low-precision state
+or stochastically rounded weights take the same path through the native low-precision ops (their int8
+codes, block scales and format records are cached and re-checked like the other state entries); a change
+of a group's ``state_dtype``, ``stochastic_rounding`` or ``rounding_seed`` drops back to the Python step.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import Tensor, nn
 
 from fastlars import backends
 from fastlars._extension import extension
+from fastlars.backends import quantization as q
 
 if TYPE_CHECKING:
     from fastlars.optim._base import GroupWork, TrustRatioOptimizer
@@ -43,26 +47,49 @@ def _overrides_the_step(opt: TrustRatioOptimizer, algorithm: str) -> bool:
         getattr(type(opt), name) is not getattr(base, name) for name in REPLACED)
 
 
+_NATIVE_MODULES = {"native": "fastlars.backends.native", "native:low_precision": "fastlars.backends.native_lowbit"}
+"""The modules the plan's ops are (a test's stand-in registered under these names must see every step)."""
+
+
+def _rounding_keys(opt: TrustRatioOptimizer, group: dict[str, Any], params: list[Tensor],
+                   states: list[dict[str, Any]]) -> list[int]:
+    """The group's sr_tensor_key per taking-part param, as native_lowbit passes them (none with masters)."""
+    if not group["stochastic_rounding"] or not params:
+        return []
+    if any("master_param" in state for state in states):
+        return []
+    if opt._param_positions is None:
+        opt._param_positions = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    seed = group["rounding_seed"]
+    return [q.sr_tensor_key(seed, opt._param_positions[id(p)], q.STREAM_PARAM) for p in params]
+
+
 def build_plan(opt: TrustRatioOptimizer, work: list[GroupWork], algorithm: str) -> Any | None:
     """A HostPlan for ``opt`` after a Python step that did ``work``, or None when its steps cannot take the
     cached path: a group not on the native CPU backend or sharded, recorded trust ratios, a stats group,
-    a param of a tensor subclass, a group with low-precision state or stochastic rounding, a subclass that
-    overrides part of the step, a "native" backend that is not fastlars.backends.native (a test's
-    stand-in: the plan would bypass it), or an extension built without the plan."""
+    a param of a tensor subclass, a subclass that overrides part of the step, a "native" backend that is
+    not fastlars.backends.native / native_lowbit (a test's stand-in: the plan would bypass it), or an
+    extension built without the plan."""
     plan_class = getattr(extension(), "HostPlan", None)
     if (plan_class is None or not work or not opt.host_plan_enabled or opt.trust_ratios is not None
-            or getattr(backends.load("native"), "__name__", None) != "fastlars.backends.native"
             or opt.stats_group is not None or opt._skipped.device.type != "cpu"
-            or any(opt._is_low_precision(group) for group in opt.param_groups)
             or _overrides_the_step(opt, algorithm)):
         return None
+    low_precision = [opt._is_low_precision(group) for group in opt.param_groups]
+    for name in {"native:low_precision" if low else "native" for low in low_precision}:
+        if getattr(backends.load(name), "__name__", None) != _NATIVE_MODULES[name]:
+            return None
     if any(item.backend != "native" or item.reduce is not None or item.device.type != "cpu" for item in work):
         return None
     groups = []
-    for group in opt.param_groups:
+    for group, low in zip(opt.param_groups, low_precision):
         params = group["params"]
         if any(type(p) not in PLAIN_TYPES for p in params):
             return None
         takes_part = [p.grad is not None for p in params]
-        groups.append((params, takes_part, [opt.state[p] for p, t in zip(params, takes_part) if t]))
+        stepped = [p for p, t in zip(params, takes_part) if t]
+        states = [opt.state[p] for p in stepped]
+        keys = _rounding_keys(opt, group, stepped, states) if low else []
+        storage = (group["state_dtype"], group["stochastic_rounding"], group["rounding_seed"])
+        groups.append((params, takes_part, states, low, keys, storage))
     return plan_class(algorithm, opt.state, list(opt.buffer_names), groups)
