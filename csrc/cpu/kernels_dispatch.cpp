@@ -20,7 +20,10 @@ const ElementKernels& choose() {
 #ifdef FASTLARS_CPU_X86_BUILDS
   __builtin_cpu_init();
   const int cap = isa_cap();
-  if (cap >= 2 && __builtin_cpu_supports("avx512f")) return isa_avx512::kernels;
+  if (cap >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    return isa_avx512::kernels;
+  }
   if (cap >= 1 && __builtin_cpu_supports("avx2")) return isa_avx2::kernels;
 #endif
   return isa_baseline::kernels;
