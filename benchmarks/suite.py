@@ -29,6 +29,7 @@ from benchmarks.measure import (
 )
 from benchmarks.params import PARAM_SETS, make_params
 from benchmarks.targets import evaluate, targets_markdown
+from fastlars._extension import extension
 from fastlars.env import cpu_name
 
 DTYPES = {"fp32": (torch.float32, False), "bf16+master": (torch.bfloat16, True), "bf16": (torch.bfloat16, False)}
@@ -57,6 +58,16 @@ class Row:
     fraction_of_roofline: float | None = None  # of the best streaming bandwidth on `threads` threads
 
 
+def cpu_vector_isa() -> str:
+    """The widest x86 vector extension the CPU reports (/proc/cpuinfo): "avx512", "avx2" or "none"."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+    return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "none"
+
+
 def machine(device: torch.device) -> dict[str, Any]:
     """Device, software versions and git commit, recorded with every result."""
     info: dict[str, Any] = {"device_type": device.type, "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -77,6 +88,9 @@ def machine(device: torch.device) -> dict[str, Any]:
         info["device"] = cpu_name()
         info["cpus"] = os.cpu_count()
         info["loadavg_1_5_15min_at_start"] = os.getloadavg()  # other processes competing for the cores
+        info["cpu_vector_isa"] = cpu_vector_isa()
+        ext = extension()
+        info["kernel_isa"] = ext.cpu_isa() if ext is not None and hasattr(ext, "cpu_isa") else "not built"
     for module in ("triton", "timm", "torch_optimizer", "apex", "deepspeed"):
         try:
             info[module] = getattr(importlib.import_module(module), "__version__", "installed")
@@ -283,7 +297,10 @@ def main_rows(result: dict[str, Any]) -> list[Row]:
 
 def _header(result: dict[str, Any]) -> list[str]:
     m = result["machine"]
-    text = [f"Machine: {m['device']} ({m.get('cpus', '')} CPUs, {m['threads']} threads)" if m["device_type"] == "cpu"
+    isa = (f", {m['cpu_vector_isa'].upper().replace('AVX512', 'AVX-512')} CPU, {m['kernel_isa']} kernels"
+           if "cpu_vector_isa" in m else "")
+    cpu = m["device_type"] == "cpu"
+    text = [f"Machine: {m['device']} ({m.get('cpus', '')} CPUs, {m['threads']} threads{isa})" if cpu
             else f"Machine: {m['device']}", f"torch {m['torch']}, fastlars {m['fastlars']}, commit {m['commit'][:10]}, "
             f"{m['date_utc']}; copy bandwidth {result['copy_bandwidth_gbs']:.1f} GB/s (2 B per copied byte), in-place "
             f"x += y {result.get('inplace_bandwidth_gbs', float('nan')):.1f} GB/s (3 B per element byte); "

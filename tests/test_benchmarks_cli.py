@@ -23,6 +23,10 @@ def test_cli_tiny_run_writes_every_backend_and_peer(tmp_path, capsys) -> None:
     (json_path,) = tmp_path.glob("step_cpu_*.json")
     result = json.loads(json_path.read_text())
     assert result["machine"]["device_type"] == "cpu" and result["machine"]["commit"]
+    # which vector ISA the CPU has and which kernel build ran are recorded with every figure
+    assert result["machine"]["cpu_vector_isa"] in {"avx512", "avx2", "none", "unknown"}
+    native_built = fastlars.backends.unavailable_reason("native", torch.device("cpu")) is None
+    assert result["machine"]["kernel_isa"] in ({"avx512", "avx2", "baseline"} if native_built else {"not built"})
     assert result["copy_bandwidth_gbs"] > 0 and "apex" in result["not_measured"]
     measured = {(r["optim"], r["implementation"]) for r in result["rows"] if not r["skipped"]}
     usable = fastlars.available_backends(torch.device("cpu"))
@@ -36,6 +40,7 @@ def test_cli_tiny_run_writes_every_backend_and_peer(tmp_path, capsys) -> None:
     assert (json_path.with_suffix(".png")).stat().st_size > 0
     table = json_path.with_suffix(".md").read_text()
     assert "| fastlars.native |" in table and "speed-up over" in table and "copy bandwidth" in table
+    assert f"{result['machine']['kernel_isa']} kernels" in table.splitlines()[0]
     # default on the CPU: every case on all threads and on 1; CPU/wall recorded; the roofline probed per count
     counts = sorted({torch.get_num_threads(), 1}, reverse=True)
     assert result["thread_counts"] == counts
