@@ -43,6 +43,7 @@ from test_native_lowbit import (
     run_pair,
 )
 
+import fastlars
 from fastlars import _ops
 from fastlars.backends import native_lowbit, reference
 from fastlars.backends import quantization as q
@@ -471,3 +472,43 @@ def test_gpu_step_is_capturable_and_never_synchronizes(native_cuda_lowbit, algo)
     for ea, gr in zip(eager[1], graphed[1]):
         for a, b in zip(ea, gr):
             assert torch.equal(a.codes, b.codes) and torch.equal(a.absmax, b.absmax)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls,kw", [(fastlars.LAMB, {"lr": 0.02, "weight_decay": 0.01}),
+                                    (fastlars.LARS, {"lr": 0.5, "weight_decay": 1e-3, "momentum": 0.9})],
+                         ids=["lamb", "lars"])
+def test_gpu_optimizer_classes_pick_and_step_native_int8(native_cuda_lowbit, cls, kw) -> None:
+    """fastlars.LAMB/LARS(state_dtype='int8') on CUDA: "auto" picks native, which follows the reference."""
+    shapes = [(5000,), (300, 20), (7,)]
+    runs = {}
+    for backend in ("auto", "reference"):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=gen).cuda().requires_grad_(True) for s in shapes]
+        opt = cls(params, state_dtype="int8", backend=backend, **kw)
+        opt.record_trust_ratios()
+        assert opt._backend_for(0, params[0].device) == ("native" if backend == "auto" else "reference")
+        ratios = []
+        for t in range(1, 9):
+            for p, g in zip(params, _grads([p.detach().cpu() for p in params], t, follow=True)):
+                p.grad = g.cuda()
+            opt.step()
+            ratios.append(opt.trust_ratios[0].clone())
+        runs[backend] = (params, torch.stack(ratios))
+    torch.testing.assert_close(runs["auto"][1], runs["reference"][1], rtol=1e-5, atol=0)
+    for a, b in zip(runs["auto"][0], runs["reference"][0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_auto_picks_native_for_low_precision_state_where_its_kernels_are(monkeypatch) -> None:
+    """backends.resolve_low_precision("auto", cuda): native when its low-precision kernels are registered for
+    CUDA, else the reference (this machine's extension, built without CUDA, says why)."""
+    from fastlars import backends
+
+    monkeypatch.delenv(backends.ENV_OVERRIDE, raising=False)
+    cuda = torch.device("cuda")
+    if native_lowbit.unavailable_reason(cuda) is not None:
+        assert backends.resolve_low_precision("auto", cuda) == "reference"
+    monkeypatch.setattr(backends.load("native"), "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(native_lowbit, "unavailable_reason", lambda device: None)
+    assert backends.resolve_low_precision("auto", cuda) == "native"
