@@ -512,3 +512,33 @@ def test_auto_picks_native_for_low_precision_state_where_its_kernels_are(monkeyp
     monkeypatch.setattr(backends.load("native"), "unavailable_reason", lambda device: None)
     monkeypatch.setattr(native_lowbit, "unavailable_reason", lambda device: None)
     assert backends.resolve_low_precision("auto", cuda) == "native"
+
+
+def test_emulated_mixed_param_dtypes_in_one_call(emulated) -> None:
+    """fp32 and bf16 params in one call, a master list whose fp32 entry is the param itself (no master for it):
+    two storage buckets whose chunk ids run on across them."""
+    h, lr = _hyper("lamb")
+    sides = []
+    for module in (rl, emulated):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(4097, generator=gen), torch.randn(33, 300, generator=gen).to(torch.bfloat16),
+                  torch.randn(300, generator=gen)]
+        masters = [params[0], params[1].float(), params[2]]
+        m = [q.QuantizedBuffer.zeros_like(p, q.SIGNED_MAP) for p in params[:2]] + [torch.zeros(300)]
+        v = [q.QuantizedBuffer.zeros_like(p, q.UNSIGNED_MAP) for p in params[:2]] + [torch.zeros(300)]
+        steps = [torch.zeros(()) for _ in params]
+        ratios = []
+        for t in range(1, 6):
+            for s in steps:
+                s += 1
+            grads = [g.to(p.dtype) for g, p in zip(_grads(masters, t), params)]
+            ratios.append(module.lamb_step(params, grads, m, v, masters, steps, lr=lr, h=h, clip_coef=None,
+                                           grad_scale=None, found_inf=None))
+        sides.append((masters, params, m, torch.stack(ratios)))
+    (ref_w, _, ref_m, ref_r), (emu_w, emu_p, emu_m, emu_r) = sides
+    torch.testing.assert_close(emu_r, ref_r, rtol=1e-5, atol=0)
+    for a, b in zip(ref_w, emu_w):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert torch.equal(emu_p[1], emu_w[1].to(torch.bfloat16))
+    for a, b in zip(ref_m[:2], emu_m[:2]):
+        assert (a.codes != b.codes).float().mean() <= 1e-4
