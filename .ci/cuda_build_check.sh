@@ -5,7 +5,7 @@
 #     in-place CPU build of the working tree is left alone;
 #  3. imports that build in a fresh interpreter as fastlars._C and fails unless kernel_devices()
 #     lists "cuda" and every fastlars op has a kernel for the CUDA dispatch key.
-# Took 266 s on 2 cores (sm_80 + sm_90, other jobs running) once lowbit.cu joined the kernels. Set KEEP_CUDA_BUILD=1 to keep the build dir.
+# Took 266 s and 414 s on 2 cores (sm_80 + sm_90, other jobs running) once lowbit.cu joined the kernels. Set KEEP_CUDA_BUILD=1 to keep the build dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

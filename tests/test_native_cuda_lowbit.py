@@ -91,7 +91,7 @@ class EmulatedLowbit:
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory: pytest.TempPathFactory) -> EmulatedLowbit:
-    """Builds lowbit_ops.cpp + lowbit.cu with FASTLARS_CUDA_EMULATION as a torch extension (about a minute)."""
+    """Builds lowbit_ops.cpp + lowbit.cu with FASTLARS_CUDA_EMULATION as a torch extension (11-50 s here)."""
     from torch.utils import cpp_extension
 
     include = _cuda_include_dir()
