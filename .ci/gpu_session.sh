@@ -16,9 +16,9 @@
 #   build          120 s  .ci/gpu_build.sh: an extension already in fastlars/ (an earlier call's build) or
 #                         carried in .gpu-prebuilt/ (built elsewhere against the GPU image's torch) is used
 #                         when .ci/gpu_extension_check.py proves it runs on this GPU (seconds); else
-#                         pip install --no-build-isolation --no-deps -e . with MAX_JOBS=16: 11 translation
-#                         units (bindings, 6 CPU, ops.cpp, 3 .cu), all compiled at once, for the visible
-#                         GPU's arch only; measured on the 2-core CPU machine (see README, "GPU session")
+#                         pip install --no-build-isolation --no-deps -e . with MAX_JOBS=16: 15 translation
+#                         units (bindings, 8 CPU, ops.cpp, lowbit_ops.cpp, 4 .cu), all compiled at once, for
+#                         the visible GPU's arch only; measured on the 2-core CPU machine (see README, "GPU session")
 #   smoke           30 s  .ci/gpu_smoke.py: one LAMB and one LARS check of 3 steps per GPU backend (native,
 #                         triton) and dtype (fp32, bf16 + fp32 master) against the reference on the GPU,
 #                         one line per case with its max error: even a call cut short says whether the
@@ -143,7 +143,7 @@ gpu_reason=$(no_gpu_reason)
 say "gpu_session ${1:-main}: stages ${stages[*]}; limits sum to ${budget} s; $(date -u +%FT%TZ)"
 say "GPU: ${gpu_reason:-$(nvidia-smi -L 2>/dev/null | head -n 1)}"
 
-first_tests=(tests/test_native_cuda.py tests/test_triton_backend.py)
+first_tests=(tests/test_native_cuda.py tests/test_native_cuda_lowbit.py tests/test_triton_backend.py)
 other_tests=()
 for f in tests/test_*.py; do [[ " ${first_tests[*]} " == *" $f "* ]] || other_tests+=("$f"); done
 # SIGINT, not an inherited SIG_IGN, makes pytest stop with its summary and junit XML at the stage's limit

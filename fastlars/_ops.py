@@ -15,7 +15,8 @@ Ops (all tensors of one call on one device; maths of fastlars.backends.reference
 * ``lamb_step_(params, grads, exp_avgs, exp_avg_sqs, master_params, steps, lr, lr_tensor, ...)``:
   one LAMB update in place; ``clip_coef`` multiplies the gradients (global clip); same skip rule.
 
-Low-precision state (``LOWBIT_SCHEMAS``; CPU kernels only; maths of fastlars.backends.reference_lowbit):
+Low-precision state (``LOWBIT_SCHEMAS``; CPU kernels in csrc/cpu/lowbit_ops.cpp, CUDA kernels in csrc/cuda/lowbit.cu;
+maths of fastlars.backends.reference_lowbit):
 
 * ``lamb_lowbit_step_(params, grads, exp_avgs, exp_avg_absmax, exp_avg_sqs, exp_avg_sq_absmax, master_params,
   steps, rounding_keys, lr, ...)``: each buffer is a floating tensor (fp32/bf16/fp16 state, its absmax entry

@@ -225,14 +225,15 @@ def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def run_pair(algo: str, shapes, dtype: torch.dtype, master: bool, steps: int, h, lr: float,
              rounding: rl.StochasticRounding | None = None, kinds: dict[int, str] | None = None,
-             zero: bool = False, **step_kw) -> tuple[Side, Side, dict[str, float]]:
+             zero: bool = False, module=None, **step_kw) -> tuple[Side, Side, dict[str, float]]:
     """Both sides through `steps` steps with the same gradients (every 10th step of the native side checked
     against the one-step oracle, check_one_step); returns both sides and the worst figures of the whole
     trajectories: ratio difference (relative), weight difference (of each tensor's largest weight, fp32;
-    in bf16 ulps and the fraction of elements that differ, bf16), code and scale differences."""
+    in bf16 ulps and the fraction of elements that differ, bf16), code and scale differences. ``module``: the
+    backend module of the native side (default native_lowbit; tests/test_native_cuda_lowbit.py passes others)."""
     kinds = MIXED if kinds is None else kinds
     ref = Side(rl, algo, shapes, dtype, master, kinds)
-    nat = Side(native_lowbit, algo, shapes, dtype, master, kinds)
+    nat = Side(native_lowbit if module is None else module, algo, shapes, dtype, master, kinds)
     worst = {"ratio": 0.0}
     for t in range(1, steps + 1):
         step_lr = lr * (1.0 + 0.5 * math.sin(0.7 * t))
@@ -460,8 +461,9 @@ def test_native_refuses_what_it_cannot_step_before_writing() -> None:
     with pytest.raises(RuntimeError, match=r"momentum_buffers_absmax\[0\]: expected .* \(1, 2\)"):
         native_lowbit.lars_step([torch.zeros(300)], [torch.ones(300)], [bad], None, torch.ones(1), lr=0.1, h=LARS_H,
                                 grad_scale=None, found_inf=None)
-    assert "CPU only" in (native_lowbit.unavailable_reason(torch.device("cuda")) or "") or \
-        "for the CPU only" in native_lowbit.unavailable_reason(torch.device("cuda"))
+    assert "CPU and CUDA only" in native_lowbit.unavailable_reason(torch.device("meta"))
+    if "cuda" not in backends.native.extension().kernel_devices():
+        assert "not for cuda" in native_lowbit.unavailable_reason(torch.device("cuda"))
 
 
 # ------------------------------------------------------------------------- instruction sets

@@ -209,10 +209,10 @@ __device__ __forceinline__ void for_each_chunk(const TensorTable<Depth>& t, Body
 }
 
 // Sum, over the chunks of slot blockIdx.x, of N per-chunk partials stored as partials[N * chunk + k]
-// (call-wide chunk ids); thread 0 gets the per-tensor totals. Fixed order: deterministic.
-template <int N, int Depth>
-__device__ __forceinline__ void sum_slot_partials(const TensorTable<Depth>& t, const float* partials,
-                                                  float (&acc)[N]) {
+// (call-wide chunk ids); thread 0 gets the per-tensor totals. Fixed order: deterministic. Table: any
+// kernel-argument table with first_chunk and chunk_end (a TensorTable, lowbit_launch.h's LowbitTable).
+template <int N, typename Table>
+__device__ __forceinline__ void sum_slot_partials(const Table& t, const float* partials, float (&acc)[N]) {
   const int s = blockIdx.x;
   const int64_t begin = t.first_chunk + slot_begin(t.chunk_end, s);
   const int64_t end = t.first_chunk + t.chunk_end[s];

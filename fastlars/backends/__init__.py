@@ -41,8 +41,8 @@ _LOW_PRECISION_MODULES = {
 """Backends that step low-precision state (bf16 or int8 buffers) and stochastically rounded weights, and the
 module that does it (signatures of :mod:`fastlars.backends.reference_lowbit`). The others take fp32 state
 only; asked for low-precision state they raise instead of silently keeping fp32. "auto" tries them in the
-device's auto order, then the reference: native (CPU kernels only, its unavailable_reason says so elsewhere)
-before the reference on the CPU."""
+device's auto order, then the reference: native (CPU and CUDA kernels; its unavailable_reason says why not
+where the extension lacks them) before the reference."""
 
 ENV_OVERRIDE = "FASTLARS_BACKEND"
 """Environment variable naming the backend that ``backend="auto"`` resolves to."""

@@ -65,6 +65,7 @@ struct Block {
   unsigned current = 0;
   std::vector<Thread> t;
   std::vector<float> shfl;  // one slot per thread, for warp shuffles
+  std::vector<uint32_t> shfl_bits;  // the same for 32-bit integer shuffles
   ucontext_t scheduler;
   jmp_buf scheduler_jmp;
   const std::function<void()>* body = nullptr;
@@ -153,6 +154,7 @@ inline void run_grid(unsigned grid, unsigned threads, const std::function<void()
   b.body = &body;
   b.t.assign(threads, Thread{});
   b.shfl.assign(threads, 0.0f);
+  b.shfl_bits.assign(threads, 0u);
   if (stacks().size() < threads) stacks().resize(threads, std::vector<char>(kStack));
   for (unsigned blk = 0; blk < grid; ++blk) {
     b.index = blk;
@@ -224,5 +226,17 @@ inline float __shfl_down_sync(unsigned /*mask*/, float v, int offset) {
   const unsigned src = me + offset;
   const float out = (lane + offset < 32 && src < b.threads) ? b.shfl[src] : v;
   ::fastlars::emu::wait_for(::fastlars::emu::Wait::kWarp);  // nobody overwrites a slot before all have read
+  return out;
+}
+
+// Full-mask butterfly shuffle of a 32-bit integer: lane l gets lane (l ^ lane_mask)'s value.
+inline unsigned __shfl_xor_sync(unsigned /*mask*/, unsigned v, int lane_mask) {
+  auto& b = ::fastlars::emu::block();
+  const unsigned me = b.current;
+  b.shfl_bits[me] = v;
+  ::fastlars::emu::wait_for(::fastlars::emu::Wait::kWarp);
+  const unsigned src = (me / 32) * 32 + ((me % 32) ^ static_cast<unsigned>(lane_mask));
+  const unsigned out = src < b.threads ? b.shfl_bits[src] : v;
+  ::fastlars::emu::wait_for(::fastlars::emu::Wait::kWarp);
   return out;
 }
