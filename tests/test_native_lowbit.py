@@ -225,14 +225,15 @@ def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def run_pair(algo: str, shapes, dtype: torch.dtype, master: bool, steps: int, h, lr: float,
              rounding: rl.StochasticRounding | None = None, kinds: dict[int, str] | None = None,
-             zero: bool = False, **step_kw) -> tuple[Side, Side, dict[str, float]]:
-    """Both sides through `steps` steps with the same gradients (every 10th step of the native side checked
-    against the one-step oracle, check_one_step); returns both sides and the worst figures of the whole
-    trajectories: ratio difference (relative), weight difference (of each tensor's largest weight, fp32;
-    in bf16 ulps and the fraction of elements that differ, bf16), code and scale differences."""
+             zero: bool = False, module=None, **step_kw) -> tuple[Side, Side, dict[str, float]]:
+    """Both sides (the reference and `module`, default the native one) through `steps` steps with the same
+    gradients (every 10th step of the second side checked against the one-step oracle, check_one_step);
+    returns both sides and the worst figures of the whole trajectories: ratio difference (relative), weight
+    difference (of each tensor's largest weight, fp32; in bf16 ulps and the fraction of elements that differ,
+    bf16), code and scale differences."""
     kinds = MIXED if kinds is None else kinds
     ref = Side(rl, algo, shapes, dtype, master, kinds)
-    nat = Side(native_lowbit, algo, shapes, dtype, master, kinds)
+    nat = Side(module or native_lowbit, algo, shapes, dtype, master, kinds)
     worst = {"ratio": 0.0}
     for t in range(1, steps + 1):
         step_lr = lr * (1.0 + 0.5 * math.sin(0.7 * t))

@@ -36,6 +36,7 @@ _AUTO_FALLBACK = ("foreach",)
 
 _LOW_PRECISION_MODULES = {
     "native": "fastlars.backends.native_lowbit",
+    "triton": "fastlars.backends.triton.lowbit",
     "reference": "fastlars.backends.reference_lowbit",
 }
 """Backends that step low-precision state (bf16 or int8 buffers) and stochastically rounded weights, and the
