@@ -43,7 +43,7 @@ _LOW_PRECISION_MODULES = {
 module that does it (signatures of :mod:`fastlars.backends.reference_lowbit`). The others take fp32 state
 only; asked for low-precision state they raise instead of silently keeping fp32. "auto" tries them in the
 device's auto order, then the reference: native (CPU kernels only, its unavailable_reason says so elsewhere)
-before the reference on the CPU."""
+before the reference on the CPU; on CUDA native has none, so triton (when it imports) steps such groups."""
 
 ENV_OVERRIDE = "FASTLARS_BACKEND"
 """Environment variable naming the backend that ``backend="auto"`` resolves to."""

@@ -7,7 +7,7 @@ v, updating them in fp32, storing them (blockwise quantised / rounded to bf16) a
 and ||u||² of the direction computed from what the stored state decodes to, the second applying
 w ← w − lr·r·u with that same u; LARS decodes its momentum, updates it in fp32, stores it quantised and
 moves the weights by the fp32 momentum. Lists may mix formats (small tensors keep fp32 state). CPU only:
-CUDA groups with low-precision state run on the reference.
+CUDA groups with low-precision state run on :mod:`fastlars.backends.triton.lowbit` (or the reference).
 """
 
 from __future__ import annotations
