@@ -223,3 +223,35 @@ def test_gpu_found_inf_writes_nothing() -> None:
                      lr=0.5, h=nl.LARS_H, grad_scale=None, found_inf=flag)
     assert all(torch.equal(a, b) for a, b in zip(before, side.snapshot()))
     assert all(torch.equal(a, b) for a, b in zip(lars_before, lars_side.snapshot()))
+
+
+@pytest.mark.cuda
+def test_gpu_steps_do_not_synchronise_the_host() -> None:
+    """With lr, the step counts, grad_scale and found_inf on the GPU, a LAMB and a LARS step with int8 state and
+    stochastic rounding make no synchronising CUDA call (torch.cuda.set_sync_debug_mode('error')) once the
+    device tables exist (the first step builds them)."""
+    import test_native_lowbit as nl
+
+    from fastlars.backends import quantization as q
+    from fastlars.backends import reference_lowbit as rl
+    from fastlars.backends.triton import lowbit
+
+    shapes = [(4097,), (3, 300), (0,)]
+    rounding = rl.StochasticRounding(5, [0, 1, 2])
+    params = [p.cuda().to(torch.bfloat16) for p in nl._params(shapes, torch.float32)]
+    grads = [torch.randn_like(p) for p in params]
+    m = [q.QuantizedBuffer.zeros_like(p, q.SIGNED_MAP) for p in params]
+    v = [q.QuantizedBuffer.zeros_like(p, q.UNSIGNED_MAP) for p in params]
+    steps = [torch.ones((), device="cuda") for _ in params]
+    cuda = dict(lr=torch.tensor(0.01, device="cuda"), grad_scale=torch.tensor(2.0, device="cuda"),
+                found_inf=torch.zeros((), device="cuda"), rounding=rounding)
+    norms = torch.ones(len(params), device="cuda")
+    for sync_mode in ("default", "error"):
+        torch.cuda.set_sync_debug_mode(sync_mode)
+        try:
+            lowbit.lamb_step(params, grads, m, v, None, steps, h=nl.LAMB_H, clip_coef=None, **cuda)
+            lowbit.lars_step(params, grads, m, None, norms, steps, h=nl.LARS_H, **cuda)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p.float()).all() for p in params)

@@ -8,7 +8,8 @@ The comparison machinery is the native kernels' (tests/test_native_lowbit.py: Si
 oracle check_one_step every 10th step, TRAJECTORY_TOLERANCES): codes equal but for rounding ties (≤ 1e-4
 of the elements, one code), LAMB scales within 1 ulp, LARS scales and every trust ratio within 1e-5
 relative, weights within 1e-6 of each tensor's largest per step. The interpreter pays ~10 ms per program,
-so the 200-step trajectories run on the issue's small shapes; the large odd tensor takes 4 steps.
+so only the fp32-parameter trajectories take 200 steps (on the issue's small shapes, ~60 s of the file's
+~100 s on a 2-core EPYC); bf16 parameters (masters, stochastic rounding) take 20, the large odd tensors 4.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def test_fp32_params_follow_the_reference_for_200_steps(algo: str) -> None:
 @pytest.mark.parametrize("algo", list(ALGOS))
 def test_bf16_params_with_fp32_masters_follow_the_reference(algo: str) -> None:
     h, lr = ALGOS[algo]
-    _, tri, worst = nl.run_pair(algo, SHAPES, torch.bfloat16, True, 60, h, lr, module=lowbit)
+    _, tri, worst = nl.run_pair(algo, SHAPES, torch.bfloat16, True, 20, h, lr, module=lowbit)
     nl._assert_trajectory(algo, worst)
     for p, m in zip(tri.params, tri.masters):  # each param is its master rounded to nearest
         assert torch.equal(p, m.to(torch.bfloat16))
@@ -80,21 +81,31 @@ def test_bf16_params_with_fp32_masters_follow_the_reference(algo: str) -> None:
 @pytest.mark.parametrize("algo", list(ALGOS))
 def test_bf16_params_with_stochastic_rounding_follow_the_reference(algo: str) -> None:
     h, lr = ALGOS[algo]
-    ref, tri, worst = nl.run_pair(algo, SHAPES, torch.bfloat16, False, 60, h, lr, rounding=_rounding(len(SHAPES)),
+    ref, tri, worst = nl.run_pair(algo, SHAPES, torch.bfloat16, False, 20, h, lr, rounding=_rounding(len(SHAPES)),
                                   module=lowbit)
     nl._assert_trajectory(algo, worst)
     assert nl._rel_error(ref, tri) <= 2e-2
 
 
 @pytest.mark.parametrize("algo", list(ALGOS))
-def test_stochastic_rounding_is_bit_identical_where_the_ratio_is_one(algo: str) -> None:
+def test_stochastic_rounding_is_bit_identical_where_the_ratio_is_one(algo: str, monkeypatch) -> None:
     """Without adaptation no norm enters the update: every element's arithmetic is the reference's, so the
-    stochastically rounded bf16 weights, the int8 codes and scales and the bf16 state are the same bits."""
+    stochastically rounded bf16 weights (element indices offset as shards are, across 2^32), the int8 codes
+    and scales and the bf16 state are the same bits.
+
+    The reference's LAMB takes √v̂ with torch.sqrt, whose vectorised fp32 CPU kernel is one ulp off on about
+    a fifth of the values (quantization.sqrt_rn's docstring); the kernels' √ is IEEE. A one-ulp different
+    w_new flips a stochastic rounding with probability 2^-16, so here the reference's √ is made IEEE."""
+    real_sqrt = torch.sqrt
+    monkeypatch.setattr(torch, "sqrt", lambda x: real_sqrt(x.double()).float() if x.dtype == torch.float32
+                        else real_sqrt(x))
     h, lr = ALGOS[algo]
     h = type(h)(**{**h.__dict__, "adapt": False})
     ref = nl.Side(rl, algo, SHAPES, torch.bfloat16, False, nl.MIXED)
     tri = nl.Side(lowbit, algo, SHAPES, torch.bfloat16, False, nl.MIXED)
-    rounding = _rounding(len(SHAPES), seed=99)
+    # shard offsets, some crossing 2^32 within the tensor: the bits' hi32(i) changes there
+    offsets = [k * (2**32 - 300) for k in range(len(SHAPES))]
+    rounding = rl.StochasticRounding(seed=99, tensor_indices=list(range(len(SHAPES))), index_offsets=offsets)
     for t in range(1, 31):
         step_lr = lr * (1.0 + 0.5 * math.sin(0.7 * t))
         ref.step(t, step_lr, h, rounding)
@@ -114,7 +125,7 @@ def test_large_odd_tensors(algo: str) -> None:
 def test_one_state_format_throughout(kind: str) -> None:
     for algo, (h, lr) in ALGOS.items():
         kinds = dict.fromkeys(range(len(SHAPES)), kind)
-        _, _, worst = nl.run_pair(algo, SHAPES, torch.float32, False, 20, h, lr, kinds=kinds, module=lowbit)
+        _, _, worst = nl.run_pair(algo, SHAPES, torch.float32, False, 10, h, lr, kinds=kinds, module=lowbit)
         nl._assert_trajectory(algo, worst)
 
 

@@ -194,27 +194,30 @@ def _bucket(lists: list[list[Tensor]], scale_lists: list[list[Tensor | None]], k
 
 
 # ----------------------------------------------------------------------------- shared pieces
-_KEYS: dict[tuple[int, int], int] = {}
+_ROUNDING_ARGS: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
 
 
 def _rounding_args(rounding: StochasticRounding | None, n: int, device: torch.device, dummy: Tensor
                    ) -> tuple[Tensor, Tensor]:
-    """(sr_tensor_key per entry, element-index offset per entry) on the device (dummies without rounding)."""
+    """(sr_tensor_key per entry, element-index offset per entry) on the device (dummies without rounding);
+    cached, so a step after the first copies nothing to the device."""
     if rounding is None:
         return dummy, dummy
-    keys = []
-    for index in list(rounding.tensor_indices)[:n]:
-        key = _KEYS.get((rounding.seed, index))
-        if key is None:
-            key = _KEYS[rounding.seed, index] = q.sr_tensor_key(rounding.seed, index, q.STREAM_PARAM)
-        keys.append(key)
-    if len(keys) != n:
-        raise ValueError(f"rounding: tensor_indices holds {len(keys)} indices, params hold {n}")
-    offsets = [0] * n if rounding.index_offsets is None else list(rounding.index_offsets)
+    indices = tuple(rounding.tensor_indices)
+    offsets = (0,) * n if rounding.index_offsets is None else tuple(rounding.index_offsets)
+    if len(indices) != n:
+        raise ValueError(f"rounding: tensor_indices holds {len(indices)} indices, params hold {n}")
     if len(offsets) != n:
         raise ValueError(f"rounding: index_offsets holds {len(offsets)} offsets, params hold {n}")
-    return (torch.tensor(keys, dtype=torch.int64).to(device, non_blocking=True),
-            torch.tensor(offsets, dtype=torch.int64).to(device, non_blocking=True))
+    cache_key = (device, rounding.seed, indices, offsets)
+    hit = _ROUNDING_ARGS.get(cache_key)
+    if hit is None:
+        keys = [q.sr_tensor_key(rounding.seed, index, q.STREAM_PARAM) for index in indices]
+        hit = (torch.tensor(keys, dtype=torch.int64).to(device), torch.tensor(offsets, dtype=torch.int64).to(device))
+        _ROUNDING_ARGS[cache_key] = hit
+        while len(_ROUNDING_ARGS) > _CACHE_SIZE:
+            _ROUNDING_ARGS.popitem(last=False)
+    return hit
 
 
 def _steps(steps: Sequence[Tensor] | None, n: int, device: torch.device, dummy: Tensor) -> Tensor:
