@@ -38,7 +38,8 @@ SHAPES = [(1,), (255,), (256,), (257,), (4095,), (4096,), (4097,), (3, 300), (2,
 """The issue's shapes, multi-row 2-D and 4-D tensors (ragged blocks at every row end) and an empty one;
 nl.MIXED keeps tensor 1 in fp32 and tensor 4 in bf16 state, so every call mixes formats."""
 LARGE_ODD = [(131, 1031), (7, 3, 11, 13)]
-"""131 rows of 1,031 (four full blocks and one of 7 per row: 655 blocks, 41 programs) and a 4-D odd one."""
+"""131 rows of 1,031 (four full blocks and one of 7 per row: 655 blocks, 21 programs of 32 blocks under the
+interpreter) and a 4-D odd one."""
 STEPS = 200
 ALGOS = {"lamb": (nl.LAMB_H, 0.02), "lars": (nl.LARS_H, 0.5)}
 
@@ -270,6 +271,11 @@ def test_bad_input_raises_before_writing() -> None:
         args.update(change)
         with pytest.raises(ValueError, match=message):
             lowbit.lamb_step(**args, lr=0.02, h=nl.LAMB_H, clip_coef=None, grad_scale=None, found_inf=None)
+    transposed = torch.randn(300, 20).t()  # dense, but not in storage order: int8 blocks refuse it
+    codes = q.QuantizedBuffer.zeros_like(transposed, q.SIGNED_MAP)
+    with pytest.raises(ValueError, match=r"params\[0\]: strides"):
+        lowbit.lars_step([transposed], [torch.zeros_like(transposed)], [codes], None, torch.ones(1), lr=0.5,
+                         h=nl.LARS_H, grad_scale=None, found_inf=None)
     with pytest.raises(ValueError, match="grad_norms"):
         lowbit.lars_step(side.params, grads, m, None, torch.zeros(1), lr=0.5, h=nl.LARS_H, grad_scale=None,
                          found_inf=None)
@@ -294,3 +300,18 @@ def test_optimizer_classes_step_triton_int8_like_the_reference(cls, kw) -> None:
         runs[backend] = [p.detach().clone() for p in params]
     for a, b in zip(runs["reference"], runs["triton"]):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5 * float(a.abs().max()))
+
+
+def test_any_dense_layout_with_full_precision_state() -> None:
+    """Tensors without int8 buffers or stochastic rounding are stepped in memory order whatever their layout."""
+    for algo, (h, lr) in ALGOS.items():
+        sides = [nl.Side(m, algo, [(300, 20)], torch.float32, False, {0: "bf16"}) for m in (rl, lowbit)]
+        for side in sides:
+            side.params = [p.t() for p in side.params]
+            side.buffers = [[b.t() for b in bufs] for bufs in side.buffers]
+        for t in range(1, 3):
+            r_ref, r_tri = (side.step(t, lr, h) for side in sides)
+            torch.testing.assert_close(r_tri, r_ref, rtol=1e-5, atol=0)
+        worst = nl.compare_state(*sides)
+        assert worst["full_rel"] <= 1e-2, worst  # bf16 state: one bf16 ulp at most
+        torch.testing.assert_close(sides[1].params[0], sides[0].params[0], rtol=0, atol=1e-6)

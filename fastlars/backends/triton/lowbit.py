@@ -46,7 +46,7 @@ except ImportError:  # reported by the fp32 Triton backend's unavailable_reason
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.uint8: 3}
 """Storage kind of an array in the kernels: fp32, bf16, fp16, int8 codes."""
 
-QB = 16 if getattr(kernels, "INTERPRETED", False) else 8
+QB = 32 if getattr(kernels, "INTERPRETED", False) else 8
 """Quantisation blocks per program (each of BLOCK elements); the interpreter pays per operation, so
 there a program takes more."""
 BLOCK = q.BLOCK_SIZE
@@ -87,9 +87,10 @@ def _split(buffers: Sequence[StateBuffer], code_map: q.CodeMap, name: str, param
     return values, scales
 
 
-def _check(params: list[Tensor], grads: list[Tensor], masters: list[Tensor] | None, per_tensor: dict[str, list]
-           ) -> None:
-    """Counts, dtypes, devices and layouts, before anything is written."""
+def _check(params: list[Tensor], grads: list[Tensor], masters: list[Tensor] | None, per_tensor: dict[str, list],
+           ordered: list[bool]) -> None:
+    """Counts, dtypes, devices and, where ``ordered`` (int8 blocks or stochastic rounding), the storage-order
+    layouts, before anything is written."""
     n = len(params)
     for name, lst in (("grads", grads), ("master_params", masters or params), *per_tensor.items()):
         if lst is not None and len(lst) != n:
@@ -104,10 +105,18 @@ def _check(params: list[Tensor], grads: list[Tensor], masters: list[Tensor] | No
             raise ValueError(f"params[{i}]: on {p.device}, params[0] on {device}")
         if masters is not None and masters[i].dtype != torch.float32:
             raise ValueError(f"master_params[{i}]: expected float32, got {masters[i].dtype}")
-        if p.numel() > 1 and not _storage_order(p):
+        if ordered[i] and p.numel() > 1 and not _storage_order(p):
             raise ValueError(f"params[{i}]: strides {p.stride()} are neither contiguous nor channels_last; int8 blocks "
                              "and stochastic rounding follow the storage order of those layouts only (the reference "
                              "backend takes any layout)")
+
+
+def _ordered(params: list[Tensor], masters: list[Tensor] | None, rounding: StochasticRounding | None,
+             *scales: list[Tensor | None]) -> list[bool]:
+    """Per tensor: whether its layout must be the storage order (int8 blocks, stochastically rounded)."""
+    rounded = rounding is not None and masters is None
+    return [(rounded and p.dtype == torch.bfloat16) or any(s[i] is not None for s in scales)
+            for i, p in enumerate(params)]
 
 
 def _storage_order(t: Tensor) -> bool:
@@ -293,7 +302,8 @@ def lamb_step(
         return _empty_ratios(params)
     m_values, m_scales = _split(exp_avgs, q.SIGNED_MAP, "exp_avgs", params)
     v_values, v_scales = _split(exp_avg_sqs, q.UNSIGNED_MAP, "exp_avg_sqs", params)
-    _check(params, grads, master_params, {"steps": steps})
+    ordered = _ordered(params, master_params, rounding, m_scales, v_scales)
+    _check(params, grads, master_params, {"steps": steps}, ordered)
     n = len(params)
     device = params[0].device
     master = master_params is not None
@@ -372,7 +382,8 @@ def lars_step(
     if not params:
         return _empty_ratios(params)
     values, scales = _split(momentum_buffers, q.SIGNED_MAP, "momentum_buffers", params)
-    _check(params, grads, master_params, {} if steps is None else {"steps": steps})
+    _check(params, grads, master_params, {} if steps is None else {"steps": steps},
+           _ordered(params, master_params, rounding, scales))
     n = len(params)
     if grad_norms.numel() != n:
         raise ValueError(f"grad_norms: holds {grad_norms.numel()} norms, params hold {n}")
