@@ -50,6 +50,10 @@ def test_auto_steps_low_precision_state_on_cuda_with_triton(monkeypatch) -> None
     assert backends.low_precision_unavailable_reason("triton", cuda) is None
     assert backends.resolve_low_precision("auto", cuda) == "triton"
     assert backends.resolve_low_precision("auto", torch.device("cpu")) in ("native", "reference")
+    monkeypatch.setenv(backends.ENV_OVERRIDE, "native")  # native's low-precision kernels are CPU-only
+    assert backends.resolve_low_precision("auto", cuda) == "triton"
+    monkeypatch.setenv(backends.ENV_OVERRIDE, "reference")
+    assert backends.resolve_low_precision("auto", cuda) == "reference"
 
 
 # ------------------------------------------------------------------------------- sm_90 PTX

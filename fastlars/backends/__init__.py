@@ -116,12 +116,14 @@ def load_low_precision(name: str) -> ModuleType:
 
 def resolve_low_precision(name: str, device: torch.device) -> str:
     """The concrete backend for a group with low-precision state on ``device``: for "auto" (and the
-    FASTLARS_BACKEND override when it names a backend that cannot) the first of the device's "auto"
-    order that steps such state, else the reference; an explicit name must step it (ValueError)."""
+    FASTLARS_BACKEND override when it names a backend that cannot step such state on ``device``, e.g.
+    native, whose low-precision kernels are CPU-only, on CUDA) the first of the device's "auto" order that
+    steps such state, else the reference; an explicit name must step it (ValueError)."""
     name = validate_backend_name(name)
     if name == "auto":
         override = os.environ.get(ENV_OVERRIDE)
-        if override and supports_low_precision_state(override):
+        if (override and supports_low_precision_state(override)
+                and low_precision_unavailable_reason(override, device) is None):
             return resolve(override, device)
         for candidate in (*_AUTO_ORDER.get(device.type, _AUTO_FALLBACK), "reference"):
             if supports_low_precision_state(candidate) and low_precision_unavailable_reason(candidate, device) is None:

@@ -395,7 +395,7 @@ def lars_step(
     scale, has_scale = ops._scalar(grad_scale, device, flag)
     lr_value, lr_t, lr_is_tensor = _lr(lr, device, flag)
     gnorm = grad_norms.to(device=device, dtype=torch.float32).reshape(n)
-    t = _steps(steps, n, device, flag)
+    t = _steps(steps if rounding is not None else None, n, device, flag)  # only stochastic rounding reads t
     keys, offsets = _rounding_args(rounding, n, device, flag)
     wsq = torch.zeros(n, dtype=torch.float32, device=device)
     if h.adapt:
