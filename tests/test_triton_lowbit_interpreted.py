@@ -315,3 +315,26 @@ def test_any_dense_layout_with_full_precision_state() -> None:
         worst = nl.compare_state(*sides)
         assert worst["full_rel"] <= 1e-2, worst  # bf16 state: one bf16 ulp at most
         torch.testing.assert_close(sides[1].params[0], sides[0].params[0], rtol=0, atol=1e-6)
+
+
+def test_tiny_gradients_flush_subnormal_blocks_like_the_reference() -> None:
+    """Gradients from 1e-18 down to 1e-30: v = (1−β2)·g² reaches subnormal block maxima (stored as scale 0,
+    codes 0) and blocks mix normal with subnormal elements; both sides store the same codes and scales."""
+    shapes = [(4097,), (3, 300), (600,), (257,)]
+    sides = [nl.Side(m, "lamb", shapes, torch.float32, False, {}) for m in (rl, lowbit)]
+    for t in range(1, 4):
+        grads = nl._grads(sides[0].weights, t)
+        grads = [g * 10.0 ** (-18 - 4 * k) for k, g in enumerate(grads)]
+        grads[3][::7] *= 1e-9  # m: subnormal elements (1e-40) in blocks with a normal maximum (1e-31)
+        ratios = []
+        for side in sides:
+            for s in side.steps:
+                s += 1
+            ratios.append(side.module.lamb_step(side.params, [g.clone() for g in grads], *side.buffers, None,
+                                                side.steps, lr=0.02, h=nl.LAMB_H, clip_coef=None, grad_scale=None,
+                                                found_inf=None))
+        torch.testing.assert_close(ratios[1], ratios[0], rtol=1e-5, atol=0)
+    worst = nl.compare_state(*sides)
+    assert worst["code_fraction"] <= 1e-4 and worst["code_max"] <= 1 and worst["scale_ulps"] <= 1, worst
+    v_scales = torch.cat([b.absmax.flatten() for b in sides[1].buffers[1]])
+    assert (v_scales == 0).any() and (v_scales > 0).any()  # flushed blocks and normal ones
