@@ -56,6 +56,17 @@ def test_auto_steps_low_precision_state_on_cuda_with_triton(monkeypatch) -> None
     assert backends.resolve_low_precision("auto", cuda) == "reference"
 
 
+@pytest.mark.skipif(_TRITON_MISSING is not None, reason=f"triton backend: {_TRITON_MISSING}")
+def test_signatures_are_the_specs() -> None:
+    import inspect
+
+    from fastlars.backends import reference_lowbit
+    from fastlars.backends.triton import lowbit
+
+    for name in ("lamb_step", "lars_step"):
+        assert inspect.signature(getattr(lowbit, name)) == inspect.signature(getattr(reference_lowbit, name)), name
+
+
 # ------------------------------------------------------------------------------- sm_90 PTX
 _POINTERS = {"addr_table": "*i64", "scale_table": "*i64", "row_ptr": "*i64", "bpr_ptr": "*i64",
              "nblocks_ptr": "*i64", "chunk_tensor_ptr": "*i32", "chunk_block_ptr": "*i64", "index_ptr": "*i32",

@@ -23,7 +23,7 @@ TRITON_INTERPRET=1 (as :mod:`fastlars.backends.triton`).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -275,7 +275,13 @@ def _empty_ratios(params: list[Tensor]) -> Tensor:
     return torch.zeros(0, dtype=torch.float32, device=params[0].device if params else "cpu")
 
 
+def _on_params_device(step: Callable) -> Callable:
+    """Launch on the params' GPU (the fp32 ops' device guard); unchanged when triton is missing."""
+    return step if kernels is None else ops._on_tensor_device(step)
+
+
 # -------------------------------------------------------------------------------------- LAMB
+@_on_params_device
 def lamb_step(
     params: list[Tensor],
     grads: list[Tensor],
@@ -355,6 +361,7 @@ def lamb_step(
 
 
 # -------------------------------------------------------------------------------------- LARS
+@_on_params_device
 def lars_step(
     params: list[Tensor],
     grads: list[Tensor],
