@@ -22,6 +22,8 @@ TRITON_INTERPRET=1 (as :mod:`fastlars.backends.triton`).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -276,8 +278,17 @@ def _empty_ratios(params: list[Tensor]) -> Tensor:
 
 
 def _on_params_device(step: Callable) -> Callable:
-    """Launch on the params' GPU (the fp32 ops' device guard); unchanged when triton is missing."""
-    return step if kernels is None else ops._on_tensor_device(step)
+    """Run ``step`` with its params' GPU as the current device: Triton launches on the current device (the
+    fp32 ops' guard, here for params given by position or by name)."""
+
+    @functools.wraps(step)
+    def run(*args: object, **kwargs: object) -> object:
+        params = args[0] if args else kwargs.get("params")
+        on_gpu = isinstance(params, list) and params and params[0].is_cuda
+        with torch.cuda.device(params[0].device) if on_gpu else contextlib.nullcontext():
+            return step(*args, **kwargs)
+
+    return run
 
 
 # -------------------------------------------------------------------------------------- LAMB
