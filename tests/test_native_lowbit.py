@@ -230,7 +230,8 @@ def run_pair(algo: str, shapes, dtype: torch.dtype, master: bool, steps: int, h,
     against the one-step oracle, check_one_step); returns both sides and the worst figures of the whole
     trajectories: ratio difference (relative), weight difference (of each tensor's largest weight, fp32;
     in bf16 ulps and the fraction of elements that differ, bf16), code and scale differences. ``module``: the
-    backend module of the native side (default native_lowbit; tests/test_native_cuda_lowbit.py passes others)."""
+    backend module of the native side (default native_lowbit; tests/test_native_cuda_lowbit.py and
+    tests/test_triton_lowbit_interpreted.py pass others)."""
     kinds = MIXED if kinds is None else kinds
     ref = Side(rl, algo, shapes, dtype, master, kinds)
     nat = Side(native_lowbit if module is None else module, algo, shapes, dtype, master, kinds)

@@ -36,13 +36,14 @@ _AUTO_FALLBACK = ("foreach",)
 
 _LOW_PRECISION_MODULES = {
     "native": "fastlars.backends.native_lowbit",
+    "triton": "fastlars.backends.triton.lowbit",
     "reference": "fastlars.backends.reference_lowbit",
 }
 """Backends that step low-precision state (bf16 or int8 buffers) and stochastically rounded weights, and the
 module that does it (signatures of :mod:`fastlars.backends.reference_lowbit`). The others take fp32 state
 only; asked for low-precision state they raise instead of silently keeping fp32. "auto" tries them in the
 device's auto order, then the reference: native (CPU and CUDA kernels; its unavailable_reason says why not
-where the extension lacks them) before the reference."""
+where the extension lacks them) before triton (CUDA, or the CPU under its interpreter) before the reference."""
 
 ENV_OVERRIDE = "FASTLARS_BACKEND"
 """Environment variable naming the backend that ``backend="auto"`` resolves to."""
@@ -115,12 +116,14 @@ def load_low_precision(name: str) -> ModuleType:
 
 def resolve_low_precision(name: str, device: torch.device) -> str:
     """The concrete backend for a group with low-precision state on ``device``: for "auto" (and the
-    FASTLARS_BACKEND override when it names a backend that cannot) the first of the device's "auto"
-    order that steps such state, else the reference; an explicit name must step it (ValueError)."""
+    FASTLARS_BACKEND override when it names a backend that cannot step such state on ``device``, e.g.
+    native on a build without the CUDA low-precision kernels) the first of the device's "auto" order that
+    steps such state, else the reference; an explicit name must step it (ValueError)."""
     name = validate_backend_name(name)
     if name == "auto":
         override = os.environ.get(ENV_OVERRIDE)
-        if override and supports_low_precision_state(override):
+        if (override and supports_low_precision_state(override)
+                and low_precision_unavailable_reason(override, device) is None):
             return resolve(override, device)
         for candidate in (*_AUTO_ORDER.get(device.type, _AUTO_FALLBACK), "reference"):
             if supports_low_precision_state(candidate) and low_precision_unavailable_reason(candidate, device) is None:

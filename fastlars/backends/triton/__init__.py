@@ -10,6 +10,9 @@ Where it runs: on CUDA devices whenever ``triton`` imports; on CPU tensors only 
 interpreter, i.e. when ``TRITON_INTERPRET=1`` was set before triton (and fastlars) were imported. That
 is how CI checks these kernels without a GPU. Importing this module never fails: without triton the
 backend reports itself unavailable with the reason, and naming it explicitly raises that reason.
+
+Low-precision state (bf16 / blockwise int8 moments, stochastically rounded bf16 weights) is stepped by
+:mod:`fastlars.backends.triton.lowbit` (the maths of :mod:`fastlars.backends.reference_lowbit`).
 """
 
 from __future__ import annotations
