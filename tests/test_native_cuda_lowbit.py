@@ -502,13 +502,15 @@ def test_gpu_optimizer_classes_pick_and_step_native_int8(native_cuda_lowbit, cls
 
 def test_auto_picks_native_for_low_precision_state_where_its_kernels_are(monkeypatch) -> None:
     """backends.resolve_low_precision("auto", cuda): native when its low-precision kernels are registered for
-    CUDA, else the reference (this machine's extension, built without CUDA, says why)."""
+    CUDA, else triton where it imports, else the reference (this machine's extension, built without CUDA,
+    says why)."""
     from fastlars import backends
 
     monkeypatch.delenv(backends.ENV_OVERRIDE, raising=False)
     cuda = torch.device("cuda")
     if native_lowbit.unavailable_reason(cuda) is not None:
-        assert backends.resolve_low_precision("auto", cuda) == "reference"
+        fallback = "triton" if backends.low_precision_unavailable_reason("triton", cuda) is None else "reference"
+        assert backends.resolve_low_precision("auto", cuda) == fallback
     monkeypatch.setattr(backends.load("native"), "unavailable_reason", lambda device: None)
     monkeypatch.setattr(native_lowbit, "unavailable_reason", lambda device: None)
     assert backends.resolve_low_precision("auto", cuda) == "native"

@@ -44,14 +44,17 @@ def test_interpreted_lowbit_suite() -> None:
 
 @pytest.mark.skipif(_TRITON_MISSING is not None, reason=f"triton backend: {_TRITON_MISSING}")
 def test_auto_steps_low_precision_state_on_cuda_with_triton(monkeypatch) -> None:
-    """Native CUDA has no low-precision kernels, so "auto" takes the next backend of the CUDA order that has."""
+    """Where the extension has no native CUDA low-precision kernels (this machine's CPU build), "auto" takes the
+    next backend of the CUDA order that has: triton; with them, native comes first."""
     monkeypatch.delenv(backends.ENV_OVERRIDE, raising=False)
     cuda = torch.device("cuda")
     assert backends.low_precision_unavailable_reason("triton", cuda) is None
-    assert backends.resolve_low_precision("auto", cuda) == "triton"
+    native_cuda = backends.low_precision_unavailable_reason("native", cuda) is None
+    first = "native" if native_cuda else "triton"
+    assert backends.resolve_low_precision("auto", cuda) == first
     assert backends.resolve_low_precision("auto", torch.device("cpu")) in ("native", "reference")
-    monkeypatch.setenv(backends.ENV_OVERRIDE, "native")  # native's low-precision kernels are CPU-only
-    assert backends.resolve_low_precision("auto", cuda) == "triton"
+    monkeypatch.setenv(backends.ENV_OVERRIDE, "native")  # taken only where native steps such state on CUDA
+    assert backends.resolve_low_precision("auto", cuda) == first
     monkeypatch.setenv(backends.ENV_OVERRIDE, "reference")
     assert backends.resolve_low_precision("auto", cuda) == "reference"
 
