@@ -27,6 +27,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/param_checks.h"
 #include "../common/quant_math.h"
 #include "../common/step_math.h"
 #include "kernels.h"
@@ -84,16 +85,7 @@ LowbitTensors lowbit_tensors(at::TensorList params, at::TensorList grads,
     const at::Tensor& p = params[i];
     check_dense_cpu(p, "params", i);
     check_supported_dtype(p, "params", i);
-    check_like(grads[i], p, "grads", i);
-    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(), "grads[", i, "]: dtype ", grads[i].scalar_type(),
-                " differs from its param's ", p.scalar_type());
-    const bool master =
-        !masters.empty() && !masters[i].is_same(p) && !(p.numel() > 0 && masters[i].data_ptr() == p.data_ptr());
-    if (master) {
-      check_like(masters[i], p, "master_params", i);
-      TORCH_CHECK(masters[i].scalar_type() == at::kFloat, "master_params[", i, "]: expected float32, got ",
-                  masters[i].scalar_type());
-    }
+    const bool master = param_checks::check_grad_and_master(p, grads[i], masters, i, check_like);
     const bool rounded = stochastic_rounding && masters.empty() && p.scalar_type() == at::kBFloat16;
     bool any_codes = false;
     const int64_t rows = p.dim() >= 2 ? p.size(0) : 1;

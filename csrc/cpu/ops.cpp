@@ -21,6 +21,7 @@
 #include <optional>
 #include <vector>
 
+#include "../common/param_checks.h"
 #include "../common/step_math.h"
 #include "kernels.h"
 #include "lars_ratios.h"
@@ -57,17 +58,7 @@ StepTensors step_tensors(at::TensorList params, at::TensorList grads,
     const at::Tensor& p = params[i];
     check_dense_cpu(p, "params", i);
     check_supported_dtype(p, "params", i);
-    check_like(grads[i], p, "grads", i);
-    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(), "grads[", i, "]: dtype ", grads[i].scalar_type(),
-                " differs from its param's ", p.scalar_type());
-    // An entry that is the param itself (or shares its storage) means: no master for this one.
-    const bool master =
-        !masters.empty() && !masters[i].is_same(p) && !(p.numel() > 0 && masters[i].data_ptr() == p.data_ptr());
-    if (master) {
-      check_like(masters[i], p, "master_params", i);
-      TORCH_CHECK(masters[i].scalar_type() == at::kFloat, "master_params[", i, "]: expected float32, got ",
-                  masters[i].scalar_type());
-    }
+    const bool master = param_checks::check_grad_and_master(p, grads[i], masters, i, check_like);
     const at::ScalarType state_type = master ? at::kFloat : p.scalar_type();
     for (size_t b = 0; b < buffers.size(); ++b) {
       const auto& [list, name] = buffers[b];

@@ -15,6 +15,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/param_checks.h"
 #include "glue.h"
 #include "host_plan.h"
 #include "lowbit_launch.h"
@@ -74,16 +75,7 @@ LowbitCall lowbit_call(at::TensorList params, at::TensorList grads, const Buffer
     const at::Tensor& p = params[i];
     check_dense(p, "params", i, device);
     const DType dt = dtype_of(p, "params", i);
-    check_like(grads[i], p, "grads", i);
-    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(), "grads[", i, "]: dtype ", grads[i].scalar_type(),
-                " differs from its param's ", p.scalar_type());
-    const bool master =
-        !masters.empty() && !masters[i].is_same(p) && !(p.numel() > 0 && masters[i].data_ptr() == p.data_ptr());
-    if (master) {
-      check_like(masters[i], p, "master_params", i);
-      TORCH_CHECK(masters[i].scalar_type() == at::kFloat, "master_params[", i, "]: expected float32, got ",
-                  masters[i].scalar_type());
-    }
+    const bool master = param_checks::check_grad_and_master(p, grads[i], masters, i, check_like);
     if (!keys.empty()) {
       TORCH_CHECK(keys[i] >= 0 && keys[i] <= 0xFFFFFFFFll, "rounding_keys[", i, "]: expected a 32-bit key, got ",
                   keys[i]);

@@ -32,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "../common/param_checks.h"
 #include "glue.h"
 #include "host_plan.h"
 
@@ -69,17 +70,7 @@ std::vector<Storage> step_storage(at::TensorList params, at::TensorList grads,
     const at::Tensor& p = params[i];
     check_dense(p, "params", i, device);
     const DType dt = dtype_of(p, "params", i);
-    check_like(grads[i], p, "grads", i);
-    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(), "grads[", i, "]: dtype ", grads[i].scalar_type(),
-                " differs from its param's ", p.scalar_type());
-    // An entry that is the param itself (or a view of its storage) means: no master for this one.
-    const bool master =
-        !masters.empty() && !masters[i].is_same(p) && !(p.numel() > 0 && masters[i].data_ptr() == p.data_ptr());
-    if (master) {
-      check_like(masters[i], p, "master_params", i);
-      TORCH_CHECK(masters[i].scalar_type() == at::kFloat, "master_params[", i, "]: expected float32, got ",
-                  masters[i].scalar_type());
-    }
+    const bool master = param_checks::check_grad_and_master(p, grads[i], masters, i, check_like);
     const at::ScalarType state_type = master ? at::kFloat : p.scalar_type();
     for (const auto& [list, name] : buffers) {
       check_like(list[i], p, name, i);
