@@ -192,6 +192,30 @@ at::Tensor ratio_buffer(const std::optional<at::Tensor>& trust_ratios, bool adap
   return trust_ratios.has_value() && trust_ratios->defined() ? at::ones({count}, options) : at::empty({count}, options);
 }
 
+// The launches of one step: this step's device scalars (lr, grad scale, found_inf), two partial sums per
+// chunk when it adapts and the ratio buffer, then launch(table, storage, scalars, grid, stream) for each
+// table of the call, and the ratios recorded into trust_ratios.
+template <typename Launch>
+void launch_tables(const LowbitCall& call, const at::Device& device, const DeviceScope& scope, bool adapt, double lr,
+                   const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& trust_ratios,
+                   const Launch& launch) {
+  const Lr rate = learning_rate(lr, lr_tensor, device);
+  const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
+  at::Tensor partials = at::empty({adapt ? 2 * total_chunks(call) : 0}, options);
+  at::Tensor ratios = ratio_buffer(trust_ratios, adapt, call.numel.size(), options);
+  const StepScalars s{rate.ptr, rate.value, device_scalar(grad_scale, device, "grad_scale"),
+                      device_scalar(found_inf, device, "found_inf"), partials.data_ptr<float>(),
+                      ratios.data_ptr<float>()};
+  const int sms = device_facts(device).sm_count;
+  const cudaStream_t stream = scope.stream();
+  for_each_table(call, [&](const LowbitTable& table, Storage st, int64_t chunks) {
+    launch(table, st, s, chunk_grid(chunks, sms), stream);
+    FASTLARS_LAUNCH_CHECK();
+  });
+  record_ratios(trust_ratios, ratios, adapt, found_inf);
+}
+
 void lamb_lowbit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                            at::TensorList exp_avg_absmax, at::TensorList exp_avg_sqs,
                            at::TensorList exp_avg_sq_absmax, at::TensorList master_params, at::TensorList steps,
@@ -215,20 +239,10 @@ void lamb_lowbit_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
                                             decoupled_decay, trust_clip, adapt, bounds.has, bounds.lo, bounds.hi,
                                             maximize, step_values.data_ptr<float>(),
                                             device_scalar(clip_coef, device, "clip_coef"));
-  const Lr rate = learning_rate(lr, lr_tensor, device);
-  const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
-  at::Tensor partials = at::empty({adapt ? 2 * total_chunks(call) : 0}, options);
-  at::Tensor ratios = ratio_buffer(trust_ratios, adapt, params.size(), options);
-  const StepScalars s{rate.ptr, rate.value, device_scalar(grad_scale, device, "grad_scale"),
-                      device_scalar(found_inf, device, "found_inf"), partials.data_ptr<float>(),
-                      ratios.data_ptr<float>()};
-  const int sms = device_facts(device).sm_count;
-  const cudaStream_t stream = scope.stream();
-  for_each_table(call, [&](const LowbitTable& table, Storage st, int64_t chunks) {
-    launch_lamb_lowbit(table, st, opt, s, chunk_grid(chunks, sms), stream);
-    FASTLARS_LAUNCH_CHECK();
-  });
-  record_ratios(trust_ratios, ratios, adapt, found_inf);
+  launch_tables(call, device, scope, adapt, lr, lr_tensor, grad_scale, found_inf, trust_ratios,
+                [&](const LowbitTable& table, Storage st, const StepScalars& s, int grid, cudaStream_t stream) {
+                  launch_lamb_lowbit(table, st, opt, s, grid, stream);
+                });
 }
 
 void lars_lowbit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -260,20 +274,10 @@ void lars_lowbit_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
       make_lars_options(momentum, weight_decay, trust_coefficient, eps, nesterov, trust_clip, mlperf_momentum, adapt,
                         bounds.has, bounds.lo, bounds.hi, maximize, fold ? nullptr : grad_norms.data_ptr<float>()),
       any_rounded ? step_values.data_ptr<float>() : nullptr};
-  const Lr rate = learning_rate(lr, lr_tensor, device);
-  const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
-  at::Tensor partials = at::empty({adapt ? 2 * total_chunks(call) : 0}, options);
-  at::Tensor ratios = ratio_buffer(trust_ratios, adapt, n, options);
-  const StepScalars s{rate.ptr, rate.value, device_scalar(grad_scale, device, "grad_scale"),
-                      device_scalar(found_inf, device, "found_inf"), partials.data_ptr<float>(),
-                      ratios.data_ptr<float>()};
-  const int sms = device_facts(device).sm_count;
-  const cudaStream_t stream = scope.stream();
-  for_each_table(call, [&](const LowbitTable& table, Storage st, int64_t chunks) {
-    launch_lars_lowbit(table, st, opt, s, chunk_grid(chunks, sms), stream);
-    FASTLARS_LAUNCH_CHECK();
-  });
-  record_ratios(trust_ratios, ratios, adapt, found_inf);
+  launch_tables(call, device, scope, adapt, lr, lr_tensor, grad_scale, found_inf, trust_ratios,
+                [&](const LowbitTable& table, Storage st, const StepScalars& s, int grid, cudaStream_t stream) {
+                  launch_lars_lowbit(table, st, opt, s, grid, stream);
+                });
 }
 
 }  // namespace

@@ -246,6 +246,27 @@ def lars_update_kernel(
 
 
 @device_function
+def lars_momentum(v, d, lr_v, ratio, momentum, NESTEROV: tl.constexpr, MLPERF: tl.constexpr):
+    """LARS's momentum step on d = g + λ·w (reference.lars_step): MLPerf form v' = μ·v + lr·r·d, update v'
+    (Nesterov: μ·v' + lr·r·d); torch form v' = μ·v + r·d, update lr·v' (Nesterov: lr·(μ·v' + r·d)).
+    Returns (v', update)."""
+    if MLPERF:
+        step_d = lr_v * ratio * d
+        v_new = momentum * v + step_d
+        if NESTEROV:
+            update = momentum * v_new + step_d
+        else:
+            update = v_new
+    else:
+        v_new = momentum * v + ratio * d
+        if NESTEROV:
+            update = lr_v * (momentum * v_new + ratio * d)
+        else:
+            update = lr_v * v_new
+    return v_new, update
+
+
+@device_function
 def _lars_block(
     idx, n, keep, p_ptr, g_ptr, v_ptr, w_ptr, lr_v, ratio, inv_scale, momentum, weight_decay,
     P_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr, MASTER: tl.constexpr, NESTEROV: tl.constexpr,
@@ -265,19 +286,7 @@ def _lars_block(
     if MAXIMIZE:
         g = -g
     d = g + weight_decay * w
-    if MLPERF:
-        step_d = lr_v * ratio * d
-        v_new = momentum * v + step_d
-        if NESTEROV:
-            update = momentum * v_new + step_d
-        else:
-            update = v_new
-    else:
-        v_new = momentum * v + ratio * d
-        if NESTEROV:
-            update = lr_v * (momentum * v_new + ratio * d)
-        else:
-            update = lr_v * v_new
+    v_new, update = lars_momentum(v, d, lr_v, ratio, momentum, NESTEROV, MLPERF)
     w_new = w - update
     tl.store(v_ptr + idx, _round(v_new, V_DTYPE), mask=store)
     tl.store(p_ptr + idx, _round(w_new, P_DTYPE), mask=store)

@@ -1,4 +1,4 @@
-# ruff: noqa: N803, SIM108  (Triton style: UPPER-CASE constexpr arguments; constexpr branches)
+# ruff: noqa: N803  (Triton style: UPPER-CASE constexpr arguments)
 """Triton kernels for low-precision optimizer state: bf16 or blockwise int8 moments, stochastic rounding.
 
 The maths is :mod:`fastlars.backends.reference_lowbit` (THE spec), the format
@@ -41,6 +41,7 @@ from fastlars.backends.triton.kernels import (
     _load_scalars,
     _typed,
     device_function,
+    lars_momentum,
 )
 
 _block_max = tl.max.fn if INTERPRETED else tl.max  # helpers run as plain Python under the interpreter
@@ -353,19 +354,7 @@ def lars_lowbit_kernel(
         g = -g
     d = g + weight_decay * w
     v = _state_load(v_ptr, v_scale, blk, blk_ok, idx, mask, V_KIND, True)
-    if MLPERF:
-        step_d = lr_v * ratio * d
-        v_new = momentum * v + step_d
-        if NESTEROV:
-            update = momentum * v_new + step_d
-        else:
-            update = v_new
-    else:
-        v_new = momentum * v + ratio * d
-        if NESTEROV:
-            update = lr_v * (momentum * v_new + ratio * d)
-        else:
-            update = lr_v * v_new
+    v_new, update = lars_momentum(v, d, lr_v, ratio, momentum, NESTEROV, MLPERF)
     _state_store(v_ptr, v_scale, blk, blk_ok, idx, mask, keep, v_new, V_KIND, True)
     key, offset = _sr_key(steps_ptr, keys_ptr, offsets_ptr, j, ROUNDED)
     _write_weights(p_ptr, w_ptr, idx, mask, keep, w - update, key, offset, P_KIND, MASTER, ROUNDED)
