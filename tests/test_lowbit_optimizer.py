@@ -361,3 +361,26 @@ def test_set_state_dtype_drops_the_host_plan_and_the_next_plan_steps_the_new_for
     assert opt._backend_for(0, params[0].device) == ("native" if native else "reference")
     assert (opt._host_plan is not None) == native
     assert opt.state[params[0]]["exp_avg"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("cls,kw", [(fastlars.LAMB, LAMB_KW), (fastlars.LARS, LARS_KW)], ids=["lamb", "lars"])
+def test_empty_multi_dim_params_with_int8_state_step_on_every_backend(cls, kw) -> None:
+    """A param without rows ((0, 5): rows of 5, no blocks stored) or without columns ((3, 0)) gets int8 state
+    when min_quantized_size is 0; every backend that steps it (the native kernels and the cached host path
+    included) agrees with the reference and keeps the block layout's scale shapes."""
+    shapes = [(0, 5), (3, 0), (0, 2, 3, 3), (7, 301)]
+    runs = {}
+    for backend in ("reference", "native"):
+        if backend == "native" and fastlars.backends.low_precision_unavailable_reason("native", torch.device("cpu")):
+            continue
+        params = _params(shapes=shapes)
+        opt = cls(params, backend=backend, state_dtype="int8", min_quantized_size=0, **kw)
+        for t in range(1, 4):
+            _step(opt, params, t)
+        name = opt.buffer_names[0]
+        for p in params:
+            assert opt.state[p][name].dtype == torch.uint8
+            assert tuple(opt.state[p][name + "_absmax"].shape) == q.block_layout(p.shape).scale_shape
+        runs[backend] = [p.detach().clone() for p in params]
+    for a, b in zip(runs["reference"], runs.get("native", runs["reference"])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

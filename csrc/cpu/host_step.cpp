@@ -427,7 +427,8 @@ class HostPlan {
   bool lowbit_tensors_ok(const Group& g, size_t k) const {
     const at::Tensor& p = g.params[k];
     const int64_t rows = p.dim() >= 2 ? p.size(0) : 1;
-    const int64_t row_length = rows > 0 ? p.numel() / rows : 0;
+    int64_t row_length = p.dim() >= 2 ? 1 : p.numel();  // of the shape, also without rows (block_layout)
+    for (int64_t d = 1; d < p.dim(); ++d) row_length *= p.size(d);
     const int64_t blocks_per_row = (row_length + quant::kBlockSize - 1) / quant::kBlockSize;
     bool any_codes = false;
     for (size_t b = 0; b < g.buffers.size(); ++b) {

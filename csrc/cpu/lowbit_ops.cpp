@@ -89,7 +89,8 @@ LowbitTensors lowbit_tensors(at::TensorList params, at::TensorList grads,
     const bool rounded = stochastic_rounding && masters.empty() && p.scalar_type() == at::kBFloat16;
     bool any_codes = false;
     const int64_t rows = p.dim() >= 2 ? p.size(0) : 1;
-    const int64_t row_length = rows > 0 ? p.numel() / rows : 0;
+    int64_t row_length = p.dim() >= 2 ? 1 : p.numel();  // of the shape, also without rows (block_layout)
+    for (int64_t d = 1; d < p.dim(); ++d) row_length *= p.size(d);
     const int64_t blocks_per_row = (row_length + kBlock - 1) / kBlock;
     for (size_t b = 0; b < buffers.size(); ++b) {
       const auto& [values, scales, name] = buffers[b];
