@@ -61,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=20, help="timed steps per case (after warm-up)")
     p.add_argument("--budget", type=float, default=30.0,
                    help="seconds of timed steps per case at most (slow peers get fewer repeats, never < 5)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="the cases of one table are timed side by side in this many interleaved rounds")
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON, Markdown and PNG")
     p.add_argument("--share", action="store_true", help="measure the optimizer share of a ResNet-50 training step")
     p.add_argument("--share-batches", default=None, help="per-device batches (default 1,4,16 CPU; 32,64,128,256 GPU)")
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--device cuda: no CUDA device is visible")
     if args.repeat < 3:
         p.error("--repeat: at least 3")
+    if args.rounds < 1:
+        p.error("--rounds: at least 1")
     if args.image_size < 64:
         p.error("--image-size: at least 64 (ResNet-50's last stage needs 2×2 maps for batch 1)")
     usable = fastlars.available_backends(device)
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                        for b in ("reference", "foreach", "native", "triton") if b not in usable},
                     **{p_: r for p_, r in skipped.items() if p_ in requested}}
     result = run(device, sets, optims, dtypes, backends, peers, args.repeat, args.budget, threads=counts, states=states,
+                 rounds=args.rounds,
                  on_row=lambda partial: write({**partial, "not_measured": not_measured}, out, f"step_{stem}",
                                               with_plot=False))
     result["not_measured"] = not_measured

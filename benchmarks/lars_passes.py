@@ -28,14 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.measure import time_rounds
 
 CASES = ("grad_norms", "given_norms", "update_only", "step", "fused_sgd", "stream_read", "stream_update2")
 
@@ -87,13 +87,9 @@ def measure(set_name: str = "bert_base", rounds: int = 21) -> dict[str, Any]:
     cases = _cases(set_name)
     for fn in cases.values():
         fn()
-    times: dict[str, list[float]] = {k: [] for k in CASES}
-    for r in range(rounds):
-        for name in CASES[r % len(CASES):] + CASES[: r % len(CASES)]:
-            t0 = time.perf_counter()
-            cases[name]()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    ms = {k: statistics.median(v) for k, v in times.items()}
+    timings = dict(zip(CASES, time_rounds([cases[k] for k in CASES], [rounds] * len(CASES), torch.device("cpu"),
+                                          rounds)))
+    ms = {k: t.median for k, t in timings.items()}
     sgd = ms["fused_sgd"]
     derived = {"w_passes_ms": ms["given_norms"] - ms["update_only"],
                "step_over_sgd": ms["step"] / sgd, "grad_norms_over_sgd": ms["grad_norms"] / sgd,
@@ -102,7 +98,7 @@ def measure(set_name: str = "bert_base", rounds: int = 21) -> dict[str, Any]:
                "w_passes_over_stream_read": (ms["given_norms"] - ms["update_only"]) / ms["stream_read"]}
     return {"params": set_name, "rounds": rounds, "threads": torch.get_num_threads(), "machine": cpu_name(),
             "cpus": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-            "median_ms": ms, "min_ms": {k: min(v) for k, v in times.items()}, "derived": derived}
+            "median_ms": ms, "min_ms": {k: t.low for k, t in timings.items()}, "derived": derived}
 
 
 def report(result: dict[str, Any]) -> str:

@@ -35,13 +35,9 @@ class Timing:
     cpu_over_wall: float | None = None  # process CPU time / wall time over the timed repeats (CPU only)
 
 
-def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 3,
-            budget_s: float | None = None) -> Timing:
-    """Time `fn` after `warmup` calls: CUDA events around each call on a GPU, a monotonic host clock
-    (perf_counter) on the CPU. Returns the median with the min and max. With `budget_s`, a slow `fn`
-    gets fewer repeats so that repeats × (its last warm-up call's time) ≲ budget_s: never fewer than 5,
-    or 3 when one call alone takes over budget_s / 5, which also ends the warm-up after two calls (the
-    first may compile)."""
+def warm_up(fn: Callable[[], Any], device: torch.device, warmup: int = 3, budget_s: float | None = None) -> float:
+    """Calls `fn` `warmup` times (the first may compile) and returns the last call's seconds. With
+    `budget_s`, a call over budget_s / 5 ends the warm-up after two calls."""
     last = 0.0
     for i in range(warmup):
         if device.type == "cuda":
@@ -53,12 +49,25 @@ def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: i
         last = time.perf_counter() - t0
         if budget_s is not None and i >= 1 and last > budget_s / 5:
             break
-    if budget_s is not None and warmup:
-        floor = 3 if last > budget_s / 5 else 5
-        repeats = max(min(repeats, floor), min(repeats, int(budget_s / max(last, 1e-9))))
+    return last
+
+
+def repeats_within(repeats: int, budget_s: float | None, last_s: float) -> int:
+    """How many of `repeats` timed calls fit `budget_s` at `last_s` seconds a call: never fewer than 5, or
+    3 when one call alone takes over budget_s / 5; all of them without a budget."""
+    if budget_s is None:
+        return repeats
+    floor = 3 if last_s > budget_s / 5 else 5
+    return max(min(repeats, floor), min(repeats, int(budget_s / max(last_s, 1e-9))))
+
+
+def _timed_calls(fn: Callable[[], Any], device: torch.device, count: int) -> tuple[list[float], float, float]:
+    """`count` calls of `fn`: their milliseconds (CUDA events on a GPU, perf_counter on the CPU), and the
+    process CPU seconds and wall seconds they spanned."""
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(count)]
         for start, end in events:
             start.record()
             fn()
@@ -67,14 +76,51 @@ def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: i
         times = [start.elapsed_time(end) for start, end in events]
     else:
         times = []
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        for _ in range(repeats):
+        for _ in range(count):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-        cpu_over_wall = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
-        return Timing(statistics.median(times), min(times), max(times), repeats, cpu_over_wall)
-    return Timing(statistics.median(times), min(times), max(times), repeats)
+    return times, time.process_time() - cpu0, time.perf_counter() - wall0
+
+
+def time_rounds(fns: list[Callable[[], Any]], repeats: list[int], device: torch.device,
+                rounds: int = 1) -> list[Timing]:
+    """Times warm functions side by side: `repeats[i]` calls of `fns[i]`, spread over `rounds` rounds; each
+    round times every function for its share of calls, the order rotated by one each round. The speed of a
+    shared machine drifts over minutes (this project's 2-core VM's memory bandwidth moved 1.7× between two
+    runs four minutes apart), and timing one function after the other puts that drift into their ratio;
+    interleaved, every function sees the same minutes. Returns each function's median, min and max over
+    all its calls (with process CPU time / wall time over them on the CPU)."""
+    if len(fns) != len(repeats):
+        raise ValueError(f"{len(fns)} functions but {len(repeats)} repeat counts")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    times: list[list[float]] = [[] for _ in fns]
+    cpu = [0.0] * len(fns)
+    wall = [0.0] * len(fns)
+    for r in range(rounds):
+        for k in range(len(fns)):
+            i = (k + r) % len(fns)
+            count = repeats[i] // rounds + (1 if r < repeats[i] % rounds else 0)
+            if count == 0:
+                continue
+            ms, cpu_s, wall_s = _timed_calls(fns[i], device, count)
+            times[i] += ms
+            cpu[i] += cpu_s
+            wall[i] += wall_s
+    return [Timing(statistics.median(t), min(t), max(t), len(t),
+                   cpu[i] / max(wall[i], 1e-9) if device.type == "cpu" else None)
+            for i, t in enumerate(times)]
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 3,
+            budget_s: float | None = None) -> Timing:
+    """Time `fn` after `warmup` calls (warm_up): CUDA events around each call on a GPU, a monotonic host
+    clock (perf_counter) on the CPU. Returns the median with the min and max. With `budget_s`, a slow `fn`
+    gets fewer repeats (repeats_within)."""
+    last = warm_up(fn, device, warmup, budget_s)
+    count = repeats_within(repeats, budget_s, last) if warmup else repeats
+    return time_rounds([fn], [count], device)[0]
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int | None = None, repeats: int = 10) -> float:

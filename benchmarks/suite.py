@@ -23,9 +23,11 @@ from benchmarks.measure import (
     copy_bandwidth_gbs,
     inplace_bandwidth_gbs,
     last_level_cache_bytes,
+    repeats_within,
     roofline_fraction,
     stream_bandwidths_gbs,
-    time_ms,
+    time_rounds,
+    warm_up,
 )
 from benchmarks.params import PARAM_SETS, make_params
 from benchmarks.targets import evaluate, targets_markdown
@@ -164,12 +166,14 @@ def rooflines(device: torch.device, counts: list[int], log: Any = print) -> dict
 def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[str], backends: list[str],
         peers: tuple[str, ...], repeats: int, budget_s: float | None = None, log: Any = print,
         on_row: Callable[[dict[str, Any]], None] | None = None, threads: list[int] | None = None,
-        states: tuple[str, ...] = ("fp32",)) -> dict[str, Any]:
-    """Every (threads, set, dtype, optim, case), one after the other in this process; JSON-ready result.
+        states: tuple[str, ...] = ("fp32",), rounds: int = 5) -> dict[str, Any]:
+    """Every (threads, set, dtype, optim, case) in this process; JSON-ready result. The cases of one
+    (threads, set, dtype, optim) are built together and timed side by side in `rounds` interleaved rounds
+    (measure.time_rounds), so their ratios do not carry the machine's drift between cases.
     `threads`: torch.set_num_threads for each pass over the cases, largest first (default: the current
-    count). `budget_s` caps the timed seconds of a slow case (see time_ms); `on_row` gets the result so far
-    (with "partial": True) after every row, so an interrupted run keeps what it measured. `states`: the
-    state dtypes of the fastlars rows (see plan)."""
+    count). `budget_s` caps the timed seconds of a slow case (see measure.repeats_within); `on_row` gets the
+    result so far (with "partial": True) after every group of rows, so an interrupted run keeps what it
+    measured. `states`: the state dtypes of the fastlars rows (see plan)."""
     counts = threads or [torch.get_num_threads()]
     copy_bw = copy_bandwidth_gbs(device)
     inplace_bw = inplace_bandwidth_gbs(device)
@@ -179,7 +183,8 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
     result: dict[str, Any] = {"machine": machine(device), "copy_bandwidth_gbs": copy_bw,
                               "inplace_bandwidth_gbs": inplace_bw, "rooflines_gbs": roofs,
                               "last_level_cache_bytes": cache, "thread_counts": counts, "repeats": repeats,
-                              "budget_s": budget_s, "states": list(states), "partial": True, "rows": []}
+                              "budget_s": budget_s, "rounds": rounds, "states": list(states), "partial": True,
+                              "rows": []}
     before = torch.get_num_threads()
     try:
         for n in counts:
@@ -190,14 +195,16 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
                 for dtype_name in dtypes:
                     dtype, master = DTYPES[dtype_name]
                     for optim in optims:
-                        for case in plan(optim, backends, peers, device, states):
-                            row = Row(set_name, dtype_name, optim, case.implementation, case.peer, threads=n)
-                            _measure(row, case, shapes, dtype, master, device, repeats, budget_s, copy_bw,
-                                     inplace_bw, roof, cache)
+                        cases = plan(optim, backends, peers, device, states)
+                        rows = [Row(set_name, dtype_name, optim, case.implementation, case.peer, threads=n)
+                                for case in cases]
+                        _measure_side_by_side(rows, cases, shapes, dtype, master, device, repeats, budget_s, rounds,
+                                              Bandwidths(copy_bw, inplace_bw, roof, cache))
+                        for row in rows:
                             result["rows"].append(asdict(row))
                             log(line(row))
-                            if on_row is not None:
-                                on_row(result)
+                        if on_row is not None:
+                            on_row(result)
     finally:
         torch.set_num_threads(before)
     if roofs:  # probed again after the rows: the roofline is the best of both probes
@@ -238,26 +245,45 @@ def apply_rooflines(result: dict[str, Any]) -> None:
     result["over_roofline"] = over
 
 
-def _measure(row: Row, case: Case, shapes: list, dtype: torch.dtype, master: bool, device: torch.device,
-             repeats: int, budget_s: float | None, copy_bw: float, inplace_bw: float, roof: float | None,
-             cache: int) -> None:
-    """Times one case into `row` (or records why it was skipped), then frees its tensors."""
-    params = make_params(shapes, dtype, device)
-    try:
-        step, bytes_of = case.factory(params, master)
-        timing = time_ms(step, device, repeats, budget_s=budget_s)
-    except Exception as exc:
-        row.skipped = f"{type(exc).__name__}: {exc}"[:200]
-    else:
+@dataclass(frozen=True)
+class Bandwidths:
+    """What a row's GB/s is compared with: copy and in-place bandwidth, the roofline on its threads (None
+    on a GPU) and the last-level cache (below which the roofline does not bound a step)."""
+
+    copy_gbs: float
+    inplace_gbs: float
+    roofline_gbs: float | None
+    cache_bytes: int
+
+
+def _measure_side_by_side(rows: list[Row], cases: list[Case], shapes: list, dtype: torch.dtype, master: bool,
+                          device: torch.device, repeats: int, budget_s: float | None, rounds: int,
+                          bandwidths: Bandwidths) -> None:
+    """Builds every case on its own parameters and warms it up (a case that fails records why in its row's
+    `skipped`), times the rest side by side in `rounds` rounds, fills the rows, then frees the tensors."""
+    steps: list[tuple[Row, Callable[[], Any], Callable[[], int], int]] = []
+    for row, case in zip(rows, cases):
+        try:
+            params = make_params(shapes, dtype, device)
+            step, bytes_of = case.factory(params, master)
+            last_s = warm_up(step, device, budget_s=budget_s)
+        except Exception as exc:
+            row.skipped = f"{type(exc).__name__}: {exc}"[:200]
+            continue
+        steps.append((row, step, bytes_of, repeats_within(repeats, budget_s, last_s)))
+        params = step = bytes_of = None
+    timings = time_rounds([s[1] for s in steps], [s[3] for s in steps], device, rounds)
+    for (row, _, bytes_of, _), timing in zip(steps, timings):
         row.ms_median, row.ms_min, row.ms_max = timing.median, timing.low, timing.high
         row.compulsory_bytes = bytes_of()
         row.gb_per_s = row.compulsory_bytes / (timing.median * 1e-3) / 1e9
-        row.fraction_of_copy = row.gb_per_s / copy_bw
-        row.fraction_of_inplace = row.gb_per_s / inplace_bw
-        row.fraction_of_roofline = roofline_fraction(row.gb_per_s, roof, row.compulsory_bytes, cache)
+        row.fraction_of_copy = row.gb_per_s / bandwidths.copy_gbs
+        row.fraction_of_inplace = row.gb_per_s / bandwidths.inplace_gbs
+        row.fraction_of_roofline = roofline_fraction(row.gb_per_s, bandwidths.roofline_gbs, row.compulsory_bytes,
+                                                     bandwidths.cache_bytes)
         row.cpu_over_wall = timing.cpu_over_wall
         row.repeats = timing.repeats
-    step = bytes_of = params = None
+    steps = timings = []
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -305,6 +331,8 @@ def _header(result: dict[str, Any]) -> list[str]:
             f"{m['date_utc']}; copy bandwidth {result['copy_bandwidth_gbs']:.1f} GB/s (2 B per copied byte), in-place "
             f"x += y {result.get('inplace_bandwidth_gbs', float('nan')):.1f} GB/s (3 B per element byte); "
             f"{result['repeats']} timed steps per case (n: fewer for slow cases, at least 3), median (min–max)"
+            + (f", the cases of a table timed side by side in {result['rounds']} interleaved rounds"
+               if result.get("rounds") else ", the cases timed one after the other")
             + (f"; load average at start {', '.join(f'{x:.1f}' for x in m['loadavg_1_5_15min_at_start'])} "
                "(1, 5, 15 min)" if "loadavg_1_5_15min_at_start" in m else "")]
     roofs = result.get("rooflines_gbs") or {}

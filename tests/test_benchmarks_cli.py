@@ -278,3 +278,46 @@ def test_lars_passes_times_every_pass_and_writes_json(tmp_path, capsys) -> None:
     d = result["derived"]
     assert d["step_over_sgd"] == pytest.approx(result["median_ms"]["step"] / result["median_ms"]["fused_sgd"])
     assert "||w|| passes" in capsys.readouterr().out
+
+
+def test_time_rounds_interleaves_every_function_with_a_rotated_order() -> None:
+    """Side-by-side timing: each function gets its own number of calls, spread over the rounds, and every
+    round times all of them, starting from a different one each time (so a slow minute of the machine falls
+    on all of them alike)."""
+    from benchmarks.measure import time_rounds
+
+    calls: list[str] = []
+    fns = [lambda name=name: calls.append(name) for name in "abc"]
+    timings = time_rounds(fns, [6, 3, 7], torch.device("cpu"), rounds=3)
+    assert [t.repeats for t in timings] == [6, 3, 7]
+    assert sorted(calls) == sorted("a" * 6 + "b" * 3 + "c" * 7)
+    # round 0 starts at a, round 1 at b, round 2 at c; c's 7th call falls in round 0
+    assert calls == list("aabccc" + "bccaa" + "ccaab")
+    assert all(t.low <= t.median <= t.high and t.cpu_over_wall is not None for t in timings)
+    with pytest.raises(ValueError, match="2 repeat counts"):
+        time_rounds(fns, [1, 2], torch.device("cpu"))
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        time_rounds(fns, [1, 1, 1], torch.device("cpu"), rounds=0)
+
+
+def test_cases_of_a_table_are_timed_side_by_side(monkeypatch, tmp_path) -> None:
+    """The CLI builds the cases of one (set, dtype, optim) together and times them in interleaved rounds:
+    every case's calls span the same stretch of time; the rounds are recorded and named in the header."""
+    import benchmarks.suite as suite
+
+    seen: list[tuple[int, int]] = []
+    real = suite.time_rounds
+
+    def spy(fns, repeats, device, rounds=1):
+        seen.append((len(fns), rounds))
+        return real(fns, repeats, device, rounds)
+
+    monkeypatch.setattr(suite, "time_rounds", spy)
+    assert main(["--device", "cpu", "--params", "tiny", "--optim", "lars", "--repeat", "4", "--rounds", "2",
+                 "--peers", "torch_fused", "--threads", "1", "--out", str(tmp_path)]) == 0
+    (json_path,) = tmp_path.glob("step_cpu_*.json")
+    result = json.loads(json_path.read_text())
+    timed = [r for r in result["rows"] if not r["skipped"]]
+    assert seen == [(len(timed), 2)] and result["rounds"] == 2
+    assert all(r["repeats"] == 4 for r in timed)
+    assert "2 interleaved rounds" in json_path.with_suffix(".md").read_text()
