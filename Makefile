@@ -42,7 +42,8 @@ fashion-data:
 	@if [ -f $(FASHION_DIR)/train-images-idx3-ubyte.gz ] || [ -f $(FASHION_DIR)/train-images-idx3-ubyte ]; then \
 		echo "Fashion-MNIST found in $(FASHION_DIR)"; \
 	elif command -v apt-get >/dev/null 2>&1; then \
-		$(SUDO) apt-get install -y dataset-fashion-mnist; \
+		$(SUDO) apt-get install -y dataset-fashion-mnist || \
+			{ $(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; }; \
 	else \
 		echo "No apt here: put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and"; \
 		echo "t10k-labels-idx1-ubyte.gz (https://github.com/zalandoresearch/fashion-mnist, data/fashion) into"; \
