@@ -21,8 +21,11 @@
 #                         the visible GPU's arch only; measured on the 2-core CPU machine (see README, "GPU session")
 #   smoke           30 s  .ci/gpu_smoke.py: one LAMB and one LARS check of 3 steps per GPU backend (native,
 #                         triton) and dtype (fp32, bf16 + fp32 master) against the reference on the GPU,
-#                         one line per case with its max error: even a call cut short says whether the
-#                         kernels run and agree
+#                         then per backend LAMB and LARS with int8 state (bf16 + fp32 master, ragged last
+#                         blocks) against the low-precision reference, each step from the same state;
+#                         one line per case with its max error and seconds: even a call cut short says
+#                         whether the kernels run and agree (H200: 18 s for the 8 fp32-state cases; no
+#                         case starts after 18 s past the imports, one not started is listed as not run)
 #   tests          150 s  pytest -m cuda, native CUDA and Triton vs the reference first, 45 s per test
 #                         (pytest-timeout); junit XML and a summary in the log even when the stage runs out
 #                         (H200, 2026-12-04: 117 tests in 162 s, 64 s of it two 1500-tensor tests since cut
