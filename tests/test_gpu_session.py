@@ -161,3 +161,38 @@ def test_sanitizer_low_precision_runs() -> None:
     assert any(o.get("min_quantized_size") == 0 for o in options)
     assert {(run[2], run[3]) for run in full} == {(torch.float32, False), (torch.bfloat16, False),
                                                   (torch.bfloat16, True), (torch.float16, True)}
+
+
+def test_smoke_main_reports_every_case_and_keeps_its_budget(smoke, monkeypatch, capsys) -> None:
+    """main() with the GPU and the cases faked: one line per case in cases() order; with the budget spent no
+    case starts, each is listed as not run, and the exit status is 0 unless a case that ran failed."""
+    from fastlars import selfcheck
+
+    monkeypatch.setattr(smoke.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(smoke.backends, "unavailable_reason", lambda backend, device: None)
+    monkeypatch.setattr(smoke.backends, "low_precision_unavailable_reason", lambda backend, device: None)
+    ran = []
+
+    def check_case(device, backend, algorithm, dtype):
+        ran.append((backend, algorithm, dtype))
+        return selfcheck.CaseResult(str(device), backend, algorithm, dtype, 0.0, 1e-6, 1e-5, 1.0, 1.0, ok=True)
+
+    def lowbit_case(device, backend, algorithm):
+        ran.append((backend, algorithm, smoke.LOWBIT_DTYPE))
+        result = smoke.LowbitResult(backend, algorithm, seconds=0.1)
+        if backend == "triton" and algorithm == "lars":
+            result.failures.append("step 1: 3 of 5854 codes differ")
+        return result
+
+    monkeypatch.setattr(smoke.selfcheck, "check_case", check_case)
+    monkeypatch.setattr(smoke, "lowbit_case", lowbit_case)
+    assert smoke.main(["--budget", "1e9"]) == 1  # triton LARS int8 mismatched
+    out = capsys.readouterr().out.splitlines()
+    assert ran == smoke.cases()
+    assert sum("MISMATCH" in line for line in out) == 1 and "3 of 5854 codes differ" in out[11]
+    assert out[-1].startswith("smoke: 11 of 12 cases match the reference")
+    ran.clear()
+    assert smoke.main(["--budget", "-1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert ran == [] and sum("NOT RUN" in line for line in out) == 12
+    assert out[-1].startswith("smoke: 0 of 12 cases match the reference, 12 not run (budget)")
