@@ -31,8 +31,9 @@
 #                         before), then native CUDA and Triton vs the reference, then the rest. H200,
 #                         2026-12-04: 117 tests in 162 s, 64 s of it two 1500-tensor tests (now 4 steps:
 #                         about 9 s); estimated since (137 tests): about 107 s for those 110, about 54 s for
-#                         the 27 low-precision ones (GPU trajectories now 20 / 30 steps; about 48 Triton
-#                         kernel specialisations compiling at ~0.6 s), so the last files may be cut
+#                         the 27 low-precision ones (GPU trajectories now 20 / 30 steps; about 47 Triton
+#                         kernel specialisations, 43 of them counted under the interpreter, compiling at
+#                         ~0.65 s each for sm_90 on the 2-core EPYC), so the last files may be cut
 #   memcheck        40 s  compute-sanitizer --tool memcheck over tests/cuda_sanitizer_check.py
 #   racecheck       50 s  compute-sanitizer --tool racecheck over its --quick workload (no 1300-tensor
 #                         case; on the H200 the full workload ran past 30 s and --quick with that case

@@ -191,7 +191,8 @@ GPU_STEPS = 30
 """Steps of the GPU trajectories (the one-step oracle at steps 10, 20, 30). The reference steps on the GPU
 tensor by tensor, about 1,100-3,700 small torch operations a step on these shapes (about 15 µs each on the
 H200's host: 17-55 ms a step), and every specialisation of the kernels compiles once (about 0.65 s each for
-sm_90 on the 2-core EPYC); the GPU session's tests stage has 150 s for every `cuda` test. The interpreted
+sm_90 on the 2-core EPYC; the trajectory and option tests below ask for 43, counted under the interpreter); the
+GPU session's tests stage has 150 s for every `cuda` test. The interpreted
 suite takes the fp32 trajectories 200 steps on every machine."""
 
 
