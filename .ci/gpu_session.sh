@@ -21,12 +21,19 @@
 #                         the visible GPU's arch only; measured on the 2-core CPU machine (see README, "GPU session")
 #   smoke           30 s  .ci/gpu_smoke.py: one LAMB and one LARS check of 3 steps per GPU backend (native,
 #                         triton) and dtype (fp32, bf16 + fp32 master) against the reference on the GPU,
-#                         one line per case with its max error: even a call cut short says whether the
-#                         kernels run and agree
-#   tests          150 s  pytest -m cuda, native CUDA and Triton vs the reference first, 45 s per test
-#                         (pytest-timeout); junit XML and a summary in the log even when the stage runs out
-#                         (H200, 2026-12-04: 117 tests in 162 s, 64 s of it two 1500-tensor tests since cut
-#                         to 8 steps)
+#                         then per backend LAMB and LARS with int8 state (bf16 + fp32 master, ragged last
+#                         blocks) against the low-precision reference, each step from the same state;
+#                         one line per case with its max error and seconds: even a call cut short says
+#                         whether the kernels run and agree (H200: 18 s for the 8 fp32-state cases; no
+#                         case starts after 18 s past the imports, one not started is listed as not run)
+#   tests          150 s  pytest -m cuda, 45 s per test (pytest-timeout); junit XML and a summary in the log
+#                         even when the stage runs out. First the low-precision suites (never run on a GPU
+#                         before), then native CUDA and Triton vs the reference, then the rest. H200,
+#                         2026-12-04: 117 tests in 162 s, 64 s of it two 1500-tensor tests (now 4 steps:
+#                         about 9 s); estimated since (137 tests): about 107 s for those 110, about 54 s for
+#                         the 27 low-precision ones (GPU trajectories now 20 / 30 steps; about 47 Triton
+#                         kernel specialisations, 43 of them counted under the interpreter, compiling at
+#                         ~0.65 s each for sm_90 on the 2-core EPYC), so the last files may be cut
 #   memcheck        40 s  compute-sanitizer --tool memcheck over tests/cuda_sanitizer_check.py
 #   racecheck       50 s  compute-sanitizer --tool racecheck over its --quick workload (no 1300-tensor
 #                         case; on the H200 the full workload ran past 30 s and --quick with that case
@@ -143,7 +150,8 @@ gpu_reason=$(no_gpu_reason)
 say "gpu_session ${1:-main}: stages ${stages[*]}; limits sum to ${budget} s; $(date -u +%FT%TZ)"
 say "GPU: ${gpu_reason:-$(nvidia-smi -L 2>/dev/null | head -n 1)}"
 
-first_tests=(tests/test_native_cuda.py tests/test_native_cuda_lowbit.py tests/test_triton_backend.py)
+first_tests=(tests/test_native_cuda_lowbit.py tests/test_triton_lowbit.py tests/test_native_cuda.py
+  tests/test_triton_backend.py)
 other_tests=()
 for f in tests/test_*.py; do [[ " ${first_tests[*]} " == *" $f "* ]] || other_tests+=("$f"); done
 # SIGINT, not an inherited SIG_IGN, makes pytest stop with its summary and junit XML at the stage's limit

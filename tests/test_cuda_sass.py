@@ -1,6 +1,7 @@
-"""The native CUDA kernels' sm_90 SASS (no GPU needed): 16-byte global loads and stores on every main array.
+"""The native CUDA kernels' sm_90 SASS (no GPU needed): 16-byte global loads and stores on every main array of
+the fp32-state kernels, one element per lane on those of the low-precision-state kernels, and no spills.
 
-csrc/cuda/{l2norm,lars,lamb}.cu are compiled to sm_90 cubins with the toolkit and include dirs setup.py builds
+csrc/cuda/{l2norm,lars,lamb,lowbit}.cu are compiled to sm_90 cubins with the toolkit and include dirs setup.py builds
 with (its own functions, read from setup.py), torch's nvcc flags and setup.py's, then disassembled with the
 cuobjdump in Triton's package. Per chunk-kernel instantiation (tests/cuda_accesses.py):
 
@@ -11,7 +12,18 @@ cuobjdump in Triton's package. Per chunk-kernel instantiation (tests/cuda_access
   every element width the kernel's arrays have;
 - registers do not spill (cuobjdump -res-usage: no local memory, at most 8 bytes of stack).
 
-Skipped with the reason where nvcc or Triton's cuobjdump is missing. About 30 s on 2 cores.
+Per low-precision kernel of lowbit.cu (every instantiation there; tests/cuda_accesses.py, LowbitKernel):
+
+- a warp owns a block of 256 elements and lane l takes elements l + 32k, so each access is one element of its
+  array per lane (a warp instruction covers 32 consecutive elements): the element widths of the kernel's
+  arrays are exactly the widths of its global accesses, none is 8 or 16 bytes, and int8 codes are loaded
+  and stored one byte at a time (LDG.E.U8 / STG.E.U8: neighbouring lanes own neighbouring bytes, so a wider
+  store would have to rewrite other lanes' codes);
+- registers do not spill (no local memory, at most 8 bytes of stack): the per-lane arrays of a block's 8
+  elements stay in registers.
+
+Skipped with the reason where nvcc or Triton's cuobjdump is missing. About 20 s on 2 cores (nvcc 13.0, the four
+files compiled side by side).
 """
 
 from __future__ import annotations
@@ -29,13 +41,15 @@ from pathlib import Path
 
 import cuda_accesses
 import pytest
-from cuda_accesses import Kernel
+from cuda_accesses import Kernel, LowbitKernel
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ["l2norm", "lars", "lamb"]
+SOURCES = ["l2norm", "lars", "lamb", "lowbit"]
 NVCC_FLAGS = ["-O3", "-lineinfo", "-fmad=false", "-std=c++20"]  # setup.py's nvcc flags; torch adds the standard
 _MANGLED = re.compile(r"(sumsq_kernel|lars_pass1|lars_pass2|lamb_pass1|lamb_pass2)I(f|6__half|13__nv_bfloat16)"
                       r"((?:Lb[01]E)*)E")
+_LOWBIT = re.compile(r"(lamb_lowbit_update|lamb_lowbit_apply|lars_lowbit_norms|lars_lowbit_update)"
+                     r"I(f|6__half|13__nv_bfloat16)((?:Lb[01]E)*)E|\d+(lamb_lowbit_ratios|lars_lowbit_ratios)E")
 _TYPES = {"f": "float", "6__half": "__half", "13__nv_bfloat16": "__nv_bfloat16"}
 _ACCESS = re.compile(r"\b(LDG|STG)\.E((?:\.[A-Z0-9]+)*)")
 
@@ -59,12 +73,18 @@ def _cuobjdump() -> Path | None:
     return tool if os.access(tool, os.X_OK) else None
 
 
-def _kernel(mangled: str) -> Kernel | None:
+def _kernel(mangled: str) -> Kernel | LowbitKernel | None:
     m = _MANGLED.search(mangled)
+    if m is not None:
+        flags = [b == "1" for b in re.findall(r"Lb([01])E", m.group(3))]
+        return Kernel(m.group(1), _TYPES[m.group(2)], *flags)
+    m = _LOWBIT.search(mangled)
     if m is None:
-        return None  # a per-tensor reduction: no main array
+        return None  # a per-tensor reduction of l2norm/lars/lamb.cu: no main array
+    if m.group(4):
+        return LowbitKernel(m.group(4))
     flags = [b == "1" for b in re.findall(r"Lb([01])E", m.group(3))]
-    return Kernel(m.group(1), _TYPES[m.group(2)], *flags)
+    return LowbitKernel(m.group(1), _TYPES[m.group(2)], *flags)
 
 
 def _width(modifiers: str) -> int:
@@ -77,8 +97,9 @@ def _width(modifiers: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def sass(tmp_path_factory: pytest.TempPathFactory) -> dict[Kernel, dict]:
-    """Per chunk-kernel instantiation: Counter of (LDG|STG, bits) and the -res-usage figures."""
+def sass(tmp_path_factory: pytest.TempPathFactory) -> dict[Kernel | LowbitKernel, dict]:
+    """Per chunk-kernel instantiation (Kernel) and low-precision kernel (LowbitKernel): Counter of (LDG|STG, bits)
+    and the -res-usage figures."""
     setup = _setup_functions()
     home = setup["_find_cuda_home"]()
     cuobjdump = _cuobjdump()
@@ -96,7 +117,7 @@ def sass(tmp_path_factory: pytest.TempPathFactory) -> dict[Kernel, dict]:
         cmd = [str(Path(home) / "bin" / "nvcc"), "-cubin", "-arch=sm_90", *COMMON_NVCC_FLAGS, *NVCC_FLAGS, *includes,
                str(ROOT / "csrc" / "cuda" / f"{src}.cu"), "-o", str(out / f"{src}.cubin")]
         procs[src] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    result: dict[Kernel, dict] = {}
+    result: dict[Kernel | LowbitKernel, dict] = {}
     for src, proc in procs.items():
         log = proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, f"nvcc {src}.cu for sm_90 failed:\n{log[-4000:]}"
@@ -115,7 +136,7 @@ def sass(tmp_path_factory: pytest.TempPathFactory) -> dict[Kernel, dict]:
 
 
 def test_every_chunk_kernel_is_in_the_cubins(sass) -> None:
-    assert set(sass) == set(cuda_accesses.instantiations())
+    assert {k for k in sass if isinstance(k, Kernel)} == set(cuda_accesses.instantiations())
 
 
 @pytest.mark.parametrize("kernel", cuda_accesses.instantiations(), ids=Kernel.label)
@@ -139,5 +160,39 @@ def test_main_arrays_move_16_bytes_per_access(sass, kernel) -> None:
 def test_registers_do_not_spill_into_the_loop(sass, kernel) -> None:
     """No local arrays and at most 8 bytes of stack: ptxas keeps lamb_pass2<16-bit, true, true> at 40 registers
     (3 blocks of 512 threads per SM) by keeping lr on the stack (one store and one load per chunk)."""
+    res = sass[kernel]["res"]
+    assert res["LOCAL"] == 0 and res["STACK"] <= 8, f"{kernel.label()} spills: {res}"
+
+
+# ------------------------------------------------------------------------------ lowbit.cu
+_LOWBIT_CHUNK_KERNELS = [k for k in cuda_accesses.lowbit_instantiations() if k.param is not None]
+
+
+def test_every_lowbit_kernel_is_in_the_cubin(sass) -> None:
+    assert {k for k in sass if isinstance(k, LowbitKernel)} == set(cuda_accesses.lowbit_instantiations())
+
+
+@pytest.mark.parametrize("kernel", _LOWBIT_CHUNK_KERNELS, ids=LowbitKernel.label)
+def test_lowbit_arrays_move_one_element_per_lane(sass, kernel) -> None:
+    """The global accesses of a low-precision kernel are exactly the element widths of its arrays (the state's
+    formats, the params', the masters' and the 4-byte scales, partial sums, ratios and found_inf flag): one
+    element per lane, none wider; int8 codes as single bytes, at least one load (and, where the state is
+    written, one store) per element of a lane's 8 in a block and per state buffer (sm_90, nvcc 13: LAMB's
+    passes load 32 code bytes, pass 1 stores 16; LARS's update loads 16 and stores 8)."""
+    found = sass[kernel]["access"]
+    loads, stores = cuda_accesses.lowbit_arrays(kernel)
+    for op, dtypes in (("LDG", loads), ("STG", stores)):
+        widths = {bits for (o, bits), n in found.items() if o == op and n}
+        expected = cuda_accesses.lowbit_access_bits(dtypes) | ({32} if op == "LDG" else set())
+        assert widths == expected, f"{kernel.label()}: {op} widths {sorted(widths)}, expected {sorted(expected)}"
+    for op, dtypes in (("LDG", loads), ("STG", stores)):  # a byte per element of a lane's 8 in a block, per buffer
+        least = cuda_accesses.LOWBIT_PER_LANE * dtypes.count("state")
+        assert found[op, 8] >= least, f"{kernel.label()}: {found[op, 8]} byte {op}s of int8 codes, expected ≥ {least}"
+
+
+@pytest.mark.parametrize("kernel", cuda_accesses.lowbit_instantiations(), ids=LowbitKernel.label)
+def test_lowbit_registers_do_not_spill_into_the_loop(sass, kernel) -> None:
+    """No local arrays (the w, m, v values of a lane's 8 elements of a block stay in registers through the
+    block's absmax, its stores and the update) and at most 8 bytes of stack, as for the fp32-state kernels."""
     res = sass[kernel]["res"]
     assert res["LOCAL"] == 0 and res["STACK"] <= 8, f"{kernel.label()} spills: {res}"

@@ -1,8 +1,11 @@
 """The dry run of .ci/gpu_session.sh on a machine without a GPU: every stage walked and skipped with
-its reason, the limits of each call within 480 s, and exit status 2 naming what was skipped."""
+its reason, the limits of each call within 480 s, and exit status 2 naming what was skipped; the smoke
+stage's case list and its int8 comparison (run on the CPU kernels), the sanitizer workload on the CPU."""
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import os
 import re
 import stat
@@ -64,3 +67,132 @@ def test_dry_run_walks_and_skips_every_stage(tmp_path: Path, call: str, smi: tup
 def test_unknown_call_is_refused(tmp_path: Path) -> None:
     proc, _ = _dry_run(tmp_path, tmp_path, "everything")
     assert proc.returncode == 64 and "usage: bash .ci/gpu_session.sh [compile|train]" in proc.stderr
+
+
+# ------------------------------------------------------------- the session's scripts, without a GPU
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    return _load(ROOT / ".ci" / "gpu_smoke.py", "gpu_smoke")
+
+
+def test_smoke_cases_cover_int8_state_on_both_backends(smoke) -> None:
+    """The smoke stage's case list: per GPU backend its four fp32-state cases, then int8 state (bf16 params,
+    fp32 masters) for LAMB and LARS, so even a cut-short call reports the native low-precision kernels."""
+    assert smoke.cases() == [(b, a, d) for b in ("native", "triton")
+                             for a, d in [("lamb", "fp32"), ("lamb", "bf16+master"), ("lars", "fp32"),
+                                          ("lars", "bf16+master"), ("lamb", "bf16+master int8"),
+                                          ("lars", "bf16+master int8")]]
+
+
+def test_smoke_without_a_gpu_exits_2(smoke, capsys) -> None:
+    assert smoke.main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("algorithm", ["lamb", "lars"])
+def test_smoke_int8_case_runs_its_comparison_on_the_cpu(smoke, algorithm: str) -> None:
+    """The smoke's int8 case with the native CPU kernels against the reference: the comparison the GPU run makes
+    (every tensor int8, a ragged last block each), and it passes here."""
+    from fastlars import backends
+
+    reason = backends.low_precision_unavailable_reason("native", torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(f"native CPU low-precision kernels: {reason}")
+    result = smoke.lowbit_case(torch.device("cpu"), "native", algorithm)
+    assert result.ok, result.describe("cpu")
+    buffers = 2 if algorithm == "lamb" else 1
+    assert result.worst["codes"] == buffers * sum(math.prod(s) for s in smoke.LOWBIT_SHAPES)
+    assert "int8" in result.describe("cpu") and " ok " in result.describe("cpu")
+
+
+def test_smoke_int8_comparison_flags_codes_masters_and_ratios(smoke) -> None:
+    """compare_lowbit fails a step whose codes are 2 apart, whose masters moved or whose ratios differ."""
+    cpu = torch.device("cpu")
+    _, ref = smoke._lowbit_optimizer(cpu, "reference", "lamb")
+    params, opt = smoke._lowbit_optimizer(cpu, "reference", "lamb")
+    for p_ref, p in zip(ref.param_groups[0]["params"], params):
+        p_ref.grad = p.grad = torch.ones_like(p)
+    ref.step()
+    opt.step()
+    result = smoke.LowbitResult("reference", "lamb")
+    smoke.compare_lowbit(ref, opt, "lamb", result, 1)
+    assert result.ok and result.worst["codes_differing"] == 0, result.failures
+    state = opt.state[params[2]]
+    state["exp_avg"].view(torch.int8)[:3] -= 2
+    state["master_param"][0] += 1e-2
+    opt.trust_ratios[0][1] *= 1.001
+    smoke.compare_lowbit(ref, opt, "lamb", result, 2)
+    assert any("codes 2 apart" in f for f in result.failures), result.failures
+    assert any("masters" in f for f in result.failures) and any("trust ratios" in f for f in result.failures)
+
+
+def test_sanitizer_workload_steps_on_the_cpu() -> None:
+    """tests/cuda_sanitizer_check.py's --quick workload (its low-precision runs included) on the CPU's native
+    kernels: its arguments parse, every run builds and steps; without --device cpu and a GPU it exits 2."""
+    script = ROOT / "tests" / "cuda_sanitizer_check.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--device", "cpu", "--count-ops"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "low-precision state" in proc.stdout and "sanitizer workload finished" in proc.stdout
+    proc = subprocess.run([sys.executable, str(script), "--quick"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "unusable" in proc.stderr
+
+
+def test_sanitizer_low_precision_runs() -> None:
+    """--quick's low-precision part stays small (racecheck's 50 s on an H200): 3 storages per algorithm, aligned
+    only, 4 tensors; the full workload covers every storage, both alignments and every option set."""
+    checker = _load(ROOT / "tests" / "cuda_sanitizer_check.py", "cuda_sanitizer_check")
+    quick, full = checker.lowbit_runs(quick=True), checker.lowbit_runs(quick=False)
+    assert len(quick) == 6 and all(len(shapes) == 4 and not misaligned for *_, shapes, misaligned in quick)
+    assert checker.LOWBIT_QUICK_STEPS == 2
+    options = [run[1] for run in full]
+    assert {o["state_dtype"] for o in options} == {"int8", "bf16"}
+    assert any(o.get("stochastic_rounding") and o.get("adapt") is False for o in options)
+    assert any(o.get("min_quantized_size") == 0 for o in options)
+    assert {(run[2], run[3]) for run in full} == {(torch.float32, False), (torch.bfloat16, False),
+                                                  (torch.bfloat16, True), (torch.float16, True)}
+
+
+def test_smoke_main_reports_every_case_and_keeps_its_budget(smoke, monkeypatch, capsys) -> None:
+    """main() with the GPU and the cases faked: one line per case in cases() order; with the budget spent no
+    case starts, each is listed as not run, and the exit status is 0 unless a case that ran failed."""
+    from fastlars import selfcheck
+
+    monkeypatch.setattr(smoke.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(smoke.backends, "unavailable_reason", lambda backend, device: None)
+    monkeypatch.setattr(smoke.backends, "low_precision_unavailable_reason", lambda backend, device: None)
+    ran = []
+
+    def check_case(device, backend, algorithm, dtype):
+        ran.append((backend, algorithm, dtype))
+        return selfcheck.CaseResult(str(device), backend, algorithm, dtype, 0.0, 1e-6, 1e-5, 1.0, 1.0, ok=True)
+
+    def lowbit_case(device, backend, algorithm):
+        ran.append((backend, algorithm, smoke.LOWBIT_DTYPE))
+        result = smoke.LowbitResult(backend, algorithm, seconds=0.1)
+        if backend == "triton" and algorithm == "lars":
+            result.failures.append("step 1: 3 of 5854 codes differ")
+        return result
+
+    monkeypatch.setattr(smoke.selfcheck, "check_case", check_case)
+    monkeypatch.setattr(smoke, "lowbit_case", lowbit_case)
+    assert smoke.main(["--budget", "1e9"]) == 1  # triton LARS int8 mismatched
+    out = capsys.readouterr().out.splitlines()
+    assert ran == smoke.cases()
+    assert sum("MISMATCH" in line for line in out) == 1 and "3 of 5854 codes differ" in out[11]
+    assert out[-1].startswith("smoke: 11 of 12 cases match the reference")
+    ran.clear()
+    assert smoke.main(["--budget", "-1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert ran == [] and sum("NOT RUN" in line for line in out) == 12
+    assert out[-1].startswith("smoke: 0 of 12 cases match the reference, 12 not run (budget)")
