@@ -381,32 +381,38 @@ STATE_FORMATS_PRESET = dataclasses.replace(
 # 28×28, read from the four IDX files (Debian's dataset-fashion-mnist; `make fashion`). The 28×28 recipe: pad-
 # and-crop (±2 px) and flip, whole-image evaluation, the cnn28 model. To fit one hour on two cores the runs train
 # on a fixed stratified subset of 16,384 training images (train.data.tensors) for 5 epochs and are tested on all
-# 10,000 test images; batches 128 … 16,384 (the subset itself at the top: 5 updates in all).
+# 10,000 test images. Batches 128, 512 and 1024 (640, 160 and 80 updates); the verdict's DiD contrasts at 512 and
+# 1024. The first design's batches 4096 and 16,384 are left out: at this budget they are 20 and 5 updates, every
+# optimizer ended 10–40% with seed spreads up to 10 points, and their DiD half-widths (6–10 points) needed 43–119
+# seeds per cell; the one-hour budget goes to seeds where the contrasts are decided instead (its measured
+# seed spreads at 1024, 0.6–3.1 points, put a half-width of 3 within reach of about 12 seeds per cell).
+# Base LRs: the first design's best LR at 128 (SGD's and AdamW's were still at the top of their range there),
+# so every search grid holds its optimum within one extension.
 FASHION_SUBSET = 16_384
 FASHION_TRAIN = {"data": "/usr/share/datasets/fashion-mnist", "model": "cnn28", "loader": "cpu", "device": "cpu",
                  "workers": 0, "channels_last": True, "train_subset": FASHION_SUBSET}
 FASHION = Preset(
     name="fashion",
     description="Fashion-MNIST (a fixed stratified 16,384 of the 60,000 training images, all 10,000 test images), "
-                "cnn28, CPU — a qualitative analogue on CPU: batch 128 … 16,384, 4 optimizers, LR searched on "
-                "2 seeds over a ×3 log grid, reported from 4–6 held-out seeds",
+                "cnn28, CPU — a qualitative analogue on CPU: batch 128 … 1024, 4 optimizers, LR searched on "
+                "2 seeds over a ×3 log grid, reported from 3–12 held-out seeds",
     epochs=5,
     base_batch=128,
-    optimizers=(OptimizerSpec("sgd", "sgd", 0.2, "linear", 5e-4),
+    optimizers=(OptimizerSpec("sgd", "sgd", 0.6, "linear", 5e-4),
                 lars_spec("mlperf", 10.0, 5e-4),
-                OptimizerSpec("lamb", "lamb", 0.02, "sqrt", 0.01),
-                OptimizerSpec("adamw", "adamw", 0.01, "sqrt", 0.01)),
+                OptimizerSpec("lamb", "lamb", 0.06, "sqrt", 0.01),
+                OptimizerSpec("adamw", "adamw", 0.03, "sqrt", 0.01)),
     lr_factors=(1 / 3, 1.0, 3.0),
     lr_step=3.0,
     max_lr_extensions=1,
     seeds=(0, 1),
-    heldout=((128, 4), (1024, 6)),
-    verdict_batches=(1024, 4096),
+    heldout=((128, 3), (512, 8), (1024, 12)),
+    verdict_batches=(512, 1024),
     warmup_epochs=1,
     target_accuracy=0.8,
     diffusion_optimizer="sgd",
     fixed_steps=150,
-    batches=(128, 1024, 4096, 16384),
+    batches=(128, 512, 1024),
     diffusion_batches=(128, 1024),
     train_size=FASHION_SUBSET,
     train=FASHION_TRAIN,
