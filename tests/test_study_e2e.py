@@ -161,6 +161,17 @@ def _cells(quick: QuickStudy) -> list[analysis.Cell]:
     return analysis.best_cells(quick.records, preset.lr_factors, preset.max_lr_extensions)
 
 
+def test_a_narrowed_invocation_says_so_under_the_preset_description(quick: QuickStudy, tmp_path: Path) -> None:
+    """--optimizers narrows what runs: the report says which part of the preset it covers right after the
+    preset's description (which names every optimizer); the full report has no such line."""
+    assert main([*_command(quick.out)[3:], "--no-progress", "--optimizers", "sgd,lars",
+                 "--report-dir", str(tmp_path)]) == 0  # every run is in the cache: nothing trains
+    narrowed = (tmp_path / "report.md").read_text()
+    assert "This report covers part of the preset** (narrowed by --optimizers / --batches): sgd, lars at batch" \
+        in narrowed
+    assert "covers part of the preset" not in (quick.out / "report.md").read_text()
+
+
 def test_every_cell_trains_every_seed_and_its_best_lr_is_the_best_mean(quick: QuickStudy) -> None:
     """The LR is chosen on the search seeds; the cell reports the held-out seeds (fresh ones) at that LR."""
     preset = PRESETS["quick"]

@@ -235,6 +235,18 @@ def adaptive_labels(preset: Preset) -> tuple[str, ...]:
     return tuple(o.label for o in preset.optimizers if o.optimizer in ("lars", "lamb"))
 
 
+def _subset_note(preset: Preset, cells: Sequence[Cell]) -> str:
+    """" This report covers ... " when the invocation narrowed the preset (--optimizers, --batches), so the
+    preset's description above it is not read as what ran; "" otherwise."""
+    ran, ran_batches = analysis.optimizers_of(cells), analysis.batches_of(cells)
+    labels = [o.label for o in preset.optimizers]
+    narrowed = set(ran) < set(labels) or (preset.batches is not None and set(ran_batches) < set(preset.batches))
+    if not narrowed:
+        return ""
+    return (f" **This report covers part of the preset** (narrowed by --optimizers / --batches): "
+            f"{', '.join(ran)} at batch {', '.join(str(b) for b in ran_batches)}.")
+
+
 def write_report(records: Sequence[Record], cells: Sequence[Cell], found: Sequence[Finding], preset: Preset,
                  out: Path, tolerance: float, meta: dict[str, Any], confidence: float = 0.95) -> Path:
     """Write every report file into `out` from the records and their analysis (`analyse`) and return
@@ -274,9 +286,10 @@ def write_report(records: Sequence[Record], cells: Sequence[Cell], found: Sequen
     if preset.folds:
         heldout_text += (f" Run seed s trains and validates on stratified cross-validation fold s mod {preset.folds} "
                          f"of the digits, so the held-out seeds between them validate on every image.")
+    subset = _subset_note(preset, cells)
     text = f"""# Batch-size scaling study: `{preset.name}` preset
 
-{preset.description}. Each optimizer trains {preset.epochs:g} epochs of samples at every global batch B
+{preset.description}.{subset} Each optimizer trains {preset.epochs:g} epochs of samples at every global batch B
 (round(epochs · N / B) updates, the same number of images at every batch) with the
 large-batch recipe ({preset.warmup_epochs:g} warmup epochs, {preset.decay} decay (power {preset.poly_power:g}),
 label smoothing {preset.label_smoothing:g}, no weight decay or adaptation on biases and norm layers; {recipes}),
