@@ -135,4 +135,6 @@ def test_the_real_fashion_mnist_files() -> None:
     from train.study.presets import FASHION, FASHION_SUBSET
 
     kept = stratified_subset(torch.from_numpy(train_labels), FASHION_SUBSET)
-    assert len(kept) == FASHION_SUBSET == FASHION.train_size == max(FASHION.batches)  # the top batch fits
+    assert len(kept) == FASHION_SUBSET == FASHION.train_size
+    assert max(FASHION.batches) <= FASHION.train_size and FASHION.train_size % max(FASHION.batches) == 0
+    # the top batch fits the subset a whole number of times: every batch sees the same images per epoch
