@@ -8,6 +8,9 @@
 #                                      #   racecheck, bench
 #   bash .ci/gpu_session.sh compile    # optional call 2: build, bench_compile (a fresh machine builds again)
 #   bash .ci/gpu_session.sh train      # build, train: the trainer on the GPU for about a minute
+#   bash .ci/gpu_session.sh oracle     # build, smoke, oracle_tests, memcheck, bench_lowbit: every cuda test
+#                                      #   with the low-precision GPU trajectories at the issue's 200 steps,
+#                                      #   spread over pytest-xdist workers, and the int8/bf16-state benchmark
 #
 # from the repository root; everything goes into $OUT/session.log as it happens (else ./gpu-out), plus
 # $OUT/junit.xml and the benchmark's JSON/Markdown/PNG (the device tool brings back at most 8 files).
@@ -49,6 +52,16 @@
 #                         channels_last, LARS native, 150 updates of 256 images; prints images/s and the
 #                         optimizer's share of update time (run after call 1 in the same command, its
 #                         build stage reuses call 1's extension)
+#   oracle_tests   200 s  oracle call: pytest -m cuda as in tests, FASTLARS_GPU_ORACLE_STEPS=200 (the low-precision
+#                         GPU trajectories at the issue's length, the one-step oracle every 10 steps), over 14
+#                         pytest-xdist workers on the one GPU when xdist is installed (the image has it): the
+#                         tests are bound by the host (the reference's per-tensor loop, Triton compiles). H200,
+#                         2026-12-04: 6 workers ran 94 of the 122 tests of the first four files in 200 s (the
+#                         200-step low-precision trajectories take 22-95 s each; all tests ~1,660 s of work);
+#                         14 workers ran the 28 left in 96 s, so the whole stage is estimated at ~150 s
+#   bench_lowbit    90 s  oracle call: benchmarks/gpu_step.py --state fp32,bf16,int8, bf16 params + fp32 masters,
+#                         fastlars backends only, in $OUT/lowbit
+#   call oracle    480 s  (build 120 + smoke 30 + oracle_tests 200 + memcheck 40 + bench_lowbit 90)
 #
 # Each stage ends PASSED, FAILED (its status) or TIMEOUT (it ran out of its limit: interrupted with SIGINT
 # so pytest still writes its summary, killed 10 s later), or SKIPPED with the reason: no GPU (nvidia-smi
@@ -66,12 +79,14 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the working tree's fastlars, also without pip install
 
-declare -A limit=([build]=120 [smoke]=30 [tests]=150 [memcheck]=40 [racecheck]=50 [bench]=90 [bench_compile]=360 [train]=60)
+declare -A limit=([build]=120 [smoke]=30 [tests]=150 [memcheck]=40 [racecheck]=50 [bench]=90 [bench_compile]=360 [train]=60
+  [oracle_tests]=200 [bench_lowbit]=90)
 case ${1:-main} in
   main) stages=(build smoke tests memcheck racecheck bench) ;;
   compile) stages=(build bench_compile) ;;
   train) stages=(build train) ;;
-  *) echo "usage: bash .ci/gpu_session.sh [compile|train]" >&2; exit 64 ;;
+  oracle) stages=(build smoke oracle_tests memcheck bench_lowbit) ;;
+  *) echo "usage: bash .ci/gpu_session.sh [compile|train|oracle]" >&2; exit 64 ;;
 esac
 budget=0
 for name in "${stages[@]}"; do budget=$((budget + limit[$name])); done
@@ -168,10 +183,21 @@ for name in "${stages[@]}"; do
         --durations=15 --junitxml="$out/junit.xml" "${first_tests[@]}" "${other_tests[@]}"
       [[ -n $gpu_reason ]] || tests_summary
       ;;
+    oracle_tests)
+      rm -f "$out/junit.xml"
+      workers=()
+      if "$PY" -c 'import xdist' >/dev/null 2>&1; then workers=(-n 14); fi
+      FASTLARS_GPU_ORACLE_STEPS=200 stage oracle_tests -- "$PY" "${pytest_interruptible[@]}" -v -m cuda \
+        -p no:cacheprovider --timeout=150 --durations=15 --junitxml="$out/junit.xml" "${workers[@]}" \
+        "${first_tests[@]}" "${other_tests[@]}"
+      [[ -n $gpu_reason ]] || tests_summary
+      ;;
     memcheck) stage memcheck compute-sanitizer -- compute-sanitizer --tool memcheck "${sanitize[@]}" ;;
     racecheck) stage racecheck compute-sanitizer -- compute-sanitizer --tool racecheck "${sanitize[@]}" --quick ;;
     bench) stage bench -- "$PY" benchmarks/gpu_step.py --out "$out" --budget 2 \
       --peers timm,torch_optimizer,torch_fused,apex,deepspeed ;;
+    bench_lowbit) stage bench_lowbit -- "$PY" benchmarks/gpu_step.py --out "$out/lowbit" --budget 1.5 \
+      --dtype bf16+master --state fp32,bf16,int8 --peers none ;;
     bench_compile) stage bench_compile -- "$PY" benchmarks/gpu_step.py --out "$out/compile" --budget 2 \
       --params resnet50 --dtype fp32 --backends native --peers reference+compile ;;
     train) stage train -- "$PY" -m train --loader synthetic --model resnet50 --amp bf16 --channels-last \

@@ -19,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / ".ci" / "gpu_session.sh"
 CALLS = {"main": ["build", "smoke", "tests", "memcheck", "racecheck", "bench"], "compile": ["build", "bench_compile"],
-         "train": ["build", "train"]}
+         "train": ["build", "train"], "oracle": ["build", "smoke", "oracle_tests", "memcheck", "bench_lowbit"]}
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the session would really run")
 
@@ -66,7 +66,7 @@ def test_dry_run_walks_and_skips_every_stage(tmp_path: Path, call: str, smi: tup
 
 def test_unknown_call_is_refused(tmp_path: Path) -> None:
     proc, _ = _dry_run(tmp_path, tmp_path, "everything")
-    assert proc.returncode == 64 and "usage: bash .ci/gpu_session.sh [compile|train]" in proc.stderr
+    assert proc.returncode == 64 and "usage: bash .ci/gpu_session.sh [compile|train|oracle]" in proc.stderr
 
 
 # ------------------------------------------------------------- the session's scripts, without a GPU

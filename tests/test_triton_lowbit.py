@@ -187,8 +187,9 @@ def _cuda_pair(algo: str, shapes, dtype: torch.dtype, master: bool, steps: int, 
 
 
 GPU_SHAPES = [(1,), (255,), (256,), (257,), (4095,), (4096,), (4097,), (3, 300), (2, 3, 5, 37), (517, 1031), (0,)]
-GPU_STEPS = 30
-"""Steps of the GPU trajectories (the one-step oracle at steps 10, 20, 30). The reference steps on the GPU
+GPU_STEPS = int(os.environ.get("FASTLARS_GPU_ORACLE_STEPS", "30"))
+"""Steps of the GPU trajectories (the one-step oracle every 10 steps; FASTLARS_GPU_ORACLE_STEPS=200 in the GPU
+session's `oracle` call). The reference steps on the GPU
 tensor by tensor, about 1,100-3,700 small torch operations a step on these shapes (about 15 µs each on the
 H200's host: 17-55 ms a step), and every specialisation of the kernels compiles once (about 0.65 s each for
 sm_90 on the 2-core EPYC; the trajectory and option tests below ask for 43, counted under the interpreter); the
