@@ -339,7 +339,8 @@ def _header(result: dict[str, Any]) -> list[str]:
     if roofs:
         text.append("Roofline = the best streaming bandwidth of fastlars._C.stream_pass on the same threads (fastest "
                     "pass; read-only sum 4 B/element, in-place x = c·x + z 12 B, two in-place arrays and one read "
-                    "20 B) and torch's x += y: " + "; ".join(
+                    "20 B), torch's x += y and torch's fused SGD(momentum) and AdamW steps over one large tensor "
+                    "(20 and 28 B): " + "; ".join(
                         f"{n} thread(s) {v['best']:.1f} GB/s (" + ", ".join(
                             f"{k} {g:.1f}" for k, g in v.items() if k != "best") + ")" for n, v in roofs.items())
                     + f". % of roofline is left out (—) for sets within 4× the last-level cache "

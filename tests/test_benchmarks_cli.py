@@ -48,7 +48,8 @@ def test_cli_tiny_run_writes_every_backend_and_peer(tmp_path, capsys) -> None:
     assert all(r["cpu_over_wall"] > 0 for r in result["rows"] if not r["skipped"])
     for n in counts:
         mixes = result["rooflines_gbs"][str(n)]
-        assert set(mixes) >= {"read", "update", "update2", "torch_inplace", "best"}
+        assert set(mixes) >= {"read", "update", "update2", "torch_inplace", "torch_fused_sgd", "torch_fused_adamw",
+                              "best"}
         assert mixes["best"] == max(v for k, v in mixes.items() if k != "best") > 0
     # the tiny set fits in cache: no roofline fraction, listed as host overhead instead
     assert all(r["fraction_of_roofline"] is None for r in result["rows"]) and result["over_roofline"] == []
@@ -321,3 +322,15 @@ def test_cases_of_a_table_are_timed_side_by_side(monkeypatch, tmp_path) -> None:
     assert seen == [(len(timed), 2)] and result["rounds"] == 2
     assert all(r["repeats"] == 4 for r in timed)
     assert "2 interleaved rounds" in json_path.with_suffix(".md").read_text()
+
+
+def test_fused_step_probes_measure_torchs_fused_steps() -> None:
+    """The roofline's fused-step probes time torch's fused SGD / AdamW over one tensor and count 20 / 28 B
+    per element; an unknown probe is refused by name."""
+    from benchmarks.measure import FUSED_PROBES, fused_step_bandwidth_gbs
+
+    assert FUSED_PROBES == {"torch_fused_sgd": 20, "torch_fused_adamw": 28}
+    for kind in FUSED_PROBES:
+        assert fused_step_bandwidth_gbs(kind, nbytes=1 << 20, repeats=3) > 0
+    with pytest.raises(ValueError, match="kind: unknown fused probe 'lion'"):
+        fused_step_bandwidth_gbs("lion", nbytes=1 << 20)
