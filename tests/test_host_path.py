@@ -416,3 +416,60 @@ def test_a_subclass_that_changes_the_step_keeps_the_python_step() -> None:
             p.grad = g
         opt.step()
         assert (opt._host_plan is not None) == planned, cls.__name__
+
+
+def _scale_in_place(ps, o) -> None:
+    with torch.no_grad():
+        ps[5].mul_(1.5)
+
+
+def _scale_through_data(ps, o) -> None:
+    ps[5].data.mul_(1.5)
+
+
+def _scale_through_data_and_forget(ps, o) -> None:
+    ps[5].data.mul_(1.5)
+    o.forget_weight_norms()
+
+
+@pytest.mark.parametrize("dtype,kw", [(torch.float32, {}), (torch.bfloat16, {"master_weights": True})],
+                         ids=["fp32", "bf16-master"])
+def test_lars_carries_weight_norms_between_cached_steps(dtype, kw) -> None:
+    """The plan's LARS steps take ||w|| from the previous update (LARS.reuse_weight_norms): bit-identical
+    to the Python step, which reads w for it every step, over many steps and a schedule change."""
+    twin = Twin(fastlars.LARS, {"lr": 1.0, "weight_decay": 1e-2, **kw}, dtype)
+    assert twin.opts[0].reuse_weight_norms
+    twin.step(1)
+    twin.cached_steps(12, 2)
+    twin.both(lambda ps, o: o.param_groups[0].__setitem__("lr", 0.25))
+    twin.cached_steps(8, 14)
+
+
+@pytest.mark.parametrize("change,seen", [(_scale_in_place, True), (_scale_through_data_and_forget, True),
+                                         (_scale_through_data, False)],
+                         ids=["in-place-op", "data-write-then-forget", "data-write-unseen"])
+def test_carried_weight_norms_follow_what_the_version_counter_sees(change, seen) -> None:
+    """An in-place op on a param bumps its version counter, so the next cached step reads w for ||w|| again
+    and stays bit-identical to the Python step; a write through ``.data`` is invisible to it (the documented
+    limit: the carried norm is then stale, which proves it is carried) unless forget_weight_norms() follows."""
+    twin = Twin(fastlars.LARS, {"lr": 1.0, "weight_decay": 1e-2}, torch.float32)
+    twin.step(1)
+    twin.cached_steps(2, 2)
+    twin.both(change)
+    if not seen:
+        with pytest.raises(AssertionError):
+            twin.step(4)
+        return
+    for t in range(4, 7):  # forget_weight_norms drops the plan: the first of these takes the Python path
+        twin.step(t)
+
+
+def test_reuse_weight_norms_off_sees_data_writes_and_is_checked() -> None:
+    twin = Twin(fastlars.LARS, {"lr": 1.0, "weight_decay": 1e-2}, torch.float32)
+    twin.both(lambda ps, o: setattr(o, "reuse_weight_norms", False))
+    twin.step(1)
+    twin.cached_steps(2, 2)
+    twin.both(_scale_through_data)
+    twin.cached_steps(3, 4)
+    with pytest.raises(TypeError, match="reuse_weight_norms: expected True or False"):
+        twin.opts[0].reuse_weight_norms = "yes"

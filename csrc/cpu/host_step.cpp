@@ -16,9 +16,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include "../common/quant_math.h"
+#include "lars_step.h"
 
 #include <array>
 #include <cmath>
@@ -208,13 +210,30 @@ struct Group {
   std::vector<py::object> storage;     // state_dtype, stochastic_rounding, rounding_seed when planned
   Options options;
   at::Tensor norms;  // this step's ||g||, or empty (LARS: computed in its op)
+  // LARS with fp32 state: per param, ||w|| of its weights (the master where it has one) after the plan's last
+  // update (-1: unknown), and the storage and version counter they had then (lars_step.h).
+  std::vector<float> w_norms;
+  std::vector<const void*> w_storage;
+  std::vector<int64_t> w_versions;
 };
+
+// The tensor whose ||w|| LARS takes: the param's fp32 master where the step keeps one, else the param.
+const at::Tensor& norm_weight(const Group& g, size_t i) { return g.masters.empty() ? g.params[i] : g.masters[i]; }
+
+// Nothing wrote `t` since its version and storage were recorded (an in-place op through autograd's view
+// of it bumps its version counter; a write through `.data` or a raw pointer does not, hence
+// LARS.reuse_weight_norms). Inference tensors have no version counter: never.
+bool unchanged_since(const at::Tensor& t, const void* storage, int64_t version) {
+  return !t.is_inference() && t.data_ptr() == storage &&
+         static_cast<int64_t>(t.unsafeGetTensorImpl()->version_counter().current_version()) == version;
+}
 
 class HostPlan {
  public:
   HostPlan(const std::string& algorithm, py::object state, const std::vector<std::string>& buffer_names,
-           py::list groups)
-      : lamb_(algorithm == "lamb"), state_(state), buffer_names_(buffer_names) {
+           py::list groups, bool reuse_weight_norms)
+      : lamb_(algorithm == "lamb"), reuse_weight_norms_(reuse_weight_norms), state_(state),
+        buffer_names_(buffer_names) {
     TORCH_CHECK(algorithm == "lars" || algorithm == "lamb", "HostPlan: algorithm must be 'lars' or 'lamb'");
     std::vector<std::string> names{"step"};
     names.insert(names.end(), buffer_names_.begin(), buffer_names_.end());
@@ -546,7 +565,7 @@ class HostPlan {
     return true;
   }
 
-  void update(const Group& g, const std::optional<at::Tensor>& grad_scale,
+  void update(Group& g, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& global_norm) const {
     static const auto lars_op = op_handle<LarsOp>("fastlars::lars_step_");
     static const auto lamb_op = op_handle<LambOp>("fastlars::lamb_step_");
@@ -558,10 +577,35 @@ class HostPlan {
       update_lowbit(g, grad_scale, global_norm, bounds);
       return;
     }
-    if (!lamb_) {
+    if (!lamb_ && !reuse_weight_norms_) {
       lars_op.call(g.params, g.grads, g.buffers[0], g.masters, g.norms, o.lr, o.lr_tensor, o.momentum, o.weight_decay,
                    o.trust_coefficient, o.eps, o.nesterov, o.trust_clip, o.mlperf, o.adapt, bounds, o.maximize,
                    grad_scale, none, none);
+      return;
+    }
+    if (!lamb_) {
+      const size_t n = g.params.size();
+      std::vector<float> known(n, -1.0f);
+      for (size_t i = 0; i < g.w_norms.size() && i < n; ++i) {
+        if (g.w_norms[i] >= 0.0f && unchanged_since(norm_weight(g, i), g.w_storage[i], g.w_versions[i])) {
+          known[i] = g.w_norms[i];
+        }
+      }
+      RECORD_FUNCTION("fastlars::lars_step_", std::vector<c10::IValue>());  // as the dispatcher's call would
+      lars_step_carrying_norms(g.params, g.grads, g.buffers[0], g.masters, g.norms, o.lr, o.lr_tensor, o.momentum,
+                               o.weight_decay, o.trust_coefficient, o.eps, o.nesterov, o.trust_clip, o.mlperf,
+                               o.adapt, bounds, o.maximize, grad_scale, none, none, &known, &g.w_norms);
+      g.w_storage.resize(n);
+      g.w_versions.resize(n);
+      for (size_t i = 0; i < n; ++i) {
+        const at::Tensor& w = norm_weight(g, i);
+        if (w.is_inference()) {
+          g.w_norms[i] = -1.0f;
+          continue;
+        }
+        g.w_storage[i] = w.data_ptr();
+        g.w_versions[i] = static_cast<int64_t>(w.unsafeGetTensorImpl()->version_counter().current_version());
+      }
       return;
     }
     const std::optional<at::Tensor> clip = clip_coefficient(o, global_norm);
@@ -597,6 +641,7 @@ class HostPlan {
   }
 
   bool lamb_;
+  bool reuse_weight_norms_;  // LARS: carry ||w|| between steps (lars_step.h)
   py::object state_;
   std::vector<std::string> buffer_names_;
   std::vector<py::object> keys_;  // interned "step" and the buffer names
@@ -614,8 +659,9 @@ void register_host_plan(py::module_& m) {
   py::class_<HostPlan>(m, "HostPlan",
                        "A LARS/LAMB optimizer's step over native CPU groups with its tensor lists cached "
                        "(fastlars/optim/_host.py builds and invalidates it).")
-      .def(py::init<const std::string&, py::object, const std::vector<std::string>&, py::list>(),
-           py::arg("algorithm"), py::arg("state"), py::arg("buffer_names"), py::arg("groups"))
+      .def(py::init<const std::string&, py::object, const std::vector<std::string>&, py::list, bool>(),
+           py::arg("algorithm"), py::arg("state"), py::arg("buffer_names"), py::arg("groups"),
+           py::arg("reuse_weight_norms") = true)
       .def("step", &HostPlan::step, py::arg("param_groups"), py::arg("state"), py::arg("grad_scale"),
            py::arg("found_inf"), py::arg("skipped"),
            "One step; False (and nothing changed) when the optimizer no longer matches the plan.")

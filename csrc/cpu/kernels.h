@@ -79,6 +79,9 @@ struct ElementKernels {
                           const float* v_scales, int64_t n, const LambArgs& a, float step);
   // LARS with an int8 momentum (pow4_signed): decoded, lars_element, stored quantised.
   void (*lars_int8_update)(float* w, uint8_t* codes, float* scales, const float* g, int64_t n, const LarsArgs& a);
+  // lars_update, returning Σw² of the new weights summed exactly as sum_of_squares sums them (the same
+  // lanes and order, so the same bits): the next step's ||w|| without reading w again.
+  float (*lars_update_norm)(float* w, float* v, const float* g, int64_t n, const LarsArgs& a);
 };
 
 namespace isa_baseline {

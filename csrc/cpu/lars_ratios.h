@@ -41,24 +41,42 @@ struct LarsRatioArgs {
 
 // For each tensor group of `chunks`: ratios[i] = lars_ratio(||w_i||, ||g_i||) of its tensors, ||w|| (and with
 // `fold`, ||g|| / scale) as the chunk sums in chunk order, in double (as grad_norms_cpu computes ||g||), then
-// update(first_chunk, chunk_count). `ts` holds weight/grad slots per tensor and numel.
+// update(first_chunk, chunk_count). `ts` holds weight/grad slots per tensor and numel. `known_w_norms`, when
+// given, holds per tensor the ||w|| its weights still have (carried from the previous step's update by
+// lars_update_norm, the same bits as this pass computes) or a negative value: a known norm is not summed
+// again, and a group with every norm known and no ||g|| to fold skips its norm pass; consecutive such groups
+// are updated in one call (one pass over the thread pool instead of one per group).
 template <typename Tensors, typename Update>
 void lars_ratios_then_update(const ElementKernels& kernels, const std::vector<Chunk>& chunks, const Tensors& ts,
                              const at::Tensor& grad_norms, bool fold, std::optional<float> scale,
-                             const LarsRatioArgs& a, std::vector<float>& ratios, const Update& update) {
+                             const LarsRatioArgs& a, std::vector<float>& ratios, const Update& update,
+                             const std::vector<float>* known_w_norms = nullptr) {
   const at::Tensor norms = fold ? grad_norms : grad_norms.contiguous();
   const float* given_norm = fold ? nullptr : norms.data_ptr<float>();
+  const auto known = [&](size_t i) { return known_w_norms != nullptr && (*known_w_norms)[i] >= 0.0f; };
   const GroupPlan plan = plan_groups(chunks, ts.numel);
   const int stride = fold ? 2 : 1;
   std::vector<float> partials(stride * chunks.size());
+  size_t pending_first = 0, pending_end = 0;  // chunks of the groups whose ratios are set, not yet updated
+  const auto flush = [&] {
+    if (pending_end > pending_first) update(chunks.data() + pending_first, static_cast<int64_t>(pending_end - pending_first));
+    pending_first = pending_end;
+  };
   for (const TensorGroup& group : plan.groups) {
     const Chunk* first = chunks.data() + group.first_chunk;
     const int64_t count = static_cast<int64_t>(group.end_chunk - group.first_chunk);
-    for_each_chunk(first, count, 1, [&](int64_t k, const Chunk& c, float* scratch) {
-      float* sums = &partials[stride * (group.first_chunk + k)];
-      sums[0] = kernels.sum_of_squares(load(ts.weight[c.tensor], c.begin, c.size, scratch), c.size);
-      if (fold) sums[1] = kernels.sum_of_squares(load(ts.grad[c.tensor], c.begin, c.size, scratch), c.size);
-    });
+    bool norm_pass = fold;
+    for (size_t i = group.first_tensor; i < group.end_tensor && !norm_pass; ++i) norm_pass = !known(i);
+    if (norm_pass) {
+      flush();
+      for_each_chunk(first, count, 1, [&](int64_t k, const Chunk& c, float* scratch) {
+        float* sums = &partials[stride * (group.first_chunk + k)];
+        if (!known(static_cast<size_t>(c.tensor))) {
+          sums[0] = kernels.sum_of_squares(load(ts.weight[c.tensor], c.begin, c.size, scratch), c.size);
+        }
+        if (fold) sums[1] = kernels.sum_of_squares(load(ts.grad[c.tensor], c.begin, c.size, scratch), c.size);
+      });
+    }
     for (size_t i = group.first_tensor; i < group.end_tensor; ++i) {
       float g_norm = 0.0f;
       if (fold) {
@@ -67,12 +85,19 @@ void lars_ratios_then_update(const ElementKernels& kernels, const std::vector<Ch
       } else {
         g_norm = given_norm[i];
       }
-      const float w_norm = static_cast<float>(std::sqrt(plan.tensor_sum(partials, i, stride, 0)));
+      const float w_norm = known(i) ? (*known_w_norms)[i]
+                                    : static_cast<float>(std::sqrt(plan.tensor_sum(partials, i, stride, 0)));
       ratios[i] = math::lars_ratio(w_norm, g_norm, a.rate, a.trust_coefficient, a.weight_decay, a.eps, true,
                                    a.trust_clip, a.bounds.has, a.bounds.lo, a.bounds.hi);
     }
-    update(first, count);
+    if (norm_pass) {  // its update follows its norm pass while the group's arrays are still cached
+      update(first, count);
+      pending_first = pending_end = group.end_chunk;
+    } else {
+      pending_end = group.end_chunk;
+    }
   }
+  flush();
 }
 
 }  // namespace fastlars::cpu

@@ -25,6 +25,7 @@
 #include "../common/step_math.h"
 #include "kernels.h"
 #include "lars_ratios.h"
+#include "lars_step.h"
 #include "tensor_groups.h"
 #include "multi_tensor.h"
 #include "op_checks.h"
@@ -112,14 +113,18 @@ at::Tensor grad_norms_cpu(at::TensorList grads, const std::optional<at::Tensor>&
   return out;
 }
 
-void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                   at::TensorList master_params, const at::Tensor& grad_norms, double lr,
-                   const std::optional<at::Tensor>& lr_tensor, double momentum, double weight_decay,
-                   double trust_coefficient, double eps, bool nesterov, bool trust_clip, bool mlperf_momentum,
-                   bool adapt, std::optional<at::ArrayRef<double>> trust_ratio_bounds, bool maximize,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                   const std::optional<at::Tensor>& trust_ratios) {
+}  // namespace
+
+void lars_step_carrying_norms(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                              at::TensorList master_params, const at::Tensor& grad_norms, double lr,
+                              const std::optional<at::Tensor>& lr_tensor, double momentum, double weight_decay,
+                              double trust_coefficient, double eps, bool nesterov, bool trust_clip,
+                              bool mlperf_momentum, bool adapt, std::optional<at::ArrayRef<double>> trust_ratio_bounds,
+                              bool maximize, const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& trust_ratios,
+                              const std::vector<float>* known_w_norms, std::vector<float>* next_w_norms) {
   begin_step_record();
+  if (next_w_norms != nullptr) next_w_norms->assign(params.size(), -1.0f);
   if (params.empty()) return;
   const StepTensors ts = step_tensors(params, grads, {{momentum_buffers, "momentum_buffers"}}, master_params);
   const size_t n = params.size();
@@ -136,14 +141,22 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   const std::vector<Chunk> chunks = plan_chunks(ts.numel);
   const LarsArgs args{scale.has_value(), maximize, nesterov, mlperf_momentum, scale.value_or(1.0f), rate, 1.0f,
                       static_cast<float>(momentum), static_cast<float>(weight_decay)};
+  // With next_w_norms (adapting groups): each chunk's Σw'² of the new fp32 weights, for the next step's ||w||.
+  const bool carry = next_w_norms != nullptr && adapt;
+  std::vector<float> next_partials(carry ? chunks.size() : 0);
   const auto update = [&](const Chunk* first, int64_t count, const std::vector<float>& ratios) {
-    for_each_chunk(first, count, 3, [&](int64_t, const Chunk& c, float* scratch) {
+    const int64_t first_index = first - chunks.data();
+    for_each_chunk(first, count, 3, [&](int64_t k, const Chunk& c, float* scratch) {
       float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
       float* v = load(ts.buffers[0][c.tensor], c.begin, c.size, scratch + kChunk);
       const float* g = load(ts.grad[c.tensor], c.begin, c.size, scratch + 2 * kChunk);
       LarsArgs tensor_args = args;
       tensor_args.ratio = ratios[c.tensor];
-      kernels.lars_update(w, v, g, c.size, tensor_args);
+      if (carry && ts.weight[c.tensor].type == at::kFloat) {
+        next_partials[first_index + k] = kernels.lars_update_norm(w, v, g, c.size, tensor_args);
+      } else {
+        kernels.lars_update(w, v, g, c.size, tensor_args);
+      }
       store(ts.buffers[0][c.tensor], c.begin, c.size, v);
       store_weight(ts, c, w);
     });
@@ -157,8 +170,29 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   lars_ratios_then_update(kernels, chunks, ts, grad_norms, fold, scale,
                           {rate, static_cast<float>(trust_coefficient), static_cast<float>(weight_decay),
                            static_cast<float>(eps), trust_clip, bounds},
-                          ratios, [&](const Chunk* first, int64_t count) { update(first, count, ratios); });
+                          ratios, [&](const Chunk* first, int64_t count) { update(first, count, ratios); },
+                          known_w_norms);
   if (ratio_out != nullptr) std::copy(ratios.begin(), ratios.end(), ratio_out);
+  if (carry) {  // as the norm pass adds chunk sums: per tensor, in chunk order, in double
+    const std::vector<double> sums = per_tensor_sums(chunks, next_partials, n);
+    for (size_t i = 0; i < n; ++i) {
+      if (ts.weight[i].type == at::kFloat) (*next_w_norms)[i] = static_cast<float>(std::sqrt(sums[i]));
+    }
+  }
+}
+
+namespace {
+
+void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                   at::TensorList master_params, const at::Tensor& grad_norms, double lr,
+                   const std::optional<at::Tensor>& lr_tensor, double momentum, double weight_decay,
+                   double trust_coefficient, double eps, bool nesterov, bool trust_clip, bool mlperf_momentum,
+                   bool adapt, std::optional<at::ArrayRef<double>> trust_ratio_bounds, bool maximize,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                   const std::optional<at::Tensor>& trust_ratios) {
+  lars_step_carrying_norms(params, grads, momentum_buffers, master_params, grad_norms, lr, lr_tensor, momentum,
+                           weight_decay, trust_coefficient, eps, nesterov, trust_clip, mlperf_momentum, adapt,
+                           trust_ratio_bounds, maximize, grad_scale, found_inf, trust_ratios, nullptr, nullptr);
 }
 
 void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,

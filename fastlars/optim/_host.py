@@ -15,6 +15,8 @@ counts steps and skipped steps itself, and holds no gradient between steps. Grou
 or stochastically rounded weights take the same path through the native low-precision ops (their int8
 codes, block scales and format records are cached and re-checked like the other state entries); a change
 of a group's ``state_dtype``, ``stochastic_rounding`` or ``rounding_seed`` drops back to the Python step.
+LARS's plan carries each tensor's ||w|| from one update to the next step while the weights keep their
+storage and version counter (``LARS.reuse_weight_norms``, csrc/cpu/lars_step.h).
 """
 
 from __future__ import annotations
@@ -92,4 +94,5 @@ def build_plan(opt: TrustRatioOptimizer, work: list[GroupWork], algorithm: str) 
         keys = _rounding_keys(opt, group, stepped, states) if low else []
         storage = (group["state_dtype"], group["stochastic_rounding"], group["rounding_seed"])
         groups.append((params, takes_part, states, low, keys, storage))
-    return plan_class(algorithm, opt.state, list(opt.buffer_names), groups)
+    return plan_class(algorithm, opt.state, list(opt.buffer_names), groups,
+                      reuse_weight_norms=bool(getattr(opt, "reuse_weight_norms", False)))
