@@ -71,8 +71,15 @@ constexpr int64_t kSerialElements = kChunk;
 
 // Each call reports how many threads ran a range of it (parallel.h: last_step_threads); under OpenMP
 // each thread of the team runs at most one range.
+//
+// Order::back walks each thread's range from its end: a pass that follows a forward pass over the same
+// chunks (the same ranges per thread) starts on what that pass read last, still in the thread's L2 and
+// the shared L3, instead of on what it read first, long evicted. Bodies must not depend on the order
+// (every kernel body writes only its own chunk and its own partial).
+enum class Order { forward, back };
+
 template <typename Body>
-void for_each_chunk(const Chunk* chunks, int64_t count, int arrays, const Body& body) {
+void for_each_chunk(const Chunk* chunks, int64_t count, int arrays, const Body& body, Order order = Order::forward) {
   std::atomic<int> threads{0};
   int64_t elements = 0;
   for (int64_t c = 0; c < count && elements < kSerialElements; ++c) elements += chunks[c].size;
@@ -80,7 +87,11 @@ void for_each_chunk(const Chunk* chunks, int64_t count, int arrays, const Body& 
   at::parallel_for(0, count, grain, [&](int64_t lo, int64_t hi) {
     threads.fetch_add(1, std::memory_order_relaxed);
     float* scratch = thread_scratch(arrays);
-    for (int64_t c = lo; c < hi; ++c) body(c, chunks[c], scratch);
+    if (order == Order::back) {
+      for (int64_t c = hi - 1; c >= lo; --c) body(c, chunks[c], scratch);
+    } else {
+      for (int64_t c = lo; c < hi; ++c) body(c, chunks[c], scratch);
+    }
   });
   record_pass_threads(threads.load(std::memory_order_relaxed));
 }

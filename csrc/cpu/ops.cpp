@@ -159,7 +159,7 @@ void lars_step_carrying_norms(at::TensorList params, at::TensorList grads, at::T
       }
       store(ts.buffers[0][c.tensor], c.begin, c.size, v);
       store_weight(ts, c, w);
-    });
+    }, Order::back);  // after the norm pass (or the gradient-norm op) over the same chunks
   };
   std::vector<float> ratios(n, 1.0f);
   if (!adapt) {
@@ -269,7 +269,7 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
       if (ratio_out != nullptr) ratio_out[i] = ratio;
     }
 
-    for_each_chunk(first, count, 4, [&](int64_t, const Chunk& c, float* scratch) {
+    for_each_chunk(first, count, 4, [&](int64_t, const Chunk& c, float* scratch) {  // pass 2, from pass 1's end
       float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
       const float step = steps_by_tensor[c.tensor];
       if (ts.fp32_state) {
@@ -294,7 +294,7 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
         store(v_slots[c.tensor], c.begin, c.size, v);
       }
       store_weight(ts, c, w);
-    });
+    }, Order::back);
   }
 }
 
