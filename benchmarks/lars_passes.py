@@ -12,7 +12,8 @@ interleaved rounds with the order rotated each round (medians):
 * ``grad_norms``: the gradient pass alone (the grad_norms op);
 * ``given_norms``: lars_step_ given ||g||: the ||w|| passes and the updates;
 * ``update_only``: lars_step_ with adapt=False: the update pass alone (no norms);
-* ``step``: LARS.step() (the cached host path: all of the above and the skip flag);
+* ``step``: LARS.step() on the cached host path: the gradient pass, the skip flag and the updates, with
+  each tensor's ||w|| carried from the previous update (LARS.reuse_weight_norms), so no ||w|| pass;
 * ``fused_sgd``: torch.optim.SGD(momentum, fused=True) over a copy of the tensors;
 * ``stream_read`` / ``stream_update2``: fastlars._C.stream_pass over as many elements (a read-only sum,
   and two in-place arrays fed by a third: SGD's mix), the roofline probes of benchmarks.measure.

@@ -5,7 +5,8 @@
 //
 // grad_norms:  out[i] = ||g_i|| / grad_scale                         one pass, reads g
 // lars_step_:  per group of tensors (tensor_groups.h; adapting groups only): pass 1 ||w_i|| (and ||g_i||
-//              when grad_norms is empty: no separate gradient pass), pass 2 the update
+//              when grad_norms is empty: no separate gradient pass), pass 2 the update; the host path
+//              calls lars_step_carrying_norms (lars_step.h), which skips pass 1 where ||w|| is known
 // lamb_step_:  per group of tensors (tensor_groups.h): pass 1 new m, v (written when fp32), u into a
 //              workspace, ||w_i||, ||u_i||; pass 2 w ← w − lr·r_i·u from the stored u (bf16/fp16
 //              moments: pass 1 works on copies and pass 2 recomputes them from the old ones and g, so
