@@ -1,6 +1,7 @@
 // fastlars._C.HostPlan: the host path of a LARS/LAMB step over native CPU groups (host_step.h).
 //
-// The maths stays in the ops (ops.cpp), called through the dispatcher with the cached tensor lists;
+// The maths stays in the ops (ops.cpp), called through the dispatcher with the cached tensor lists (LARS
+// with fp32 state: lars_step_carrying_norms directly, lars_step.h, profiled under the op's name);
 // this file reproduces, bit for bit, what fastlars/optim/_base.py does around them:
 //   norms_g   = fastlars::grad_norms(grads_g, grad_scale)          (only without a GradScaler flag, or for
 //                                                                    LAMB's clipping; LARS otherwise passes
@@ -33,10 +34,6 @@ namespace {
 
 namespace py = pybind11;
 
-using LarsOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, const at::Tensor&, double,
-                    const std::optional<at::Tensor>&, double, double, double, double, bool, bool, bool, bool,
-                    std::optional<at::ArrayRef<double>>, bool, const std::optional<at::Tensor>&,
-                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
 using LambOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                     double, const std::optional<at::Tensor>&, double, double, double, double, bool, bool, bool, bool,
                     bool, std::optional<at::ArrayRef<double>>, bool, const std::optional<at::Tensor>&,
@@ -220,12 +217,15 @@ struct Group {
 // The tensor whose ||w|| LARS takes: the param's fp32 master where the step keeps one, else the param.
 const at::Tensor& norm_weight(const Group& g, size_t i) { return g.masters.empty() ? g.params[i] : g.masters[i]; }
 
+int64_t version_of(const at::Tensor& t) {
+  return static_cast<int64_t>(t.unsafeGetTensorImpl()->version_counter().current_version());
+}
+
 // Nothing wrote `t` since its version and storage were recorded (an in-place op through autograd's view
 // of it bumps its version counter; a write through `.data` or a raw pointer does not, hence
 // LARS.reuse_weight_norms). Inference tensors have no version counter: never.
 bool unchanged_since(const at::Tensor& t, const void* storage, int64_t version) {
-  return !t.is_inference() && t.data_ptr() == storage &&
-         static_cast<int64_t>(t.unsafeGetTensorImpl()->version_counter().current_version()) == version;
+  return !t.is_inference() && t.data_ptr() == storage && version_of(t) == version;
 }
 
 class HostPlan {
@@ -567,7 +567,6 @@ class HostPlan {
 
   void update(Group& g, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& global_norm) const {
-    static const auto lars_op = op_handle<LarsOp>("fastlars::lars_step_");
     static const auto lamb_op = op_handle<LambOp>("fastlars::lamb_step_");
     const Options& o = g.options;
     const std::optional<at::ArrayRef<double>> bounds =
@@ -577,41 +576,46 @@ class HostPlan {
       update_lowbit(g, grad_scale, global_norm, bounds);
       return;
     }
-    if (!lamb_ && !reuse_weight_norms_) {
-      lars_op.call(g.params, g.grads, g.buffers[0], g.masters, g.norms, o.lr, o.lr_tensor, o.momentum, o.weight_decay,
-                   o.trust_coefficient, o.eps, o.nesterov, o.trust_clip, o.mlperf, o.adapt, bounds, o.maximize,
-                   grad_scale, none, none);
-      return;
-    }
     if (!lamb_) {
-      const size_t n = g.params.size();
-      std::vector<float> known(n, -1.0f);
-      for (size_t i = 0; i < g.w_norms.size() && i < n; ++i) {
-        if (g.w_norms[i] >= 0.0f && unchanged_since(norm_weight(g, i), g.w_storage[i], g.w_versions[i])) {
-          known[i] = g.w_norms[i];
-        }
-      }
-      RECORD_FUNCTION("fastlars::lars_step_", std::vector<c10::IValue>());  // as the dispatcher's call would
-      lars_step_carrying_norms(g.params, g.grads, g.buffers[0], g.masters, g.norms, o.lr, o.lr_tensor, o.momentum,
-                               o.weight_decay, o.trust_coefficient, o.eps, o.nesterov, o.trust_clip, o.mlperf,
-                               o.adapt, bounds, o.maximize, grad_scale, none, none, &known, &g.w_norms);
-      g.w_storage.resize(n);
-      g.w_versions.resize(n);
-      for (size_t i = 0; i < n; ++i) {
-        const at::Tensor& w = norm_weight(g, i);
-        if (w.is_inference()) {
-          g.w_norms[i] = -1.0f;
-          continue;
-        }
-        g.w_storage[i] = w.data_ptr();
-        g.w_versions[i] = static_cast<int64_t>(w.unsafeGetTensorImpl()->version_counter().current_version());
-      }
+      update_lars(g, grad_scale, bounds);
       return;
     }
     const std::optional<at::Tensor> clip = clip_coefficient(o, global_norm);
     lamb_op.call(g.params, g.grads, g.buffers[0], g.buffers[1], g.masters, g.steps, o.lr, o.lr_tensor, o.beta1,
                  o.beta2, o.eps, o.weight_decay, o.bias_correction, o.grad_averaging, o.decoupled_decay,
                  o.trust_clip, o.adapt, bounds, o.maximize, clip, grad_scale, none, none);
+  }
+
+  // lars_step_ with each weight's ||w|| carried from the plan's last update while it is unchanged
+  // (lars_step.h); without reuse_weight_norms_ every step takes the norm pass.
+  void update_lars(Group& g, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::ArrayRef<double>>& bounds) const {
+    const Options& o = g.options;
+    const std::optional<at::Tensor> none;
+    const size_t n = g.params.size();
+    std::vector<float> known(n, -1.0f);
+    for (size_t i = 0; reuse_weight_norms_ && i < g.w_norms.size() && i < n; ++i) {
+      if (g.w_norms[i] >= 0.0f && unchanged_since(norm_weight(g, i), g.w_storage[i], g.w_versions[i])) {
+        known[i] = g.w_norms[i];
+      }
+    }
+    RECORD_FUNCTION("fastlars::lars_step_", std::vector<c10::IValue>());  // as a dispatcher call would
+    lars_step_carrying_norms(g.params, g.grads, g.buffers[0], g.masters, g.norms, o.lr, o.lr_tensor, o.momentum,
+                             o.weight_decay, o.trust_coefficient, o.eps, o.nesterov, o.trust_clip, o.mlperf, o.adapt,
+                             bounds, o.maximize, grad_scale, none, none, &known,
+                             reuse_weight_norms_ ? &g.w_norms : nullptr);
+    if (!reuse_weight_norms_) return;
+    g.w_storage.resize(n);
+    g.w_versions.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& w = norm_weight(g, i);
+      if (w.is_inference()) {
+        g.w_norms[i] = -1.0f;
+        continue;
+      }
+      g.w_storage[i] = w.data_ptr();
+      g.w_versions[i] = version_of(w);
+    }
   }
 
   static std::optional<at::Tensor> clip_coefficient(const Options& o, const std::optional<at::Tensor>& global_norm) {
