@@ -11,7 +11,10 @@ in-place arrays fed by a third (20 B, the traffic mix of a momentum step), with 
 x += y and torch's own fused CPU steps over one large tensor as further probes: SGD with momentum (20 B
 per element) and AdamW (28 B), the peers the tables compare with. On a 2-core EPYC VM those fused steps
 streamed up to 1.36× faster than the best of the others (2026-12-04), so without them the "roofline" was
-not an upper bound. A step that moves its compulsory bytes cannot beat the best of them.
+not an upper bound. A step that moves its compulsory bytes cannot beat the best of them. The probes
+(bandwidth_probes) run before and after a benchmark and, for every table of a set beyond the last-level
+cache, as further cases of that table's interleaved rounds, so the roofline sees the same minutes of the
+machine as the rows it bounds.
 """
 
 from __future__ import annotations
@@ -154,11 +157,23 @@ STREAM_MIXES = {"read": 4, "update": 12, "update2": 20}  # bytes moved per eleme
 FUSED_PROBES = {"torch_fused_sgd": 20, "torch_fused_adamw": 28}  # bytes per element of each fused step
 
 
-def fused_step_bandwidth_gbs(kind: str, nbytes: int = 256 << 20, repeats: int = 5) -> float:
-    """GB/s of torch's fused CPU step over one fp32 parameter of `nbytes` (fastest of `repeats` steps):
-    ``torch_fused_sgd`` = SGD(momentum 0.9, fused) reads w, g, m and writes w, m (20 B per element);
-    ``torch_fused_adamw`` = AdamW(fused) reads w, g, m, v and writes w, m, v (28 B)."""
-    n = nbytes // 4
+@dataclass(frozen=True)
+class Probe:
+    """One streaming probe of the CPU roofline: `step` moves `bytes_per_call` bytes through memory."""
+
+    name: str
+    step: Callable[[], Any]
+    bytes_per_call: int
+
+    def gbs(self, timing: Timing) -> float:
+        """GB/s of the probe's fastest timed call."""
+        return self.bytes_per_call / (timing.low * 1e-3) / 1e9
+
+
+def _fused_probe(kind: str, n: int) -> Probe:
+    """torch's fused CPU step over one fp32 parameter of n elements: ``torch_fused_sgd`` = SGD(momentum 0.9,
+    fused) reads w, g, m and writes w, m (20 B per element); ``torch_fused_adamw`` = AdamW(fused) reads w, g,
+    m, v and writes w, m, v (28 B)."""
     weight = torch.nn.Parameter(torch.ones(n))
     weight.grad = torch.full((n,), 1e-3)
     if kind == "torch_fused_sgd":
@@ -167,30 +182,39 @@ def fused_step_bandwidth_gbs(kind: str, nbytes: int = 256 << 20, repeats: int = 
         opt = torch.optim.AdamW([weight], lr=1e-6, fused=True)
     else:
         raise ValueError(f"kind: unknown fused probe {kind!r}; choose from {', '.join(FUSED_PROBES)}")
-    timing = time_ms(opt.step, torch.device("cpu"), repeats, warmup=2)
-    return FUSED_PROBES[kind] * n / (timing.low * 1e-3) / 1e9
+    return Probe(kind, opt.step, FUSED_PROBES[kind] * n)
+
+
+def bandwidth_probes(nbytes: int = 256 << 20) -> list[Probe]:
+    """The roofline's probes over fp32 arrays of `nbytes` each, on torch.get_num_threads() threads when
+    called: torch's in-place x += y ("torch_inplace", 12 B per element), torch's fused SGD and AdamW steps
+    (FUSED_PROBES) and, with the compiled extension, each fastlars._C.stream_pass mix (STREAM_MIXES: one
+    pass per call, the kernels' own chunking)."""
+    from fastlars._extension import extension
+
+    n = nbytes // 4
+    x, y = torch.ones(n), torch.ones(n)
+    probes = [Probe("torch_inplace", lambda: x.add_(y), 12 * n)]
+    probes += [_fused_probe(kind, n) for kind in FUSED_PROBES]
+    ext = extension()
+    if ext is not None and hasattr(ext, "stream_pass"):
+        a, b, c = torch.ones(n), torch.ones(n), torch.ones(n)
+        for mode, per_element in STREAM_MIXES.items():
+            probes.append(Probe(mode, lambda m=mode: ext.stream_pass(a, b, c, mode=m, repeats=1), per_element * n))
+    return probes
+
+
+def fused_step_bandwidth_gbs(kind: str, nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """GB/s of torch's fused CPU step `kind` (FUSED_PROBES) over one fp32 parameter of `nbytes`, fastest of
+    `repeats` steps."""
+    probe = _fused_probe(kind, nbytes // 4)
+    return probe.gbs(time_ms(probe.step, torch.device("cpu"), repeats, warmup=2))
 
 
 def stream_bandwidths_gbs(nbytes: int = 256 << 20, repeats: int = 5) -> dict[str, float]:
-    """GB/s of each fastlars._C.stream_pass mix (STREAM_MIXES) on torch.get_num_threads() threads over
-    fp32 arrays of `nbytes` each (fastest of `repeats` passes), plus torch's in-place x += y
-    ("torch_inplace") and torch's fused SGD and AdamW steps (FUSED_PROBES). Without the compiled
-    extension only torch's."""
-    from fastlars._extension import extension
-
-    out = {"torch_inplace": inplace_bandwidth_gbs(torch.device("cpu"), nbytes, repeats)}
-    for kind in FUSED_PROBES:
-        out[kind] = fused_step_bandwidth_gbs(kind, nbytes, repeats)
-    ext = extension()
-    if ext is None or not hasattr(ext, "stream_pass"):
-        return out
-    n = nbytes // 4
-    x, y, z = torch.ones(n), torch.ones(n), torch.ones(n)
-    for mode, per_element in STREAM_MIXES.items():
-        ext.stream_pass(x, y, z, mode=mode, repeats=1)  # first touch, page faults
-        seconds = ext.stream_pass(x, y, z, mode=mode, repeats=repeats)
-        out[mode] = per_element * n / seconds / 1e9
-    return out
+    """GB/s of each bandwidth_probes probe on torch.get_num_threads() threads (fastest of `repeats` calls
+    after two untimed ones: first touch, page faults)."""
+    return {p.name: p.gbs(time_ms(p.step, torch.device("cpu"), repeats, warmup=2)) for p in bandwidth_probes(nbytes)}
 
 
 def last_level_cache_bytes() -> int:

@@ -20,6 +20,8 @@ import torch
 import fastlars
 from benchmarks.cases import Case, fastlars_case, native_plan_case, peer_cases
 from benchmarks.measure import (
+    Probe,
+    bandwidth_probes,
     copy_bandwidth_gbs,
     inplace_bandwidth_gbs,
     last_level_cache_bytes,
@@ -58,6 +60,7 @@ class Row:
     threads: int | None = None  # torch.get_num_threads() while timed (None in results before issue 21)
     cpu_over_wall: float | None = None  # process CPU time / wall time while timed (CPU only)
     fraction_of_roofline: float | None = None  # of the best streaming bandwidth on `threads` threads
+    table_roofline_gbs: float | None = None  # the best probe timed in this row's own rounds (CPU, big sets)
 
 
 def cpu_vector_isa() -> str:
@@ -185,6 +188,7 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
                               "last_level_cache_bytes": cache, "thread_counts": counts, "repeats": repeats,
                               "budget_s": budget_s, "rounds": rounds, "states": list(states), "partial": True,
                               "rows": []}
+    probes: list[Probe] = []  # made once, when the first table needs them
     before = torch.get_num_threads()
     try:
         for n in counts:
@@ -192,14 +196,21 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
             roof = roofs.get(str(n), {}).get("best")
             for set_name in sets:
                 shapes = PARAM_SETS[set_name].shapes()
+                bounded = device.type == "cpu" and 4 * PARAM_SETS[set_name].count() > cache  # fp32 weights > LLC
+                if bounded and not probes:
+                    probes = bandwidth_probes()
                 for dtype_name in dtypes:
                     dtype, master = DTYPES[dtype_name]
                     for optim in optims:
                         cases = plan(optim, backends, peers, device, states)
                         rows = [Row(set_name, dtype_name, optim, case.implementation, case.peer, threads=n)
                                 for case in cases]
-                        _measure_side_by_side(rows, cases, shapes, dtype, master, device, repeats, budget_s, rounds,
-                                              Bandwidths(copy_bw, inplace_bw, roof, cache))
+                        probed = _measure_side_by_side(rows, cases, shapes, dtype, master, device, repeats,
+                                                       budget_s, rounds, Bandwidths(copy_bw, inplace_bw, roof, cache),
+                                                       probes if bounded else [])
+                        if probed:
+                            result.setdefault("table_rooflines_gbs", []).append(
+                                {"threads": n, "param_set": set_name, "dtype": dtype_name, "optim": optim, **probed})
                         for row in rows:
                             result["rows"].append(asdict(row))
                             log(line(row))
@@ -207,6 +218,7 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
                             on_row(result)
     finally:
         torch.set_num_threads(before)
+        probes = []
     if roofs:  # probed again after the rows: the roofline is the best of both probes
         result["rooflines_gbs"] = merge_rooflines(roofs, rooflines(device, counts, log))
         apply_rooflines(result)
@@ -228,7 +240,8 @@ def merge_rooflines(*probes: dict[str, dict[str, float]]) -> dict[str, dict[str,
 
 
 def apply_rooflines(result: dict[str, Any]) -> None:
-    """Sets every row's fraction_of_roofline from result["rooflines_gbs"] of its thread count, and lists
+    """Sets every row's fraction_of_roofline from the best of result["rooflines_gbs"] of its thread count
+    (probed before and after the rows) and the row's table_roofline_gbs (probed in its own rounds), and lists
     the rows above 100% in result["over_roofline"] (the probe then under-measured the machine, e.g.
     under load: such a row is reported, never capped)."""
     roofs = result.get("rooflines_gbs") or {}
@@ -237,8 +250,8 @@ def apply_rooflines(result: dict[str, Any]) -> None:
     for r in result["rows"]:
         if r["skipped"] or r.get("threads") is None:
             continue
-        best = roofs.get(str(r["threads"]), {}).get("best")
-        r["fraction_of_roofline"] = roofline_fraction(r["gb_per_s"], best, r["compulsory_bytes"], cache)
+        best = max(roofs.get(str(r["threads"]), {}).get("best") or 0.0, r.get("table_roofline_gbs") or 0.0)
+        r["fraction_of_roofline"] = roofline_fraction(r["gb_per_s"], best or None, r["compulsory_bytes"], cache)
         if r["fraction_of_roofline"] is not None and r["fraction_of_roofline"] > 1.0:
             over.append(f"{r['param_set']} {r['dtype']} {r['optim']} {r['implementation']} on {r['threads']} "
                         f"thread(s): {100 * r['fraction_of_roofline']:.0f}%")
@@ -258,9 +271,12 @@ class Bandwidths:
 
 def _measure_side_by_side(rows: list[Row], cases: list[Case], shapes: list, dtype: torch.dtype, master: bool,
                           device: torch.device, repeats: int, budget_s: float | None, rounds: int,
-                          bandwidths: Bandwidths) -> None:
+                          bandwidths: Bandwidths, probes: list[Probe] | None = None) -> dict[str, float]:
     """Builds every case on its own parameters and warms it up (a case that fails records why in its row's
-    `skipped`), times the rest side by side in `rounds` rounds, fills the rows, then frees the tensors."""
+    `skipped`), times the rest side by side in `rounds` rounds, fills the rows, then frees the tensors.
+    `probes` (the CPU roofline's bandwidth probes) are timed in the same rounds as further cases, so the
+    roofline sees the same minutes of this machine as the rows (its memory bandwidth drifts by up to 2×
+    within minutes); returns each probe's GB/s (fastest call) and "best", or {} without probes."""
     steps: list[tuple[Row, Callable[[], Any], Callable[[], int], int]] = []
     for row, case in zip(rows, cases):
         try:
@@ -272,14 +288,22 @@ def _measure_side_by_side(rows: list[Row], cases: list[Case], shapes: list, dtyp
             continue
         steps.append((row, step, bytes_of, repeats_within(repeats, budget_s, last_s)))
         params = step = bytes_of = None
-    timings = time_rounds([s[1] for s in steps], [s[3] for s in steps], device, rounds)
+    probes = probes or []
+    probe_repeats = [repeats_within(repeats, budget_s, warm_up(p.step, device, warmup=2)) for p in probes]
+    timings = time_rounds([s[1] for s in steps] + [p.step for p in probes], [s[3] for s in steps] + probe_repeats,
+                          device, rounds)
+    probed = {p.name: p.gbs(t) for p, t in zip(probes, timings[len(steps):])}
+    if probed:
+        probed["best"] = max(probed.values())
+    roofline = max(bandwidths.roofline_gbs or 0.0, probed.get("best", 0.0)) or None
     for (row, _, bytes_of, _), timing in zip(steps, timings):
         row.ms_median, row.ms_min, row.ms_max = timing.median, timing.low, timing.high
         row.compulsory_bytes = bytes_of()
         row.gb_per_s = row.compulsory_bytes / (timing.median * 1e-3) / 1e9
         row.fraction_of_copy = row.gb_per_s / bandwidths.copy_gbs
         row.fraction_of_inplace = row.gb_per_s / bandwidths.inplace_gbs
-        row.fraction_of_roofline = roofline_fraction(row.gb_per_s, bandwidths.roofline_gbs, row.compulsory_bytes,
+        row.table_roofline_gbs = probed.get("best")
+        row.fraction_of_roofline = roofline_fraction(row.gb_per_s, roofline, row.compulsory_bytes,
                                                      bandwidths.cache_bytes)
         row.cpu_over_wall = timing.cpu_over_wall
         row.repeats = timing.repeats
@@ -287,6 +311,7 @@ def _measure_side_by_side(rows: list[Row], cases: list[Case], shapes: list, dtyp
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return probed
 
 
 def line(r: Row) -> str:
@@ -343,6 +368,9 @@ def _header(result: dict[str, Any]) -> list[str]:
                     "(20 and 28 B): " + "; ".join(
                         f"{n} thread(s) {v['best']:.1f} GB/s (" + ", ".join(
                             f"{k} {g:.1f}" for k, g in v.items() if k != "best") + ")" for n, v in roofs.items())
+                    + ". Each table of a set beyond the last-level cache also times these probes as further "
+                    "cases of its own interleaved rounds (this VM's bandwidth drifts by up to 2× within minutes), "
+                    "and its rows' % is of the best of both"
                     + f". % of roofline is left out (—) for sets within 4× the last-level cache "
                     f"({result.get('last_level_cache_bytes', 0) >> 20} MiB): those steps measure host overhead. "
                     "CPU/wall = process CPU time / wall time while timed (all threads busy: = threads).")

@@ -334,3 +334,60 @@ def test_fused_step_probes_measure_torchs_fused_steps() -> None:
         assert fused_step_bandwidth_gbs(kind, nbytes=1 << 20, repeats=3) > 0
     with pytest.raises(ValueError, match="kind: unknown fused probe 'lion'"):
         fused_step_bandwidth_gbs("lion", nbytes=1 << 20)
+
+
+def test_probes_are_timed_in_the_tables_rounds_and_bound_its_rows() -> None:
+    """A bounded table times the roofline's probes as further cases of its rounds: the row's fraction is
+    against the best of the run's probes and the in-round ones, and the table's probe GB/s come back."""
+    import time
+
+    from benchmarks.cases import fastlars_case
+    from benchmarks.measure import Probe
+    from benchmarks.suite import Bandwidths, Row, _measure_side_by_side
+
+    def slow_probe() -> None:
+        time.sleep(0.004)
+
+    fast = Probe("fast", lambda: None, 10**9)  # ~1 GB in µs: far above any step
+    slow = Probe("slow", slow_probe, 4 * 10**6)  # 4 MB in >= 4 ms: at most 1 GB/s
+    rows = [Row("tiny", "fp32", "lars", "fastlars.reference", False)]
+    probed = _measure_side_by_side(rows, [fastlars_case("lars", "reference")], [(64, 32), (7,)], torch.float32,
+                                   False, torch.device("cpu"), 3, None, 2, Bandwidths(2.0, 3.0, 1e-6, 0),
+                                   [fast, slow])
+    assert set(probed) == {"fast", "slow", "best"} and probed["best"] == probed["fast"] > 1000 > probed["slow"]
+    assert probed["slow"] <= 1.0
+    (row,) = rows
+    assert row.table_roofline_gbs == probed["best"] and row.repeats == 3
+    assert row.fraction_of_roofline == pytest.approx(row.gb_per_s / probed["best"])  # not / the run's 1e-6
+    # without probes: the run's roofline, nothing returned
+    assert _measure_side_by_side(rows, [fastlars_case("lars", "reference")], [(8,)], torch.float32, False,
+                                 torch.device("cpu"), 3, None, 1, Bandwidths(2.0, 3.0, 1e-6, 0)) == {}
+    assert rows[0].table_roofline_gbs is None and rows[0].fraction_of_roofline > 1  # 1e-6 GB/s roofline
+
+
+def test_apply_rooflines_takes_the_rows_in_round_probe_when_it_is_higher() -> None:
+    roofs = {"2": {"read": 40.0, "best": 40.0}}
+    rows = [_big_row(SGD, 2, 44.0) | {"table_roofline_gbs": 55.0}, _big_row(SGD, 2, 44.0)]
+    result = {"rows": rows, "rooflines_gbs": roofs, "last_level_cache_bytes": 32 << 20}
+    apply_rooflines(result)
+    assert [r["fraction_of_roofline"] for r in rows] == [pytest.approx(0.8), pytest.approx(1.1)]
+    assert len(result["over_roofline"]) == 1
+
+
+def test_lars_target_carries_its_byte_floor_from_the_tables_probes() -> None:
+    """LARS / SGD(fused)'s floor with a separate 4-B gradient pass: (4/read + 20/sgd) / (20/sgd) from the
+    probes of the LARS fp32 table on the run's full thread count; no probes, no floor."""
+    from benchmarks.targets import targets_markdown
+
+    rows = [_big_row("fastlars.native", 2, 1.0, ms=13.0, peer=False), _big_row(SGD, 2, 1.0, ms=10.0)]
+    probes = {"threads": 2, "param_set": "resnet50", "dtype": "fp32", "optim": "lars", "read": 30.0,
+              "torch_fused_sgd": 60.0, "best": 60.0}
+    result = {"machine": {"device_type": "cpu"}, "rows": rows, "thread_counts": [2, 1],
+              "table_rooflines_gbs": [probes | {"threads": 1, "read": 1.0}, probes]}
+    (lars,) = [e for e in evaluate(result) if e["label"] == "resnet50 fp32: LARS native / SGD(fused) step time (21)"]
+    assert lars["value"] == pytest.approx(1.3) and not lars["met"]
+    assert lars["floor"] == pytest.approx(1.4)  # 4 B at half SGD's GB/s costs 0.4 of its 20 B
+    assert "| resnet50 fp32: LARS native / SGD(fused) step time (21) | 1.30 | <= 1.25 | no | 1.40 |" \
+        in targets_markdown(evaluate(result))
+    del result["table_rooflines_gbs"]
+    assert all(e["floor"] is None for e in evaluate(result))
