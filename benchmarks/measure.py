@@ -170,48 +170,55 @@ class Probe:
         return self.bytes_per_call / (timing.low * 1e-3) / 1e9
 
 
-def _fused_probe(kind: str, n: int) -> Probe:
-    """torch's fused CPU step over one fp32 parameter of n elements: ``torch_fused_sgd`` = SGD(momentum 0.9,
-    fused) reads w, g, m and writes w, m (20 B per element); ``torch_fused_adamw`` = AdamW(fused) reads w, g,
-    m, v and writes w, m, v (28 B)."""
-    weight = torch.nn.Parameter(torch.ones(n))
-    weight.grad = torch.full((n,), 1e-3)
+def _fused_probe(kind: str, weight: torch.nn.Parameter) -> Probe:
+    """torch's fused CPU step over one fp32 parameter (its own state, the weight and gradient shared with
+    other probes): ``torch_fused_sgd`` = SGD(momentum 0.9, fused) reads w, g, m and writes w, m (20 B per
+    element); ``torch_fused_adamw`` = AdamW(fused) reads w, g, m, v and writes w, m, v (28 B)."""
     if kind == "torch_fused_sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD([weight], lr=1e-6, momentum=0.9, fused=True)
     elif kind == "torch_fused_adamw":
         opt = torch.optim.AdamW([weight], lr=1e-6, fused=True)
     else:
         raise ValueError(f"kind: unknown fused probe {kind!r}; choose from {', '.join(FUSED_PROBES)}")
-    return Probe(kind, opt.step, FUSED_PROBES[kind] * n)
+    return Probe(kind, opt.step, FUSED_PROBES[kind] * weight.numel())
 
 
-def bandwidth_probes(nbytes: int = 256 << 20) -> list[Probe]:
-    """The roofline's probes over fp32 arrays of `nbytes` each, on torch.get_num_threads() threads when
-    called: torch's in-place x += y ("torch_inplace", 12 B per element), torch's fused SGD and AdamW steps
-    (FUSED_PROBES) and, with the compiled extension, each fastlars._C.stream_pass mix (STREAM_MIXES: one
-    pass per call, the kernels' own chunking)."""
+def _probe_weight(n: int) -> torch.nn.Parameter:
+    weight = torch.nn.Parameter(torch.ones(n))
+    weight.grad = torch.full((n,), 1e-3)
+    return weight
+
+
+def bandwidth_probes(nbytes: int = 128 << 20) -> list[Probe]:
+    """The roofline's probes over fp32 arrays of `nbytes` each (default 4× a 32 MiB last-level cache), on
+    torch.get_num_threads() threads when called: torch's in-place x += y ("torch_inplace", 12 B per
+    element), torch's fused SGD and AdamW steps (FUSED_PROBES, one weight and gradient between them) and,
+    with the compiled extension, each fastlars._C.stream_pass mix (STREAM_MIXES: one pass per call, the
+    kernels' own chunking; over x, y and a third array). Nine arrays in all: the probes are timed beside
+    the largest tables, whose cases already hold most of a 24 GiB machine."""
     from fastlars._extension import extension
 
     n = nbytes // 4
     x, y = torch.ones(n), torch.ones(n)
+    weight = _probe_weight(n)
     probes = [Probe("torch_inplace", lambda: x.add_(y), 12 * n)]
-    probes += [_fused_probe(kind, n) for kind in FUSED_PROBES]
+    probes += [_fused_probe(kind, weight) for kind in FUSED_PROBES]
     ext = extension()
     if ext is not None and hasattr(ext, "stream_pass"):
-        a, b, c = torch.ones(n), torch.ones(n), torch.ones(n)
+        z = torch.ones(n)
         for mode, per_element in STREAM_MIXES.items():
-            probes.append(Probe(mode, lambda m=mode: ext.stream_pass(a, b, c, mode=m, repeats=1), per_element * n))
+            probes.append(Probe(mode, lambda m=mode: ext.stream_pass(x, y, z, mode=m, repeats=1), per_element * n))
     return probes
 
 
-def fused_step_bandwidth_gbs(kind: str, nbytes: int = 256 << 20, repeats: int = 5) -> float:
+def fused_step_bandwidth_gbs(kind: str, nbytes: int = 128 << 20, repeats: int = 5) -> float:
     """GB/s of torch's fused CPU step `kind` (FUSED_PROBES) over one fp32 parameter of `nbytes`, fastest of
     `repeats` steps."""
-    probe = _fused_probe(kind, nbytes // 4)
+    probe = _fused_probe(kind, _probe_weight(nbytes // 4))
     return probe.gbs(time_ms(probe.step, torch.device("cpu"), repeats, warmup=2))
 
 
-def stream_bandwidths_gbs(nbytes: int = 256 << 20, repeats: int = 5) -> dict[str, float]:
+def stream_bandwidths_gbs(nbytes: int = 128 << 20, repeats: int = 5) -> dict[str, float]:
     """GB/s of each bandwidth_probes probe on torch.get_num_threads() threads (fastest of `repeats` calls
     after two untimed ones: first touch, page faults)."""
     return {p.name: p.gbs(time_ms(p.step, torch.device("cpu"), repeats, warmup=2)) for p in bandwidth_probes(nbytes)}

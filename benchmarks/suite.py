@@ -188,7 +188,6 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
                               "last_level_cache_bytes": cache, "thread_counts": counts, "repeats": repeats,
                               "budget_s": budget_s, "rounds": rounds, "states": list(states), "partial": True,
                               "rows": []}
-    probes: list[Probe] = []  # made once, when the first table needs them
     before = torch.get_num_threads()
     try:
         for n in counts:
@@ -197,8 +196,6 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
             for set_name in sets:
                 shapes = PARAM_SETS[set_name].shapes()
                 bounded = device.type == "cpu" and 4 * PARAM_SETS[set_name].count() > cache  # fp32 weights > LLC
-                if bounded and not probes:
-                    probes = bandwidth_probes()
                 for dtype_name in dtypes:
                     dtype, master = DTYPES[dtype_name]
                     for optim in optims:
@@ -207,7 +204,7 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
                                 for case in cases]
                         probed = _measure_side_by_side(rows, cases, shapes, dtype, master, device, repeats,
                                                        budget_s, rounds, Bandwidths(copy_bw, inplace_bw, roof, cache),
-                                                       probes if bounded else [])
+                                                       bandwidth_probes() if bounded else [])
                         if probed:
                             result.setdefault("table_rooflines_gbs", []).append(
                                 {"threads": n, "param_set": set_name, "dtype": dtype_name, "optim": optim, **probed})
@@ -218,7 +215,6 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
                             on_row(result)
     finally:
         torch.set_num_threads(before)
-        probes = []
     if roofs:  # probed again after the rows: the roofline is the best of both probes
         result["rooflines_gbs"] = merge_rooflines(roofs, rooflines(device, counts, log))
         apply_rooflines(result)
