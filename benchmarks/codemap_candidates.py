@@ -19,6 +19,14 @@ study (benchmarks/codemaps.cpp) encodes — the benchmark checks that the two ag
 * ``dynamic_tree2``: dynamic tree for m; for v the dynamic tree's magnitudes *squared* (the same
   grid in √v, so v keeps 14 decades of range instead of 7: v underflowing to 0 inside a block is
   what makes u = m/(√v + ε) explode for the plain dynamic tree).
+* ``mitchell``: the power map's companding with its roots replaced by integer operations on the fp32
+  bit pattern (Mitchell's 1962 logarithm: the bits of a > 0 read as a fixed-point number are
+  ≈ 2^23·(log2 a + 127)). Shifting them right by s and adding K_s = bits(1) − (bits(1) >> s) gives
+  c_s(a) = float_of((bits(a) >> s) + K_s), a monotone piecewise-linear stand-in for a^(1/2^s) that
+  is exact at 1 (c_s(1) = 1); m: ``sign·min(rint(c_2(|y|)·127), 127)``, v: ``min(rint(c_3(y)·255), 255)``,
+  decoded by the inverse on the grid, float_of((bits(t) − K_s) << s) with t = k·fl(1/127) (or
+  fl(1/255)), 0 for k = 0. Encoding and decoding are a shift, an add, a multiply and a rounding: no
+  square root, division or table, so every backend reproduces the bits cheaply.
 """
 
 from __future__ import annotations
@@ -211,6 +219,52 @@ DYNAMIC_TREE_UNSIGNED = SearchMap("dynamic_tree_unsigned", False, dynamic_tree_m
 DYNAMIC_TREE_SQUARED = SearchMap("dynamic_tree_squared_unsigned", False,
                                  (dynamic_tree_magnitudes(8).double() ** 2).float())
 
+# ---------------------------------------------------------------------------------- mitchell
+_BITS_OF_ONE = 0x3F800000
+
+
+def mitchell_offset(shift: int) -> int:
+    """K_s = bits(1.0) − (bits(1.0) >> s): c_s(1) = 1."""
+    return _BITS_OF_ONE - (_BITS_OF_ONE >> shift)
+
+
+def mitchell_compand(a: Tensor, shift: int) -> Tensor:
+    """c_s(a) = float_of((bits(a) >> s) + K_s) of fp32 a ≥ 0 (≈ a^(1/2^s); c_s(0) ≈ 2^-32 rounds to code 0)."""
+    return ((a.contiguous().view(torch.int32) >> shift) + mitchell_offset(shift)).view(torch.float32)
+
+
+def mitchell_expand(t: Tensor, shift: int) -> Tensor:
+    """The inverse of mitchell_compand on the code grid: float_of((bits(t) − K_s) << s), 0 where t = 0."""
+    out = ((t.contiguous().view(torch.int32) - mitchell_offset(shift)) << shift).view(torch.float32)
+    return torch.where(t > 0, out, torch.zeros_like(out))
+
+
+_INV_127 = torch.tensor(1.0 / 127.0, dtype=torch.float32)
+_INV_255 = torch.tensor(1.0 / 255.0, dtype=torch.float32)
+
+
+def _mitchell_signed_encode(y: Tensor) -> Tensor:
+    a = (y.contiguous().view(torch.int32) & 0x7FFFFFFF).view(torch.float32)
+    k = torch.clamp(torch.round(mitchell_compand(a, 2) * 127.0), max=127.0)
+    return torch.where(y < 0, -k, k).to(torch.int8).view(torch.uint8)
+
+
+def _mitchell_unsigned_encode(y: Tensor) -> Tensor:
+    a = (y.contiguous().view(torch.int32) & 0x7FFFFFFF).view(torch.float32)
+    return torch.clamp(torch.round(mitchell_compand(a, 3) * 255.0), max=255.0).to(torch.uint8)
+
+
+def _mitchell_signed_values() -> Tensor:
+    k = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.int8).to(torch.int32).clamp(min=-127)
+    magnitude = mitchell_expand(torch.abs(k).float() * _INV_127, 2)
+    return torch.where(k < 0, -magnitude, magnitude)
+
+
+MITCHELL_SIGNED = CodeMap("mitchell4_signed", True, _mitchell_signed_values(), _mitchell_signed_encode)
+MITCHELL_UNSIGNED = CodeMap("mitchell8_unsigned", False,
+                            mitchell_expand(torch.arange(256, dtype=torch.float32) * _INV_255, 3),
+                            _mitchell_unsigned_encode)
+
 CANDIDATES: dict[str, tuple[CodeMap, CodeMap]] = {
     "linear": (LINEAR_SIGNED, LINEAR_UNSIGNED),
     "power": (SIGNED_MAP, UNSIGNED_MAP),
@@ -218,5 +272,6 @@ CANDIDATES: dict[str, tuple[CodeMap, CodeMap]] = {
     "fp8": (FP8_SIGNED, FP8_UNSIGNED),
     "dynamic_tree": (DYNAMIC_TREE_SIGNED, DYNAMIC_TREE_UNSIGNED),
     "dynamic_tree2": (DYNAMIC_TREE_SIGNED, DYNAMIC_TREE_SQUARED),
+    "mitchell": (MITCHELL_SIGNED, MITCHELL_UNSIGNED),
 }
 """name → (map of m and LARS momentum, map of v)."""

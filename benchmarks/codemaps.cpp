@@ -50,12 +50,14 @@ struct Search {            // nearest-value search over one half (magnitudes) of
   uint32_t cells = 0;          // LUT entries (lut holds 3 more bytes: 32-bit gathers read past the end)
 };
 
+constexpr int kMaps = 13;
+
 struct Tables {
-  float values[11][256];        // decode tables of the maps, by map id (see codemaps.py)
+  float values[kMaps][256];     // decode tables of the maps, by map id (see codemaps.py)
   Search dt_signed, dt_unsigned, dt2_unsigned;
 };
 
-// Binary file: for each of 11 maps 256 floats; then 3 searches: int32 levels, shift, base, lut size,
+// Binary file: for each of kMaps maps 256 floats; then 3 searches: int32 levels, shift, base, lut size,
 // floats upper[levels], bytes lut[size].
 Tables read_tables(const char* path) {
   Tables t{};
@@ -70,7 +72,7 @@ Tables read_tables(const char* path) {
       std::exit(2);
     }
   };
-  must(std::fread(t.values, sizeof(float), 11 * 256, f), 11 * 256);
+  must(std::fread(t.values, sizeof(float), kMaps * 256, f), kMaps * 256);
   for (Search* s : {&t.dt_signed, &t.dt_unsigned, &t.dt2_unsigned}) {
     int32_t head[4];
     must(std::fread(head, 4, 4, f), 4);
@@ -208,6 +210,62 @@ void decode_power_unsigned(const uint8_t* __restrict__ q, const float* __restric
       for (int r = 0; r < kSquarings; ++r) t = t * t;
       out[start + i] = t * a;
     }
+  }
+}
+
+// mitchell: the power map's roots replaced by Mitchell's logarithm on the fp32 bits: c_s(a) =
+// float_of((bits(a) >> s) + K_s), K_s = bits(1) − (bits(1) >> s); m: sign·min(rint(c_2(|y|)·127), 127),
+// decoded sign·float_of((bits(t) − K_2) << 2), t = |k|·fl(1/127); v: min(rint(c_3(y)·255), 255), decoded
+// float_of((bits(t) − K_3) << 3), t = k·fl(1/255); code 0 decodes to 0.
+template <int kShift>
+inline float mitchell_compand(float a) {
+  constexpr uint32_t kOne = 0x3F800000u, kOffset = kOne - (kOne >> kShift);
+  return float_of((bits_of(a) >> kShift) + kOffset);
+}
+template <int kShift>
+inline float mitchell_expand(float t) {
+  constexpr uint32_t kOne = 0x3F800000u, kOffset = kOne - (kOne >> kShift);
+  const float out = float_of((bits_of(t) - kOffset) << kShift);
+  return t > 0.0f ? out : 0.0f;
+}
+void encode_mitchell_signed(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t n, float inv) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float y = x[i] * inv;
+    float k = rintf(mitchell_compand<2>(float_of(bits_of(y) & 0x7FFFFFFFu)) * 127.0f);
+    k = k > 127.0f ? 127.0f : k;
+    const int32_t s = static_cast<int32_t>(k);
+    q[i] = static_cast<uint8_t>(y < 0.0f ? -s : s);
+  }
+}
+void encode_mitchell_unsigned(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t n, float inv) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float y = float_of(bits_of(x[i] * inv) & 0x7FFFFFFFu);
+    float k = rintf(mitchell_compand<3>(y) * 255.0f);
+    k = k > 255.0f ? 255.0f : k;
+    q[i] = static_cast<uint8_t>(static_cast<int32_t>(k));
+  }
+}
+void decode_mitchell_signed(const uint8_t* __restrict__ q, const float* __restrict__ scales, float* __restrict__ out,
+                            int64_t n) {
+  const float inv127 = 1.0f / 127.0f;
+  for (int64_t b = 0, start = 0; start < n; ++b, start += kBlock) {
+    const int64_t len = std::min(kBlock, n - start);
+    const float a = scales[b];
+    for (int64_t i = 0; i < len; ++i) {
+      const int32_t k = static_cast<int8_t>(q[start + i]);
+      const int32_t magnitude = k < 0 ? -k : k;
+      const float t = mitchell_expand<2>(static_cast<float>(magnitude > 127 ? 127 : magnitude) * inv127);
+      out[start + i] = float_of(bits_of(t) | (static_cast<uint32_t>(k) & 0x80000000u)) * a;
+    }
+  }
+}
+void decode_mitchell_unsigned(const uint8_t* __restrict__ q, const float* __restrict__ scales,
+                              float* __restrict__ out, int64_t n) {
+  const float inv255 = 1.0f / 255.0f;
+  for (int64_t b = 0, start = 0; start < n; ++b, start += kBlock) {
+    const int64_t len = std::min(kBlock, n - start);
+    const float a = scales[b];
+    for (int64_t i = 0; i < len; ++i) out[start + i] = mitchell_expand<3>(static_cast<float>(q[start + i]) * inv255) * a;
   }
 }
 
@@ -520,6 +578,8 @@ int main(int argc, char** argv) {
       {"power.v:header", &v, 3, encode_header_unsigned, nullptr, nullptr, decode_header_unsigned},
       {"power2.m", &m, 9, encode_power_signed<1>, nullptr, nullptr, decode_power_signed<1>},
       {"power2.v", &v, 10, encode_power_unsigned<2>, nullptr, nullptr, decode_power_unsigned<2>},
+      {"mitchell.m", &m, 11, encode_mitchell_signed, nullptr, nullptr, decode_mitchell_signed},
+      {"mitchell.v", &v, 12, encode_mitchell_unsigned, nullptr, nullptr, decode_mitchell_unsigned},
       {"fp8.m", &m, 4, encode_fp8_signed, nullptr, nullptr, nullptr},
       {"fp8.v", &v, 5, encode_fp8_unsigned, nullptr, nullptr, nullptr},
       {"dynamic_tree.m", &m, 6, nullptr, encode_search_signed, &t.dt_signed, nullptr},

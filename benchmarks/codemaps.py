@@ -5,7 +5,7 @@
     python -m benchmarks.codemaps --only accuracy      # accuracy only (a few minutes on 2 cores)
 
 Candidates: benchmarks/codemap_candidates.py (linear, power companding, fp8 e4m3/e5m3, dynamic tree,
-dynamic tree with a squared grid for v).
+dynamic tree with a squared grid for v, and the integer-only "mitchell" companding).
 
 * **Accuracy, quantisation error**: m and v of fp32 LAMB and the momentum of fp32 LARS, snapshot at
   steps 10, 50 and 300 of training three small models (MLP, CNN, transformer encoder) on the
@@ -48,6 +48,8 @@ from benchmarks.codemap_candidates import (
     FP8_UNSIGNED,
     LINEAR_SIGNED,
     LINEAR_UNSIGNED,
+    MITCHELL_SIGNED,
+    MITCHELL_UNSIGNED,
     POWER2_SIGNED,
     POWER2_UNSIGNED,
     search_table,
@@ -69,13 +71,15 @@ SOURCE = HERE / "codemaps.cpp"
 # ===================================================================================== speed
 # Order of the value tables in tables.bin, as codemaps.cpp indexes them.
 TABLE_ORDER = [LINEAR_SIGNED, LINEAR_UNSIGNED, SIGNED_MAP, UNSIGNED_MAP, FP8_SIGNED, FP8_UNSIGNED,
-               DYNAMIC_TREE_SIGNED, DYNAMIC_TREE_UNSIGNED, DYNAMIC_TREE_SQUARED, POWER2_SIGNED, POWER2_UNSIGNED]
+               DYNAMIC_TREE_SIGNED, DYNAMIC_TREE_UNSIGNED, DYNAMIC_TREE_SQUARED, POWER2_SIGNED, POWER2_UNSIGNED,
+               MITCHELL_SIGNED, MITCHELL_UNSIGNED]
 SEARCHES = [DYNAMIC_TREE_SIGNED, DYNAMIC_TREE_UNSIGNED, DYNAMIC_TREE_SQUARED]
 # codemaps.cpp's cases in output order: name → the Python map whose encoder must give the same bytes.
 CASE_MAPS = {
     "linear.m": LINEAR_SIGNED, "linear.v": LINEAR_UNSIGNED, "power.m": SIGNED_MAP, "power.v": UNSIGNED_MAP,
     "power.m:header": SIGNED_MAP, "power.v:header": UNSIGNED_MAP,
-    "power2.m": POWER2_SIGNED, "power2.v": POWER2_UNSIGNED,
+    "power2.m": POWER2_SIGNED, "power2.v": POWER2_UNSIGNED, "mitchell.m": MITCHELL_SIGNED,
+    "mitchell.v": MITCHELL_UNSIGNED,
     "fp8.m": FP8_SIGNED, "fp8.v": FP8_UNSIGNED, "dynamic_tree.m": DYNAMIC_TREE_SIGNED,
     "dynamic_tree.v": DYNAMIC_TREE_UNSIGNED, "dynamic_tree2.v": DYNAMIC_TREE_SQUARED,
     "dynamic_tree.v:bsearch": DYNAMIC_TREE_UNSIGNED, "dynamic_tree.m:gather": DYNAMIC_TREE_SIGNED,
@@ -327,7 +331,7 @@ def run_accuracy(digits_steps: int = 200) -> dict[str, Any]:
     formats = accuracy_formats()
     snaps = snapshots()
     chosen = {"int8 power": formats["int8 power"]}
-    digits_formats = {k: formats[k] for k in ("bf16", "int8 power", "int8 dynamic_tree2", "int8 fp8")}
+    digits_formats = {k: formats[k] for k in ("bf16", "int8 power", "int8 dynamic_tree2", "int8 fp8", "int8 mitchell")}
     return {
         "quantisation": quantisation_errors(snaps, formats),
         "structured": structured_errors(formats),
