@@ -155,68 +155,93 @@ void decode_linear_signed(const uint8_t* __restrict__ q, const float* __restrict
   }
 }
 
-// power (companding), the format's choice: m: code = sign · min(rint(√√|y|·127), 127), decoded
-// sign·t⁴ with t = |k|/127; v: code = min(rint(√√√y·255), 255), decoded t⁸ with t = k/255.
-// power2: one square root less (√|y| and √√y; decoded t² and t⁴).
-template <int kRoots>
-inline float roots(float a) {
-  for (int r = 0; r < kRoots; ++r) a = sqrtf(a);
-  return a;
-}
-template <int kRoots>
-void encode_power_signed(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t n, float inv) {
+// Companding maps: m: code = sign · min(rint(c(|y|)·127), 127), decoded sign·e(|k|/127); v: code =
+// min(rint(c(y)·255), 255), decoded e(k/255), with a compander c and its expander e on the code grid.
+// Compand/Expand are functors; the loops below are every companding candidate's encoder and decoder.
+template <typename Compand>
+void encode_companded_signed(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t n, float inv,
+                             Compand compand) {
   for (int64_t i = 0; i < n; ++i) {
     const float y = x[i] * inv;
-    float k = rintf(roots<kRoots>(float_of(bits_of(y) & 0x7FFFFFFFu)) * 127.0f);
+    float k = rintf(compand(float_of(bits_of(y) & 0x7FFFFFFFu)) * 127.0f);
     k = k > 127.0f ? 127.0f : k;
     const int32_t s = static_cast<int32_t>(k);
     q[i] = static_cast<uint8_t>(y < 0.0f ? -s : s);
   }
 }
-template <int kRoots>
-void encode_power_unsigned(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t n, float inv) {
+template <typename Compand>
+void encode_companded_unsigned(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t n, float inv,
+                               Compand compand) {
   for (int64_t i = 0; i < n; ++i) {
     // v ≥ 0 (the sign bit is cleared, mapping −0 to +0) and y ≤ 1 + 1 ulp, whose root rounds to 1; a
-    // float clamp before the square roots would stop gcc from vectorising the loop
+    // float clamp before the compander would stop gcc from vectorising the loop
     const float y = float_of(bits_of(x[i] * inv) & 0x7FFFFFFFu);
-    float k = rintf(roots<kRoots>(y) * 255.0f);
+    float k = rintf(compand(y) * 255.0f);
     k = k > 255.0f ? 255.0f : k;
     q[i] = static_cast<uint8_t>(static_cast<int32_t>(k));
   }
 }
-template <int kSquarings>
-void decode_power_signed(const uint8_t* __restrict__ q, const float* __restrict__ scales, float* __restrict__ out,
-                         int64_t n) {
+// Expand maps the magnitude code min(|k|, 127) (signed) or k (unsigned) to the decoded magnitude.
+template <typename Expand>
+void decode_companded_signed(const uint8_t* __restrict__ q, const float* __restrict__ scales, float* __restrict__ out,
+                             int64_t n, Expand expand) {
   for (int64_t b = 0, start = 0; start < n; ++b, start += kBlock) {
     const int64_t len = std::min(kBlock, n - start);
     const float a = scales[b];
     for (int64_t i = 0; i < len; ++i) {
       const int32_t k = static_cast<int8_t>(q[start + i]);
       const int32_t magnitude = k < 0 ? -k : k;
-      float t = static_cast<float>(magnitude > 127 ? 127 : magnitude) / 127.0f;
-      for (int r = 0; r < kSquarings; ++r) t = t * t;
+      const float t = expand(magnitude > 127 ? 127 : magnitude);
       out[start + i] = float_of(bits_of(t) | (static_cast<uint32_t>(k) & 0x80000000u)) * a;
     }
   }
 }
-template <int kSquarings>
-void decode_power_unsigned(const uint8_t* __restrict__ q, const float* __restrict__ scales, float* __restrict__ out,
-                           int64_t n) {
+template <typename Expand>
+void decode_companded_unsigned(const uint8_t* __restrict__ q, const float* __restrict__ scales,
+                               float* __restrict__ out, int64_t n, Expand expand) {
   for (int64_t b = 0, start = 0; start < n; ++b, start += kBlock) {
     const int64_t len = std::min(kBlock, n - start);
     const float a = scales[b];
-    for (int64_t i = 0; i < len; ++i) {
-      float t = static_cast<float>(q[start + i]) / 255.0f;
-      for (int r = 0; r < kSquarings; ++r) t = t * t;
-      out[start + i] = t * a;
-    }
+    for (int64_t i = 0; i < len; ++i) out[start + i] = expand(static_cast<int32_t>(q[start + i])) * a;
   }
 }
 
+// power, the format's choice: c(y) = √√y (m), √√√y (v); decoded t⁴ / t⁸ with t = k/127 or k/255.
+// power2: one square root less (√|y| and √√y; decoded t² and t⁴).
+template <int kRoots>
+inline float roots(float a) {
+  for (int r = 0; r < kRoots; ++r) a = sqrtf(a);
+  return a;
+}
+template <int kSquarings>
+inline float squarings(float t) {
+  for (int r = 0; r < kSquarings; ++r) t = t * t;
+  return t;
+}
+template <int kRoots>
+void encode_power_signed(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t n, float inv) {
+  encode_companded_signed(x, q, n, inv, [](float a) { return roots<kRoots>(a); });
+}
+template <int kRoots>
+void encode_power_unsigned(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t n, float inv) {
+  encode_companded_unsigned(x, q, n, inv, [](float a) { return roots<kRoots>(a); });
+}
+template <int kSquarings>
+void decode_power_signed(const uint8_t* __restrict__ q, const float* __restrict__ scales, float* __restrict__ out,
+                         int64_t n) {
+  decode_companded_signed(q, scales, out, n,
+                          [](int32_t k) { return squarings<kSquarings>(static_cast<float>(k) / 127.0f); });
+}
+template <int kSquarings>
+void decode_power_unsigned(const uint8_t* __restrict__ q, const float* __restrict__ scales, float* __restrict__ out,
+                           int64_t n) {
+  decode_companded_unsigned(q, scales, out, n,
+                            [](int32_t k) { return squarings<kSquarings>(static_cast<float>(k) / 255.0f); });
+}
+
 // mitchell: the power map's roots replaced by Mitchell's logarithm on the fp32 bits: c_s(a) =
-// float_of((bits(a) >> s) + K_s), K_s = bits(1) − (bits(1) >> s); m: sign·min(rint(c_2(|y|)·127), 127),
-// decoded sign·float_of((bits(t) − K_2) << 2), t = |k|·fl(1/127); v: min(rint(c_3(y)·255), 255), decoded
-// float_of((bits(t) − K_3) << 3), t = k·fl(1/255); code 0 decodes to 0.
+// float_of((bits(a) >> s) + K_s), K_s = bits(1) − (bits(1) >> s), s = 2 (m) or 3 (v); decoded
+// float_of((bits(t) − K_s) << s) with t = k·fl(1/127) or k·fl(1/255); code 0 decodes to 0.
 template <int kShift>
 inline float mitchell_compand(float a) {
   constexpr uint32_t kOne = 0x3F800000u, kOffset = kOne - (kOne >> kShift);
@@ -229,44 +254,20 @@ inline float mitchell_expand(float t) {
   return t > 0.0f ? out : 0.0f;
 }
 void encode_mitchell_signed(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t n, float inv) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float y = x[i] * inv;
-    float k = rintf(mitchell_compand<2>(float_of(bits_of(y) & 0x7FFFFFFFu)) * 127.0f);
-    k = k > 127.0f ? 127.0f : k;
-    const int32_t s = static_cast<int32_t>(k);
-    q[i] = static_cast<uint8_t>(y < 0.0f ? -s : s);
-  }
+  encode_companded_signed(x, q, n, inv, [](float a) { return mitchell_compand<2>(a); });
 }
 void encode_mitchell_unsigned(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t n, float inv) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float y = float_of(bits_of(x[i] * inv) & 0x7FFFFFFFu);
-    float k = rintf(mitchell_compand<3>(y) * 255.0f);
-    k = k > 255.0f ? 255.0f : k;
-    q[i] = static_cast<uint8_t>(static_cast<int32_t>(k));
-  }
+  encode_companded_unsigned(x, q, n, inv, [](float a) { return mitchell_compand<3>(a); });
 }
 void decode_mitchell_signed(const uint8_t* __restrict__ q, const float* __restrict__ scales, float* __restrict__ out,
                             int64_t n) {
-  const float inv127 = 1.0f / 127.0f;
-  for (int64_t b = 0, start = 0; start < n; ++b, start += kBlock) {
-    const int64_t len = std::min(kBlock, n - start);
-    const float a = scales[b];
-    for (int64_t i = 0; i < len; ++i) {
-      const int32_t k = static_cast<int8_t>(q[start + i]);
-      const int32_t magnitude = k < 0 ? -k : k;
-      const float t = mitchell_expand<2>(static_cast<float>(magnitude > 127 ? 127 : magnitude) * inv127);
-      out[start + i] = float_of(bits_of(t) | (static_cast<uint32_t>(k) & 0x80000000u)) * a;
-    }
-  }
+  decode_companded_signed(q, scales, out, n,
+                          [](int32_t k) { return mitchell_expand<2>(static_cast<float>(k) * (1.0f / 127.0f)); });
 }
 void decode_mitchell_unsigned(const uint8_t* __restrict__ q, const float* __restrict__ scales,
                               float* __restrict__ out, int64_t n) {
-  const float inv255 = 1.0f / 255.0f;
-  for (int64_t b = 0, start = 0; start < n; ++b, start += kBlock) {
-    const int64_t len = std::min(kBlock, n - start);
-    const float a = scales[b];
-    for (int64_t i = 0; i < len; ++i) out[start + i] = mitchell_expand<3>(static_cast<float>(q[start + i]) * inv255) * a;
-  }
+  decode_companded_unsigned(q, scales, out, n,
+                            [](int32_t k) { return mitchell_expand<3>(static_cast<float>(k) * (1.0f / 255.0f)); });
 }
 
 // The production element functions of csrc/common/quant_math.h (the format's choice, "power"), and
