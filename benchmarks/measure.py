@@ -242,6 +242,12 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=0)
 
 
+def best_roofline(*gbs: float | None) -> float | None:
+    """A row's roofline: the highest of the probes that bound it (the run's, before and after the rows,
+    and its table's, in its own rounds); None where none was probed."""
+    return max((g for g in gbs if g), default=None)
+
+
 def roofline_fraction(gb_per_s: float, roofline_gbs: float | None, nbytes: int, cache_bytes: int) -> float | None:
     """Achieved / roofline bandwidth, or None where the roofline does not bound the row: no roofline
     measured, or compulsory bytes within 4× the last-level cache (a step over a cache-resident set is

@@ -22,6 +22,7 @@ from benchmarks.cases import Case, fastlars_case, native_plan_case, peer_cases
 from benchmarks.measure import (
     Probe,
     bandwidth_probes,
+    best_roofline,
     copy_bandwidth_gbs,
     inplace_bandwidth_gbs,
     last_level_cache_bytes,
@@ -246,8 +247,8 @@ def apply_rooflines(result: dict[str, Any]) -> None:
     for r in result["rows"]:
         if r["skipped"] or r.get("threads") is None:
             continue
-        best = max(roofs.get(str(r["threads"]), {}).get("best") or 0.0, r.get("table_roofline_gbs") or 0.0)
-        r["fraction_of_roofline"] = roofline_fraction(r["gb_per_s"], best or None, r["compulsory_bytes"], cache)
+        best = best_roofline(roofs.get(str(r["threads"]), {}).get("best"), r.get("table_roofline_gbs"))
+        r["fraction_of_roofline"] = roofline_fraction(r["gb_per_s"], best, r["compulsory_bytes"], cache)
         if r["fraction_of_roofline"] is not None and r["fraction_of_roofline"] > 1.0:
             over.append(f"{r['param_set']} {r['dtype']} {r['optim']} {r['implementation']} on {r['threads']} "
                         f"thread(s): {100 * r['fraction_of_roofline']:.0f}%")
@@ -291,7 +292,7 @@ def _measure_side_by_side(rows: list[Row], cases: list[Case], shapes: list, dtyp
     probed = {p.name: p.gbs(t) for p, t in zip(probes, timings[len(steps):])}
     if probed:
         probed["best"] = max(probed.values())
-    roofline = max(bandwidths.roofline_gbs or 0.0, probed.get("best", 0.0)) or None
+    roofline = best_roofline(bandwidths.roofline_gbs, probed.get("best"))
     for (row, _, bytes_of, _), timing in zip(steps, timings):
         row.ms_median, row.ms_min, row.ms_max = timing.median, timing.low, timing.high
         row.compulsory_bytes = bytes_of()
