@@ -11,6 +11,7 @@ trajectory of an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import time
@@ -82,8 +83,13 @@ def train(cfg: TrainConfig) -> RunResult:
     topo, created = launch.init(cfg.device)
     try:
         result = _Run(cfg, topo).run()
-        if created:  # no rank tears the group down while another still has collectives in flight
-            dist.barrier()
+        if created:
+            # FSDP2's parameter groups hold the process group inside reference cycles; freed only by a
+            # later collection, the group would be destroyed at an arbitrary point after
+            # destroy_process_group, up to interpreter shutdown, where gloo's teardown can abort the
+            # process ("terminate called without an active exception"). Free them while the group lives.
+            gc.collect()
+            dist.barrier()  # no rank tears the group down while another still has collectives in flight
         return result
     finally:
         if created:
