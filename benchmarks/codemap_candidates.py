@@ -7,9 +7,9 @@ kernel would run, written in torch so that the accuracy study quantises exactly 
 study (benchmarks/codemaps.cpp) encodes — the benchmark checks that the two agree byte for byte.
 
 * ``linear``: uniform codes, ``rint(y·127)`` / ``rint(y·255)``.
-* ``power`` (the format's choice): companding, uniform in |y|^¼ for m (``sign·rint(√√|y|·127)``,
-  decoded ``sign·(k/127)⁴``) and in y^⅛ for v (``rint(√√√y·255)``, decoded ``(k/255)⁸``); rounding
-  happens in the companded domain. ``power2``: one square root less (|y|^½ and y^¼).
+* ``power`` (the first release's format, still read from checkpoints): companding, uniform in |y|^¼
+  for m (``sign·rint(√√|y|·127)``, decoded ``sign·(k/127)⁴``) and in y^⅛ for v (``rint(√√√y·255)``,
+  decoded ``(k/255)⁸``); rounding happens in the companded domain. ``power2``: one square root less (|y|^½ and y^¼).
 * ``fp8``: OCP e4m3fn of ``y·448`` for m (what H100 converts in one instruction), an unsigned e5m3
   (5 exponent bits, bias 15, 3 mantissa bits, no sign, no inf/NaN; top code = 1.0) for v.
 * ``dynamic_tree``: Dettmers et al. 2021 (arXiv 2110.02861), derived from the paper's description
@@ -19,7 +19,8 @@ study (benchmarks/codemaps.cpp) encodes — the benchmark checks that the two ag
 * ``dynamic_tree2``: dynamic tree for m; for v the dynamic tree's magnitudes *squared* (the same
   grid in √v, so v keeps 14 decades of range instead of 7: v underflowing to 0 inside a block is
   what makes u = m/(√v + ε) explode for the plain dynamic tree).
-* ``mitchell``: the power map's companding with its roots replaced by integer operations on the fp32
+* ``mitchell`` (the format's choice: :data:`fastlars.backends.quantization.SIGNED_MAP` /
+  ``UNSIGNED_MAP``): the power map's companding with its roots replaced by integer operations on the fp32
   bit pattern (Mitchell's 1962 logarithm: the bits of a > 0 read as a fixed-point number are
   ≈ 2^23·(log2 a + 127)). Shifting them right by s and adding K_s = bits(1) − (bits(1) >> s) gives
   c_s(a) = float_of((bits(a) >> s) + K_s), a monotone piecewise-linear stand-in for a^(1/2^s) that
@@ -38,7 +39,15 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from fastlars.backends.quantization import SIGNED_MAP, UNSIGNED_MAP, CodeMap, repeated_sqrt, repeated_square
+from fastlars.backends.quantization import (
+    POW4_SIGNED_MAP,
+    POW8_UNSIGNED_MAP,
+    SIGNED_MAP,
+    UNSIGNED_MAP,
+    CodeMap,
+    repeated_sqrt,
+    repeated_square,
+)
 
 # ------------------------------------------------------------------------------------ linear
 
@@ -63,7 +72,7 @@ LINEAR_UNSIGNED = CodeMap("linear_unsigned", False, torch.arange(256, dtype=torc
                           _linear_unsigned_encode)
 
 # ------------------------------------------------------------------------------------- power
-# "power" is the format's choice (fastlars.backends.quantization.SIGNED_MAP / UNSIGNED_MAP): uniform in
+# "power" is the first release's format (fastlars.backends.quantization.POW4_SIGNED_MAP / POW8_UNSIGNED_MAP): uniform in
 # |y|^¼ for m, in y^⅛ for v. "power2" is the same idea one square root shallower: |y|^½ and y^¼.
 
 
@@ -220,54 +229,13 @@ DYNAMIC_TREE_SQUARED = SearchMap("dynamic_tree_squared_unsigned", False,
                                  (dynamic_tree_magnitudes(8).double() ** 2).float())
 
 # ---------------------------------------------------------------------------------- mitchell
-_BITS_OF_ONE = 0x3F800000
-
-
-def mitchell_offset(shift: int) -> int:
-    """K_s = bits(1.0) − (bits(1.0) >> s): c_s(1) = 1."""
-    return _BITS_OF_ONE - (_BITS_OF_ONE >> shift)
-
-
-def mitchell_compand(a: Tensor, shift: int) -> Tensor:
-    """c_s(a) = float_of((bits(a) >> s) + K_s) of fp32 a ≥ 0 (≈ a^(1/2^s); c_s(0) ≈ 2^-32 rounds to code 0)."""
-    return ((a.contiguous().view(torch.int32) >> shift) + mitchell_offset(shift)).view(torch.float32)
-
-
-def mitchell_expand(t: Tensor, shift: int) -> Tensor:
-    """The inverse of mitchell_compand on the code grid: float_of((bits(t) − K_s) << s), 0 where t = 0."""
-    out = ((t.contiguous().view(torch.int32) - mitchell_offset(shift)) << shift).view(torch.float32)
-    return torch.where(t > 0, out, torch.zeros_like(out))
-
-
-_INV_127 = torch.tensor(1.0 / 127.0, dtype=torch.float32)
-_INV_255 = torch.tensor(1.0 / 255.0, dtype=torch.float32)
-
-
-def _mitchell_signed_encode(y: Tensor) -> Tensor:
-    a = (y.contiguous().view(torch.int32) & 0x7FFFFFFF).view(torch.float32)
-    k = torch.clamp(torch.round(mitchell_compand(a, 2) * 127.0), max=127.0)
-    return torch.where(y < 0, -k, k).to(torch.int8).view(torch.uint8)
-
-
-def _mitchell_unsigned_encode(y: Tensor) -> Tensor:
-    a = (y.contiguous().view(torch.int32) & 0x7FFFFFFF).view(torch.float32)
-    return torch.clamp(torch.round(mitchell_compand(a, 3) * 255.0), max=255.0).to(torch.uint8)
-
-
-def _mitchell_signed_values() -> Tensor:
-    k = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.int8).to(torch.int32).clamp(min=-127)
-    magnitude = mitchell_expand(torch.abs(k).float() * _INV_127, 2)
-    return torch.where(k < 0, -magnitude, magnitude)
-
-
-MITCHELL_SIGNED = CodeMap("mitchell4_signed", True, _mitchell_signed_values(), _mitchell_signed_encode)
-MITCHELL_UNSIGNED = CodeMap("mitchell8_unsigned", False,
-                            mitchell_expand(torch.arange(256, dtype=torch.float32) * _INV_255, 3),
-                            _mitchell_unsigned_encode)
+# The format's maps (fastlars.backends.quantization: mitchell_compand / mitchell_expand spell them out).
+MITCHELL_SIGNED = SIGNED_MAP
+MITCHELL_UNSIGNED = UNSIGNED_MAP
 
 CANDIDATES: dict[str, tuple[CodeMap, CodeMap]] = {
     "linear": (LINEAR_SIGNED, LINEAR_UNSIGNED),
-    "power": (SIGNED_MAP, UNSIGNED_MAP),
+    "power": (POW4_SIGNED_MAP, POW8_UNSIGNED_MAP),
     "power2": (POWER2_SIGNED, POWER2_UNSIGNED),
     "fp8": (FP8_SIGNED, FP8_UNSIGNED),
     "dynamic_tree": (DYNAMIC_TREE_SIGNED, DYNAMIC_TREE_UNSIGNED),

@@ -270,7 +270,7 @@ void decode_mitchell_unsigned(const uint8_t* __restrict__ q, const float* __rest
                             [](int32_t k) { return mitchell_expand<3>(static_cast<float>(k) * (1.0f / 255.0f)); });
 }
 
-// The production element functions of csrc/common/quant_math.h (the format's choice, "power"), and
+// The production element functions of csrc/common/quant_math.h (the format's choice, "mitchell"), and
 // its stochastic rounding of fp32 to bf16 with the counter-based RNG (per element: two mix32 and the
 // rounding).
 void encode_header_signed(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t n, float inv) {
@@ -575,12 +575,12 @@ int main(int argc, char** argv) {
       {"linear.v", &v, 1, encode_linear_unsigned, nullptr, nullptr, nullptr},
       {"power.m", &m, 2, encode_power_signed<2>, nullptr, nullptr, decode_power_signed<2>},
       {"power.v", &v, 3, encode_power_unsigned<3>, nullptr, nullptr, decode_power_unsigned<3>},
-      {"power.m:header", &m, 2, encode_header_signed, nullptr, nullptr, decode_header_signed},
-      {"power.v:header", &v, 3, encode_header_unsigned, nullptr, nullptr, decode_header_unsigned},
       {"power2.m", &m, 9, encode_power_signed<1>, nullptr, nullptr, decode_power_signed<1>},
       {"power2.v", &v, 10, encode_power_unsigned<2>, nullptr, nullptr, decode_power_unsigned<2>},
       {"mitchell.m", &m, 11, encode_mitchell_signed, nullptr, nullptr, decode_mitchell_signed},
       {"mitchell.v", &v, 12, encode_mitchell_unsigned, nullptr, nullptr, decode_mitchell_unsigned},
+      {"mitchell.m:header", &m, 11, encode_header_signed, nullptr, nullptr, decode_header_signed},
+      {"mitchell.v:header", &v, 12, encode_header_unsigned, nullptr, nullptr, decode_header_unsigned},
       {"fp8.m", &m, 4, encode_fp8_signed, nullptr, nullptr, nullptr},
       {"fp8.v", &v, 5, encode_fp8_unsigned, nullptr, nullptr, nullptr},
       {"dynamic_tree.m", &m, 6, nullptr, encode_search_signed, &t.dt_signed, nullptr},

@@ -21,11 +21,11 @@ maths of fastlars.backends.reference_lowbit):
 * ``lamb_lowbit_step_(params, grads, exp_avgs, exp_avg_absmax, exp_avg_sqs, exp_avg_sq_absmax, master_params,
   steps, rounding_keys, lr, ...)``: each buffer is a floating tensor (fp32/bf16/fp16 state, its absmax entry
   an unused placeholder) or uint8 codes whose absmax entry holds the fp32 block scales (format of
-  fastlars.backends.quantization: m pow4_signed, v pow8_unsigned, blocks of 256 along rows);
+  fastlars.backends.quantization: m mitchell4_signed, v mitchell8_unsigned, blocks of 256 along rows);
   ``rounding_keys`` (one 32-bit ``sr_tensor_key`` per param, or empty) writes bf16 params without
   masters by stochastic rounding keyed by ``steps``.
 * ``lars_lowbit_step_(params, grads, momentum_buffers, momentum_absmax, master_params, grad_norms, steps,
-  rounding_keys, lr, ...)``: the same for LARS's momentum (pow4_signed); ``steps`` may be empty without
+  rounding_keys, lr, ...)``: the same for LARS's momentum (mitchell4_signed); ``steps`` may be empty without
   rounding keys.
 
 Both step ops take an optional last argument ``trust_ratios``: a contiguous 1-D fp32 tensor of

@@ -454,7 +454,7 @@ def test_native_refuses_what_it_cannot_step_before_writing() -> None:
                                 clip_coef=None, grad_scale=None, found_inf=None)
     assert torch.equal(p, before)
     q_wrong = q.QuantizedBuffer.zeros_like(torch.zeros(300), q.UNSIGNED_MAP)
-    with pytest.raises(ValueError, match=r"exp_avgs\[0\]: the native kernels step the pow4_signed map"):
+    with pytest.raises(ValueError, match=r"exp_avgs\[0\]: the native kernels step the mitchell4_signed map"):
         native_lowbit.lamb_step([torch.zeros(300)], [torch.ones(300)], [q_wrong], [q_wrong], None, [torch.ones(())],
                                 lr=0.1, h=LAMB_H, clip_coef=None, grad_scale=None, found_inf=None)
     bad = q.QuantizedBuffer.zeros_like(torch.zeros(300), q.SIGNED_MAP)

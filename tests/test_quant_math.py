@@ -49,16 +49,18 @@ def _neighbours(x: torch.Tensor, ulps: int = 3) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _exact_ties(levels: int, roots: int) -> torch.Tensor:
-    """Normalised values y ≥ 0 whose companded code position root(y)·levels is exactly k + ½ in fp32."""
+def _exact_ties(levels: int, shift: int) -> torch.Tensor:
+    """Normalised values y ≥ 0 whose companded code position c_s(y)·levels is exactly k + ½ in fp32:
+    c_s(y) = t exactly for y = e_s(t) and the 2^s − 1 patterns above it (the bits c_s shifts out)."""
     ties = []
     for k in range(levels):
-        s = _f32([(k + 0.5) / levels])
-        if float(s * levels) != k + 0.5:
+        t = _f32([(k + 0.5) / levels])
+        if float(t * levels) != k + 0.5:
             continue
-        guess = _neighbours(_f32([float(s) ** (2**roots)]), 8)
-        hits = guess[q.repeated_sqrt(guess, 2**roots) == s]
-        ties.append(hits[:1])
+        base = q.mitchell_expand(t, shift).view(torch.int32)
+        hits = (base + torch.arange(2**shift, dtype=torch.int32)).view(torch.float32)
+        assert torch.equal(q.mitchell_compand(hits, shift), t.expand(2**shift))
+        ties.append(hits)
     return torch.cat(ties)
 
 
@@ -67,11 +69,10 @@ def encode_inputs() -> torch.Tensor:
     values of every code, and the special values."""
     gen = torch.Generator().manual_seed(0)
     parts = [torch.rand(20_000, generator=gen) * 2.02 - 1.01]
-    for levels, roots in ((127, 2), (255, 3)):
-        k = torch.arange(levels, dtype=torch.float64)
-        near = _neighbours(((k + 0.5) / levels).pow(2**roots).float(), 3)
-        ties = _exact_ties(levels, roots)
+    for levels, shift in ((127, 2), (255, 3)):
+        ties = _exact_ties(levels, shift)
         assert ties.numel() >= 10, "the tie generator found too few exact ties to test rint's rule"
+        near = _neighbours(ties, 2**shift + 2)
         parts += [near, -near, ties, -ties]
     for code_map in (q.SIGNED_MAP, q.UNSIGNED_MAP):
         parts.append(_neighbours(code_map.values, 2))

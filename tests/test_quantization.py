@@ -249,7 +249,7 @@ def test_state_entries_save_load_and_convert(dtype: str) -> None:
     if dtype == "int8":
         assert loaded["state_format"] == {"version": 1, "dtype": "int8", "block_size": 256, "layout": "rows",
                                           "scale": "absmax_fp32",
-                                          "maps": {"exp_avg": "pow4_signed", "exp_avg_sq": "pow8_unsigned"}}
+                                          "maps": {"exp_avg": "mitchell4_signed", "exp_avg_sq": "mitchell8_unsigned"}}
         assert loaded["exp_avg"].dtype == torch.uint8 and loaded["exp_avg_absmax"].shape == (64, 2)
     values = q.unpack_state(loaded, ("exp_avg", "exp_avg_sq"), q.CODE_MAPS)
     tolerance = {"fp32": 0.0, "bf16": 4e-3, "int8": 0.02}[dtype]
@@ -304,3 +304,22 @@ def test_optimizer_memory_of_fp32_lamb() -> None:
     report = optimizer_memory(opt)
     assert report.parameters == 3030 and report.state_bytes_by_key["exp_avg"] == 3030 * 4
     assert report.bytes_per_parameter == pytest.approx(16 + 8 / 3030)
+
+
+def test_code_maps_are_monotone_exact_at_one_and_near_the_roots() -> None:
+    """The Mitchell maps: codes decode to increasing magnitudes, 0 and ±1 exactly, every code's value
+    encodes back to that code (the clamped −128 byte aside), and the companding lies between the roots
+    a^(1/4), a^(1/8) and 6.1% above them (Mitchell's logarithm errs by at most 0.086 in log2)."""
+    magnitudes = q.SIGNED_MAP.values[:128]
+    assert bool((magnitudes[1:] > magnitudes[:-1]).all()) and float(magnitudes[0]) == 0.0
+    assert float(magnitudes[127]) == 1.0 and float(q.SIGNED_MAP.values[129]) == -1.0
+    assert bool((q.UNSIGNED_MAP.values[1:] > q.UNSIGNED_MAP.values[:-1]).all())
+    assert float(q.UNSIGNED_MAP.values[0]) == 0.0 and float(q.UNSIGNED_MAP.values[255]) == 1.0
+    codes = torch.arange(256).to(torch.uint8)
+    assert torch.equal(q.UNSIGNED_MAP.encode(q.UNSIGNED_MAP.values), codes)
+    back = q.SIGNED_MAP.encode(q.SIGNED_MAP.values)
+    assert torch.equal(back[codes != 128], codes[codes != 128]) and int(back[128]) == 129
+    a = torch.logspace(-30, 0, 10001, dtype=torch.float64).float()
+    for shift in (2, 3):
+        ratio = q.mitchell_compand(a, shift).double() / a.double() ** (1.0 / 2**shift)
+        assert 1.06 < float(ratio.max()) <= 2**0.086 and float(ratio.min()) >= 1 - 1e-6

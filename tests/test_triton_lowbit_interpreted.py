@@ -260,7 +260,7 @@ def test_bad_input_raises_before_writing() -> None:
     wrong_scale = [m[0], q.QuantizedBuffer(m[1].codes, m[1].absmax, q.SIGNED_MAP)]
     wrong_scale[1].absmax = torch.zeros(1, 3)
     cases = [
-        (dict(exp_avgs=wrong_map), r"exp_avgs\[0\].*pow4_signed"),
+        (dict(exp_avgs=wrong_map), r"exp_avgs\[0\].*mitchell4_signed"),
         (dict(exp_avgs=wrong_scale), r"exp_avgs\[1\]: absmax"),
         (dict(grads=grads[:1]), r"grads: holds 1"),
         (dict(steps=side.steps[:1]), r"steps: holds 1"),

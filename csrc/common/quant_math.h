@@ -5,8 +5,8 @@
 // Python counterpart (csrc/common/test/quant_math_test.cpp + tests/test_quant_math.py check that on
 // generated inputs: ties, zeros, subnormals, ±max, every code).
 //
-// Exactness needs IEEE fp32 square root, division and rint (round half to even): the host default,
-// and nvcc's default (-prec-sqrt=true -prec-div=true; never -use_fast_math for these files). No
+// Exactness needs IEEE fp32 division (one per block) and rint (round half to even): the host default,
+// and nvcc's default (-prec-div=true; never -use_fast_math for these files). No
 // fused multiply-adds are formed (the host builds with -ffp-contract=off, nvcc with -fmad=false); the
 // functions below have no a·b + c pattern anyway. Subnormals must not be flushed (no -ftz=true, no
 // FTZ/DAZ): 1/absmax is subnormal when absmax > 2^126, and a block may hold subnormal elements.
@@ -74,11 +74,29 @@ FASTLARS_HD float stored_scale(uint32_t absmax_bits) {
 }
 
 // --------------------------------------------------------------------------------- code maps
-// m and LARS momentum ("pow4_signed"): the code byte is the int8 k = sign(y)·min(rint(√√|y|·127), 127);
-// it decodes to sign(k)·t⁴, t = min(|k|, 127)/127. y is x·inverse_scale (|y| ≤ 1 + 1 ulp).
+// Mitchell companding: c_s(a) = float_of((bits(a) >> s) + K_s) ≈ a^(1/2^s) for a ≥ 0 (exact at 1), and
+// its inverse on the code grid e_s(t) = float_of((bits(t) − K_s) << s), K_s = bits(1) − (bits(1) >> s).
+// Integer shifts and adds only: no square root, division or table, so every backend gets the same bits.
+constexpr uint32_t kBitsOfOne = 0x3F800000u;
+template <int kShift>
+constexpr uint32_t kMitchellOffset = kBitsOfOne - (kBitsOfOne >> kShift);
+constexpr float kInv127 = 1.0f / 127.0f;  // fl(1/127), as quantization._INV_127
+constexpr float kInv255 = 1.0f / 255.0f;
+
+template <int kShift>
+FASTLARS_HD float mitchell_compand(float a) { return float_of((bits_of(a) >> kShift) + kMitchellOffset<kShift>); }
+
+template <int kShift>
+FASTLARS_HD float mitchell_expand(float t) {  // t = 0 → 0
+  const float e = float_of((bits_of(t) - kMitchellOffset<kShift>) << kShift);
+  return t > 0.0f ? e : 0.0f;
+}
+
+// m and LARS momentum ("mitchell4_signed"): the code byte is the int8 k = sign(y)·min(rint(c_2(|y|)·127), 127);
+// it decodes to sign(k)·e_2(min(|k|, 127)·fl(1/127)). y is x·inverse_scale (|y| ≤ 1 + 1 ulp).
 FASTLARS_HD uint8_t encode_signed(float y) {
   const float a = float_of(bits_of(y) & 0x7FFFFFFFu);
-  float k = rintf(sqrtf(sqrtf(a)) * 127.0f);
+  float k = rintf(mitchell_compand<2>(a) * 127.0f);
   k = k > 127.0f ? 127.0f : k;
   const int32_t magnitude = static_cast<int32_t>(k);
   return static_cast<uint8_t>(y < 0.0f ? -magnitude : magnitude);
@@ -87,26 +105,19 @@ FASTLARS_HD uint8_t encode_signed(float y) {
 FASTLARS_HD float decode_signed(uint8_t code) {
   const int32_t k = static_cast<int8_t>(code);
   const int32_t magnitude = k < 0 ? -k : k;
-  float t = static_cast<float>(magnitude > 127 ? 127 : magnitude) / 127.0f;  // 0x80 (never written) → −1
-  t = t * t;
-  t = t * t;
+  const float t = mitchell_expand<2>(static_cast<float>(magnitude > 127 ? 127 : magnitude) * kInv127);  // 0x80 → −1
   return float_of(bits_of(t) | (static_cast<uint32_t>(k) & 0x80000000u));  // the sign of k
 }
 
-// v ("pow8_unsigned"): the code byte is k = min(rint(√√√|y|·255), 255); it decodes to t⁸, t = k/255.
+// v ("mitchell8_unsigned"): the code byte is k = min(rint(c_3(|y|)·255), 255); it decodes to e_3(k·fl(1/255)).
 FASTLARS_HD uint8_t encode_unsigned(float y) {
   const float a = float_of(bits_of(y) & 0x7FFFFFFFu);
-  float k = rintf(sqrtf(sqrtf(sqrtf(a))) * 255.0f);
+  float k = rintf(mitchell_compand<3>(a) * 255.0f);
   k = k > 255.0f ? 255.0f : k;
   return static_cast<uint8_t>(static_cast<int32_t>(k));
 }
 
-FASTLARS_HD float decode_unsigned(uint8_t code) {
-  float t = static_cast<float>(code) / 255.0f;
-  t = t * t;
-  t = t * t;
-  return t * t;
-}
+FASTLARS_HD float decode_unsigned(uint8_t code) { return mitchell_expand<3>(static_cast<float>(code) * kInv255); }
 
 // An element of a block: its code given the block's inverse scale (0 codes the whole block as 0), and
 // its value given the block's stored scale.

@@ -54,7 +54,7 @@ struct ElementKernels {
   // Low-precision state (format: fastlars/backends/quantization.py, maths: quant_math.h). A "piece" of n
   // elements starts at a block boundary of a row and holds whole blocks of quant::kBlockSize (the last one
   // may be ragged: it ends the row); `scales` holds one fp32 scale per block of the piece.
-  // out ← decode(codes)·scale (pow4_signed / pow8_unsigned).
+  // out ← decode(codes)·scale (mitchell4_signed / mitchell8_unsigned).
   void (*decode_signed)(const uint8_t* codes, const float* scales, float* out, int64_t n);
   void (*decode_unsigned)(const uint8_t* codes, const float* scales, float* out, int64_t n);
   // Per block: absmax, codes and stored scale written; x ← what the codes decode to.
@@ -67,7 +67,7 @@ struct ElementKernels {
   // bf16 bits of w by stochastic rounding, element i drawing the bits of index first_index + i under `key`
   // (quant::sr_key of the tensor and step).
   void (*stochastic_round_bf16)(const float* w, uint16_t* out, int64_t n, uint32_t key, uint64_t first_index);
-  // Blockwise int8 m and v (pow4_signed / pow8_unsigned) fused per block, on a piece as above. LAMB pass 1:
+  // Blockwise int8 m and v (mitchell4_signed / mitchell8_unsigned) fused per block, on a piece as above. LAMB pass 1:
   // m, v decoded, updated, stored and replaced by what they decode to, then u of the decoded moments (into
   // u_out unless null) and its sums: element j adds w'² to lanes[(first_lane + j) mod 16] and u² to
   // lanes[16 + (first_lane + j) mod 16] (the order of lamb_direction_sums over the whole chunk).
@@ -77,7 +77,7 @@ struct ElementKernels {
   // LAMB pass 2 recomputing u from the stored codes: w ← w' − step·u(decode(m), decode(v)).
   void (*lamb_int8_apply)(float* w, const uint8_t* m_codes, const float* m_scales, const uint8_t* v_codes,
                           const float* v_scales, int64_t n, const LambArgs& a, float step);
-  // LARS with an int8 momentum (pow4_signed): decoded, lars_element, stored quantised.
+  // LARS with an int8 momentum (mitchell4_signed): decoded, lars_element, stored quantised.
   void (*lars_int8_update)(float* w, uint8_t* codes, float* scales, const float* g, int64_t n, const LarsArgs& a);
   // lars_update, returning Σw² of the new weights summed exactly as sum_of_squares sums them (the same
   // lanes and order, so the same bits): the next step's ||w|| without reading w again.

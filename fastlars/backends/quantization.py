@@ -39,18 +39,29 @@ multiply. All of it is IEEE fp32 with gradual underflow: a kernel must not flush
 FTZ/DAZ; 1/a is itself subnormal when a > 2^126, and a normal block may hold subnormal elements).
 
 **Code maps** (:class:`CodeMap`): 256 fp32 values indexed by the code byte and an exact encoder of
-the normalised y. Chosen by measured accuracy and CPU speed against linear, fp8 (e4m3/e5m3) and the
-dynamic tree of Dettmers et al. (benchmarks/codemaps.py; the README's "Low-precision optimizer
-state"): *power* (companding) maps, uniform in a root of |y| and rounded there, half to even:
+the normalised y. Chosen by measured accuracy and CPU speed against linear, fp8 (e4m3/e5m3), the
+dynamic tree of Dettmers et al. and the IEEE-root power maps (benchmarks/codemaps.py; the README's
+"Low-precision optimizer state"): *Mitchell* companding maps, uniform in a piecewise-linear stand-in
+for a root of |y| computed on the fp32 bit pattern (Mitchell's 1962 logarithm: bits(a) read as a
+fixed-point number is ≈ 2^23·(log2 a + 127)), rounded there, half to even. With
+``K_s = bits(1) − (bits(1) >> s)``:
 
-* :data:`SIGNED_MAP` (m, LARS momentum): int8 ``k = sign(y)·min(rint(√√|y|·127), 127)``, decoded
-  ``sign(k)·(|k|/127)⁴``: relative steps ≈ 4/|k|, down to 127⁻⁴ ≈ 3.9e−9 of the block's absmax;
-* :data:`UNSIGNED_MAP` (v): ``k = min(rint(√√√|y|·255), 255)``, decoded ``(k/255)⁸``: down to
-  255⁻⁸ ≈ 5.6e−20, so √v, which u divides by, keeps ten decades below its block maximum.
+.. code-block:: text
 
-Square roots and divisions are IEEE (correctly rounded: :func:`sqrt_rn`), so every backend encodes
-and decodes to the same bits; the block maximum decodes exactly (code ±127 / 255 is 1), and
-re-quantising a decoded buffer reproduces its codes and scales.
+    c_s(a)  = float_of((bits(a) >> s) + K_s)          a ≥ 0; c_s(1) = 1; within 0–6.1 % of a^(1/2^s)
+    e_s(t)  = float_of((bits(t) − K_s) << s)          t > 0; e_s(0) = 0; the inverse of c_s
+
+* :data:`SIGNED_MAP` (m, LARS momentum; s = 2): int8 ``k = sign(y)·min(rint(c_2(|y|)·127), 127)``,
+  decoded ``sign(k)·e_2(|k|·fl(1/127))``: relative steps ≈ 4/|k|, down to 3.8e−9 of the block's absmax;
+* :data:`UNSIGNED_MAP` (v; s = 3): ``k = min(rint(c_3(|y|)·255), 255)``, decoded ``e_3(k·fl(1/255))``:
+  down to 5.6e−20, so √v, which u divides by, keeps ten decades below its block maximum.
+
+Encoding and decoding are integer shifts and adds, one fp32 multiply and one rounding: no square root,
+division or table, so every backend reproduces the bits cheaply and exactly. The block maximum decodes
+exactly (code ±127 / 255 is 1), and re-quantising a decoded buffer reproduces its codes and scales.
+The power maps of format version 1's first release (:data:`POW4_SIGNED_MAP`, :data:`POW8_UNSIGNED_MAP`:
+uniform in √√|y| and √√√|y| by IEEE square roots) are still read: a checkpoint holding them is decoded
+exactly and re-encoded once with the maps above when loaded.
 
 **Skipped steps and NaN.** The optimizer never quantises a non-finite value: a step whose gradients
 hold NaN/inf, or whose GradScaler found an overflow, writes nothing at all (codes, scales, weights and
@@ -81,7 +92,7 @@ carries ``state["state_format"]``, a dict of plain strings and ints (so ``torch.
 weights_only=True)`` loads it)::
 
     {"version": 1, "dtype": "int8", "block_size": 256, "layout": "rows", "scale": "absmax_fp32",
-     "maps": {"exp_avg": "pow4_signed", "exp_avg_sq": "pow8_unsigned"}}
+     "maps": {"exp_avg": "mitchell4_signed", "exp_avg_sq": "mitchell8_unsigned"}}
     {"version": 1, "dtype": "bf16", "rounding": "nearest_even"}
 
 An int8 buffer ``name`` is stored as ``state[name]`` (uint8 codes, the parameter's shape and memory
@@ -102,8 +113,9 @@ import torch
 from torch import Tensor
 
 FORMAT_VERSION = 1
-"""Version of the state format written into ``state_format``; bumped whenever a map, the layout or the
-rounding changes, so that old checkpoints are converted instead of misread."""
+"""Version of the ``state_format`` record; bumped whenever the layout, the scaling or the rounding
+changes, so that old checkpoints are converted instead of misread. Code maps are named in the record:
+a new map gets a new name (and the old one stays readable) without a new version."""
 
 BLOCK_SIZE = 256
 """Elements per quantisation block (the last block of a row may be shorter)."""
@@ -293,21 +305,75 @@ def _pow8_unsigned_encode(y: Tensor) -> Tensor:
     return k.to(torch.uint8)
 
 
-SIGNED_MAP = CodeMap("pow4_signed", True, _signed_byte_values(4), _pow4_signed_encode)
-r"""The map of m (LAMB) and the momentum (LARS): code byte = int8 k = sign(y)·min(rint(|y|^¼·127), 127)
-with |y|^¼ = √√|y| (two IEEE square roots) and rint rounding half to even; decodes to
-sign(k)·(|k|/127)⁴ (t = |k|/127 by fp32 division, then t² and t⁴ by fp32 multiplies). Uniform in the
-fourth root: relative steps of ≈ 4/|k|, values down to 127^−4 ≈ 3.9e−9 of the block's absmax."""
+POW4_SIGNED_MAP = CodeMap("pow4_signed", True, _signed_byte_values(4), _pow4_signed_encode)
+r"""Read-only (the first release's map of m and momentum): code byte = int8
+k = sign(y)·min(rint(√√|y|·127), 127) (two IEEE square roots, rint half to even); decodes to
+sign(k)·(|k|/127)⁴ (t = |k|/127 by fp32 division, then t² and t⁴ by fp32 multiplies)."""
 
-UNSIGNED_MAP = CodeMap("pow8_unsigned", False, repeated_square(torch.arange(256, dtype=torch.float32) / 255.0, 8),
-                       _pow8_unsigned_encode)
-r"""The map of v (LAMB): code byte k = min(rint(|y|^⅛·255), 255) with |y|^⅛ = √√√|y| (v ≥ 0 always;
-|y| clears the sign bit, so −0 encodes as 0, and costs one bit operation in every backend); decodes to
-(k/255)⁸ (t = k/255, then t², t⁴, t⁸). Uniform in v^⅛ (so in (√v)^¼, the quantity u divides by):
-values down to 255^−8 ≈ 5.6e−20 of the block's absmax, so √v keeps ten decades below its maximum."""
+POW8_UNSIGNED_MAP = CodeMap("pow8_unsigned", False,
+                            repeated_square(torch.arange(256, dtype=torch.float32) / 255.0, 8), _pow8_unsigned_encode)
+r"""Read-only (the first release's map of v): code byte k = min(rint(√√√|y|·255), 255); decodes to
+(k/255)⁸ (t = k/255, then t², t⁴, t⁸)."""
 
-CODE_MAPS: dict[str, CodeMap] = {m.name: m for m in (SIGNED_MAP, UNSIGNED_MAP)}
-"""Every map this version reads and writes, by the name stored in state_dicts."""
+_BITS_OF_ONE = 0x3F800000
+_INV_127 = torch.tensor(1.0 / 127.0, dtype=torch.float32)  # fl(1/127): the fp32 division 1/127, exactly
+_INV_255 = torch.tensor(1.0 / 255.0, dtype=torch.float32)
+
+
+def mitchell_offset(shift: int) -> int:
+    """K_s = bits(1.0) − (bits(1.0) >> s), so that c_s(1) = 1."""
+    return _BITS_OF_ONE - (_BITS_OF_ONE >> shift)
+
+
+def mitchell_compand(a: Tensor, shift: int) -> Tensor:
+    """c_s(a) = float_of((bits(a) >> s) + K_s) of fp32 a ≥ 0: ≈ a^(1/2^s), monotone, exact at 1 (c_s(0) and
+    c_s of subnormals are below 2^−31 and round to code 0)."""
+    return ((a.contiguous().view(torch.int32) >> shift) + mitchell_offset(shift)).view(torch.float32)
+
+
+def mitchell_expand(t: Tensor, shift: int) -> Tensor:
+    """e_s(t) = float_of((bits(t) − K_s) << s), the inverse of :func:`mitchell_compand` on the code grid
+    (t ≥ fl(1/255)); 0 where t = 0."""
+    out = ((t.contiguous().view(torch.int32) - mitchell_offset(shift)) << shift).view(torch.float32)
+    return torch.where(t > 0, out, torch.zeros_like(out))
+
+
+def _magnitude(y: Tensor) -> Tensor:
+    """|y| by clearing the sign bit (−0 → 0; one bit operation in every backend)."""
+    return (y.contiguous().view(torch.int32) & 0x7FFFFFFF).view(torch.float32)
+
+
+def _mitchell_signed_encode(y: Tensor) -> Tensor:
+    k = torch.clamp(torch.round(mitchell_compand(_magnitude(y), 2) * 127.0), max=127.0)
+    return torch.where(y < 0, -k, k).to(torch.int8).view(torch.uint8)
+
+
+def _mitchell_unsigned_encode(y: Tensor) -> Tensor:
+    return torch.clamp(torch.round(mitchell_compand(_magnitude(y), 3) * 255.0), max=255.0).to(torch.uint8)
+
+
+def _mitchell_signed_values() -> Tensor:
+    k = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.int8).to(torch.int32).clamp(min=-127)
+    magnitude = mitchell_expand(torch.abs(k).float() * _INV_127, 2)
+    return torch.where(k < 0, -magnitude, magnitude)
+
+
+SIGNED_MAP = CodeMap("mitchell4_signed", True, _mitchell_signed_values(), _mitchell_signed_encode)
+r"""The map of m (LAMB) and the momentum (LARS): code byte = int8 k = sign(y)·min(rint(c_2(|y|)·127), 127)
+with c_2(a) = float_of((bits(a) >> 2) + K_2) ≈ a^¼ and rint rounding half to even; decodes to
+sign(k)·float_of((bits(t) − K_2) << 2), t = |k|·fl(1/127) (0 for k = 0; 0x80 = −128 is never written and
+decodes to −1, like −127). Relative steps of ≈ 4/|k|, values down to 3.8e−9 of the block's absmax (as the
+power map's 127^−4)."""
+
+UNSIGNED_MAP = CodeMap("mitchell8_unsigned", False,
+                       mitchell_expand(torch.arange(256, dtype=torch.float32) * _INV_255, 3), _mitchell_unsigned_encode)
+r"""The map of v (LAMB): code byte k = min(rint(c_3(|y|)·255), 255) with c_3(a) = float_of((bits(a) >> 3)
++ K_3) ≈ a^⅛ (v ≥ 0 always; |y| clears the sign bit, so −0 encodes as 0); decodes to
+float_of((bits(t) − K_3) << 3), t = k·fl(1/255) (0 for k = 0). Nearly uniform in v^⅛ (so in (√v)^¼, the
+quantity u divides by): values down to 5.6e−20 of the block's absmax (as the power map's 255^−8)."""
+
+CODE_MAPS: dict[str, CodeMap] = {m.name: m for m in (SIGNED_MAP, UNSIGNED_MAP, POW4_SIGNED_MAP, POW8_UNSIGNED_MAP)}
+"""Every map this version reads, by the name stored in state_dicts (it writes SIGNED_MAP and UNSIGNED_MAP)."""
 
 
 # ================================================================================ block quant

@@ -15,11 +15,14 @@ rounded on the bits, so the interpreter and the GPU write the same values), 2 fp
 Per element, all in IEEE fp32 (launches pass ``enable_fp_fusion=False``; divisions and square roots are
 ``tl.div_rn`` / ``tl.sqrt_rn``):
 
-* decode: pow4_signed ``sign(k)·(min(|k|,127)/127)⁴ · a``, pow8_unsigned ``(k/255)⁸ · a``;
+* decode: mitchell4_signed ``sign(k)·e_2(min(|k|,127)·fl(1/127)) · a``, mitchell8_unsigned
+  ``e_3(k·fl(1/255)) · a``, with ``e_s(t) = float_of((bits(t) − K_s) << s)`` (0 for t = 0) and
+  ``K_s = bits(1) − (bits(1) >> s)``;
 * block absmax ``a``: the integer max of the sign-cleared bit patterns of the NEW values;
   ``s = 1/a`` for normal finite a, else 0 (codes 0; stored scale 0, or NaN for a non-finite a);
-* encode: ``k = min(rint(√√|y|·127), 127)`` (signed, y = x·s) / ``min(rint(√√√|y|·255), 255)``, rint half
-  to even as ``(x + 2^23) − 2^23`` (exact for 0 ≤ x < 2^22);
+* encode: ``k = min(rint(c_2(|y|)·127), 127)`` (signed, y = x·s) / ``min(rint(c_3(|y|)·255), 255)`` with
+  ``c_s(a) = float_of((bits(a) >> s) + K_s)``, rint half to even as ``(x + 2^23) − 2^23`` (exact for
+  0 ≤ x < 2^22);
 * stochastic rounding of a bf16 weight: ``(bits(w) + (r >> 16)) >> 16`` with
   ``r = mix(mix(key ^ hi32(i)) ^ lo32(i)·0x9E3779B9)``, ``key = mix(tensor_key ^ t)`` (uint32 arithmetic).
 
@@ -53,12 +56,6 @@ KIND_FP32, KIND_BF16, KIND_FP16, KIND_INT8 = 0, 1, 2, 3
 def _div(x, y):
     """IEEE x / y for a scalar tensor y, broadcast to x's shape (tl.div_rn takes operands of one shape)."""
     return tl.div_rn(x, tl.broadcast_to(y, x.shape))
-
-
-@device_function
-def _div_const(x, C: tl.constexpr):
-    """IEEE x / C for a constant C."""
-    return tl.div_rn(x, tl.full(x.shape, C, tl.float32))
 
 
 @device_function
@@ -107,21 +104,36 @@ def _rint(x):
     return (x + 8388608.0) - 8388608.0
 
 
+_BITS_OF_ONE = tl.constexpr(0x3F800000)
+_INV_127 = tl.constexpr(1.0 / 127.0)  # an fp32 constant in a kernel: fl(1/127), as quantization._INV_127
+_INV_255 = tl.constexpr(1.0 / 255.0)
+
+
+@device_function
+def _mitchell_expand(t, SHIFT: tl.constexpr):
+    """e_s(t) = float_of((bits(t) − K_s) << s) for t > 0, 0 for t = 0."""
+    offset: tl.constexpr = _BITS_OF_ONE - (_BITS_OF_ONE >> SHIFT)
+    e = ((t.to(tl.uint32, bitcast=True) - offset) << SHIFT).to(tl.float32, bitcast=True)
+    return tl.where(t > 0.0, e, 0.0)
+
+
+@device_function
+def _mitchell_compand(a, SHIFT: tl.constexpr):
+    """c_s(a) = float_of((bits(a) >> s) + K_s) for fp32 a ≥ 0."""
+    offset: tl.constexpr = _BITS_OF_ONE - (_BITS_OF_ONE >> SHIFT)
+    return ((a.to(tl.uint32, bitcast=True) >> SHIFT) + offset).to(tl.float32, bitcast=True)
+
+
 @device_function
 def _decode(code, SIGNED: tl.constexpr):
-    """Code-map value of uint8 codes: sign(k)·(min(|k|,127)/127)⁴ (signed) or (k/255)⁸ (unsigned)."""
+    """Code-map value of uint8 codes: sign(k)·e_2(min(|k|,127)·fl(1/127)) (signed) or e_3(k·fl(1/255))."""
     k = code.to(tl.int32)
     if SIGNED:
         k = tl.where(k >= 128, k - 256, k)
-        t = _div_const(tl.minimum(tl.abs(k), 127).to(tl.float32), 127.0)
-        t = t * t
-        t = t * t
+        t = _mitchell_expand(tl.minimum(tl.abs(k), 127).to(tl.float32) * _INV_127, 2)
         t = tl.where(k < 0, -t, t)
     else:
-        t = _div_const(k.to(tl.float32), 255.0)
-        t = t * t
-        t = t * t
-        t = t * t
+        t = _mitchell_expand(k.to(tl.float32) * _INV_255, 3)
     return t
 
 
@@ -130,10 +142,10 @@ def _encode(y, SIGNED: tl.constexpr):
     """uint8 codes of normalised y (|y| ≤ 1 + 1 ulp): the spec's encoders."""
     a = (y.to(tl.uint32, bitcast=True) & 0x7FFFFFFF).to(tl.float32, bitcast=True)
     if SIGNED:
-        k = tl.minimum(_rint(tl.sqrt_rn(tl.sqrt_rn(a)) * 127.0), 127.0).to(tl.int32)
+        k = tl.minimum(_rint(_mitchell_compand(a, 2) * 127.0), 127.0).to(tl.int32)
         k = tl.where(y < 0.0, -k, k)
     else:
-        k = tl.minimum(_rint(tl.sqrt_rn(tl.sqrt_rn(tl.sqrt_rn(a))) * 255.0), 255.0).to(tl.int32)
+        k = tl.minimum(_rint(_mitchell_compand(a, 3) * 255.0), 255.0).to(tl.int32)
     return (k & 0xFF).to(tl.uint8)
 
 
