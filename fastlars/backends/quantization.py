@@ -326,8 +326,8 @@ def mitchell_offset(shift: int) -> int:
 
 
 def mitchell_compand(a: Tensor, shift: int) -> Tensor:
-    """c_s(a) = float_of((bits(a) >> s) + K_s) of fp32 a ≥ 0: ≈ a^(1/2^s), monotone, exact at 1 (c_s(0) and
-    c_s of subnormals are below 2^−31 and round to code 0)."""
+    """c_s(a) = float_of((bits(a) >> s) + K_s) of fp32 a ≥ 0: ≈ a^(1/2^s), monotone, exact at 1 (c_s(0) =
+    float_of(K_s), 2.9e−10 for s = 2 and 1.7e−5 for s = 3: zero and subnormals encode as code 0)."""
     return ((a.contiguous().view(torch.int32) >> shift) + mitchell_offset(shift)).view(torch.float32)
 
 
