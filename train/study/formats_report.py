@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fastlars.backends.quantization import SIGNED_MAP, UNSIGNED_MAP
 from train.study import formats, plots
 from train.study.analysis import Record, epoch_records, seed_of
 from train.study.formats import Comparison
@@ -137,14 +138,15 @@ the default preset's recipe ({preset.warmup_epochs:g} warmup epochs, {preset.dec
 {preset.label_smoothing:g}, biases and norm layers without decay or adaptation).
 
 **State formats.** fp32: fastlars' full-precision state. bf16: moments (LAMB) or momentum (LARS) stored in
-bf16. int8: blockwise 8-bit codes with an fp32 scale per block (fastlars.backends.quantization). The
+bf16. int8: blockwise 8-bit codes with an fp32 scale per block (fastlars.backends.quantization, code maps
+{SIGNED_MAP.name} for m and momentum, {UNSIGNED_MAP.name} for v). The
 low-precision formats apply to every adapting weight of at least {min_size} elements: the small CNN's
 adapting weights have 432, 4,608 and 320 elements, so the library's default of 4096 would quantise only one
 of the three, and {min_size} quantises all of them (biases and BatchNorm parameters keep fp32 state). An int8
 block never spans two dim-0 rows, so here every block is one output channel's row of 27, 144 or 32 elements
-with its own scale: finer than the 256-element blocks of a large layer's rows, which favours int8. The
-low-precision runs step on the quantisation-aware reference backend (`backend="auto"` picks it), the fp32 runs
-on the native CPU kernels where built.
+with its own scale: finer than the 256-element blocks of a large layer's rows, which favours int8. Every
+run steps with `backend="auto"`: the native CPU kernels where built, for every format (their low-precision
+path matches the quantisation-aware reference, tests/test_native_lowbit.py), else the reference.
 
 **LRs and seeds.** No LR search: every state format trains at the LR factor the default preset's search chose
 for fp32 (fixed from its committed report, train/study/results/default/results.csv: {lrs}), on the
