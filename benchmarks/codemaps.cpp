@@ -27,18 +27,9 @@
 
 namespace {
 
-constexpr int64_t kBlock = 256;
-
-inline uint32_t bits_of(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return u;
-}
-inline float float_of(uint32_t u) {
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
+constexpr int64_t kBlock = fastlars::quant::kBlockSize;
+using fastlars::quant::bits_of;
+using fastlars::quant::float_of;
 
 // ---------------------------------------------------------------------------------- tables
 struct Search {            // nearest-value search over one half (magnitudes) of a map
@@ -239,20 +230,10 @@ void decode_power_unsigned(const uint8_t* __restrict__ q, const float* __restric
                             [](int32_t k) { return squarings<kSquarings>(static_cast<float>(k) / 255.0f); });
 }
 
-// mitchell: the power map's roots replaced by Mitchell's logarithm on the fp32 bits: c_s(a) =
-// float_of((bits(a) >> s) + K_s), K_s = bits(1) − (bits(1) >> s), s = 2 (m) or 3 (v); decoded
-// float_of((bits(t) − K_s) << s) with t = k·fl(1/127) or k·fl(1/255); code 0 decodes to 0.
-template <int kShift>
-inline float mitchell_compand(float a) {
-  constexpr uint32_t kOne = 0x3F800000u, kOffset = kOne - (kOne >> kShift);
-  return float_of((bits_of(a) >> kShift) + kOffset);
-}
-template <int kShift>
-inline float mitchell_expand(float t) {
-  constexpr uint32_t kOne = 0x3F800000u, kOffset = kOne - (kOne >> kShift);
-  const float out = float_of((bits_of(t) - kOffset) << kShift);
-  return t > 0.0f ? out : 0.0f;
-}
+// mitchell (the format's maps): the power map's roots replaced by Mitchell's logarithm on the fp32 bits,
+// through the harness's companding loops with quant_math.h's compander and expander.
+using fastlars::quant::mitchell_compand;
+using fastlars::quant::mitchell_expand;
 void encode_mitchell_signed(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t n, float inv) {
   encode_companded_signed(x, q, n, inv, [](float a) { return mitchell_compand<2>(a); });
 }
@@ -262,12 +243,12 @@ void encode_mitchell_unsigned(const float* __restrict__ x, uint8_t* __restrict__
 void decode_mitchell_signed(const uint8_t* __restrict__ q, const float* __restrict__ scales, float* __restrict__ out,
                             int64_t n) {
   decode_companded_signed(q, scales, out, n,
-                          [](int32_t k) { return mitchell_expand<2>(static_cast<float>(k) * (1.0f / 127.0f)); });
+                          [](int32_t k) { return mitchell_expand<2>(static_cast<float>(k) * fastlars::quant::kInv127); });
 }
 void decode_mitchell_unsigned(const uint8_t* __restrict__ q, const float* __restrict__ scales,
                               float* __restrict__ out, int64_t n) {
   decode_companded_unsigned(q, scales, out, n,
-                            [](int32_t k) { return mitchell_expand<3>(static_cast<float>(k) * (1.0f / 255.0f)); });
+                            [](int32_t k) { return mitchell_expand<3>(static_cast<float>(k) * fastlars::quant::kInv255); });
 }
 
 // The production element functions of csrc/common/quant_math.h (the format's choice, "mitchell"), and

@@ -19,6 +19,7 @@ from fastlars.backends import quantization as q
 from fastlars.backends import reference
 from fastlars.backends import reference_lowbit as rl
 from fastlars.backends._common import LambHyper, LarsHyper
+from fastlars.optim._state_format import BUFFER_MAPS
 
 SHAPES = [(1,), (255,), (256,), (257,), (4095,), (4096,), (4097,), (37, 301), (0,)]
 STEPS = 6
@@ -248,11 +249,9 @@ def test_checkpoint_with_the_first_releases_power_maps_loads_converted(cls, kw, 
     resumed.load_state_dict(sd)
     for index, p in enumerate(resumed_params):
         state = resumed.state[p]
-        assert state["state_format"]["maps"] == {n: {"exp_avg_sq": q.UNSIGNED_MAP}.get(n, q.SIGNED_MAP).name
-                                                 for n in names}
+        assert state["state_format"]["maps"] == {n: BUFFER_MAPS[n].name for n in names}
         for name in names:
-            code_map = q.UNSIGNED_MAP if name == "exp_avg_sq" else q.SIGNED_MAP
-            codes, absmax = q.quantize_blockwise(saved_values[index][name], code_map)
+            codes, absmax = q.quantize_blockwise(saved_values[index][name], BUFFER_MAPS[name])
             assert torch.equal(state[name], codes) and torch.equal(state[name + "_absmax"], absmax), name
     before = [p.detach().clone() for p in params]
     for t in range(4, 6):
