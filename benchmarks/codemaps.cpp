@@ -197,7 +197,7 @@ void decode_companded_unsigned(const uint8_t* __restrict__ q, const float* __res
   }
 }
 
-// power, the format's choice: c(y) = √√y (m), √√√y (v); decoded t⁴ / t⁸ with t = k/127 or k/255.
+// power, the first release's format: c(y) = √√y (m), √√√y (v); decoded t⁴ / t⁸ with t = k/127 or k/255.
 // power2: one square root less (√|y| and √√y; decoded t² and t⁴).
 template <int kRoots>
 inline float roots(float a) {
@@ -242,13 +242,15 @@ void encode_mitchell_unsigned(const float* __restrict__ x, uint8_t* __restrict__
 }
 void decode_mitchell_signed(const uint8_t* __restrict__ q, const float* __restrict__ scales, float* __restrict__ out,
                             int64_t n) {
-  decode_companded_signed(q, scales, out, n,
-                          [](int32_t k) { return mitchell_expand<2>(static_cast<float>(k) * fastlars::quant::kInv127); });
+  decode_companded_signed(q, scales, out, n, [](int32_t k) {
+    return mitchell_expand<2>(static_cast<float>(k) * fastlars::quant::kInv127);
+  });
 }
 void decode_mitchell_unsigned(const uint8_t* __restrict__ q, const float* __restrict__ scales,
                               float* __restrict__ out, int64_t n) {
-  decode_companded_unsigned(q, scales, out, n,
-                            [](int32_t k) { return mitchell_expand<3>(static_cast<float>(k) * fastlars::quant::kInv255); });
+  decode_companded_unsigned(q, scales, out, n, [](int32_t k) {
+    return mitchell_expand<3>(static_cast<float>(k) * fastlars::quant::kInv255);
+  });
 }
 
 // The production element functions of csrc/common/quant_math.h (the format's choice, "mitchell"), and
