@@ -484,6 +484,13 @@ for algo, h, lr in (("lamb", t.LAMB_H, 0.02), ("lars", t.LARS_H, 0.5)):
         for step in range(1, 6):
             side.step(step, lr, h, rounding)
         out[algo + "_" + name] = side.snapshot()
+# the loops' other compile-time variants: decoupled decay, maximize, a GradScaler scale and a clip coefficient
+import dataclasses
+h = dataclasses.replace(t.LAMB_H, decoupled_decay=True, maximize=True)
+side = t.Side(t.native_lowbit, "lamb", shapes, torch.float32, False, t.MIXED)
+for step in range(1, 6):
+    side.step(step, 0.02, h, grad_scale=torch.tensor(8.0), clip_coef=torch.tensor(0.5))
+out["lamb_options"] = side.snapshot()
 torch.save(out, sys.argv[2])
 """
 
@@ -511,7 +518,7 @@ def test_every_cpu_instruction_set_build_gives_identical_results(tmp_path) -> No
     assert runs["baseline", 2]["isa"] == "baseline" and len({run["isa"] for run in runs.values()}) > 1
     base = runs["baseline", 2]
     for key, run in runs.items():
-        for name in ("lamb_fp32", "lamb_sr", "lars_fp32", "lars_sr"):
+        for name in ("lamb_fp32", "lamb_sr", "lamb_options", "lars_fp32", "lars_sr"):
             for i, (a, b) in enumerate(zip(base[name], run[name])):
                 assert torch.equal(a, b), f"{name} tensor {i}: {key} differs from the baseline on 2 threads"
 

@@ -3,6 +3,8 @@
 // convert and pack bytes in 512-bit registers (F alone drops them to 256-bit AVX2 forms): ResNet-50 int8
 // LAMB step 55-58 -> 50-51 ms on a 2-core Zen 4 EPYC, the same bits.
 // AVX-512F has fused multiply-adds; setup.py compiles with -ffp-contract=off so none is formed.
+#include <immintrin.h>
+
 #include <cstdint>
 #include <math.h>
 
@@ -15,5 +17,6 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
 #define FASTLARS_ISA_NAMESPACE isa_avx512
 #define FASTLARS_ISA_NAME "avx512"
+#define FASTLARS_INT8_LAMB_AVX512 1  // int8_lamb_avx512.inc: LAMB's int8-state loops in intrinsics
 #include "kernels.inc"
 #endif
