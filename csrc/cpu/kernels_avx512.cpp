@@ -17,6 +17,6 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
 #define FASTLARS_ISA_NAMESPACE isa_avx512
 #define FASTLARS_ISA_NAME "avx512"
-#define FASTLARS_INT8_LAMB_AVX512 1  // int8_lamb_avx512.inc: LAMB's int8-state loops in intrinsics
+#define FASTLARS_INT8_LAMB_AVX512 1  // LAMB's int8-state loops from int8_lamb_avx512.inc (intrinsics)
 #include "kernels.inc"
 #endif
