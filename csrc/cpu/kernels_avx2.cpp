@@ -1,5 +1,7 @@
 // The element loops for x86-64 CPUs with AVX2 (8 floats per vector). No "fma": a fused multiply-add
 // would round differently from the baseline build and the reference (setup.py also turns contraction off).
+#include <immintrin.h>
+
 #include <cstdint>
 #include <math.h>
 
@@ -12,5 +14,6 @@
 #pragma GCC target("avx2")
 #define FASTLARS_ISA_NAMESPACE isa_avx2
 #define FASTLARS_ISA_NAME "avx2"
+#define FASTLARS_INT8_LAMB_AVX2 1  // LAMB's int8-state loops from int8_lamb_avx2.inc (intrinsics)
 #include "kernels.inc"
 #endif
