@@ -20,7 +20,9 @@ Per low-precision kernel of lowbit.cu (every instantiation there; tests/cuda_acc
   and stored one byte at a time (LDG.E.U8 / STG.E.U8: neighbouring lanes own neighbouring bytes, so a wider
   store would have to rewrite other lanes' codes);
 - registers do not spill (no local memory, at most 8 bytes of stack): the per-lane arrays of a block's 8
-  elements stay in registers.
+  elements stay in registers;
+- a lane's loads of a block are in flight together: at least 8 code bytes (the LARS norm pass: 8 loads) are
+  issued before the first loaded value is used (loads_before_use, in program order).
 
 Skipped with the reason where nvcc or Triton's cuobjdump is missing. About 20 s on 2 cores (nvcc 13.0, the four
 files compiled side by side).
@@ -52,6 +54,32 @@ _LOWBIT = re.compile(r"(lamb_lowbit_update|lamb_lowbit_apply|lars_lowbit_norms|l
                      r"I(f|6__half|13__nv_bfloat16)((?:Lb[01]E)*)E|\d+(lamb_lowbit_ratios|lars_lowbit_ratios)E")
 _TYPES = {"f": "float", "6__half": "__half", "13__nv_bfloat16": "__nv_bfloat16"}
 _ACCESS = re.compile(r"\b(LDG|STG)\.E((?:\.[A-Z0-9]+)*)")
+_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4}\*/\s+(.*?)\s*;")
+_PREDICATE = re.compile(r"^@!?U?P\w+\s+")
+_REGISTER = re.compile(r"\bR\d+\b")
+
+
+def loads_before_use(instructions: list[str], modifier: str | None = None) -> int:
+    """The most global loads (LDG, with `modifier` among its modifiers when given) issued from one such load up
+    to the first instruction that reads the register it loads, that load included, in program order: how many
+    loads a lane has in flight before it must wait for one. A lane that loads, uses and loads again scores 1."""
+    ops = [_PREDICATE.sub("", i) for i in instructions]
+
+    def counted(op: str) -> bool:
+        return op.startswith("LDG") and (modifier is None or modifier in op.split()[0].split("."))
+
+    best = 0
+    for i, op in enumerate(ops):
+        if not counted(op):
+            continue
+        target, issued = _REGISTER.findall(op)[0], 1
+        for later in ops[i + 1:]:
+            registers = _REGISTER.findall(later)
+            if target in registers[1:] or (later.startswith("STG") and target in registers):
+                break
+            issued += counted(later)
+        best = max(best, issued)
+    return best
 
 
 def _setup_functions() -> dict:
@@ -126,7 +154,10 @@ def sass(tmp_path_factory: pytest.TempPathFactory) -> dict[Kernel | LowbitKernel
         for block in re.split(r"\n\s*Function : ", text)[1:]:
             kernel = _kernel(block.split("\n", 1)[0])
             if kernel is not None:
-                result[kernel] = {"access": Counter((op, _width(mods)) for op, mods in _ACCESS.findall(block))}
+                instructions = _INSTRUCTION.findall(block)
+                result[kernel] = {"access": Counter((op, _width(mods)) for op, mods in _ACCESS.findall(block)),
+                                  "loads_before_use": loads_before_use(instructions),
+                                  "codes_before_use": loads_before_use(instructions, "U8")}
         usage = subprocess.run([str(cuobjdump), "-res-usage", cubin], check=True, capture_output=True, text=True)
         for name, figures in re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", usage.stdout):
             kernel = _kernel(name)
@@ -196,3 +227,17 @@ def test_lowbit_registers_do_not_spill_into_the_loop(sass, kernel) -> None:
     block's absmax, its stores and the update) and at most 8 bytes of stack, as for the fp32-state kernels."""
     res = sass[kernel]["res"]
     assert res["LOCAL"] == 0 and res["STACK"] <= 8, f"{kernel.label()} spills: {res}"
+
+
+@pytest.mark.parametrize("kernel", _LOWBIT_CHUNK_KERNELS, ids=LowbitKernel.label)
+def test_lowbit_loads_of_a_block_are_in_flight_together(sass, kernel) -> None:
+    """A lane issues the loads of its 8 elements of a block before it uses any (lowbit.cu: the format is looked
+    at once per block, loads fill raw bits, decoding comes after). Before this layout each element's loads sat
+    behind a switch on the format and were used before the next element's were issued: one code byte in flight
+    per lane (the H200 run of 2026-12-04 moved 9-11% of copy bandwidth). The update and apply passes have the
+    8 code bytes of a buffer in flight together; the LARS norm pass 8 weights (or weights and gradients)."""
+    found = sass[kernel]
+    if kernel.name == "lars_lowbit_norms":
+        assert found["loads_before_use"] >= cuda_accesses.LOWBIT_PER_LANE, f"{kernel.label()}: {found}"
+    else:
+        assert found["codes_before_use"] >= cuda_accesses.LOWBIT_PER_LANE, f"{kernel.label()}: {found}"

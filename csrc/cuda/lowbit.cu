@@ -6,6 +6,9 @@
 // A warp owns one block of 256 elements at a time (lane l: elements l + 32k, k < 8, coalesced), so the
 // block's absmax of the NEW values is a warp max of sign-cleared bit patterns (an integer max:
 // order-independent), taken before the block's codes and scale are written by the same warp.
+// A lane loads all 8 elements of every array of a block before it uses any: the state format is looked at
+// once per block (a switch around unrolled loads, never one per element), so the loads of a block are in
+// flight together instead of one memory latency per element (tests/test_cuda_sass.py checks the SASS).
 //
 // LAMB, adapt (3 launches per table):
 //   pass 1   m, v decoded (old scales), updated in fp32, stored (quantised / rounded) and replaced by what
@@ -79,6 +82,65 @@ __device__ __forceinline__ void for_each_quant_block(const ChunkGeometry& g, F&&
 // Element k of this lane in a block (valid when < the block's length).
 __device__ __forceinline__ int lane_element(int k) { return static_cast<int>(threadIdx.x % kWarp) + kWarp * k; }
 
+// A lane's loads of a block are issued for every array before any loaded value is used: a conversion or a
+// decode waits for its load, and a switch on the format between two arrays' loads would make the second
+// array's loads wait for the first's. So loads fill raw bits (fetch_lane), and the fp32 values are made
+// from them afterwards.
+
+// The raw bits of element lane_element(k) of a block of `len` ≥ 1 elements at `block`, k < 8. Past the block's
+// end a lane loads the block's first element instead (unpredicated loads, which need no merge with the
+// register's old value, an instruction that would wait for the load); the conversions zero those slots.
+template <typename Raw>
+__device__ __forceinline__ void fetch_lane(const void* block, int len, uint32_t (&bits)[kPerLane]) {
+  const Raw* x = static_cast<const Raw*>(block);
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) bits[k] = x[lane_element(k) < len ? lane_element(k) : 0];
+}
+
+// The unsigned integer type as wide as T.
+template <typename T>
+using RawOf = std::conditional_t<sizeof(T) == 4, uint32_t, std::conditional_t<sizeof(T) == 2, uint16_t, uint8_t>>;
+
+// The fp32 value of a T given as its bits.
+template <typename T>
+__device__ __forceinline__ float from_bits(uint32_t bits) {
+  if constexpr (std::is_same_v<T, float>) {
+    return quant::float_of(bits);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return quant::bf16_to_float(static_cast<uint16_t>(bits));
+  } else {
+    const uint16_t raw = static_cast<uint16_t>(bits);
+    __half h;
+    memcpy(&h, &raw, sizeof h);
+    return to_float(h);
+  }
+}
+
+// The fp32 values of a lane's fetched elements of a block of `len` elements (0 past its end).
+template <typename T>
+__device__ __forceinline__ void from_bits(const uint32_t (&bits)[kPerLane], int len, float (&x)[kPerLane]) {
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) x[k] = lane_element(k) < len ? from_bits<T>(bits[k]) : 0.0f;
+}
+
+// Stores x[k] rounded to nearest T as element lane_element(k) of a block of `len` elements at `block`, and
+// replaces x[k] by the stored value.
+template <typename T>
+__device__ __forceinline__ void store_rounded(T* block, int len, float (&x)[kPerLane]) {
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const T r = from_float<T>(x[k]);
+    x[k] = to_float(r);
+    if (lane_element(k) < len) block[lane_element(k)] = r;
+  }
+}
+
+// A lane's raw state of one block: its elements' stored bits and, for int8, the block's scale.
+struct LaneState {
+  uint32_t bits[kPerLane];
+  float scale;
+};
+
 // One state buffer of one tensor.
 struct StateRef {
   void* values;
@@ -90,25 +152,40 @@ struct StateRef {
         scales(static_cast<float*>(t.ptr[4 + 2 * buffer][slot])),
         format(static_cast<StateFormat>(t.format[buffer][slot])) {}
 
-  __device__ bool quantized() const { return format == StateFormat::kInt8; }
-
-  // The scale of a block as stored now (0 for full buffers, which have none).
-  __device__ float scale(const QuantBlock& b) const { return quantized() ? scales[b.scale] : 0.0f; }
-
-  // The fp32 value of element i (`scale`: its block's scale).
-  template <bool Signed>
-  __device__ float load(int64_t i, float scale) const {
+  // Issues the loads of this lane's elements of block b (and of the block's scale).
+  __device__ void fetch(const QuantBlock& b, LaneState& s) const {
+    s.scale = 0.0f;
     switch (format) {
-      case StateFormat::kInt8: {
-        const uint8_t code = static_cast<const uint8_t*>(values)[i];
-        return Signed ? quant::dequantize_signed(code, scale) : quant::dequantize_unsigned(code, scale);
-      }
+      case StateFormat::kInt8:
+        s.scale = scales[b.scale];
+        return fetch_lane<uint8_t>(static_cast<const uint8_t*>(values) + b.start, b.len, s.bits);
       case StateFormat::kBFloat16:
-        return to_float(static_cast<const __nv_bfloat16*>(values)[i]);
       case StateFormat::kHalf:
-        return to_float(static_cast<const __half*>(values)[i]);
+        return fetch_lane<uint16_t>(static_cast<const uint16_t*>(values) + b.start, b.len, s.bits);
       default:
-        return static_cast<const float*>(values)[i];
+        return fetch_lane<uint32_t>(static_cast<const uint32_t*>(values) + b.start, b.len, s.bits);
+    }
+  }
+
+  // The fp32 values of fetched elements (0 past the block's end).
+  template <bool Signed>
+  __device__ void decode(const QuantBlock& b, const LaneState& s, float (&x)[kPerLane]) const {
+    switch (format) {
+      case StateFormat::kInt8:
+#pragma unroll
+        for (int k = 0; k < kPerLane; ++k) {
+          const uint8_t code = static_cast<uint8_t>(s.bits[k]);
+          const float value =
+              Signed ? quant::dequantize_signed(code, s.scale) : quant::dequantize_unsigned(code, s.scale);
+          x[k] = lane_element(k) < b.len ? value : 0.0f;
+        }
+        return;
+      case StateFormat::kBFloat16:
+        return from_bits<__nv_bfloat16>(s.bits, b.len, x);
+      case StateFormat::kHalf:
+        return from_bits<__half>(s.bits, b.len, x);
+      default:
+        return from_bits<float>(s.bits, b.len, x);
     }
   }
 
@@ -116,24 +193,15 @@ struct StateRef {
   // rounded to nearest) and replaces them by what the stored state decodes to. Called by the whole warp.
   template <bool Signed>
   __device__ void store_block(const QuantBlock& b, float (&x)[kPerLane]) const {
-    if (!quantized()) {
-#pragma unroll
-      for (int k = 0; k < kPerLane; ++k) {
-        if (lane_element(k) >= b.len) continue;
-        const int64_t i = b.start + lane_element(k);
-        if (format == StateFormat::kBFloat16) {
-          const __nv_bfloat16 r = __float2bfloat16_rn(x[k]);
-          static_cast<__nv_bfloat16*>(values)[i] = r;
-          x[k] = to_float(r);
-        } else if (format == StateFormat::kHalf) {
-          const __half r = __float2half_rn(x[k]);
-          static_cast<__half*>(values)[i] = r;
-          x[k] = to_float(r);
-        } else {
-          static_cast<float*>(values)[i] = x[k];
-        }
-      }
-      return;
+    switch (format) {
+      case StateFormat::kBFloat16:
+        return store_rounded(static_cast<__nv_bfloat16*>(values) + b.start, b.len, x);
+      case StateFormat::kHalf:
+        return store_rounded(static_cast<__half*>(values) + b.start, b.len, x);
+      case StateFormat::kFloat:
+        return store_rounded(static_cast<float*>(values) + b.start, b.len, x);
+      default:
+        break;
     }
     uint32_t absmax = 0;
 #pragma unroll
@@ -181,6 +249,28 @@ struct Weights {
 
   __device__ float grad(int64_t i) const { return to_float(g[i]); }
 
+  // Issues the loads of this lane's weights of block b (the masters' when kept; fp32 values via from_weight_bits).
+  __device__ void fetch_weights(const QuantBlock& b, uint32_t (&bits)[kPerLane]) const {
+    if constexpr (Master) {
+      fetch_lane<uint32_t>(master + b.start, b.len, bits);
+    } else {
+      fetch_lane<RawOf<T>>(p + b.start, b.len, bits);
+    }
+  }
+
+  __device__ void from_weight_bits(const uint32_t (&bits)[kPerLane], int len, float (&w)[kPerLane]) const {
+    if constexpr (Master) {
+      from_bits<float>(bits, len, w);
+    } else {
+      from_bits<T>(bits, len, w);
+    }
+  }
+
+  // Issues the loads of this lane's raw gradients of block b (fp32 values via from_bits<T>).
+  __device__ void fetch_grads(const QuantBlock& b, uint32_t (&bits)[kPerLane]) const {
+    fetch_lane<RawOf<T>>(g + b.start, b.len, bits);
+  }
+
   __device__ void write(int64_t i, float w, uint32_t key) const {
     if constexpr (Master) {
       master[i] = w;
@@ -215,19 +305,22 @@ __global__ void __launch_bounds__(kThreads)
     const uint32_t key = Fused ? rounding_key(table, slot, opt.steps) : 0u;
     float acc[2] = {0.0f, 0.0f};
     for_each_quant_block(geometry, [&](const QuantBlock& b) {
-      const float m_scale = m_ref.scale(b), v_scale = v_ref.scale(b);
-      float w[kPerLane], m[kPerLane], v[kPerLane];
+      uint32_t w_bits[kPerLane], g_bits[kPerLane];
+      LaneState m_raw, v_raw;
+      weights.fetch_grads(b, g_bits);
+      weights.fetch_weights(b, w_bits);
+      m_ref.fetch(b, m_raw);
+      v_ref.fetch(b, v_raw);
+      float w[kPerLane], g[kPerLane], m[kPerLane], v[kPerLane];
+      from_bits<T>(g_bits, b.len, g);
+      weights.from_weight_bits(w_bits, b.len, w);
+      m_ref.decode<true>(b, m_raw, m);
+      v_ref.decode<false>(b, v_raw, v);
 #pragma unroll
       for (int k = 0; k < kPerLane; ++k) {
-        w[k] = m[k] = v[k] = 0.0f;
-        if (lane_element(k) >= b.len) continue;
-        const int64_t i = b.start + lane_element(k);
-        float g = math::true_grad(weights.grad(i), s.grad_scale, opt.maximize);
-        if (opt.clip_coef != nullptr) g = g * clip;
-        w[k] = weights.weight(i);
-        m[k] = m_ref.load<true>(i, m_scale);
-        v[k] = v_ref.load<false>(i, v_scale);
-        math::lamb_moments(m[k], v[k], g, consts);
+        float gk = math::true_grad(g[k], s.grad_scale, opt.maximize);
+        if (opt.clip_coef != nullptr) gk = gk * clip;
+        math::lamb_moments(m[k], v[k], gk, consts);
       }
       m_ref.store_block<true>(b, m);
       v_ref.store_block<false>(b, v);
@@ -277,14 +370,20 @@ __global__ void __launch_bounds__(kThreads)
     const float step = consts.lr * s.ratios[idx];
     const uint32_t key = rounding_key(table, slot, opt.steps);
     for_each_quant_block(geometry, [&](const QuantBlock& b) {
-      const float m_scale = m_ref.scale(b), v_scale = v_ref.scale(b);
+      uint32_t w_bits[kPerLane];
+      LaneState m_raw, v_raw;
+      weights.fetch_weights(b, w_bits);
+      m_ref.fetch(b, m_raw);
+      v_ref.fetch(b, v_raw);
+      float w[kPerLane], m[kPerLane], v[kPerLane];
+      weights.from_weight_bits(w_bits, b.len, w);
+      m_ref.decode<true>(b, m_raw, m);
+      v_ref.decode<false>(b, v_raw, v);
 #pragma unroll
       for (int k = 0; k < kPerLane; ++k) {
         if (lane_element(k) >= b.len) continue;
-        const int64_t i = b.start + lane_element(k);
-        float w = weights.weight(i);
-        const float u = math::lamb_direction(w, m_ref.load<true>(i, m_scale), v_ref.load<false>(i, v_scale), consts);
-        weights.write(i, w - step * u, key);
+        const float u = math::lamb_direction(w[k], m[k], v[k], consts);
+        weights.write(b.start + lane_element(k), w[k] - step * u, key);
       }
     });
   });
@@ -314,7 +413,24 @@ __global__ void __launch_bounds__(kThreads)
   for_each_lowbit_chunk(table, [&](int slot, int64_t c, const ChunkGeometry& geometry) {
     const Weights<T, Master> weights(table, slot);
     float acc[2] = {0.0f, 0.0f};
-    for (int64_t e = threadIdx.x; e < geometry.n; e += blockDim.x) {
+    // kPerLane strided elements per iteration, their loads issued together; each thread sums its elements in
+    // the order of e, as one element per iteration would.
+    const int64_t stride = blockDim.x;
+    int64_t e = threadIdx.x;
+    for (; e + (kPerLane - 1) * stride < geometry.n; e += kPerLane * stride) {
+      float w[kPerLane], g[kPerLane];
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        w[k] = weights.weight(geometry.begin + e + k * stride);
+        g[k] = fold ? weights.grad(geometry.begin + e + k * stride) : 0.0f;
+      }
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        acc[0] += w[k] * w[k];
+        if (fold) acc[1] += g[k] * g[k];
+      }
+    }
+    for (; e < geometry.n; e += stride) {
       const float w = weights.weight(geometry.begin + e);
       acc[0] += w * w;
       if (fold) {
@@ -362,17 +478,19 @@ __global__ void __launch_bounds__(kThreads)
     const float r = o.adapt ? s.ratios[table.index[slot]] : 1.0f;
     const uint32_t key = rounding_key(table, slot, opt.steps);
     for_each_quant_block(geometry, [&](const QuantBlock& b) {
-      const float scale = ref.scale(b);
-      float w[kPerLane], v[kPerLane];
+      uint32_t w_bits[kPerLane], g_bits[kPerLane];
+      LaneState v_raw;
+      weights.fetch_grads(b, g_bits);
+      weights.fetch_weights(b, w_bits);
+      ref.fetch(b, v_raw);
+      float w[kPerLane], g[kPerLane], v[kPerLane];
+      from_bits<T>(g_bits, b.len, g);
+      weights.from_weight_bits(w_bits, b.len, w);
+      ref.decode<true>(b, v_raw, v);
 #pragma unroll
       for (int k = 0; k < kPerLane; ++k) {
-        w[k] = v[k] = 0.0f;
-        if (lane_element(k) >= b.len) continue;
-        const int64_t i = b.start + lane_element(k);
-        const float g = math::true_grad(weights.grad(i), s.grad_scale, o.maximize);
-        w[k] = weights.weight(i);
-        v[k] = ref.load<true>(i, scale);
-        math::lars_element(w[k], v[k], g, lr, r, o.momentum, o.weight_decay, o.nesterov, o.mlperf_style);
+        const float gk = math::true_grad(g[k], s.grad_scale, o.maximize);
+        math::lars_element(w[k], v[k], gk, lr, r, o.momentum, o.weight_decay, o.nesterov, o.mlperf_style);
       }
       ref.store_block<true>(b, v);
 #pragma unroll
