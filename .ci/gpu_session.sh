@@ -11,6 +11,8 @@
 #   bash .ci/gpu_session.sh oracle     # build, smoke, oracle_tests, memcheck, bench_lowbit: every cuda test
 #                                      #   with the low-precision GPU trajectories at the 200 steps,
 #                                      #   spread over pytest-xdist workers, and the int8/bf16-state benchmark
+#   bash .ci/gpu_session.sh lowbit     # build, smoke, lowbit_tests, bench_lowbit, profile_lowbit: the
+#                                      #   low-precision kernels checked, timed and profiled in one call
 #
 # from the repository root; everything goes into $OUT/session.log as it happens (else ./gpu-out), plus
 # $OUT/junit.xml and the benchmark's JSON/Markdown/PNG (the device tool brings back at most 8 files).
@@ -62,6 +64,12 @@
 #   bench_lowbit    90 s  oracle call: benchmarks/gpu_step.py --state fp32,bf16,int8, bf16 params + fp32 masters,
 #                         fastlars backends only, in $OUT/lowbit
 #   call oracle    480 s  (build 120 + smoke 30 + oracle_tests 200 + memcheck 40 + bench_lowbit 90)
+#   lowbit_tests   100 s  lowbit call: pytest -m cuda over the low-precision suites only (native CUDA and Triton
+#                         against the quantisation-aware reference, default 20 / 30 steps; ~54 s estimated)
+#   profile_lowbit  90 s  lowbit call: benchmarks/gpu_profile.py, BERT-Large then ResNet-50, bf16 params + fp32
+#                         masters, fp32 / bf16 / int8 state: host ms, step ms, kernel ms and ms per kernel
+#                         (pass 1, ratios, pass 2), in $OUT/profile (JSON written after each set)
+#   call lowbit    430 s  (build 120 + smoke 30 + lowbit_tests 100 + bench_lowbit 90 + profile_lowbit 90)
 #
 # Each stage ends PASSED, FAILED (its status) or TIMEOUT (it ran out of its limit: interrupted with SIGINT
 # so pytest still writes its summary, killed 10 s later), or SKIPPED with the reason: no GPU (nvidia-smi
@@ -80,13 +88,14 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the working tree's fastlars, also without pip install
 
 declare -A limit=([build]=120 [smoke]=30 [tests]=150 [memcheck]=40 [racecheck]=50 [bench]=90 [bench_compile]=360 [train]=60
-  [oracle_tests]=200 [bench_lowbit]=90)
+  [oracle_tests]=200 [bench_lowbit]=90 [lowbit_tests]=100 [profile_lowbit]=90)
 case ${1:-main} in
   main) stages=(build smoke tests memcheck racecheck bench) ;;
   compile) stages=(build bench_compile) ;;
   train) stages=(build train) ;;
   oracle) stages=(build smoke oracle_tests memcheck bench_lowbit) ;;
-  *) echo "usage: bash .ci/gpu_session.sh [compile|train|oracle]" >&2; exit 64 ;;
+  lowbit) stages=(build smoke lowbit_tests bench_lowbit profile_lowbit) ;;
+  *) echo "usage: bash .ci/gpu_session.sh [compile|train|oracle|lowbit]" >&2; exit 64 ;;
 esac
 budget=0
 for name in "${stages[@]}"; do budget=$((budget + limit[$name])); done
@@ -192,6 +201,14 @@ for name in "${stages[@]}"; do
         "${first_tests[@]}" "${other_tests[@]}"
       [[ -n $gpu_reason ]] || tests_summary
       ;;
+    lowbit_tests)
+      rm -f "$out/junit.xml"
+      stage lowbit_tests -- "$PY" "${pytest_interruptible[@]}" -v -m cuda -p no:cacheprovider --timeout=45 \
+        --durations=15 --junitxml="$out/junit.xml" tests/test_native_cuda_lowbit.py tests/test_triton_lowbit.py
+      [[ -n $gpu_reason ]] || tests_summary
+      ;;
+    profile_lowbit) stage profile_lowbit -- "$PY" benchmarks/gpu_profile.py --out "$out/profile" --repeats 10 \
+      --params bert_large,resnet50 --dtype bf16+master --state fp32,bf16,int8 ;;
     memcheck) stage memcheck compute-sanitizer -- compute-sanitizer --tool memcheck "${sanitize[@]}" ;;
     racecheck) stage racecheck compute-sanitizer -- compute-sanitizer --tool racecheck "${sanitize[@]}" --quick ;;
     bench) stage bench -- "$PY" benchmarks/gpu_step.py --out "$out" --budget 2 \

@@ -19,7 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / ".ci" / "gpu_session.sh"
 CALLS = {"main": ["build", "smoke", "tests", "memcheck", "racecheck", "bench"], "compile": ["build", "bench_compile"],
-         "train": ["build", "train"], "oracle": ["build", "smoke", "oracle_tests", "memcheck", "bench_lowbit"]}
+         "train": ["build", "train"], "oracle": ["build", "smoke", "oracle_tests", "memcheck", "bench_lowbit"],
+         "lowbit": ["build", "smoke", "lowbit_tests", "bench_lowbit", "profile_lowbit"]}
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the session would really run")
 
@@ -66,7 +67,7 @@ def test_dry_run_walks_and_skips_every_stage(tmp_path: Path, call: str, smi: tup
 
 def test_unknown_call_is_refused(tmp_path: Path) -> None:
     proc, _ = _dry_run(tmp_path, tmp_path, "everything")
-    assert proc.returncode == 64 and "usage: bash .ci/gpu_session.sh [compile|train|oracle]" in proc.stderr
+    assert proc.returncode == 64 and "usage: bash .ci/gpu_session.sh [compile|train|oracle|lowbit]" in proc.stderr
 
 
 # ------------------------------------------------------------- the session's scripts, without a GPU
@@ -196,3 +197,32 @@ def test_smoke_main_reports_every_case_and_keeps_its_budget(smoke, monkeypatch, 
     out = capsys.readouterr().out.splitlines()
     assert ran == [] and sum("NOT RUN" in line for line in out) == 12
     assert out[-1].startswith("smoke: 0 of 12 cases match the reference, 12 not run (budget)")
+
+
+# ------------------------------------------------------------- benchmarks/gpu_profile.py, without a GPU
+@pytest.fixture(scope="module")
+def gpu_profile():
+    return _load(ROOT / "benchmarks" / "gpu_profile.py", "gpu_profile")
+
+
+def test_profile_cases_add_each_low_precision_state_per_backend(gpu_profile) -> None:
+    """fp32 state: both launch plans, Triton and the fused peer; each listed low-precision state adds native and
+    Triton rows, whose factories build the optimizer with that state (checked on CPU params)."""
+    labels = [label for label, _, _ in gpu_profile.cases("lamb", True, ["fp32", "int8"])]
+    assert labels == ["fastlars.native lamb (onepass)", "fastlars.native lamb (wave)", "fastlars.triton lamb",
+                      "torch.AdamW(fused)", "fastlars.native lamb [int8 state]", "fastlars.triton lamb [int8 state]"]
+    low = gpu_profile.cases("lars", True, ["bf16"])
+    assert [label for label, _, _ in low] == ["fastlars.native lars [bf16 state]", "fastlars.triton lars [bf16 state]"]
+    assert all(plan is None for _, _, plan in low)
+    params = [torch.zeros(64, 64, dtype=torch.bfloat16, requires_grad=True)]
+    opt = low[0][1](params)
+    assert opt.param_groups[0]["state_dtype"] == "bf16" and opt.param_groups[0]["backend"] == "native"
+    assert opt.param_groups[0]["master_weights"] is True
+
+
+def test_profile_refuses_an_unknown_state_before_looking_for_a_gpu(gpu_profile, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_profile.main(["--state", "fp32,int4"])
+    assert exit_info.value.code == 2 and "--state: unknown int4" in capsys.readouterr().err
+    assert gpu_profile.main(["--state", "int8"]) == 2  # no GPU here
+    assert "needs a CUDA GPU" in capsys.readouterr().err
