@@ -20,7 +20,8 @@
 #   stage          limit  what
 #   build          120 s  .ci/gpu_build.sh: an extension already in fastlars/ (an earlier call's build) or
 #                         carried in .gpu-prebuilt/ (built elsewhere against the GPU image's torch) is used
-#                         when .ci/gpu_extension_check.py proves it runs on this GPU (seconds); else
+#                         when it was built from these sources (.ci/source_fingerprint.py) and
+#                         .ci/gpu_extension_check.py proves it runs on this GPU (seconds); else
 #                         pip install --no-build-isolation --no-deps -e . with MAX_JOBS=16: 15 translation
 #                         units (bindings, 8 CPU, ops.cpp, lowbit_ops.cpp, 4 .cu), all compiled at once, for
 #                         the visible GPU's arch only; measured on the 2-core CPU machine (see README, "GPU session")

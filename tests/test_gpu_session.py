@@ -8,6 +8,7 @@ import importlib.util
 import math
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -226,3 +227,68 @@ def test_profile_refuses_an_unknown_state_before_looking_for_a_gpu(gpu_profile, 
     assert exit_info.value.code == 2 and "--state: unknown int4" in capsys.readouterr().err
     assert gpu_profile.main(["--state", "int8"]) == 2  # no GPU here
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- .ci/gpu_build.sh: never a stale extension
+def _build_tree(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A tree with the build script, a setup.py and csrc/, and a stand-in python: the fingerprint script runs,
+    the extension check passes, pip "builds" fastlars/_C.built.so; every call is logged."""
+    tree = tmp_path / "tree"
+    (tree / ".ci").mkdir(parents=True)
+    for name in ("gpu_build.sh", "source_fingerprint.py"):
+        shutil.copy(ROOT / ".ci" / name, tree / ".ci" / name)
+    (tree / "setup.py").write_text("# setup\n")
+    (tree / "csrc").mkdir()
+    (tree / "csrc" / "kernel.cu").write_text("// version 1\n")
+    (tree / "fastlars").mkdir()
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/bin/sh
+echo "$*" >> {tmp_path / "calls"}
+case "$1" in
+  .ci/source_fingerprint.py) exec {sys.executable} "$@" ;;
+  .ci/gpu_extension_check.py) exit 0 ;;
+  -m) touch fastlars/_C.built.so ;;
+esac
+""")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    return tree, {**os.environ, "PYTHON": str(fake)}
+
+
+def _build(tree: Path, env: dict[str, str]) -> tuple[str, list[str]]:
+    calls = tree.parent / "calls"
+    calls.unlink(missing_ok=True)
+    proc = subprocess.run(["bash", str(tree / ".ci" / "gpu_build.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout, calls.read_text().splitlines()
+
+
+def test_build_uses_a_prebuilt_only_when_it_was_built_from_these_sources(tmp_path: Path) -> None:
+    tree, env = _build_tree(tmp_path)
+    prebuilt = tree / ".gpu-prebuilt"
+    prebuilt.mkdir()
+    (prebuilt / "_C.prebuilt.so").write_text("binary")
+    (prebuilt / "SOURCES").write_text("0" * 64 + "\n")  # built from other sources
+    out, calls = _build(tree, env)
+    assert "built from other sources" in out and any(c.startswith("-m pip") for c in calls)
+    assert sorted(p.name for p in (tree / "fastlars").glob("_C*.so")) == ["_C.built.so"]
+
+    for so in (tree / "fastlars").glob("_C*.so"):
+        so.unlink()
+    fingerprint = subprocess.run([sys.executable, str(tree / ".ci" / "source_fingerprint.py"), str(tree)],
+                                 capture_output=True, text=True, check=True).stdout
+    (prebuilt / "SOURCES").write_text(fingerprint)
+    out, calls = _build(tree, env)
+    assert "no compile" in out and not any(c.startswith("-m pip") for c in calls)
+    assert sorted(p.name for p in (tree / "fastlars").glob("_C*.so")) == ["_C.prebuilt.so"]
+
+
+def test_build_rebuilds_an_earlier_calls_extension_once_the_sources_change(tmp_path: Path) -> None:
+    tree, env = _build_tree(tmp_path)
+    _, calls = _build(tree, env)
+    assert any(c.startswith("-m pip") for c in calls)  # nothing to reuse: compiled, then stamped
+    out, calls = _build(tree, env)
+    assert "no compile" in out and not any(c.startswith("-m pip") for c in calls)
+    (tree / "csrc" / "kernel.cu").write_text("// version 2\n")
+    out, calls = _build(tree, env)
+    assert "was not built from these sources" in out and any(c.startswith("-m pip") for c in calls)
