@@ -155,7 +155,7 @@ def buckets(lists: list[list[Tensor]], scale_lists: list[list[Tensor | None]]) -
     groups: dict[tuple[int, ...], list[int]] = {}
     for i in range(n):
         entry = [lst[i] for lst in lists]
-        tables._check_layout(entry, i)
+        tables.check_layout(entry, i)
         groups.setdefault(tuple(KINDS[t.dtype] for t in entry), []).append(i)
     return [_bucket(lists, scale_lists, kinds, idx, device) for kinds, idx in groups.items()]
 

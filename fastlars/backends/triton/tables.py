@@ -53,6 +53,23 @@ _captured: set[tuple] = set()
 """Keys of tables a CUDA graph captured: their device memory must outlive the graph, so never evicted."""
 
 
+_checked_layouts: set[tuple] = set()
+"""Entry layouts (each tensor's shape, strides and device) that passed _check_layout: a step over the same
+tensors as the last one checks nothing again (the check costs ~10 µs an entry in Python, the lookup ~1)."""
+_CHECKED_LAYOUTS_LIMIT = 1 << 16
+
+
+def check_layout(entry: list[Tensor], where: int) -> None:
+    """_check_layout, skipped for an entry whose shapes, strides and devices already passed it."""
+    layout = tuple((t.shape, t.stride(), t.device) for t in entry)
+    if layout in _checked_layouts:
+        return
+    _check_layout(entry, where)
+    if len(_checked_layouts) >= _CHECKED_LAYOUTS_LIMIT:
+        _checked_layouts.clear()
+    _checked_layouts.add(layout)
+
+
 def _check_layout(entry: list[Tensor], where: int) -> None:
     """Every tensor of an entry is dense with the layout of the first, so flat index k means the same element."""
     first = entry[0]
@@ -89,7 +106,7 @@ def buckets(lists: list[list[Tensor]], chunk: int) -> list[Bucket]:
     groups: dict[tuple[tuple[torch.dtype, ...], bool], list[int]] = {}
     for i in range(n):
         entry = [lst[i] for lst in lists]
-        _check_layout(entry, i)
+        check_layout(entry, i)
         aligned = all(t.data_ptr() % ALIGNMENT == 0 for t in entry)
         groups.setdefault((tuple(t.dtype for t in entry), aligned), []).append(i)
     return [_bucket(lists, dtypes, aligned, idx, chunk, device) for (dtypes, aligned), idx in groups.items()]
