@@ -249,21 +249,16 @@ struct Weights {
 
   __device__ float grad(int64_t i) const { return to_float(g[i]); }
 
+  using Read = std::conditional_t<Master, float, T>;  // the type the weights are read from
+
   // Issues the loads of this lane's weights of block b (the masters' when kept; fp32 values via from_weight_bits).
   __device__ void fetch_weights(const QuantBlock& b, uint32_t (&bits)[kPerLane]) const {
-    if constexpr (Master) {
-      fetch_lane<uint32_t>(master + b.start, b.len, bits);
-    } else {
-      fetch_lane<RawOf<T>>(p + b.start, b.len, bits);
-    }
+    const Read* read = Master ? reinterpret_cast<const Read*>(master) : reinterpret_cast<const Read*>(p);
+    fetch_lane<RawOf<Read>>(read + b.start, b.len, bits);
   }
 
   __device__ void from_weight_bits(const uint32_t (&bits)[kPerLane], int len, float (&w)[kPerLane]) const {
-    if constexpr (Master) {
-      from_bits<float>(bits, len, w);
-    } else {
-      from_bits<T>(bits, len, w);
-    }
+    from_bits<Read>(bits, len, w);
   }
 
   // Issues the loads of this lane's raw gradients of block b (fp32 values via from_bits<T>).
