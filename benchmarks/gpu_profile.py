@@ -61,10 +61,10 @@ def _kernels_per_step(fn: Callable[[], None], steps: int = 5) -> tuple[float, fl
     return sum(per_name.values()), len(kernels) / steps, dict(sorted(per_name.items(), key=lambda kv: -kv[1]))
 
 
-Case = tuple[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer], str | None]
+ProfileCase = tuple[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer], str | None]
 
 
-def cases(algorithm: str, master: bool, states: list[str]) -> list[Case]:
+def cases(algorithm: str, master: bool, states: list[str]) -> list[ProfileCase]:
     """(label, optimizer factory, FASTLARS_CUDA_PLAN) per case: fp32 state under both plans, triton and the
     fused peer when ``states`` holds fp32, then native and triton with each low-precision state."""
     from benchmarks.cases import fastlars_optimizer, state_label
@@ -128,10 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default=".")
     args = parser.parse_args(argv)
+    from benchmarks.suite import STATES
+
     states = tuple(args.state.split(","))
-    unknown = sorted(set(states) - {"fp32", "bf16", "int8"})
+    unknown = sorted(set(states) - set(STATES))
     if unknown:
-        parser.error(f"--state: unknown {', '.join(unknown)} (fp32, bf16, int8)")
+        parser.error(f"--state: unknown {', '.join(unknown)} ({', '.join(STATES)})")
     if not torch.cuda.is_available():
         print("gpu_profile: needs a CUDA GPU; none is visible", file=sys.stderr)
         return 2
