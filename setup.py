@@ -111,7 +111,7 @@ def _extensions() -> tuple[list, dict]:
     # C++ standard (C++20)
     omp_compile, omp_link = _openmp_flags()
     cxx_flags = ["-O3", "-fno-math-errno", "-ffp-contract=off", *omp_compile]
-    sources = ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
     include_dirs = [str(ROOT / "csrc")]
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))

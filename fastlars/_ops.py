@@ -28,12 +28,18 @@ maths of fastlars.backends.reference_lowbit):
   rounding_keys, lr, ...)``: the same for LARS's momentum (mitchell4_signed); ``steps`` may be empty without
   rounding keys.
 
+Every tensor an op writes (``Tensor(a!)`` in its schema) gets its autograd version counter bumped, as
+torch's in-place ops do (csrc/autograd_versions.cpp; the Triton ops through :func:`bump_versions`), so a
+backward through a value saved before the step raises instead of reading the updated one.
+
 Both step ops take an optional last argument ``trust_ratios``: a contiguous 1-D fp32 tensor of
 len(params) elements on the params' device that receives the trust ratio applied to each tensor
 (1 when ``adapt`` is false), written only when the update is (not when ``found_inf`` is non-zero).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -106,3 +112,20 @@ def _lamb_lowbit_step_fake(*args: object) -> None:
 @torch.library.register_fake(f"{NAMESPACE}::lars_lowbit_step_")
 def _lars_lowbit_step_fake(*args: object) -> None:
     return None
+
+
+def written_arguments(signature: str) -> tuple[tuple[int, str], ...]:
+    """(position, name) of each argument that ``signature`` (a schema without its op name) marks as written:
+    ``Tensor(a!)``, ``Tensor(a!)?`` and ``Tensor(a!)[]``."""
+    schema = torch._C.parse_schema("op" + signature)
+    return tuple((i, arg.name) for i, arg in enumerate(schema.arguments)
+                 if arg.alias_info is not None and arg.alias_info.is_write)
+
+
+def bump_versions(*written: Tensor | Sequence[Tensor | None] | None) -> None:
+    """Version counter + 1 of each given tensor, or of each tensor of each given list (None skipped),
+    that a kernel wrote through its data pointer: what torch's in-place ops tell autograd
+    (``torch.autograd.graph.increment_version``; inference tensors have no counter and are left alone)."""
+    tensors = [t for w in written if w is not None for t in ((w,) if isinstance(w, Tensor) else w) if t is not None]
+    if tensors:
+        torch.autograd.graph.increment_version(tensors)

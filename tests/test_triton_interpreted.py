@@ -10,7 +10,7 @@ with and without fp32 master weights; fp32 and bf16 params mixed in one group (t
 unaligned views (a bucket of their own); a tensor lr read in the kernels; non-finite gradients
 skipping the whole step; grad_scale unscaling and found_inf skipping in the kernels;
 deterministic norms; channels_last params; clear errors; torch.library.opcheck of the three ops; the
-ops inside a torch.compile(fullgraph=True) graph.
+ops inside a torch.compile(fullgraph=True) graph; every write bumps autograd's version counters.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from harness import (
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("runs in its own process with TRITON_INTERPRET=1 (test_triton_backend.py::test_interpreted_suite)",
                 allow_module_level=True)
+
+import test_autograd_versions as av
 
 from fastlars.backends.triton import ops as triton_ops
 from fastlars.backends.triton import tables
@@ -347,3 +349,17 @@ def test_compiled_step_fullgraph(cls, base_lr) -> None:
         step()
         eager_opt.step()
     assert_same_trajectory((eager, eager_opt), (params, opt), torch.float32)
+
+
+@pytest.mark.parametrize("cls,kw,dtype", av.CONFIGS)
+def test_every_step_bumps_what_it_writes(cls, kw, dtype) -> None:
+    """The kernels' writes (fp32 and low-precision state) reach autograd's version counters, as torch's
+    in-place ops' do (tests/test_autograd_versions.py runs the other backends)."""
+    av.steps_bump_every_written_tensor(cls, kw, dtype, "cpu", "triton", True)
+
+
+@pytest.mark.parametrize("cls,kw", [(fastlars.LARS, {"lr": 0.1}),
+                                    (fastlars.LAMB, {"lr": 0.01, "state_dtype": "int8", "min_quantized_size": 0})],
+                         ids=["lars", "lamb-int8"])
+def test_backward_through_weights_a_step_overwrote_raises(cls, kw) -> None:
+    av.backward_after_a_step_raises(cls, kw, "cpu", "triton", True)

@@ -20,6 +20,7 @@
 #include <ATen/record_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include "../autograd_versions.h"
 #include "../common/quant_math.h"
 #include "lars_step.h"
 
@@ -552,6 +553,7 @@ class HostPlan {
     }
     for (Group& g : groups_) {
       for (at::Tensor& step : g.steps) *step.data_ptr<float>() += 1.0f;
+      bump_versions(g.steps);
     }
     std::optional<at::Tensor> global_norm;
     if (clipping) global_norm = at::stack(norm_sums).sum().sqrt();
@@ -565,25 +567,39 @@ class HostPlan {
     return true;
   }
 
+  // The group's update op, then the version counters of every tensor it wrote (autograd_versions.h: the
+  // ops' ADInplaceOrView kernel is skipped here, as it would box every list argument of the call).
   void update(Group& g, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& global_norm) const {
-    static const auto lamb_op = op_handle<LambOp>("fastlars::lamb_step_");
     const Options& o = g.options;
     const std::optional<at::ArrayRef<double>> bounds =
         o.has_bounds ? std::optional<at::ArrayRef<double>>(at::ArrayRef<double>(o.bounds.data(), 2)) : std::nullopt;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_versions;
+      if (g.low_precision) {
+        update_lowbit(g, grad_scale, global_norm, bounds);
+      } else if (!lamb_) {
+        update_lars(g, grad_scale, bounds);
+      } else {
+        update_lamb(g, grad_scale, global_norm, bounds);
+      }
+    }
+    bump_versions(g.params);
+    bump_versions(g.masters);
+    for (const std::vector<at::Tensor>& buffer : g.buffers) bump_versions(buffer);
+    for (const std::vector<at::Tensor>& scales : g.scales) bump_versions(scales);
+    if (!g.low_precision && !lamb_ && reuse_weight_norms_) remember_weights(g);
+  }
+
+  void update_lamb(const Group& g, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& global_norm,
+                   const std::optional<at::ArrayRef<double>>& bounds) const {
+    static const auto lamb_op = op_handle<LambOp>("fastlars::lamb_step_");
+    const Options& o = g.options;
     const std::optional<at::Tensor> none;
-    if (g.low_precision) {
-      update_lowbit(g, grad_scale, global_norm, bounds);
-      return;
-    }
-    if (!lamb_) {
-      update_lars(g, grad_scale, bounds);
-      return;
-    }
-    const std::optional<at::Tensor> clip = clip_coefficient(o, global_norm);
     lamb_op.call(g.params, g.grads, g.buffers[0], g.buffers[1], g.masters, g.steps, o.lr, o.lr_tensor, o.beta1,
                  o.beta2, o.eps, o.weight_decay, o.bias_correction, o.grad_averaging, o.decoupled_decay,
-                 o.trust_clip, o.adapt, bounds, o.maximize, clip, grad_scale, none, none);
+                 o.trust_clip, o.adapt, bounds, o.maximize, clip_coefficient(o, global_norm), grad_scale, none, none);
   }
 
   // lars_step_ with each weight's ||w|| carried from the plan's last update while it is unchanged
@@ -604,7 +620,12 @@ class HostPlan {
                              o.weight_decay, o.trust_coefficient, o.eps, o.nesterov, o.trust_clip, o.mlperf, o.adapt,
                              bounds, o.maximize, grad_scale, none, none, &known,
                              reuse_weight_norms_ ? &g.w_norms : nullptr);
-    if (!reuse_weight_norms_) return;
+  }
+
+  // After a LARS update carrying ||w'||: each weight's storage and version counter now (after the step's
+  // own bump), which the next step's weights must still have for its norm to be reused.
+  static void remember_weights(Group& g) {
+    const size_t n = g.params.size();
     g.w_storage.resize(n);
     g.w_versions.resize(n);
     for (size_t i = 0; i < n; ++i) {

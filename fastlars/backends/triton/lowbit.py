@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastlars import _ops
 from fastlars.backends import quantization as q
 from fastlars.backends import triton as triton_backend
 from fastlars.backends._common import LambHyper, LarsHyper, Scalar
@@ -362,6 +363,7 @@ def lamb_step(
             SQRT=False, HAS_SCALE=False, BLOCK=ops.REDUCE_BLOCK, enable_fp_fusion=False,
         )
         kernels.lamb_lowbit_kernel[(b.n_chunks,)](*args, flag, 0, *scalars, PASS=2, **options)
+    _ops.bump_versions(params, master_params, m_values, m_scales, v_values, v_scales)
     if h.adapt:
         norms = torch.sqrt(sums)
         ratios = lamb_trust_ratio(norms[:n], norms[n:], h)
@@ -433,6 +435,7 @@ def lars_step(
             BOUNDS=h.trust_ratio_bounds is not None, MAXIMIZE=bool(h.maximize), LR_TENSOR=lr_is_tensor,
             HAS_SCALE=has_scale, QB=QB, BLOCK=BLOCK, num_warps=WARPS, enable_fp_fusion=False,
         )
+    _ops.bump_versions(params, master_params, values, scales)
     rate = lr_t.reshape(()) if lr_is_tensor else lr_value
     ratios = lars_trust_ratio(torch.sqrt(wsq), gnorm, rate, h) if h.adapt else torch.ones(n, device=device)
     _record(trust_ratios, ratios, flag)

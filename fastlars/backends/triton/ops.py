@@ -271,6 +271,20 @@ def _on_tensor_device(impl: Callable) -> Callable:
     return run
 
 
+def _bumping_written(impl: Callable, signature: str) -> Callable:
+    """``impl``, then the version counters of the arguments its schema writes (fastlars._ops.bump_versions:
+    the kernels write through data pointers, which autograd does not see)."""
+    written = _ops.written_arguments(signature)
+
+    @functools.wraps(impl)
+    def run(*args: object, **kwargs: object) -> object:
+        out = impl(*args, **kwargs)
+        _ops.bump_versions(*(args[i] if i < len(args) else kwargs.get(name) for i, name in written))
+        return out
+
+    return run
+
+
 # ---------------------------------------------------------------------------------- op contract
 _library = torch.library.Library(_ops.NAMESPACE, "FRAGMENT")
 _IMPLS = {"grad_norms": grad_norms_impl, "lars_step_": lars_step_impl, "lamb_step_": lamb_step_impl}
@@ -279,7 +293,7 @@ for _name, _signature in _ops.SCHEMAS.items():
     if not hasattr(getattr(torch.ops, _ops.NAMESPACE), _op_name):
         _library.define(_op_name + _signature)
         for _key in ("CPU", "CUDA"):
-            _library.impl(_op_name, _on_tensor_device(_IMPLS[_name]), _key)
+            _library.impl(_op_name, _on_tensor_device(_bumping_written(_IMPLS[_name], _signature)), _key)
 
 
 @torch.library.register_fake(f"{_ops.NAMESPACE}::{PREFIX}grad_norms")
