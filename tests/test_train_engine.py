@@ -1,6 +1,6 @@
 """The trainer end to end on CPU: the bundled-data run, DDP / ZeRO / FSDP2 with gloo equal to one
-process, SIGKILL then --resume equal to an uninterrupted run (fp32 and int8 LAMB state), and clear
-errors for bad inputs."""
+process, SIGKILL then --resume equal to an uninterrupted run (fp32 and int8 LAMB state; one process, and
+two under ZeRO and FSDP2, whose ranks each write a shard), and clear errors for bad inputs."""
 
 from __future__ import annotations
 
@@ -159,18 +159,59 @@ def test_fsdp2_frees_what_holds_the_process_group_before_destroying_it(env: dict
         f"rank {r}: 0 FSDP parameter groups alive after train()" for r in (0, 1)]
 
 
-@pytest.mark.parametrize("state", ["fp32", "int8"])
-def test_sigkill_then_resume_equals_uninterrupted(env: dict[str, str], tmp_path: Path, state: str) -> None:
+def _descendants(pid: int) -> list[int]:
+    """Ids of the processes below ``pid`` (read from /proc): torchrun starts its workers in sessions of their
+    own, so killing its process group leaves them running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _gone(pids: list[int], timeout: float = 10.0) -> bool:
+    """Whether every process of ``pids`` has exited (or is a zombie) within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not [pid for pid in pids if _running(pid)]:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("shard,state", [("none", "fp32"), ("none", "int8"), ("zero", "int8"), ("fsdp2", "fp32")])
+def test_sigkill_then_resume_equals_uninterrupted(env: dict[str, str], tmp_path: Path, shard: str,
+                                                  state: str) -> None:
     """LAMB killed mid-run and resumed with --resume ends bit-identical to the uninterrupted run, with fp32
     state and with int8 state on every adapting weight (--optim-state-min-size 0: the codes, block scales
-    and format records go through checkpoint.pt)."""
-    args = [*SMALL_RUN, "--device-batch", "16", "--max-steps", "16", "--checkpoint-every", "2"]
+    and format records go through checkpoint.pt); under ZeRO and FSDP2 with two processes killed together
+    (FSDP2: each rank's slices of the params and optimizer state in its shard file)."""
+    nproc = 1 if shard == "none" else 2
+    args = [*SMALL_RUN, "--device-batch", "16", "--max-steps", "16", "--checkpoint-every", "2", "--shard", shard]
     if state != "fp32":
         args += ["--optim-state", state, "--optim-state-min-size", "0"]
-    whole = run_train([*args, "--out", str(tmp_path / "whole")], env)
+    whole = run_train([*args, "--out", str(tmp_path / "whole")], env, nproc=nproc)
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "train", *args, "--out", str(out)], cwd=ROOT, env=env,
+    launcher = [sys.executable, "-m", "train"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+        str(29500 + os.getpid() % 1000), "-m", "train"]
+    proc = subprocess.Popen([*launcher, *args, "--out", str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -184,15 +225,20 @@ def test_sigkill_then_resume_equals_uninterrupted(env: dict[str, str], tmp_path:
                 break
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-    proc.send_signal(signal.SIGKILL)
+    workers = _descendants(proc.pid)
+    for pid in [*workers, proc.pid]:
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
+    assert _gone(workers), "a worker outlived the kill and would go on writing the checkpoint"
     killed_at = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["progress"]["t"]
     assert 6 <= killed_at < 16
     if state == "int8":
         saved = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["optimizer"]["state"]
         assert sum(any(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in entry.values())
                    for entry in saved.values()) == 3  # the three adapting weights of the small CNN
-    resumed = run_train([*args, "--out", str(out), "--resume"], env)
+    if shard == "fsdp2":
+        assert [f.name for f in sorted((out / "checkpoint.shards").glob("*/*"))] == ["rank0.pt", "rank1.pt"]
+    resumed = run_train([*args, "--out", str(out), "--resume"], env, nproc=nproc)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(final_weights(tmp_path / "whole"), final_weights(out), atol=0)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -108,6 +108,27 @@ def test_checkpoint_is_atomic_and_checked(tmp_path) -> None:
         checkpoint.load(tmp_path / "missing.pt")
 
 
+def test_shard_files_local_state_and_cleanup(tmp_path) -> None:
+    """The FSDP2 shard helpers on plain tensors (the two-process resume test runs them on DTensors): a model's
+    slices round-trip, a slice of another shape or a missing entry is refused naming it, older shard folders
+    go and the current one stays."""
+    model, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    checkpoint.load_local_model_state(other, checkpoint.local_model_state(model))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    with pytest.raises(ValueError, match=r"weight: this rank's slice is \(2, 3\), the shard holds \(4, 3\)"):
+        checkpoint.load_local_model_state(other, {"weight": torch.zeros(4, 3), "bias": torch.zeros(2)})
+    with pytest.raises(ValueError, match="'bias'"):
+        checkpoint.load_local_model_state(other, {"weight": torch.zeros(2, 3)})
+    state = {"state": {0: {"step": torch.tensor(2.0)}}, "param_groups": []}
+    assert checkpoint.local_optimizer_state(state)["sharded_entries"] == []
+    for update in (2, 4, 6):
+        for rank in (0, 1):
+            checkpoint.save_atomic({"t": update}, checkpoint.shard_path(tmp_path, update, rank))
+    checkpoint.remove_shards_before(tmp_path, 6)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.pt")) == [
+        "checkpoint.shards/update000000006/rank0.pt", "checkpoint.shards/update000000006/rank1.pt"]
+
+
 def test_rng_states_round_trip() -> None:
     states = checkpoint.rng_states()
     first = torch.rand(3)

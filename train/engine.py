@@ -110,9 +110,6 @@ class _Run:
         self.cfg, self.topo, self.device = cfg, topo, topo.device
         if cfg.shard != "none" and not topo.distributed:
             raise ValueError(f"--shard {cfg.shard} needs several processes (launch with torchrun)")
-        if cfg.shard == "fsdp2" and (cfg.resume or cfg.checkpoint_every):
-            raise ValueError("--shard fsdp2: checkpoints of sharded parameters are not written yet; "
-                             "drop --resume/--checkpoint-every or use --shard none|zero")
         device_batch = cfg.device_batch or cfg.global_batch // topo.world_size
         self.accumulation = accumulation_steps(cfg.global_batch, device_batch, topo.world_size)
         self.device_batch = device_batch
@@ -194,18 +191,31 @@ class _Run:
         return self.optimizer.state_dict()
 
     def save_checkpoint(self) -> None:
-        optimizer_state = self._optimizer_state()
+        """checkpoint.pt (rank 0). Under FSDP2 every rank first writes its shard (its slices of the params
+        and optimizer state, its buffers and RNG states) and checkpoint.pt then names that update's shards."""
+        sharded = self.cfg.shard == "fsdp2"
+        if sharded:
+            checkpoint.save_atomic({
+                "model": checkpoint.local_model_state(self.raw_model),
+                "optimizer": checkpoint.local_optimizer_state(self.optimizer.state_dict()),
+                "rng": checkpoint.rng_states(),
+            }, checkpoint.shard_path(self.out, self.progress.t, self.topo.rank))
+            dist.barrier()
+        optimizer_state = None if sharded else self._optimizer_state()
         if not self.topo.is_main:
             return
         checkpoint.save_atomic({
             "config": self.cfg.as_dict(),
             "progress": vars(self.progress),
-            "model": self.raw_model.state_dict(),
+            "model": None if sharded else self.raw_model.state_dict(),
             "optimizer": optimizer_state,
+            "shards": {"update": self.progress.t, "world_size": self.topo.world_size} if sharded else None,
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "noise": None if self.noise is None else self.noise.state_dict(),
             "rng": checkpoint.rng_states(),
         }, self.checkpoint_path)
+        if sharded:
+            checkpoint.remove_shards_before(self.out, self.progress.t)
 
     def maybe_resume(self) -> None:
         if not self.cfg.resume:
@@ -221,19 +231,35 @@ class _Run:
         if differing:
             raise ValueError(f"--resume: {self.checkpoint_path} was written by a run with different "
                              f"{', '.join(differing)}; resume with the same settings or a new --out")
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        rng = state["rng"]
+        if self.cfg.shard == "fsdp2":
+            rng = self._load_shard(state["shards"])
+        else:
+            self.raw_model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
         if self.noise is not None and state["noise"] is not None:
             self.noise.load_state_dict(state["noise"])
-        checkpoint.restore_rng_states(state["rng"])
+        checkpoint.restore_rng_states(rng)
         self.progress = _Progress(**state["progress"])
         if self.progress.t % self.updates_per_epoch and not self.train_data.resumes_mid_epoch:
             raise ValueError(f"--resume: the {self.cfg.loader} loader resumes only at epoch boundaries, and "
                              f"{self.checkpoint_path} is at update {self.progress.t} inside an epoch")
         self.metrics_log.rewrite(self.progress.history)
         self._log(f"resumed from {self.checkpoint_path} at update {self.progress.t} of {self.total}")
+
+    def _load_shard(self, shards: dict[str, int]) -> dict[str, Any]:
+        """This rank's slices of the params and optimizer state from the shard checkpoint.pt names; returns
+        the rank's RNG states."""
+        if shards["world_size"] != self.topo.world_size:
+            raise ValueError(f"--resume: {self.checkpoint_path} was written by {shards['world_size']} FSDP2 "
+                             f"processes, this run has {self.topo.world_size}; resume with as many")
+        shard = checkpoint.load(checkpoint.shard_path(self.out, shards["update"], self.topo.rank))
+        checkpoint.load_local_model_state(self.raw_model, shard["model"])
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.optimizer.load_state_dict(checkpoint.sharded_optimizer_state(shard["optimizer"], params))
+        return shard["rng"]
 
     # ------------------------------------------------------------------------------------ steps
     def _micro_step(self, images: Tensor, labels: Tensor, sync: bool) -> Tensor:
