@@ -197,3 +197,45 @@ def test_steps_are_counted_per_parameter_and_params_without_grad_are_left_alone(
     opt.step()
     opt.step()
     assert float(opt.state[params[0]]["step"]) == 2 and params[1] not in opt.state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("cls,kw", [*ALGOS, (fastlars.LAMB, {"lr": 0.01, "state_dtype": "int8",
+                                                             "min_quantized_size": 16})],
+                         ids=["lars", "lamb", "lamb-int8"])
+def test_a_copied_optimizer_steps_as_the_original(backend, how, cls, kw) -> None:
+    """copy.deepcopy / pickle of a stepped optimizer (as torch.optim supports): the copy owns copies of the
+    params and state and, fed the same gradients, follows the original bit for bit without touching it;
+    skipped-step count, per-parameter state formats, recorded ratios and host-path switches come along,
+    defaults are unchanged, hooks and the ZeRO stats group do not (torch's rule; a process group cannot be
+    copied)."""
+    import pickle
+
+    if backend == "foreach" and "state_dtype" in kw:
+        pytest.skip("the foreach backend steps fp32 state only")
+    params = make_params(SHAPES, torch.float32)
+    opt = cls(params, backend=backend, **kw)
+    opt.set_state_dtype(params[4], "fp32")
+    opt.record_trust_ratios()
+    opt.host_plan_enabled = False
+    opt.register_step_pre_hook(lambda *_: None)
+    for t in range(1, 4):
+        for p, g in zip(params, synthetic_grads(params, t, scale=float("inf") if t == 2 else 1.0)):
+            p.grad = g
+        opt.step()
+    copied = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    twins = copied.param_groups[0]["params"]
+    assert not any(a is b for a, b in zip(params, twins))
+    assert copied.defaults == opt.defaults and copied.skipped_steps == opt.skipped_steps == 1
+    assert copied.state_dtype_of(twins[4]) == "fp32" and copied.host_plan_enabled is False
+    assert copied.trust_ratios is not None and not copied._optimizer_step_pre_hooks
+    for t in range(4, 9):
+        for p, q, g in zip(params, twins, synthetic_grads(params, t)):
+            p.grad, q.grad = g, g.clone()
+        opt.step()
+        copied.step()
+    assert all(torch.equal(p.detach(), q.detach()) for p, q in zip(params, twins))
+    for a, b in zip(opt.state_dict()["state"].values(), copied.state_dict()["state"].values()):
+        for key in a:
+            assert a[key] == b[key] if isinstance(a[key], dict) else torch.equal(a[key], b[key]), key

@@ -115,6 +115,36 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         # on the optimizer inside a compiled step, and a CUDA graph wants it allocated before capture.
         self._skipped = torch.zeros((), device=self._home_device())
 
+    # ------------------------------------------------------------------ copy and pickle
+    _COPIED_ATTRIBUTES = ("_skipped", "_state_dtype_overrides", "_trust_ratios", "_reuse_weight_norms",
+                          "host_plan_enabled")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` keep: torch's defaults, state and param_groups, and this
+        optimizer's own settings (skipped-step count, per-parameter state formats, recorded trust ratios,
+        host-path switches). Hooks are not kept (torch's rule); the host plan and backend choices are rebuilt
+        at the copy's first step; ``stats_group`` (a process group, which cannot be copied) is None in the
+        copy: set it again on a ZeRO copy."""
+        state = super().__getstate__()
+        state.update({name: self.__dict__[name] for name in self._COPIED_ATTRIBUTES if name in self.__dict__})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "defaults" not in state:  # torch's load_state_dict sets state and param_groups through here
+            super().__setstate__(state)
+            return
+        differentiable = "differentiable" in state["defaults"]
+        super().__setstate__(state)
+        if not differentiable:  # torch's __setstate__ adds the option, which these optimizers do not take
+            self.defaults.pop("differentiable")
+        self._host_plan = None
+        self._resolved = {}
+        self._param_positions = None
+        self.stats_group = None
+        self.__dict__.setdefault("_trust_ratios", None)
+        if "_skipped" not in self.__dict__:
+            self._skipped = torch.zeros((), device=self._home_device())
+
     # ----------------------------------------------------------------- options and groups
     def _check_options(self, group: Mapping[str, Any]) -> None:
         """Validate one group's options; subclasses add their own after calling this."""
