@@ -182,3 +182,45 @@ def test_state_dict_with_wrong_shape_names_the_tensor(cls, base) -> None:
     where = rf"state\['{key}'\] of param_groups\[0\]\['params'\]\[0\] .* has shape \(7,\)"
     with pytest.raises(ValueError, match=where):
         opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("backend", [b for b in fastlars.available_backends("cpu") if b != "triton"])
+@pytest.mark.parametrize("cls,base", OPTIMIZERS)
+def test_named_parameters_as_torch_takes_them(cls, base, backend) -> None:
+    """``cls(model.named_parameters())`` as torch.optim (and timm) take it: the names go to each group's
+    param_names and into the state_dict, errors name the parameter, and the steps are those of the same
+    optimizer over the bare parameters."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.LayerNorm(4))
+    bare = copy.deepcopy(model)
+    named = cls(model.named_parameters(), backend=backend, **base)
+    plain = cls(bare.parameters(), backend=backend, **base)
+    assert named.param_groups[0]["param_names"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert "param_names" not in plain.param_groups[0]
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        for p, q, g in zip(model.parameters(), bare.parameters(), grads):
+            p.grad, q.grad = g, g.clone()
+        named.step()
+        plain.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), bare.parameters()))
+    saved = named.state_dict()
+    assert saved["param_groups"][0]["param_names"][0] == "0.weight"
+    again = cls(copy.deepcopy(model).named_parameters(), backend=backend, **base)
+    again.load_state_dict(saved)
+    model[0].weight.grad = torch.randn(4, 5).to_sparse()
+    with pytest.raises(RuntimeError, match=r"\['params'\]\[0\] '0.weight' \(shape \(4, 5\).*sparse gradients"):
+        named.step()
+
+
+def test_named_parameters_all_or_none_and_as_pairs() -> None:
+    w, b = _param(3), _param(2)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]: give every parameter with its name or "
+                                         r"none \(item 1 has no name\)"):
+        fastlars.LAMB([("w", w), b])
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\]: expected a \(name, Tensor\) pair"):
+        fastlars.LAMB([(1, w)])
+    opt = fastlars.LAMB([("w", w)])
+    with pytest.raises(ValueError, match="with/without names"):
+        opt.add_param_group({"params": [b]})
+    assert len(opt.param_groups) == 1

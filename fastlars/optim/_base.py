@@ -156,12 +156,15 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
             raise TypeError(f"param_group: expected a dict, got {type(param_group).__name__}")
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
+        index = len(self.param_groups)
+        names, params = check.split_param_names(index, params)
+        if names is not None:
+            param_group = {**param_group, "param_names": names}
         merged = {**self.defaults, **param_group, "params": params}
-        unknown = set(merged) - set(self.defaults) - {"params"}
+        unknown = set(merged) - set(self.defaults) - {"params", "param_names"}
         if unknown:
             raise ValueError(f"param_group: unknown option(s) {sorted(unknown)}")
         self._check_options(merged)
-        index = len(self.param_groups)
         check.check_group_params(index, params, merged["capturable"], merged["lr"])
         check.check_rounding_params(index, params, merged["stochastic_rounding"])
         low_precision = self._is_low_precision(merged)
@@ -304,7 +307,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
                     continue
                 if (grad.layout != torch.strided or grad.dtype != p.dtype or grad.shape != p.shape
                         or grad.device != p.device or grad.is_complex()):
-                    check.check_grad(gi, pi, p, grad)  # the full check, raising with the parameter's name
+                    check.check_grad(gi, pi, p, grad, check.param_name(group, pi))  # raises naming it
                 item.params.append(p)
                 item.grads.append(grad)
             if item.params:
@@ -553,7 +556,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
             if pid not in positions:
                 raise ValueError(f"state_dict: state for parameter id {pid!r}, which no param group lists")
             gi, pi, p, saved_group = positions[pid]
-            name = check.describe(gi, pi, p)
+            name = check.describe(gi, pi, p, check.param_name(self.param_groups[gi], pi))
             if not isinstance(entry, Mapping):
                 raise ValueError(f"state_dict: state of {name} is not a dict")
             try:

@@ -123,10 +123,34 @@ def check_count(name: str, value: Any) -> None:
         raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
 
 
-def describe(group_index: int, param_index: int, tensor: Tensor) -> str:
-    """How errors name a parameter: its position in param_groups plus shape and dtype."""
+def describe(group_index: int, param_index: int, tensor: Tensor, name: str | None = None) -> str:
+    """How errors name a parameter: its position in param_groups, its name where the optimizer was given
+    named parameters, and its shape and dtype."""
     shape = tuple(tensor.shape)
-    return f"param_groups[{group_index}]['params'][{param_index}] (shape {shape}, {tensor.dtype})"
+    called = "" if name is None else f" {name!r}"
+    return f"param_groups[{group_index}]['params'][{param_index}]{called} (shape {shape}, {tensor.dtype})"
+
+
+def param_name(group: Mapping[str, Any], param_index: int) -> str | None:
+    """The name of a group's parameter when the group has ``param_names``, else None."""
+    names = group.get("param_names")
+    return None if names is None else names[param_index]
+
+
+def split_param_names(group_index: int, params: list[Any]) -> tuple[list[str] | None, list[Any]]:
+    """(names, params) of a group given as ``(name, tensor)`` pairs (``model.named_parameters()``, as torch's
+    optimizers take them: the names go to the group's ``param_names``), or (None, params) without names."""
+    named = [isinstance(p, tuple) for p in params]
+    if not any(named):
+        return None, params
+    if not all(named):
+        raise ValueError(f"param_groups[{group_index}]['params']: give every parameter with its name or none "
+                         f"(item {named.index(False)} has no name)")
+    for i, pair in enumerate(params):
+        if len(pair) != 2 or not isinstance(pair[0], str):
+            raise TypeError(f"param_groups[{group_index}]['params'][{i}]: expected a (name, Tensor) pair, got "
+                            f"{tuple(type(x).__name__ for x in pair)}")
+    return [name for name, _ in params], [p for _, p in params]
 
 
 def check_group_params(group_index: int, params: list[Any], capturable: bool, lr: Any) -> None:
@@ -162,7 +186,7 @@ def check_rounding_params(group_index: int, params: list[Tensor], stochastic_rou
                              "parameters in a group with stochastic_rounding=False (or master_weights=True)")
 
 
-def check_grad(group_index: int, param_index: int, param: Tensor, grad: Tensor) -> None:
+def check_grad(group_index: int, param_index: int, param: Tensor, grad: Tensor, name: str | None = None) -> None:
     """A gradient the kernels can use: dense, real, same dtype, device and shape as its parameter."""
     problem = None
     if grad.is_sparse:
@@ -176,4 +200,4 @@ def check_grad(group_index: int, param_index: int, param: Tensor, grad: Tensor) 
     elif grad.shape != param.shape:
         problem = f"gradient shape {tuple(grad.shape)} differs from the parameter's"
     if problem is not None:
-        raise RuntimeError(f"{describe(group_index, param_index, param)}: {problem}")
+        raise RuntimeError(f"{describe(group_index, param_index, param, name)}: {problem}")
