@@ -172,4 +172,11 @@ FASTLARS_HD uint16_t stochastic_round_bf16(float x, uint32_t r) {
 // The fp32 value of a bf16 bit pattern (exact).
 FASTLARS_HD float bf16_to_float(uint16_t b) { return float_of(static_cast<uint32_t>(b) << 16); }
 
+// fp32 → bf16 bits rounded to nearest even, NaN to 0x7FC0: torch's conversion (c10::BFloat16(float),
+// Tensor.to(torch.bfloat16) on the CPU), in integer operations that vectorise.
+FASTLARS_HD uint16_t round_bf16(float x) {
+  const uint32_t u = bits_of(x);
+  return x != x ? static_cast<uint16_t>(0x7FC0u) : static_cast<uint16_t>((u + ((u >> 16) & 1u) + 0x7FFFu) >> 16);
+}
+
 }  // namespace fastlars::quant

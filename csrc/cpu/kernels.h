@@ -82,6 +82,15 @@ struct ElementKernels {
   // lars_update, returning Σw² of the new weights summed exactly as sum_of_squares sums them (the same
   // lanes and order, so the same bits): the next step's ||w|| without reading w again.
   float (*lars_update_norm)(float* w, float* v, const float* g, int64_t n, const LarsArgs& a);
+  // bf16 state (m16, v16: bf16 bit patterns of a chunk) fused per element, the same bits as widening into
+  // fp32, the fp32 loop and rounding back (torch's round to nearest even) one loop after the other. LAMB
+  // pass 1: m, v updated and stored, u of the stored moments (into u_out unless null), sums as
+  // lamb_direction_sums; LAMB pass 2 recomputing u from the stored moments; LARS's update.
+  void (*lamb_bf16_pass1)(const float* w, const float* g, uint16_t* m16, uint16_t* v16, float* u_out, int64_t n,
+                          const LambArgs& a, float* sums);
+  void (*lamb_bf16_apply)(float* w, const uint16_t* m16, const uint16_t* v16, int64_t n, const LambArgs& a,
+                          float step);
+  void (*lars_bf16_update)(float* w, uint16_t* v16, const float* g, int64_t n, const LarsArgs& a);
 };
 
 namespace isa_baseline {

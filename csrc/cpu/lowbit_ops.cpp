@@ -16,6 +16,8 @@
 //          written to the master and the param, or to a bf16 param by stochastic rounding.
 // lars_lowbit_step_: pass 1 ||w|| (and ||g|| when grad_norms is empty); pass 2 the momentum decoded,
 //   updated in fp32, stored quantised, and w moved by the fp32 momentum.
+// int8 and bf16 state take fused loops (kernels.h: per block / per element, the same bits as the unfused
+// load_state → fp32 loop → store_state sequence that other mixes, e.g. one moment in fp32, take).
 // found_inf != 0 returns after the checks, before anything is written.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -158,6 +160,10 @@ void for_each_row_piece(const LowbitTensors& ts, const Chunk& c, const F& f) {
   }
 }
 
+// A buffer stored as bf16 (state_dtype="bf16"), which the fused bf16 loops take, and its chunk's bit patterns.
+bool bf16_state(const StateSlot& s) { return !s.quantized() && s.full.type == at::kBFloat16; }
+uint16_t* bf16_bits(const StateSlot& s, const Chunk& c) { return static_cast<uint16_t*>(s.full.base) + c.begin; }
+
 // The fp32 values of a buffer's chunk: decoded codes or widened values in `scratch`, fp32 storage itself.
 float* load_state(const LowbitTensors& ts, const StateSlot& s, bool is_signed, const Chunk& c, float* scratch) {
   if (!s.quantized()) return load(s.full, c.begin, c.size, scratch);
@@ -286,6 +292,10 @@ void lamb_lowbit_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
         lamb_int8_pass1(kernels, ts, c, m_slot, v_slot, w, g, u, args[c.tensor], sums);
         return;
       }
+      if (bf16_state(m_slot) && bf16_state(v_slot)) {
+        kernels.lamb_bf16_pass1(w, g, bf16_bits(m_slot, c), bf16_bits(v_slot, c), u, c.size, args[c.tensor], sums);
+        return;
+      }
       float* m = load_state(ts, m_slot, true, c, scratch + 2 * kChunk);
       float* v = load_state(ts, v_slot, false, c, scratch + 3 * kChunk);
       kernels.lamb_moments_only(m, v, g, c.size, args[c.tensor]);
@@ -314,13 +324,15 @@ void lamb_lowbit_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
           kernels.lamb_int8_apply(w + off, m_slot.codes + c.begin + off, m_slot.scales + block,
                                   v_slot.codes + c.begin + off, v_slot.scales + block, len, args[c.tensor], step);
         });
+      } else if (bf16_state(m_slot) && bf16_state(v_slot)) {
+        kernels.lamb_bf16_apply(w, bf16_bits(m_slot, c), bf16_bits(v_slot, c), c.size, args[c.tensor], step);
       } else {
         const float* m = load_state(ts, m_slots[c.tensor], true, c, scratch + kChunk);
         const float* v = load_state(ts, v_slots[c.tensor], false, c, scratch + 2 * kChunk);
         kernels.lamb_apply_recomputed(w, m, v, c.size, args[c.tensor], step);
       }
       store_weights(ts, c, w, keys[c.tensor]);
-    });
+    }, Order::back);  // from pass 1's end, still cached
   }
 }
 
@@ -364,13 +376,15 @@ void lars_lowbit_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
           kernels.lars_int8_update(w + off, slot.codes + c.begin + off, slot.scales + block, g + off, len,
                                    tensor_args);
         });
+      } else if (bf16_state(slot)) {
+        kernels.lars_bf16_update(w, bf16_bits(slot, c), g, c.size, tensor_args);
       } else {
         float* v = load_state(ts, slot, true, c, scratch + kChunk);
         kernels.lars_update(w, v, g, c.size, tensor_args);
         store_state(ts, slot, true, c, v);
       }
       store_weights(ts, c, w, keys[c.tensor]);
-    });
+    }, Order::back);  // after the norm pass over the same chunks
   };
   if (!adapt) {
     update(chunks.data(), static_cast<int64_t>(chunks.size()));
