@@ -220,6 +220,8 @@ def test_named_parameters_all_or_none_and_as_pairs() -> None:
         fastlars.LAMB([("w", w), b])
     with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\]: expected a \(name, Tensor\) pair"):
         fastlars.LAMB([(1, w)])
+    with pytest.raises(ValueError, match=r"\['params'\]\[1\] 'z' \(shape \(2,\), torch.complex64\): complex"):
+        fastlars.LAMB([("w", w), ("z", torch.zeros(2, dtype=torch.complex64, requires_grad=True))])
     opt = fastlars.LAMB([("w", w)])
     with pytest.raises(ValueError, match="with/without names"):
         opt.add_param_group({"params": [b]})

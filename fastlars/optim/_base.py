@@ -165,7 +165,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         if unknown:
             raise ValueError(f"param_group: unknown option(s) {sorted(unknown)}")
         self._check_options(merged)
-        check.check_group_params(index, params, merged["capturable"], merged["lr"])
+        check.check_group_params(index, params, merged["capturable"], merged["lr"], names)
         check.check_rounding_params(index, params, merged["stochastic_rounding"])
         low_precision = self._is_low_precision(merged)
         if params:

@@ -153,13 +153,15 @@ def split_param_names(group_index: int, params: list[Any]) -> tuple[list[str] | 
     return [name for name, _ in params], [p for _, p in params]
 
 
-def check_group_params(group_index: int, params: list[Any], capturable: bool, lr: Any) -> None:
-    """Parameters of a group: floating tensors of a supported dtype, all on one device."""
+def check_group_params(group_index: int, params: list[Any], capturable: bool, lr: Any,
+                       names: list[str] | None = None) -> None:
+    """Parameters of a group: floating tensors of a supported dtype, all on one device (errors name a
+    parameter by its position, and by its name when ``names`` are given)."""
     device = None
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
             raise TypeError(f"param_groups[{group_index}]['params'][{i}]: expected a Tensor, got {type(p).__name__}")
-        name = describe(group_index, i, p)
+        name = describe(group_index, i, p, None if names is None else names[i])
         if p.is_complex():
             raise ValueError(f"{name}: complex parameters are not supported")
         if p.dtype not in SUPPORTED_DTYPES:
