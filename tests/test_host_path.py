@@ -432,8 +432,13 @@ def _scale_through_data_and_forget(ps, o) -> None:
     o.forget_weight_norms()
 
 
-@pytest.mark.parametrize("dtype,kw", [(torch.float32, {}), (torch.bfloat16, {"master_weights": True})],
-                         ids=["fp32", "bf16-master"])
+LOW_PRECISION_STATES = [{}, {"state_dtype": "int8", "min_quantized_size": 16}, {"state_dtype": "bf16"}]
+
+
+@pytest.mark.parametrize("dtype,kw", [(torch.float32, {}), (torch.bfloat16, {"master_weights": True}),
+                                      (torch.float32, LOW_PRECISION_STATES[1]),
+                                      (torch.bfloat16, {"master_weights": True, **LOW_PRECISION_STATES[2]})],
+                         ids=["fp32", "bf16-master", "int8-state", "bf16-state-bf16-master"])
 def test_lars_carries_weight_norms_between_cached_steps(dtype, kw) -> None:
     """The plan's LARS steps take ||w|| from the previous update (LARS.reuse_weight_norms): bit-identical
     to the Python step, which reads w for it every step, over many steps and a schedule change."""
@@ -445,14 +450,16 @@ def test_lars_carries_weight_norms_between_cached_steps(dtype, kw) -> None:
     twin.cached_steps(8, 14)
 
 
+@pytest.mark.parametrize("state", LOW_PRECISION_STATES, ids=["fp32-state", "int8-state", "bf16-state"])
 @pytest.mark.parametrize("change,seen", [(_scale_in_place, True), (_scale_through_data_and_forget, True),
                                          (_scale_through_data, False)],
                          ids=["in-place-op", "data-write-then-forget", "data-write-unseen"])
-def test_carried_weight_norms_follow_what_the_version_counter_sees(change, seen) -> None:
+def test_carried_weight_norms_follow_what_the_version_counter_sees(change, seen, state) -> None:
     """An in-place op on a param bumps its version counter, so the next cached step reads w for ||w|| again
     and stays bit-identical to the Python step; a write through ``.data`` is invisible to it (the documented
-    limit: the carried norm is then stale, which proves it is carried) unless forget_weight_norms() follows."""
-    twin = Twin(fastlars.LARS, {"lr": 1.0, "weight_decay": 1e-2}, torch.float32)
+    limit: the carried norm is then stale, which proves it is carried) unless forget_weight_norms() follows.
+    With fp32, int8 or bf16 momentum alike."""
+    twin = Twin(fastlars.LARS, {"lr": 1.0, "weight_decay": 1e-2, **state}, torch.float32)
     twin.step(1)
     twin.cached_steps(2, 2)
     twin.both(change)

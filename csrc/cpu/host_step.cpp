@@ -12,7 +12,8 @@
 //   fastlars::lars_step_ / lamb_step_ per group, unless skip.
 // Groups with low-precision state or stochastically rounded weights call lars_lowbit_step_ /
 // lamb_lowbit_step_ with the buffers' codes and scales as native_lowbit.py passes them (LARS then always
-// passes ||g|| from grad_norms, which under a GradScaler does not enter the skip flag: functional.lars_step).
+// passes ||g|| from grad_norms, which under a GradScaler does not enter the skip flag: functional.lars_step;
+// its ||w|| is carried as for fp32 state, through lars_lowbit_step_carrying_norms).
 #include "host_step.h"
 
 #include <ATen/ATen.h>
@@ -41,11 +42,6 @@ using LambOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorLi
                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                     const std::optional<at::Tensor>&);
 using NormsOp = at::Tensor(at::TensorList, const std::optional<at::Tensor>&);
-using LarsLowbitOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                          const at::Tensor&, at::TensorList, at::IntArrayRef, double, const std::optional<at::Tensor>&,
-                          double, double, double, double, bool, bool, bool, bool,
-                          std::optional<at::ArrayRef<double>>, bool, const std::optional<at::Tensor>&,
-                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
 using LambLowbitOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                           at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef, double,
                           const std::optional<at::Tensor>&, double, double, double, double, bool, bool, bool, bool,
@@ -588,7 +584,7 @@ class HostPlan {
     bump_versions(g.masters);
     for (const std::vector<at::Tensor>& buffer : g.buffers) bump_versions(buffer);
     for (const std::vector<at::Tensor>& scales : g.scales) bump_versions(scales);
-    if (!g.low_precision && !lamb_ && reuse_weight_norms_) remember_weights(g);
+    if (!lamb_ && reuse_weight_norms_) remember_weights(g);
   }
 
   void update_lamb(const Group& g, const std::optional<at::Tensor>& grad_scale,
@@ -604,10 +600,8 @@ class HostPlan {
 
   // lars_step_ with each weight's ||w|| carried from the plan's last update while it is unchanged
   // (lars_step.h); without reuse_weight_norms_ every step takes the norm pass.
-  void update_lars(Group& g, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::ArrayRef<double>>& bounds) const {
-    const Options& o = g.options;
-    const std::optional<at::Tensor> none;
+  // Per param, ||w|| carried from the plan's last update while its weights are unchanged, else -1.
+  std::vector<float> known_weight_norms(const Group& g) const {
     const size_t n = g.params.size();
     std::vector<float> known(n, -1.0f);
     for (size_t i = 0; reuse_weight_norms_ && i < g.w_norms.size() && i < n; ++i) {
@@ -615,6 +609,14 @@ class HostPlan {
         known[i] = g.w_norms[i];
       }
     }
+    return known;
+  }
+
+  void update_lars(Group& g, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::ArrayRef<double>>& bounds) const {
+    const Options& o = g.options;
+    const std::optional<at::Tensor> none;
+    const std::vector<float> known = known_weight_norms(g);
     RECORD_FUNCTION("fastlars::lars_step_", std::vector<c10::IValue>());  // as a dispatcher call would
     lars_step_carrying_norms(g.params, g.grads, g.buffers[0], g.masters, g.norms, o.lr, o.lr_tensor, o.momentum,
                              o.weight_decay, o.trust_coefficient, o.eps, o.nesterov, o.trust_clip, o.mlperf, o.adapt,
@@ -646,17 +648,20 @@ class HostPlan {
     return at::where(G.gt(o.max_grad_norm), G.reciprocal().mul(o.max_grad_norm), at::ones_like(G));
   }
 
-  void update_lowbit(const Group& g, const std::optional<at::Tensor>& grad_scale,
+  void update_lowbit(Group& g, const std::optional<at::Tensor>& grad_scale,
                      const std::optional<at::Tensor>& global_norm,
                      const std::optional<at::ArrayRef<double>>& bounds) const {
-    static const auto lars_op = op_handle<LarsLowbitOp>("fastlars::lars_lowbit_step_");
     static const auto lamb_op = op_handle<LambLowbitOp>("fastlars::lamb_lowbit_step_");
     const Options& o = g.options;
     const std::optional<at::Tensor> none;
-    if (!lamb_) {
-      lars_op.call(g.params, g.grads, g.buffers[0], g.scales[0], g.masters, g.norms, g.steps, g.rounding_keys, o.lr,
-                   o.lr_tensor, o.momentum, o.weight_decay, o.trust_coefficient, o.eps, o.nesterov, o.trust_clip,
-                   o.mlperf, o.adapt, bounds, o.maximize, grad_scale, none, none);
+    if (!lamb_) {  // with each weight's ||w|| carried as update_lars does
+      const std::vector<float> known = known_weight_norms(g);
+      RECORD_FUNCTION("fastlars::lars_lowbit_step_", std::vector<c10::IValue>());
+      lars_lowbit_step_carrying_norms(g.params, g.grads, g.buffers[0], g.scales[0], g.masters, g.norms, g.steps,
+                                      g.rounding_keys, o.lr, o.lr_tensor, o.momentum, o.weight_decay,
+                                      o.trust_coefficient, o.eps, o.nesterov, o.trust_clip, o.mlperf, o.adapt, bounds,
+                                      o.maximize, grad_scale, none, none, &known,
+                                      reuse_weight_norms_ ? &g.w_norms : nullptr);
       return;
     }
     lamb_op.call(g.params, g.grads, g.buffers[0], g.scales[0], g.buffers[1], g.scales[1], g.masters, g.steps,

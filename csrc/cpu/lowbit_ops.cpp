@@ -34,6 +34,7 @@
 #include "../common/step_math.h"
 #include "kernels.h"
 #include "lars_ratios.h"
+#include "lars_step.h"
 #include "multi_tensor.h"
 #include "op_checks.h"
 #include "parallel.h"
@@ -336,15 +337,21 @@ void lamb_lowbit_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   }
 }
 
-void lars_lowbit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                          at::TensorList momentum_absmax, at::TensorList master_params, const at::Tensor& grad_norms,
-                          at::TensorList steps, at::IntArrayRef tensor_keys, double lr,
-                          const std::optional<at::Tensor>& lr_tensor, double momentum, double weight_decay,
-                          double trust_coefficient, double eps, bool nesterov, bool trust_clip, bool mlperf_momentum,
-                          bool adapt, std::optional<at::ArrayRef<double>> trust_ratio_bounds, bool maximize,
-                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                          const std::optional<at::Tensor>& trust_ratios) {
+}  // namespace
+
+void lars_lowbit_step_carrying_norms(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                                     at::TensorList momentum_absmax, at::TensorList master_params,
+                                     const at::Tensor& grad_norms, at::TensorList steps, at::IntArrayRef tensor_keys,
+                                     double lr, const std::optional<at::Tensor>& lr_tensor, double momentum,
+                                     double weight_decay, double trust_coefficient, double eps, bool nesterov,
+                                     bool trust_clip, bool mlperf_momentum, bool adapt,
+                                     std::optional<at::ArrayRef<double>> trust_ratio_bounds, bool maximize,
+                                     const std::optional<at::Tensor>& grad_scale,
+                                     const std::optional<at::Tensor>& found_inf,
+                                     const std::optional<at::Tensor>& trust_ratios,
+                                     const std::vector<float>* known_w_norms, std::vector<float>* next_w_norms) {
   begin_step_record();
+  if (next_w_norms != nullptr) next_w_norms->assign(params.size(), -1.0f);
   if (params.empty()) return;
   const LowbitTensors ts = lowbit_tensors(params, grads, {{momentum_buffers, momentum_absmax, "momentum_buffers"}},
                                           master_params, !tensor_keys.empty());
@@ -363,9 +370,15 @@ void lars_lowbit_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   const LarsArgs args{scale.has_value(), maximize, nesterov, mlperf_momentum, scale.value_or(1.0f), rate, 1.0f,
                       static_cast<float>(momentum), static_cast<float>(weight_decay)};
   const auto& slots = ts.buffers[0];
+  // With next_w_norms (adapting groups): each chunk's Σw'² of the new fp32 weights, summed by sum_of_squares
+  // over the chunk just updated (still in cache) as the next step's norm pass would sum it, so the same bits.
+  const bool carry = next_w_norms != nullptr && adapt;
+  const auto carried = [&](size_t t) { return ts.weight[t].type == at::kFloat && !ts.rounded[t]; };
+  std::vector<float> next_partials(carry ? chunks.size() : 0);
   std::vector<float> ratios(n, 1.0f);
   const auto update = [&](const Chunk* first, int64_t count) {
-    for_each_chunk(first, count, 3, [&](int64_t, const Chunk& c, float* scratch) {
+    const int64_t first_index = first - chunks.data();
+    for_each_chunk(first, count, 3, [&](int64_t k, const Chunk& c, float* scratch) {
       float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
       const float* g = load(ts.grad[c.tensor], c.begin, c.size, scratch + 2 * kChunk);
       LarsArgs tensor_args = args;
@@ -384,6 +397,9 @@ void lars_lowbit_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
         store_state(ts, slot, true, c, v);
       }
       store_weights(ts, c, w, keys[c.tensor]);
+      if (carry && carried(static_cast<size_t>(c.tensor))) {
+        next_partials[first_index + k] = kernels.sum_of_squares(w, c.size);
+      }
     }, Order::back);  // after the norm pass over the same chunks
   };
   if (!adapt) {
@@ -394,8 +410,30 @@ void lars_lowbit_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   lars_ratios_then_update(kernels, chunks, ts, grad_norms, fold, scale,
                           {rate, static_cast<float>(trust_coefficient), static_cast<float>(weight_decay),
                            static_cast<float>(eps), trust_clip, bounds},
-                          ratios, update);
+                          ratios, update, known_w_norms);
   if (ratio_out != nullptr) std::copy(ratios.begin(), ratios.end(), ratio_out);
+  if (carry) {  // as the norm pass adds chunk sums: per tensor, in chunk order, in double
+    const std::vector<double> sums = per_tensor_sums(chunks, next_partials, n);
+    for (size_t i = 0; i < n; ++i) {
+      if (carried(i)) (*next_w_norms)[i] = static_cast<float>(std::sqrt(sums[i]));
+    }
+  }
+}
+
+namespace {
+
+void lars_lowbit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                          at::TensorList momentum_absmax, at::TensorList master_params, const at::Tensor& grad_norms,
+                          at::TensorList steps, at::IntArrayRef tensor_keys, double lr,
+                          const std::optional<at::Tensor>& lr_tensor, double momentum, double weight_decay,
+                          double trust_coefficient, double eps, bool nesterov, bool trust_clip, bool mlperf_momentum,
+                          bool adapt, std::optional<at::ArrayRef<double>> trust_ratio_bounds, bool maximize,
+                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                          const std::optional<at::Tensor>& trust_ratios) {
+  lars_lowbit_step_carrying_norms(params, grads, momentum_buffers, momentum_absmax, master_params, grad_norms, steps,
+                                  tensor_keys, lr, lr_tensor, momentum, weight_decay, trust_coefficient, eps, nesterov,
+                                  trust_clip, mlperf_momentum, adapt, trust_ratio_bounds, maximize, grad_scale,
+                                  found_inf, trust_ratios, nullptr, nullptr);
 }
 
 }  // namespace
