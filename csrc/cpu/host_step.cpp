@@ -598,9 +598,8 @@ class HostPlan {
                  o.trust_clip, o.adapt, bounds, o.maximize, clip_coefficient(o, global_norm), grad_scale, none, none);
   }
 
-  // lars_step_ with each weight's ||w|| carried from the plan's last update while it is unchanged
-  // (lars_step.h); without reuse_weight_norms_ every step takes the norm pass.
-  // Per param, ||w|| carried from the plan's last update while its weights are unchanged, else -1.
+  // Per param, ||w|| carried from the plan's last update while its weights are unchanged, else -1 (always
+  // -1 without reuse_weight_norms_: every step then takes the norm pass).
   std::vector<float> known_weight_norms(const Group& g) const {
     const size_t n = g.params.size();
     std::vector<float> known(n, -1.0f);
@@ -612,6 +611,8 @@ class HostPlan {
     return known;
   }
 
+  // lars_step_ with each weight's ||w|| carried from the plan's last update while it is unchanged
+  // (lars_step.h).
   void update_lars(Group& g, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::ArrayRef<double>>& bounds) const {
     const Options& o = g.options;
