@@ -248,11 +248,11 @@ def best_roofline(*gbs: float | None) -> float | None:
     return max((g for g in gbs if g), default=None)
 
 
-def roofline_fraction(gb_per_s: float, roofline_gbs: float | None, nbytes: int, cache_bytes: int) -> float | None:
+def roofline_fraction(gb_per_s: float, roofline_gbs: float | None, host_overhead: bool) -> float | None:
     """Achieved / roofline bandwidth, or None where the roofline does not bound the row: no roofline
-    measured, or compulsory bytes within 4× the last-level cache (a step over a cache-resident set is
-    not memory-bound, and the row measures host overhead)."""
-    if not roofline_gbs or nbytes <= 4 * cache_bytes:
+    measured, or a host-overhead set (`ParamSet.host_overhead`: a step over a few thousand parameters is
+    host work, not memory traffic)."""
+    if not roofline_gbs or host_overhead:
         return None
     return gb_per_s / roofline_gbs
 

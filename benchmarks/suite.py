@@ -97,6 +97,8 @@ def machine(device: torch.device) -> dict[str, Any]:
         info["cpu_vector_isa"] = cpu_vector_isa()
         ext = extension()
         info["kernel_isa"] = ext.cpu_isa() if ext is not None and hasattr(ext, "cpu_isa") else "not built"
+        if ext is not None and hasattr(ext, "cpu_cache_plan"):
+            info["kernel_cache_plan"] = ext.cpu_cache_plan()
     for module in ("triton", "timm", "torch_optimizer", "apex", "deepspeed"):
         try:
             info[module] = getattr(importlib.import_module(module), "__version__", "installed")
@@ -196,7 +198,7 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
             roof = roofs.get(str(n), {}).get("best")
             for set_name in sets:
                 shapes = PARAM_SETS[set_name].shapes()
-                bounded = device.type == "cpu" and 4 * PARAM_SETS[set_name].count() > cache  # fp32 weights > LLC
+                bounded = device.type == "cpu" and not host_overhead_set(set_name)
                 for dtype_name in dtypes:
                     dtype, master = DTYPES[dtype_name]
                     for optim in optims:
@@ -204,7 +206,7 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
                         rows = [Row(set_name, dtype_name, optim, case.implementation, case.peer, threads=n)
                                 for case in cases]
                         probed = _measure_side_by_side(rows, cases, shapes, dtype, master, device, repeats,
-                                                       budget_s, rounds, Bandwidths(copy_bw, inplace_bw, roof, cache),
+                                                       budget_s, rounds, Bandwidths(copy_bw, inplace_bw, roof),
                                                        bandwidth_probes() if bounded else [])
                         if probed:
                             result.setdefault("table_rooflines_gbs", []).append(
@@ -242,28 +244,32 @@ def apply_rooflines(result: dict[str, Any]) -> None:
     the rows above 100% in result["over_roofline"] (the probe then under-measured the machine, e.g.
     under load: such a row is reported, never capped)."""
     roofs = result.get("rooflines_gbs") or {}
-    cache = result.get("last_level_cache_bytes") or 0
     over = []
     for r in result["rows"]:
         if r["skipped"] or r.get("threads") is None:
             continue
         best = best_roofline(roofs.get(str(r["threads"]), {}).get("best"), r.get("table_roofline_gbs"))
-        r["fraction_of_roofline"] = roofline_fraction(r["gb_per_s"], best, r["compulsory_bytes"], cache)
+        r["fraction_of_roofline"] = roofline_fraction(r["gb_per_s"], best, host_overhead_set(r["param_set"]))
         if r["fraction_of_roofline"] is not None and r["fraction_of_roofline"] > 1.0:
             over.append(f"{r['param_set']} {r['dtype']} {r['optim']} {r['implementation']} on {r['threads']} "
                         f"thread(s): {100 * r['fraction_of_roofline']:.0f}%")
     result["over_roofline"] = over
 
 
+def host_overhead_set(name: str) -> bool:
+    """Whether `name` is a host-overhead set (benchmarks.params.ParamSet.host_overhead); unknown names are not."""
+    param_set = PARAM_SETS.get(name)
+    return param_set is not None and param_set.host_overhead
+
+
 @dataclass(frozen=True)
 class Bandwidths:
-    """What a row's GB/s is compared with: copy and in-place bandwidth, the roofline on its threads (None
-    on a GPU) and the last-level cache (below which the roofline does not bound a step)."""
+    """What a row's GB/s is compared with: copy and in-place bandwidth and the roofline on its threads (None
+    on a GPU)."""
 
     copy_gbs: float
     inplace_gbs: float
     roofline_gbs: float | None
-    cache_bytes: int
 
 
 def _measure_side_by_side(rows: list[Row], cases: list[Case], shapes: list, dtype: torch.dtype, master: bool,
@@ -300,8 +306,7 @@ def _measure_side_by_side(rows: list[Row], cases: list[Case], shapes: list, dtyp
         row.fraction_of_copy = row.gb_per_s / bandwidths.copy_gbs
         row.fraction_of_inplace = row.gb_per_s / bandwidths.inplace_gbs
         row.table_roofline_gbs = probed.get("best")
-        row.fraction_of_roofline = roofline_fraction(row.gb_per_s, roofline, row.compulsory_bytes,
-                                                     bandwidths.cache_bytes)
+        row.fraction_of_roofline = roofline_fraction(row.gb_per_s, roofline, host_overhead_set(row.param_set))
         row.cpu_over_wall = timing.cpu_over_wall
         row.repeats = timing.repeats
     steps = timings = []
@@ -347,6 +352,10 @@ def _header(result: dict[str, Any]) -> list[str]:
     m = result["machine"]
     isa = (f", {m['cpu_vector_isa'].upper().replace('AVX512', 'AVX-512')} CPU, {m['kernel_isa']} kernels"
            if "cpu_vector_isa" in m else "")
+    plan = m.get("kernel_cache_plan")
+    if plan:
+        isa += (f"; last-level cache {plan['last_level_cache_bytes'] >> 20} MiB, LAMB keeps u for groups of up to "
+                f"{plan['lamb_workspace_elements']:,} elements")
     cpu = m["device_type"] == "cpu"
     text = [f"Machine: {m['device']} ({m.get('cpus', '')} CPUs, {m['threads']} threads{isa})" if cpu
             else f"Machine: {m['device']}", f"torch {m['torch']}, fastlars {m['fastlars']}, commit {m['commit'][:10]}, "
@@ -365,11 +374,11 @@ def _header(result: dict[str, Any]) -> list[str]:
                     "(20 and 28 B): " + "; ".join(
                         f"{n} thread(s) {v['best']:.1f} GB/s (" + ", ".join(
                             f"{k} {g:.1f}" for k, g in v.items() if k != "best") + ")" for n, v in roofs.items())
-                    + ". Each table of a set beyond the last-level cache also times these probes as further "
+                    + ". Each table of a model's set also times these probes as further "
                     "cases of its own interleaved rounds (this VM's bandwidth drifts by up to 2× within minutes), "
                     "and its rows' % is of the best of both"
-                    + f". % of roofline is left out (—) for sets within 4× the last-level cache "
-                    f"({result.get('last_level_cache_bytes', 0) >> 20} MiB): those steps measure host overhead. "
+                    + ". % of roofline is left out (—) for the host-overhead sets (a few thousand parameters: "
+                    "those steps measure host work). "
                     "CPU/wall = process CPU time / wall time while timed (all threads busy: = threads).")
     return [*text, ""]
 
@@ -377,7 +386,7 @@ def _header(result: dict[str, Any]) -> list[str]:
 def markdown(result: dict[str, Any]) -> str:
     """Per (set, dtype, optim) on the main thread count: a table of every implementation, then fastlars'
     speed-up over each peer (peer median / fastlars median); then host overhead per step for the sets
-    that fit in cache, the thread-scaling table and the issues' targets."""
+    of the host-overhead sets, the thread-scaling table and the issues' targets."""
     out = ["**Partial run: interrupted before every case was measured.**", ""] if result.get("partial") else []
     out += _header(result)
     rows = main_rows(result)
@@ -418,17 +427,16 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def host_overhead_markdown(result: dict[str, Any]) -> list[str]:
-    """Per step µs of every implementation on the sets within 4× the last-level cache (the per-step host
-    cost: Python, validation, launches), one column per set and optim."""
-    cache = result.get("last_level_cache_bytes") or 0
+    """Per step µs of every implementation on the host-overhead sets (`ParamSet.host_overhead`: the per-step
+    host cost: Python, validation, launches), one column per set and optim."""
     small = [r for r in main_rows(result) if not r.skipped and r.compulsory_bytes is not None
-             and r.compulsory_bytes <= 4 * cache]
+             and host_overhead_set(r.param_set)]
     if not small:
         return []
     columns = list(dict.fromkeys((r.param_set, r.dtype, r.optim) for r in small))
     names = list(dict.fromkeys(r.implementation for r in small))
     cell = {(r.param_set, r.dtype, r.optim, r.implementation): r for r in small}
-    out = ["**Host overhead: µs per step on cache-resident sets (median)**", "",
+    out = ["**Host overhead: µs per step on host-overhead sets (median)**", "",
            "| implementation | " + " | ".join(f"{s} {d} {o.upper()}" for s, d, o in columns) + " |",
            "|---|" + "---:|" * len(columns)]
     for name in names:

@@ -9,6 +9,7 @@
 #include "cpu/host_step.h"
 #include "cpu/kernels.h"
 #include "cpu/parallel.h"
+#include "cpu/tensor_groups.h"
 #include "cuda/launch_plan.h"
 
 namespace {
@@ -43,6 +44,15 @@ pybind11::dict cpu_parallel() {
   out["threads"] = r.threads;
   out["threads_used"] = r.threads_used;
   out["probe_chunks"] = r.probe_chunks;
+  return out;
+}
+
+// The cache figures the CPU kernels plan their passes with (tensor_groups.h).
+pybind11::dict cpu_cache_plan() {
+  pybind11::dict out;
+  out["last_level_cache_bytes"] = fastlars::cpu::last_level_cache_bytes();
+  out["group_elements"] = fastlars::cpu::kGroupElements;
+  out["lamb_workspace_elements"] = fastlars::cpu::max_stored_elements();
   return out;
 }
 
@@ -113,6 +123,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The CPU kernels' parallel runtime ('openmp', 'native' or 'serial'), torch's intra-op thread count, and "
         "how many distinct threads ran a probe pass through the kernels' chunk loop (threads_used), and the "
         "shared library providing the OpenMP runtime (library).");
+  m.def("cpu_cache_plan", &cpu_cache_plan,
+        "The figures the CPU kernels plan their two passes with: the last-level cache in bytes as the OS "
+        "reports it (0 if unknown), the elements per tensor group (group_elements) and the largest group whose "
+        "LAMB direction u is kept between the passes (lamb_workspace_elements: FASTLARS_LAMB_WORKSPACE_ELEMENTS, "
+        "else a quarter of the cache at 20 B per element, at least group_elements).");
   m.def("cpu_last_step_threads", &fastlars::cpu::last_step_threads,
         "Threads that ran chunks of the widest pass of the last fastlars CPU op (0 before any).");
   m.def("stream_pass", &stream_pass, pybind11::arg("x"), pybind11::arg("y") = pybind11::none(),

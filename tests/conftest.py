@@ -18,3 +18,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+LAMB_WORKSPACE_ELEMENTS = 1 << 18
+"""The native CPU LAMB keeps its update direction u between its two passes for groups of up to a limit
+that follows the machine's cache (csrc/cpu/tensor_groups.h: from 2^18 elements to a quarter of the
+last-level cache at 20 B per element). The suite pins the smallest, so its shapes take both branches,
+u stored and u recomputed, on every machine (test_cpu_parallel.py checks the default)."""
+
+
+@pytest.fixture(autouse=True)
+def lamb_workspace_of_one_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTLARS_LAMB_WORKSPACE_ELEMENTS", str(LAMB_WORKSPACE_ELEMENTS))

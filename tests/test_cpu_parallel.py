@@ -5,6 +5,7 @@ probe itself is tested in test_native_cpu.py)."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,26 @@ def test_stream_pass_probe() -> None:
         ext.stream_pass(x, y, None, mode="update2")
     with pytest.raises(RuntimeError, match="y must be"):
         ext.stream_pass(x, torch.ones(3), z, mode="update2")
+
+
+def _getconf(name: str) -> int:
+    try:
+        out = subprocess.run(["getconf", name], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return 0
+    return int(out) if out.isdigit() else 0
+
+
+def test_lamb_workspace_limit_follows_the_cache(monkeypatch) -> None:
+    """Without FASTLARS_LAMB_WORKSPACE_ELEMENTS, LAMB keeps u between its passes for groups whose five fp32
+    arrays fit in a quarter of the last-level cache the OS reports (getconf, the same sysconf), at least
+    one group of 2^18; the variable overrides it, read at every step."""
+    ext = extension()
+    monkeypatch.delenv("FASTLARS_LAMB_WORKSPACE_ELEMENTS")
+    plan = ext.cpu_cache_plan()
+    cache = _getconf("LEVEL3_CACHE_SIZE") or _getconf("LEVEL2_CACHE_SIZE")
+    assert plan["last_level_cache_bytes"] == cache
+    assert plan["group_elements"] == 1 << 18
+    assert plan["lamb_workspace_elements"] == max(1 << 18, cache // 80)
+    monkeypatch.setenv("FASTLARS_LAMB_WORKSPACE_ELEMENTS", "12345")
+    assert ext.cpu_cache_plan()["lamb_workspace_elements"] == 12345

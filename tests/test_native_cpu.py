@@ -384,6 +384,25 @@ def test_lamb_groups_beyond_the_workspace_limit_recompute_their_update(monkeypat
         _assert_as_accurate_as_reference(exact, ref, nat, dtype)
 
 
+
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16", "int8"])
+def test_lamb_stores_or_recomputes_its_update_to_the_same_bits(monkeypatch, state_dtype) -> None:
+    """Keeping u between the passes (groups up to the workspace limit, which follows the machine's cache) and
+    recomputing it in pass 2 give the same bits, for every state format: the limit is a speed choice only."""
+    shapes = [(5,), (300_001,), (333, 301), (7, 3), (4096,)]
+    runs = []
+    for limit in ("0", "100000000"):  # every group recomputes u / every group stores it
+        monkeypatch.setenv("FASTLARS_LAMB_WORKSPACE_ELEMENTS", limit)
+        runs.append(_trajectory(fastlars.LAMB, {"state_dtype": state_dtype}, "native", shapes=shapes, base_lr=0.01,
+                                steps=12))
+    (p0, o0), (p1, o1) = runs
+    for i, (a, b) in enumerate(zip(p0, p1)):
+        assert torch.equal(a, b), f"param {i}"
+    for i, (a, b) in enumerate(zip(o0.param_groups[0]["params"], o1.param_groups[0]["params"])):
+        for key, value in o0.state[a].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, o1.state[b][key]), f"param {i}: state {key!r}"
+
 _ISA_SCRIPT = r"""
 import sys, torch, fastlars
 from fastlars._extension import extension

@@ -272,13 +272,15 @@ void lamb_lowbit_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   const auto& m_slots = ts.buffers[0];
   const auto& v_slots = ts.buffers[1];
   const GroupPlan plan = plan_groups(chunks, ts.numel);
-  // u is kept for pass 2 only while the group fits the caches; a bigger tensor recomputes it from the
-  // stored state (2 bytes of codes per element read instead of 4 written and 4 read).
-  float* const workspace = update_workspace(plan, kGroupElements);
+  // u is kept for pass 2 only while the group fits the caches (max_stored_elements, tensor_groups.h); a
+  // bigger tensor recomputes it from the stored state (2 bytes of codes per element read instead of 4
+  // written and 4 read).
+  const int64_t stored_limit = max_stored_elements();
+  float* const workspace = update_workspace(plan, stored_limit);
   std::vector<float> partials(2 * chunks.size());
   std::vector<float> steps_by_tensor(n, rate);
   for (const TensorGroup& group : plan.groups) {
-    const bool store_u = group.elements <= kGroupElements;
+    const bool store_u = group.elements <= stored_limit;
     const Chunk* first = chunks.data() + group.first_chunk;
     const int64_t count = static_cast<int64_t>(group.end_chunk - group.first_chunk);
 

@@ -10,13 +10,21 @@
 // in groups against 24 ms with all tensors' pass 1 first; a tensor too big for the caches gains nothing.)
 //
 // LAMB also keeps the direction u = m̂ / (√v̂ + ε) of pass 1 in a workspace for pass 2, instead of
-// recomputing its square root and division, but only for groups whose arrays stay in cache: there u's
-// write and read cost no memory traffic. A group of more than max_stored_elements() (by default one
-// cache-sized group: a tensor bigger than that is streamed from memory twice anyway) recomputes u from
-// m and v, which moves fewer bytes than writing u out and reading it back (pass 1 w, g, m, v → m, v and
-// pass 2 w, m, v → w: 40 B per element; a stored u adds its write, the write's read for ownership, and
-// replaces m, v by u in pass 2: 44 B). Measured on a 2-core AMD EPYC with AVX-512, 2 threads, BERT-base
-// LAMB: ~102 ms per step recomputing against ~125 ms storing u (noisy machine; 3 interleaved rounds).
+// recomputing its square root and division (or, with int8/bf16 state, decoding m and v again), but only
+// for groups whose arrays stay in cache: there u's write and read cost no memory traffic, while a
+// recomputing pass 2 costs as much arithmetic as the rest of the step (one thread, in L2, on the 2-core
+// Xeon VM: 0.85 ns per element storing u against 1.09 recomputing). A group of more than
+// max_stored_elements() recomputes u from m and v, which moves fewer bytes than writing u out and reading
+// it back (pass 1 w, g, m, v → m, v and pass 2 w, m, v → w: 40 B per element; a stored u adds its write,
+// the write's read for ownership, and replaces m, v by u in pass 2: 44 B). The limit is a quarter of the
+// last-level cache per group of five fp32 arrays (20 B per element; at least kGroupElements): the share of
+// a shared L3 that a VM's two cores were measured to keep. Measured (same process, interleaved rounds, 2
+// threads, LAMB step / fused AdamW): on a 2-core Intel Xeon VM with 480 MiB of L3 reported (x += y
+// streams 84-86 GB/s up to 32 MiB arrays, 42-46 beyond 128 MiB), a limit of 2^18 elements gave 1.71× on
+// ResNet-50 and 1.87× on BERT-base, one of 2^22 1.47× and 1.71× (the quarter-cache limit there is 6.3M);
+// storing every tensor, BERT's 23.4M-element embedding included, gained nothing more. On a 2-core AMD
+// EPYC (32 MiB L3) an earlier build took ~102 ms recomputing against ~125 ms storing u of every tensor
+// of BERT-base; the quarter-cache limit there is 419K elements.
 #pragma once
 
 #include <algorithm>
@@ -25,6 +33,8 @@
 #include <memory>
 #include <vector>
 
+#include <unistd.h>
+
 #include "multi_tensor.h"
 
 namespace fastlars::cpu {
@@ -32,11 +42,28 @@ namespace fastlars::cpu {
 // 1 MiB per fp32 array: a LAMB group's five arrays (w, m, v, g, u) take 5 MiB of L2 + L3.
 constexpr int64_t kGroupElements = int64_t{1} << 18;
 
-// The most elements LAMB's workspace holds: FASTLARS_LAMB_WORKSPACE_ELEMENTS, else kGroupElements
-// (1 MiB), read at every step. The workspace is as large as the largest group that stores u.
+// Bytes of the last-level cache this process reports (glibc's sysconf: L3, else L2); 0 where unknown.
+inline int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    long b = 0;
+#if defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+    b = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (b <= 0) b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return b > 0 ? static_cast<int64_t>(b) : int64_t{0};
+  }();
+  return bytes;
+}
+
+// The largest group whose five fp32 arrays (20 B per element) fit in a quarter of the last-level cache,
+// and at least kGroupElements.
+inline int64_t cache_sized_elements() { return std::max(kGroupElements, last_level_cache_bytes() / (4 * 20)); }
+
+// The most elements LAMB's workspace holds: FASTLARS_LAMB_WORKSPACE_ELEMENTS, else cache_sized_elements(),
+// read at every step. The workspace is as large as the largest group that stores u.
 inline int64_t max_stored_elements() {
   const char* limit = std::getenv("FASTLARS_LAMB_WORKSPACE_ELEMENTS");
-  return limit != nullptr ? std::strtoll(limit, nullptr, 10) : kGroupElements;
+  return limit != nullptr ? std::strtoll(limit, nullptr, 10) : cache_sized_elements();
 }
 
 struct TensorGroup {
