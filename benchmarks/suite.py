@@ -385,8 +385,8 @@ def _header(result: dict[str, Any]) -> list[str]:
 
 def markdown(result: dict[str, Any]) -> str:
     """Per (set, dtype, optim) on the main thread count: a table of every implementation, then fastlars'
-    speed-up over each peer (peer median / fastlars median); then host overhead per step for the sets
-    of the host-overhead sets, the thread-scaling table and the issues' targets."""
+    speed-up over each peer (peer median / fastlars median); then host overhead per step on the
+    host-overhead sets, the thread-scaling table and the issues' targets."""
     out = ["**Partial run: interrupted before every case was measured.**", ""] if result.get("partial") else []
     out += _header(result)
     rows = main_rows(result)

@@ -150,7 +150,6 @@ def test_roofline_is_the_best_mix_and_rows_above_it_are_reported_not_capped() ->
     assert roofline_fraction(10.0, 20.0, True) is None  # a host-overhead set
 
 
-
 def test_a_large_shared_cache_does_not_make_a_model_a_host_overhead_set() -> None:
     """A VM may report its host's whole L3 (480 MiB on a 2-core Xeon VM): ResNet-50's rows still get their % of
     roofline and stay out of the host-overhead table, which lists the host-overhead sets only."""
@@ -165,6 +164,7 @@ def test_a_large_shared_cache_does_not_make_a_model_a_host_overhead_set() -> Non
     assert [r["fraction_of_roofline"] for r in rows] == [pytest.approx(0.8), None]
     host = "\n".join(host_overhead_markdown(result))
     assert "small_cnn fp32 LARS" in host and "resnet50" not in host
+
 
 def test_issue21_targets_use_the_full_thread_count() -> None:
     rows = [_big_row("fastlars.native", 2, 1.0, ms=16.0, peer=False), _big_row(COMPILED, 2, 1.0, ms=20.0),
