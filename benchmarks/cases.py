@@ -82,6 +82,40 @@ def fastlars_case(algorithm: str, backend: str, state: str = "fp32") -> Case:
     return Case(f"fastlars.{backend}{state_label(state)}", False, factory)
 
 
+GRAD_SCALER_SUFFIX = "+GradScaler"
+"""Appended to a table's dtype label (e.g. "fp32+GradScaler") when its cases step through a GradScaler."""
+
+
+def with_grad_scaler(case: Case) -> Case:
+    """``case`` stepped as mixed-precision training steps it: ``scaler.step(opt); scaler.update()`` with a
+    ``torch.amp.GradScaler`` of its device. The scaler first checks every gradient for NaN/inf (its
+    ``_amp_foreach_non_finite_check_and_unscale_`` pass); an optimizer with in-step scaling support
+    (fastlars, torch's fused AdamW/SGD) then gets ``grad_scale`` and ``found_inf`` and steps once, dividing
+    g by the scale inside its kernels and skipping on the flag, so fastlars takes no gradient-norm pass of
+    its own; any other optimizer is unscaled in place (g ← g · 1/scale, a read and write of every gradient)
+    and stepped unless found_inf. The scale stays 1.0 (init_scale 1, no growth), so repeated in-place
+    unscaling leaves the gradients as they are; a kernel divides by it all the same, as by any scale.
+    A case whose step is not an optimizer's (the compiled functional reference) cannot be stepped by a
+    GradScaler: building it raises TypeError, which the suite records as the row's reason."""
+
+    def factory(params: list[Tensor], master: bool) -> StepAndBytes:
+        step, bytes_of = case.factory(params, master)
+        opt = getattr(step, "__self__", None)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError("GradScaler.step needs an optimizer object; this case times a compiled functional step")
+        device = params[0].device
+        scaler = torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**30)
+        scaler.scale(torch.ones((), device=device))  # creates the scale and growth tracker
+
+        def scaled_step() -> None:
+            scaler.step(opt)
+            scaler.update()
+
+        return scaled_step, bytes_of
+
+    return Case(case.implementation, case.peer, factory)
+
+
 def native_plan_case(algorithm: str, plan: str) -> Case:
     """fastlars native CUDA under FASTLARS_CUDA_PLAN=``plan`` (csrc/cuda/launch_plan.h): "wave" closes a
     launch group at half the L2 so pass 2 re-reads from L2 (many launches), "onepass" only when the

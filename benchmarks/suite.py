@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 import fastlars
-from benchmarks.cases import Case, fastlars_case, native_plan_case, peer_cases
+from benchmarks.cases import GRAD_SCALER_SUFFIX, Case, fastlars_case, native_plan_case, peer_cases, with_grad_scaler
 from benchmarks.measure import (
     Probe,
     bandwidth_probes,
@@ -172,14 +172,17 @@ def rooflines(device: torch.device, counts: list[int], log: Any = print) -> dict
 def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[str], backends: list[str],
         peers: tuple[str, ...], repeats: int, budget_s: float | None = None, log: Any = print,
         on_row: Callable[[dict[str, Any]], None] | None = None, threads: list[int] | None = None,
-        states: tuple[str, ...] = ("fp32",), rounds: int = 5) -> dict[str, Any]:
+        states: tuple[str, ...] = ("fp32",), rounds: int = 5,
+        grad_scalers: tuple[bool, ...] = (False,)) -> dict[str, Any]:
     """Every (threads, set, dtype, optim, case) in this process; JSON-ready result. The cases of one
     (threads, set, dtype, optim) are built together and timed side by side in `rounds` interleaved rounds
     (measure.time_rounds), so their ratios do not carry the machine's drift between cases.
     `threads`: torch.set_num_threads for each pass over the cases, largest first (default: the current
     count). `budget_s` caps the timed seconds of a slow case (see measure.repeats_within); `on_row` gets the
     result so far (with "partial": True) after every group of rows, so an interrupted run keeps what it
-    measured. `states`: the state dtypes of the fastlars rows (see plan)."""
+    measured. `states`: the state dtypes of the fastlars rows (see plan). `grad_scalers`: for True, each
+    table is also timed with every case stepped through a GradScaler (cases.with_grad_scaler), its dtype
+    labelled e.g. "fp32+GradScaler"."""
     counts = threads or [torch.get_num_threads()]
     copy_bw = copy_bandwidth_gbs(device)
     inplace_bw = inplace_bandwidth_gbs(device)
@@ -189,7 +192,8 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
     result: dict[str, Any] = {"machine": machine(device), "copy_bandwidth_gbs": copy_bw,
                               "inplace_bandwidth_gbs": inplace_bw, "rooflines_gbs": roofs,
                               "last_level_cache_bytes": cache, "thread_counts": counts, "repeats": repeats,
-                              "budget_s": budget_s, "rounds": rounds, "states": list(states), "partial": True,
+                              "budget_s": budget_s, "rounds": rounds, "states": list(states),
+                              "grad_scalers": list(grad_scalers), "partial": True,
                               "rows": []}
     before = torch.get_num_threads()
     try:
@@ -199,18 +203,21 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
             for set_name in sets:
                 shapes = PARAM_SETS[set_name].shapes()
                 bounded = device.type == "cpu" and not host_overhead_set(set_name)
-                for dtype_name in dtypes:
+                for dtype_name, scaled in ((d, g) for d in dtypes for g in grad_scalers):
                     dtype, master = DTYPES[dtype_name]
+                    label = dtype_name + (GRAD_SCALER_SUFFIX if scaled else "")
                     for optim in optims:
                         cases = plan(optim, backends, peers, device, states)
-                        rows = [Row(set_name, dtype_name, optim, case.implementation, case.peer, threads=n)
+                        if scaled:
+                            cases = [with_grad_scaler(case) for case in cases]
+                        rows = [Row(set_name, label, optim, case.implementation, case.peer, threads=n)
                                 for case in cases]
                         probed = _measure_side_by_side(rows, cases, shapes, dtype, master, device, repeats,
                                                        budget_s, rounds, Bandwidths(copy_bw, inplace_bw, roof),
                                                        bandwidth_probes() if bounded else [])
                         if probed:
                             result.setdefault("table_rooflines_gbs", []).append(
-                                {"threads": n, "param_set": set_name, "dtype": dtype_name, "optim": optim, **probed})
+                                {"threads": n, "param_set": set_name, "dtype": label, "optim": optim, **probed})
                         for row in rows:
                             result["rows"].append(asdict(row))
                             log(line(row))
@@ -380,6 +387,13 @@ def _header(result: dict[str, Any]) -> list[str]:
                     + ". % of roofline is left out (—) for the host-overhead sets (a few thousand parameters: "
                     "those steps measure host work). "
                     "CPU/wall = process CPU time / wall time while timed (all threads busy: = threads).")
+    if True in (result.get("grad_scalers") or []):
+        text.append(f"Tables labelled {GRAD_SCALER_SUFFIX}: every case stepped as mixed-precision training steps it, "
+                    "scaler.step(opt) then scaler.update() with a torch.amp.GradScaler (scale 1.0, no growth): the "
+                    "scaler checks every gradient for NaN/inf first; fastlars and torch's fused optimizers take its "
+                    "scale and flag inside their step (fastlars then skips its own gradient-norm pass), the others "
+                    "are unscaled in place first; the compiled functional reference has no optimizer to hand it "
+                    "(skipped). GB/s counts each step's own compulsory bytes, not the scaler's pass.")
     return [*text, ""]
 
 

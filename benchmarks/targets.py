@@ -14,6 +14,10 @@ with a separate gradient-norm pass moves a read-only 4 B per element and then SG
 is (4 B / read GB/s + 20 B / fused-SGD GB/s) / (20 B / fused-SGD GB/s), from the bandwidth probes timed in
 that table's own rounds (where reads stream slower than read+write mixes, as on this project's VM, the
 floor is above the 24/20 = 1.2 that byte counting alone gives).
+The same three step-time bounds of issue 21 are also evaluated on the "fp32+GradScaler" tables
+(--grad-scaler on: every case stepped through torch.amp.GradScaler, which checks the gradients for NaN/inf
+itself and hands fastlars the flag, the case where the issue folds fastlars' gradient-norm pass away; both
+sides of each ratio then pay the scaler's pass).
 CPU (issue 22, fp32 params, on all threads): on ResNet-50 and BERT-base, LAMB native with int8 state
 (--state int8) ≤ 0.65× the fp32-state native step.
 """
@@ -22,6 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from benchmarks.cases import GRAD_SCALER_SUFFIX
 
 ADAMW = "torch.AdamW(fused) [same 28 B]"
 SGD = "torch.SGD(fused, momentum) [same 20 B]"
@@ -49,6 +55,7 @@ class Target:
     floor: tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]] | None = None
     """The ratio's byte floor as (numerator passes, denominator passes), each pass a (bandwidth probe, bytes
     per element): floor = Σ bytes / probe GB/s over the numerator's passes ÷ the same over the denominator's."""
+    dtype: str = "fp32"  # the table's dtype label ("fp32+GradScaler": stepped through a GradScaler)
 
 
 LARS_FLOOR = ((("read", 4), ("torch_fused_sgd", 20)), (("torch_fused_sgd", 20),))
@@ -76,6 +83,12 @@ TARGETS = (
         Target("cpu", model, "lamb", "fastlars.native", None, ">=", 1.8, "LAMB native CPU/wall",
                metric="cpu_over_wall"),
     )),
+    *(t for model, lamb_bound in (("resnet50", 1.5), ("bert_base", 1.7)) for t in (
+        Target("cpu", model, "lars", "fastlars.native", SGD, "<=", 1.25, "LARS native / SGD(fused) step time (21)",
+               dtype="fp32" + GRAD_SCALER_SUFFIX),
+        Target("cpu", model, "lamb", "fastlars.native", ADAMW, "<=", lamb_bound,
+               "LAMB native / AdamW(fused) step time (21)", dtype="fp32" + GRAD_SCALER_SUFFIX),
+    )),
     *(t for model in HOST_SETS for t in (
         Target("cpu", model, "lars", "fastlars.native", ADAMW, "<=", 1.0, "LARS native / AdamW(fused) host overhead",
                "lamb"),
@@ -93,7 +106,7 @@ TARGETS = (
 def _row(rows: list[dict[str, Any]], t: Target, optim: str, implementation: str,
          threads: int | None) -> dict[str, Any] | None:
     for r in rows:
-        if (r["param_set"], r["dtype"], r["optim"], r["implementation"]) == (t.param_set, "fp32", optim,
+        if (r["param_set"], r["dtype"], r["optim"], r["implementation"]) == (t.param_set, t.dtype, optim,
                                                                             implementation) and not r["skipped"] \
                 and (threads is None or r.get("threads") in (None, threads)):
             return r
@@ -101,12 +114,12 @@ def _row(rows: list[dict[str, Any]], t: Target, optim: str, implementation: str,
 
 
 def byte_floor(result: dict[str, Any], t: Target, threads: int | None) -> float | None:
-    """t.floor from the probes timed in the rounds of t's fp32 table on `threads` threads; None without
+    """t.floor from the probes timed in the rounds of t's table on `threads` threads; None without
     them (GPU runs, results from before in-round probes, a probe the run lacked)."""
     if t.floor is None:
         return None
     for probes in result.get("table_rooflines_gbs") or []:
-        if (probes["param_set"], probes["dtype"], probes["optim"]) == (t.param_set, "fp32", t.optim) \
+        if (probes["param_set"], probes["dtype"], probes["optim"]) == (t.param_set, t.dtype, t.optim) \
                 and (threads is None or probes["threads"] == threads):
             try:
                 return (sum(b / probes[name] for name, b in t.floor[0])
@@ -134,7 +147,7 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
         value = num["ms_median"] / den["ms_median"] if den else num["fraction_of_copy" if t.metric == "ratio"
                                                                       else t.metric]
         met = value <= t.bound if t.sense == "<=" else value >= t.bound
-        out.append({"label": f"{t.param_set} fp32: {t.label}", "value": value, "bound": f"{t.sense} {t.bound}",
+        out.append({"label": f"{t.param_set} {t.dtype}: {t.label}", "value": value, "bound": f"{t.sense} {t.bound}",
                     "met": met, "floor": byte_floor(result, t, threads)})
     return out
 

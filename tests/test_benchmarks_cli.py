@@ -10,6 +10,7 @@ import torch
 
 import fastlars
 from benchmarks.__main__ import main
+from benchmarks.cases import Case, with_grad_scaler
 from benchmarks.measure import roofline_fraction
 from benchmarks.suite import apply_rooflines, host_overhead_markdown, markdown, merge_rooflines, thread_counts
 from benchmarks.targets import ADAMW, COMPILED, SGD, evaluate
@@ -62,6 +63,7 @@ def test_cli_tiny_run_writes_every_backend_and_peer(tmp_path, capsys) -> None:
                                            (["--backends", "warp"], "--backends: unknown"),
                                            (["--repeat", "1"], "--repeat: at least 3"),
                                            (["--threads", "0"], "--threads"),
+                                           (["--grad-scaler", "yes"], "--grad-scaler: unknown"),
                                            (["--threads", "two"], "--threads"),
                                            (["--share", "--share-batches", "1,x"], "--share-batches")])
 def test_cli_flag_errors_name_the_flag(flags, message, capsys) -> None:
@@ -408,3 +410,60 @@ def test_lars_target_carries_its_byte_floor_from_the_tables_probes() -> None:
         in targets_markdown(evaluate(result))
     del result["table_rooflines_gbs"]
     assert all(e["floor"] is None for e in evaluate(result))
+
+
+def test_grad_scaler_tables_step_every_optimizer_through_a_gradscaler(tmp_path) -> None:
+    """--grad-scaler off,on times each table twice: as is and through torch.amp.GradScaler ("fp32+GradScaler"
+    rows); the compiled functional reference cannot be handed to a GradScaler and says so in its row."""
+    assert main(["--device", "cpu", "--params", "tiny", "--optim", "lamb", "--repeat", "3", "--rounds", "1",
+                 "--threads", "all", "--backends", "reference", "--peers", "torch_fused,reference+compile",
+                 "--grad-scaler", "off,on", "--out", str(tmp_path)]) == 0
+    (json_path,) = tmp_path.glob("step_cpu_*.json")
+    result = json.loads(json_path.read_text())
+    assert result["grad_scalers"] == [False, True]
+    by_dtype = {d: {r["implementation"]: r for r in result["rows"] if r["dtype"] == d}
+                for d in ("fp32", "fp32+GradScaler")}
+    assert set(by_dtype["fp32"]) == set(by_dtype["fp32+GradScaler"]) == {"fastlars.reference", ADAMW, COMPILED}
+    assert not any(r["skipped"] for r in by_dtype["fp32"].values())
+    assert "GradScaler.step needs an optimizer" in by_dtype["fp32+GradScaler"][COMPILED]["skipped"]
+    assert by_dtype["fp32+GradScaler"]["fastlars.reference"]["ms_median"] > 0
+    assert "**tiny, fp32+GradScaler, LAMB**" in json_path.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: fastlars.LAMB(ps, lr=1e-2, backend="reference"),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+    lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),  # no in-step scaling: unscaled in place first
+])
+def test_with_grad_scaler_steps_through_the_scaler_and_skips_on_inf(make) -> None:
+    """The wrapped case really runs GradScaler.step: finite gradients update the weights (the scale of 1.0
+    leaves the gradients as they were, however often they are unscaled), a NaN gradient skips the step."""
+    params = [torch.nn.Parameter(torch.ones(8)), torch.nn.Parameter(torch.ones(3))]
+    for p in params:
+        p.grad = torch.full_like(p, 0.5)
+
+    def factory(ps, master):
+        opt = make(ps)
+        return opt.step, lambda: 0
+
+    step, _ = with_grad_scaler(Case("x", True, factory)).factory(params, False)
+    step()
+    step()
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in params)
+    moved = [p.detach().clone() for p in params]
+    assert all(not torch.equal(m, torch.ones_like(m)) for m in moved)
+    params[1].grad[0] = float("nan")
+    step()
+    assert all(torch.equal(p.detach(), m) for p, m in zip(params, moved))
+
+
+def test_grad_scaler_targets_use_the_grad_scaler_tables() -> None:
+    rows = [_big_row("fastlars.native", 2, 1.0, ms=20.0, optim="lamb", peer=False), _big_row(ADAMW, 2, 1.0, ms=16.0,
+            optim="lamb"), _big_row("fastlars.native", 2, 1.0, ms=30.0, optim="lamb", peer=False),
+            _big_row(ADAMW, 2, 1.0, ms=16.5, optim="lamb")]
+    for r in rows[2:]:
+        r["dtype"] = "fp32+GradScaler"
+    result = {"machine": {"device_type": "cpu"}, "rows": rows, "thread_counts": [2]}
+    got = {e["label"]: (round(e["value"], 4), e["met"]) for e in evaluate(result)}
+    assert got["resnet50 fp32: LAMB native / AdamW(fused) step time (21)"] == (1.25, True)
+    assert got["resnet50 fp32+GradScaler: LAMB native / AdamW(fused) step time (21)"] == (round(30 / 16.5, 4), False)
