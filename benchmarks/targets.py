@@ -59,6 +59,7 @@ class Target:
 
 
 LARS_FLOOR = ((("read", 4), ("torch_fused_sgd", 20)), (("torch_fused_sgd", 20),))
+FP32_GRAD_SCALER = "fp32" + GRAD_SCALER_SUFFIX  # the dtype label of fp32 tables stepped through a GradScaler
 LAMB_BOUNDS_21 = (("resnet50", 1.5), ("bert_base", 1.7))  # issue 21: LAMB native / AdamW(fused), per model
 
 
@@ -86,9 +87,9 @@ TARGETS = (
     )),
     *(t for model, lamb_bound in LAMB_BOUNDS_21 for t in (
         Target("cpu", model, "lars", "fastlars.native", SGD, "<=", 1.25, "LARS native / SGD(fused) step time (21)",
-               dtype="fp32" + GRAD_SCALER_SUFFIX),
+               dtype=FP32_GRAD_SCALER),
         Target("cpu", model, "lamb", "fastlars.native", ADAMW, "<=", lamb_bound,
-               "LAMB native / AdamW(fused) step time (21)", dtype="fp32" + GRAD_SCALER_SUFFIX),
+               "LAMB native / AdamW(fused) step time (21)", dtype=FP32_GRAD_SCALER),
     )),
     *(t for model in HOST_SETS for t in (
         Target("cpu", model, "lars", "fastlars.native", ADAMW, "<=", 1.0, "LARS native / AdamW(fused) host overhead",
