@@ -7,6 +7,7 @@
     python -m benchmarks --params bert_base,resnet50 --state fp32,int8 --peers none
                                                            # low-precision state rows beside fp32
     python -m benchmarks --grad-scaler off,on              # each table also stepped through a GradScaler
+    python -m benchmarks --skip-nonfinite on,off           # fastlars rows also without the NaN/inf check
 
 Prints a Markdown table (median step time with min–max, GB/s of compulsory traffic, % of the CPU's
 streaming roofline and of the copy bandwidth, CPU/wall time, speed-up over each peer, thread scaling,
@@ -57,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-scaler", default="off",
                    help="off, on or off,on: 'on' times each table again with every case stepped through a "
                    "torch.amp.GradScaler (scaler.step + update; dtype labelled e.g. 'fp32+GradScaler')")
+    p.add_argument("--skip-nonfinite", default="on",
+                   help="on, off or on,off: 'off' adds each fp32 fastlars row stepped with skip_nonfinite=False "
+                   "(no NaN/inf pass over the gradients; labelled '[skip_nonfinite=False]')")
     p.add_argument("--backends", default=None, help="fastlars backends (default: every one usable on the device)")
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated: {', '.join(PEERS)}, or 'none'")
     p.add_argument("--threads", default=None,
@@ -111,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         dtypes = _list(args.dtype, list(DTYPES), "--dtype")
         states = tuple(_list(args.state, STATES, "--state"))
         scalers = tuple(dict.fromkeys(v == "on" for v in _list(args.grad_scaler, ("off", "on"), "--grad-scaler")))
+        checks = tuple(dict.fromkeys(v == "on" for v in _list(args.skip_nonfinite, ("on", "off"), "--skip-nonfinite")))
         backends = _list(args.backends, usable, "--backends") if args.backends else list(usable)
         peers = () if args.peers == "none" else tuple(_list(args.peers, PEERS, "--peers"))
     except argparse.ArgumentTypeError as exc:
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                        for b in ("reference", "foreach", "native", "triton") if b not in usable},
                     **{p_: r for p_, r in skipped.items() if p_ in requested}}
     result = run(device, sets, optims, dtypes, backends, peers, args.repeat, args.budget, threads=counts, states=states,
-                 rounds=args.rounds, grad_scalers=scalers,
+                 rounds=args.rounds, grad_scalers=scalers, skip_nonfinite=checks,
                  on_row=lambda partial: write({**partial, "not_measured": not_measured}, out, f"step_{stem}",
                                               with_plot=False))
     result["not_measured"] = not_measured

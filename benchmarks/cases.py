@@ -116,6 +116,23 @@ def with_grad_scaler(case: Case) -> Case:
     return Case(case.implementation, case.peer, factory)
 
 
+UNCHECKED_SUFFIX = " [skip_nonfinite=False]"
+"""Appended to a fastlars row stepped with ``skip_nonfinite = False``."""
+
+
+def unchecked(case: Case) -> Case:
+    """The fastlars ``case`` with ``opt.skip_nonfinite = False``: no pass over the gradients for NaN/inf
+    before the update (LARS takes ||g|| in its ||w|| pass), the semantics of torch's fused optimizers, which
+    write what a non-finite gradient makes of their state. Labelled with UNCHECKED_SUFFIX."""
+
+    def factory(params: list[Tensor], master: bool) -> StepAndBytes:
+        step, bytes_of = case.factory(params, master)
+        step.__self__.skip_nonfinite = False
+        return step, bytes_of
+
+    return Case(case.implementation + UNCHECKED_SUFFIX, case.peer, factory)
+
+
 def native_plan_case(algorithm: str, plan: str) -> Case:
     """fastlars native CUDA under FASTLARS_CUDA_PLAN=``plan`` (csrc/cuda/launch_plan.h): "wave" closes a
     launch group at half the L2 so pass 2 re-reads from L2 (many launches), "onepass" only when the

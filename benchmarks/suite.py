@@ -18,7 +18,16 @@ from typing import Any
 import torch
 
 import fastlars
-from benchmarks.cases import GRAD_SCALER_SUFFIX, Case, fastlars_case, native_plan_case, peer_cases, with_grad_scaler
+from benchmarks.cases import (
+    GRAD_SCALER_SUFFIX,
+    UNCHECKED_SUFFIX,
+    Case,
+    fastlars_case,
+    native_plan_case,
+    peer_cases,
+    unchecked,
+    with_grad_scaler,
+)
 from benchmarks.measure import (
     Probe,
     bandwidth_probes,
@@ -122,11 +131,16 @@ STATES = ("fp32", "bf16", "int8")
 
 
 def plan(optim: str, backends: list[str], peers: tuple[str, ...], device: torch.device,
-         states: tuple[str, ...] = ("fp32",)) -> list[Case]:
+         states: tuple[str, ...] = ("fp32",), skip_nonfinite: tuple[bool, ...] = (True,)) -> list[Case]:
     """fastlars on each backend, then the peers. On CUDA the native backend is timed under both launch plans:
     "fastlars.native" runs the default (onepass), "fastlars.native(wave plan)" the other. Each low-precision
-    state of ``states`` adds the backends that step it on ``device`` (e.g. "fastlars.native [int8 state]")."""
-    ours = [fastlars_case(optim, b) for b in backends] if "fp32" in states else []
+    state of ``states`` adds the backends that step it on ``device`` (e.g. "fastlars.native [int8 state]").
+    False in ``skip_nonfinite`` adds each fp32 backend stepped without the non-finite check (cases.unchecked;
+    True: the default rows)."""
+    fp32 = "fp32" in states
+    ours = [fastlars_case(optim, b) for b in backends] if fp32 and True in skip_nonfinite else []
+    if fp32 and False in skip_nonfinite:
+        ours += [unchecked(fastlars_case(optim, b)) for b in backends]
     if device.type == "cuda" and "native" in backends and "fp32" in states:
         ours.append(native_plan_case(optim, "wave"))
     for state in (s for s in states if s != "fp32"):
@@ -173,7 +187,7 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
         peers: tuple[str, ...], repeats: int, budget_s: float | None = None, log: Any = print,
         on_row: Callable[[dict[str, Any]], None] | None = None, threads: list[int] | None = None,
         states: tuple[str, ...] = ("fp32",), rounds: int = 5,
-        grad_scalers: tuple[bool, ...] = (False,)) -> dict[str, Any]:
+        grad_scalers: tuple[bool, ...] = (False,), skip_nonfinite: tuple[bool, ...] = (True,)) -> dict[str, Any]:
     """Every (threads, set, dtype, optim, case) in this process; JSON-ready result. The cases of one
     (threads, set, dtype, optim) are built together and timed side by side in `rounds` interleaved rounds
     (measure.time_rounds), so their ratios do not carry the machine's drift between cases.
@@ -182,7 +196,8 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
     result so far (with "partial": True) after every group of rows, so an interrupted run keeps what it
     measured. `states`: the state dtypes of the fastlars rows (see plan). `grad_scalers`: for True, each
     table is also timed with every case stepped through a GradScaler (cases.with_grad_scaler), its dtype
-    labelled e.g. "fp32+GradScaler"."""
+    labelled e.g. "fp32+GradScaler". `skip_nonfinite`: see plan (the GradScaler tables leave the unchecked
+    rows out: there the scaler's flag replaces the check either way)."""
     counts = threads or [torch.get_num_threads()]
     copy_bw = copy_bandwidth_gbs(device)
     inplace_bw = inplace_bandwidth_gbs(device)
@@ -193,7 +208,8 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
                               "inplace_bandwidth_gbs": inplace_bw, "rooflines_gbs": roofs,
                               "last_level_cache_bytes": cache, "thread_counts": counts, "repeats": repeats,
                               "budget_s": budget_s, "rounds": rounds, "states": list(states),
-                              "grad_scalers": list(grad_scalers), "partial": True,
+                              "grad_scalers": list(grad_scalers), "skip_nonfinite": list(skip_nonfinite),
+                              "partial": True,
                               "rows": []}
     before = torch.get_num_threads()
     try:
@@ -207,9 +223,10 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
                     dtype, master = DTYPES[dtype_name]
                     label = dtype_name + (GRAD_SCALER_SUFFIX if scaled else "")
                     for optim in optims:
-                        cases = plan(optim, backends, peers, device, states)
+                        cases = plan(optim, backends, peers, device, states, skip_nonfinite)
                         if scaled:
-                            cases = [with_grad_scaler(case) for case in cases]
+                            cases = [with_grad_scaler(case) for case in cases
+                                     if not case.implementation.endswith(UNCHECKED_SUFFIX)]
                         rows = [Row(set_name, label, optim, case.implementation, case.peer, threads=n)
                                 for case in cases]
                         probed = _measure_side_by_side(rows, cases, shapes, dtype, master, device, repeats,
@@ -394,6 +411,11 @@ def _header(result: dict[str, Any]) -> list[str]:
                     "scale and flag inside their step (fastlars then skips its own gradient-norm pass), the others "
                     "are unscaled in place first; the compiled functional reference has no optimizer to hand it "
                     "(skipped). GB/s counts each step's own compulsory bytes, not the scaler's pass.")
+    if False in (result.get("skip_nonfinite") or []):
+        text.append(f"Rows labelled{UNCHECKED_SUFFIX}: fastlars with opt.skip_nonfinite = False, no pass over the "
+                    "gradients for NaN/inf before the update (LARS takes ||g|| in its ||w|| pass), so a non-finite "
+                    "gradient reaches the state as it does in torch's fused optimizers; the unlabelled fastlars rows "
+                    "read every gradient first and skip the whole step on one.")
     return [*text, ""]
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.cases import GRAD_SCALER_SUFFIX
+from benchmarks.cases import GRAD_SCALER_SUFFIX, UNCHECKED_SUFFIX
 
 ADAMW = "torch.AdamW(fused) [same 28 B]"
 SGD = "torch.SGD(fused, momentum) [same 20 B]"
@@ -60,6 +60,7 @@ class Target:
 
 LARS_FLOOR = ((("read", 4), ("torch_fused_sgd", 20)), (("torch_fused_sgd", 20),))
 FP32_GRAD_SCALER = "fp32" + GRAD_SCALER_SUFFIX  # the dtype label of fp32 tables stepped through a GradScaler
+UNCHECKED_NATIVE = "fastlars.native" + UNCHECKED_SUFFIX  # the native row stepped with skip_nonfinite=False
 LAMB_BOUNDS_21 = (("resnet50", 1.5), ("bert_base", 1.7))  # issue 21: LAMB native / AdamW(fused), per model
 
 
@@ -90,6 +91,12 @@ TARGETS = (
                dtype=FP32_GRAD_SCALER),
         Target("cpu", model, "lamb", "fastlars.native", ADAMW, "<=", lamb_bound,
                "LAMB native / AdamW(fused) step time (21)", dtype=FP32_GRAD_SCALER),
+    )),
+    *(t for model, lamb_bound in LAMB_BOUNDS_21 for t in (
+        Target("cpu", model, "lars", UNCHECKED_NATIVE, SGD, "<=", 1.25,
+               "LARS native (skip_nonfinite=False) / SGD(fused) step time (21)"),
+        Target("cpu", model, "lamb", UNCHECKED_NATIVE, ADAMW, "<=", lamb_bound,
+               "LAMB native (skip_nonfinite=False) / AdamW(fused) step time (21)"),
     )),
     *(t for model in HOST_SETS for t in (
         Target("cpu", model, "lars", "fastlars.native", ADAMW, "<=", 1.0, "LARS native / AdamW(fused) host overhead",

@@ -239,3 +239,98 @@ def test_a_copied_optimizer_steps_as_the_original(backend, how, cls, kw) -> None
     for a, b in zip(opt.state_dict()["state"].values(), copied.state_dict()["state"].values()):
         for key in a:
             assert a[key] == b[key] if isinstance(a[key], dict) else torch.equal(a[key], b[key]), key
+
+
+# ------------------------------------------------------------------ skip_nonfinite=False
+UNCLIPPED = [(fastlars.LARS, {"lr": 1.0, "weight_decay": 1e-2}), (fastlars.LAMB, {"lr": 0.01, "weight_decay": 1e-2})]
+
+
+def _unchecked(opt):
+    opt.skip_nonfinite = False
+    return opt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kw", UNCLIPPED)
+@pytest.mark.parametrize("state_dtype", ["fp32", "int8"])
+def test_skip_nonfinite_off_steps_finite_gradients_to_the_same_bits(backend, cls, kw, state_dtype) -> None:
+    """Without the gradient pass (LARS folding ||g|| into its ||w|| pass) the trajectory is the default one,
+    bit for bit, over many steps and on the cached host path."""
+    if state_dtype != "fp32" and not fastlars.backends.supports_low_precision_state(backend):
+        pytest.skip(f"the {backend} backend steps fp32 state only")
+
+    def make(ps, unchecked):
+        opt = cls(ps, backend=backend, state_dtype=state_dtype, min_quantized_size=256, **kw)
+        return _unchecked(opt) if unchecked else opt
+
+    checked = run_trajectory(lambda ps: make(ps, False), SHAPES, base_lr=kw["lr"], steps=12)
+    unchecked = run_trajectory(lambda ps: make(ps, True), SHAPES, base_lr=kw["lr"], steps=12)
+    for a, b in zip(checked[0], unchecked[0]):
+        assert torch.equal(a, b)
+    assert unchecked[1].skipped_steps == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kw", UNCLIPPED)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_skip_nonfinite_off_lets_a_non_finite_gradient_into_its_tensor_only(backend, cls, kw, bad) -> None:
+    """The defined behaviour without the check: the step is not skipped; the tensor whose gradient holds the
+    non-finite value gets non-finite weights (its norm, hence its trust ratio, is not finite), every other
+    tensor takes exactly the step it takes beside a finite gradient there."""
+    params, twins = make_params(SHAPES, torch.float32), make_params(SHAPES, torch.float32)
+    opt = _unchecked(cls(params, backend=backend, **kw))
+    twin = _unchecked(cls(twins, backend=backend, **kw))
+    for t in (1, 2, 3):
+        for ps in (params, twins):
+            for p, g in zip(ps, synthetic_grads(ps, t)):
+                p.grad = g
+        if t == 3:
+            params[4].grad[0, 0] = bad
+        opt.step()
+        twin.step()
+    assert opt.skipped_steps == 0
+    assert not torch.isfinite(params[4]).all()
+    for i, (p, q) in enumerate(zip(params, twins)):
+        if i != 4:
+            assert torch.equal(p, q), f"params[{i}]"
+    assert float(opt.state[params[4]]["step"]) == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kw", ALGOS)
+def test_skip_nonfinite_off_still_skips_on_a_gradscaler_flag_and_where_norms_are_taken(backend, cls, kw) -> None:
+    """A GradScaler's overflow skips the step as before; LAMB with max_grad_norm (ALGOS' LAMB) computes every
+    ||g|| for its clip anyway and still skips on a non-finite one without a scaler."""
+    params = make_params(SHAPES, torch.float32)
+    opt = _unchecked(cls(params, backend=backend, **kw))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    scaler.scale(torch.ones(()))
+    for p, g in zip(params, synthetic_grads(params, 1)):
+        p.grad = g
+    opt.step()
+    snapshot = _snapshot(params, opt)
+    for p, g in zip(params, synthetic_grads(params, 2)):
+        p.grad = g
+    params[3].grad[1, 2] = float("inf")
+    scaler.step(opt)
+    _assert_unchanged(params, opt, snapshot)
+    assert opt.skipped_steps == 1
+    opt.step()
+    if "max_grad_norm" in kw:
+        _assert_unchanged(params, opt, snapshot)
+        assert opt.skipped_steps == 2
+    else:
+        assert opt.skipped_steps == 1 and not torch.isfinite(params[3]).all()
+
+
+def test_skip_nonfinite_is_checked_and_kept_by_copies() -> None:
+    opt = fastlars.LARS(make_params(SHAPES, torch.float32), lr=1.0)
+    assert opt.skip_nonfinite is True
+    with pytest.raises(TypeError, match="skip_nonfinite: expected True or False"):
+        opt.skip_nonfinite = 0
+    opt.skip_nonfinite = False
+    assert copy.deepcopy(opt).skip_nonfinite is False
+    buffer = io.BytesIO()
+    torch.save(opt, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=False).skip_nonfinite is False

@@ -10,7 +10,7 @@ import torch
 
 import fastlars
 from benchmarks.__main__ import main
-from benchmarks.cases import Case, with_grad_scaler
+from benchmarks.cases import UNCHECKED_SUFFIX, Case, fastlars_case, unchecked, with_grad_scaler
 from benchmarks.measure import roofline_fraction
 from benchmarks.suite import apply_rooflines, host_overhead_markdown, markdown, merge_rooflines, thread_counts
 from benchmarks.targets import ADAMW, COMPILED, SGD, evaluate
@@ -64,6 +64,7 @@ def test_cli_tiny_run_writes_every_backend_and_peer(tmp_path, capsys) -> None:
                                            (["--repeat", "1"], "--repeat: at least 3"),
                                            (["--threads", "0"], "--threads"),
                                            (["--grad-scaler", "yes"], "--grad-scaler: unknown"),
+                                           (["--skip-nonfinite", "no"], "--skip-nonfinite: unknown"),
                                            (["--threads", "two"], "--threads"),
                                            (["--share", "--share-batches", "1,x"], "--share-batches")])
 def test_cli_flag_errors_name_the_flag(flags, message, capsys) -> None:
@@ -467,3 +468,43 @@ def test_grad_scaler_targets_use_the_grad_scaler_tables() -> None:
     got = {e["label"]: (round(e["value"], 4), e["met"]) for e in evaluate(result)}
     assert got["resnet50 fp32: LAMB native / AdamW(fused) step time (21)"] == (1.25, True)
     assert got["resnet50 fp32+GradScaler: LAMB native / AdamW(fused) step time (21)"] == (round(30 / 16.5, 4), False)
+
+
+def test_skip_nonfinite_off_adds_unchecked_fastlars_rows_to_the_plain_tables(tmp_path) -> None:
+    """--skip-nonfinite on,off times each fp32 fastlars backend twice in the plain tables (the second row
+    labelled UNCHECKED_SUFFIX); the GradScaler tables leave that row out (the scaler's flag replaces the
+    check there either way)."""
+    assert main(["--device", "cpu", "--params", "tiny", "--optim", "lars", "--repeat", "3", "--rounds", "1",
+                 "--threads", "all", "--backends", "reference", "--peers", "torch_fused",
+                 "--grad-scaler", "off,on", "--skip-nonfinite", "on,off", "--out", str(tmp_path)]) == 0
+    (json_path,) = tmp_path.glob("step_cpu_*.json")
+    result = json.loads(json_path.read_text())
+    assert result["skip_nonfinite"] == [True, False]
+    by_dtype = {d: {r["implementation"] for r in result["rows"] if r["dtype"] == d}
+                for d in ("fp32", "fp32+GradScaler")}
+    assert by_dtype["fp32"] == {"fastlars.reference", "fastlars.reference" + UNCHECKED_SUFFIX, SGD}
+    assert by_dtype["fp32+GradScaler"] == {"fastlars.reference", SGD}
+    assert "skip_nonfinite = False" in json_path.with_suffix(".md").read_text()
+
+
+def test_unchecked_case_steps_without_the_check() -> None:
+    """The unchecked case's optimizer has skip_nonfinite False: a NaN gradient is not skipped but reaches
+    the weights of its tensor."""
+    params = [torch.nn.Parameter(torch.ones(8)), torch.nn.Parameter(torch.ones(3))]
+    for p in params:
+        p.grad = torch.full_like(p, 0.5)
+    step, _ = unchecked(fastlars_case("lars", "reference")).factory(params, False)
+    assert step.__self__.skip_nonfinite is False
+    params[1].grad[0] = float("nan")
+    step()
+    assert step.__self__.skipped_steps == 0 and not torch.isfinite(params[1]).all()
+
+
+def test_unchecked_targets_read_the_unchecked_rows() -> None:
+    rows = [_big_row("fastlars.native", 2, 1.0, ms=30.0, optim="lamb", peer=False),
+            _big_row("fastlars.native" + UNCHECKED_SUFFIX, 2, 1.0, ms=22.0, optim="lamb", peer=False),
+            _big_row(ADAMW, 2, 1.0, ms=16.0, optim="lamb")]
+    result = {"machine": {"device_type": "cpu"}, "rows": rows, "thread_counts": [2]}
+    got = {e["label"]: (round(e["value"], 4), e["met"]) for e in evaluate(result)}
+    assert got["resnet50 fp32: LAMB native / AdamW(fused) step time (21)"] == (1.875, False)
+    assert got["resnet50 fp32: LAMB native (skip_nonfinite=False) / AdamW(fused) step time (21)"] == (1.375, True)

@@ -99,6 +99,23 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
     """Whether steps over native CPU groups may take the cached host path; False: always the Python
     step (the results are bit-identical either way)."""
 
+    @property
+    def skip_nonfinite(self) -> bool:
+        """Whether step() reads every gradient for NaN/inf before it writes anything and skips the whole step
+        on one (default True). False drops that pass, the one a GradScaler's own check makes redundant: the
+        step runs as under a GradScaler that found no overflow. LARS then takes each ||g|| in the pass that
+        reads w for ||w|| (native CPU: per group of tensors, while they are cached), LAMB reads g only in its
+        update; a step reads g once per element instead of twice. A non-finite gradient then flows into the
+        weights and the state, as in torch's fused optimizers and apex, except where the step computes
+        gradient norms all the same and still skips on a non-finite one: LAMB groups with max_grad_norm,
+        FSDP2-sharded groups and steps with a ``stats_group``. A GradScaler's flag still skips the step."""
+        return getattr(self, "_skip_nonfinite", True)
+
+    @skip_nonfinite.setter
+    def skip_nonfinite(self, value: bool) -> None:
+        check.check_bool("skip_nonfinite", value)
+        self._skip_nonfinite = value
+
     # Subclasses define ``_update_group(item, views, steps, grad_scale, found_inf, global_grad_norm,
     # trust_ratios)``, which calls their functional update for one group.
 
@@ -117,7 +134,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ copy and pickle
     _COPIED_ATTRIBUTES = ("_skipped", "_state_dtype_overrides", "_trust_ratios", "_reuse_weight_norms",
-                          "host_plan_enabled")
+                          "_skip_nonfinite", "host_plan_enabled")
 
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy`` and ``pickle`` keep: torch's defaults, state and param_groups, and this
@@ -359,6 +376,8 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         scaler_found_inf: Tensor | None = getattr(self, "found_inf", None)
+        if scaler_found_inf is None and not self.skip_nonfinite:
+            scaler_found_inf = torch.zeros((), device=self._home_device())  # as a GradScaler without overflow
         if not torch.compiler.is_compiling():
             plan = getattr(self, "_host_plan", None)  # absent on an unpickled optimizer
             if (plan is not None and self._trust_ratios is None and self.stats_group is None
