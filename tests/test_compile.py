@@ -35,11 +35,19 @@ def test_training_step_compiles_without_graph_breaks(backend, cls) -> None:
         _check_training_step(backend, cls)
 
 
-def _check_training_step(backend, cls) -> None:
+@pytest.mark.parametrize("cls", [fastlars.LARS, fastlars.LAMB])
+def test_training_step_without_the_non_finite_check_compiles(cls) -> None:
+    """skip_nonfinite=False (the step's found_inf made inside it) traces as one graph too."""
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        _check_training_step("native", cls, skip_nonfinite=False)
+
+
+def _check_training_step(backend, cls, skip_nonfinite=True) -> None:
     torch._dynamo.reset()
     model, opt = _setup(cls, backend)
     eager_model = copy.deepcopy(model)
     eager_opt = cls(fastlars.param_groups(eager_model, 1e-3), **opt.defaults)
+    opt.skip_nonfinite = eager_opt.skip_nonfinite = skip_nonfinite
     x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
 
     def make_step(m, o):
