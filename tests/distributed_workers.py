@@ -45,7 +45,9 @@ def lr_at(step: int, algo: str) -> float:
     return base * (1.0 + 0.5 * (step % 3))
 
 
-def train(model: nn.Module, opt, algo: str, rank: int = 0, world: int = 1, poison_step: int | None = None) -> None:
+def train(model: nn.Module, opt, algo: str, rank: int = 0, world: int = 1, poison_step: int | None = None,
+          unchecked: bool = False) -> None:
+    (opt.optim if hasattr(opt, "optim") else opt).skip_nonfinite = not unchecked
     for step, (x, y) in enumerate(batches()):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, algo)
@@ -80,6 +82,8 @@ def worker(rank: int, world: int, init_file: str, mode: str, algo: str, out: str
         options = {}
         if mode.endswith("-int8"):
             mode, options = mode.removesuffix("-int8"), INT8_STATE
+        unchecked = mode.endswith("-unchecked")  # the optimizer steps with skip_nonfinite = False
+        mode = mode.removesuffix("-unchecked")
         if mode == "fsdp2-refused":  # low-precision state over DTensor shards must be refused, naming why
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
@@ -96,14 +100,14 @@ def worker(rank: int, world: int, init_file: str, mode: str, algo: str, out: str
         if mode == "ddp":
             wrapped = nn.parallel.DistributedDataParallel(model)
             opt = make_optimizer(algo, fastlars.param_groups(model, 1e-2), **options)
-            train(wrapped, opt, algo, rank, world, poison_step)
+            train(wrapped, opt, algo, rank, world, poison_step, unchecked)
         elif mode == "zero":
             wrapped = nn.parallel.DistributedDataParallel(model)
             cls = fastlars.LARS if algo == "lars" else fastlars.LAMB
             probe = make_optimizer(algo, [torch.zeros(1, requires_grad=True)], **options)
             opt = fastlars.distributed.zero_redundancy_optimizer(
                 fastlars.param_groups(model, 1e-2), optimizer_class=cls, **probe.defaults)
-            train(wrapped, opt, algo, rank, world, poison_step)
+            train(wrapped, opt, algo, rank, world, poison_step, unchecked)
         elif mode == "fsdp2":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
@@ -114,7 +118,7 @@ def worker(rank: int, world: int, init_file: str, mode: str, algo: str, out: str
                     fully_shard(layer, mesh=mesh)
             fully_shard(model, mesh=mesh)
             opt = make_optimizer(algo, fastlars.param_groups(model, 1e-2))
-            train(model, opt, algo, rank, world, poison_step)
+            train(model, opt, algo, rank, world, poison_step, unchecked)
         else:
             raise ValueError(mode)
         full = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]

@@ -56,6 +56,17 @@ def test_nan_on_one_rank_skips_the_step_everywhere(tmp_path, mode: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["zero", "fsdp2"])
+def test_unchecked_lars_still_skips_where_the_norms_are_reduced(tmp_path, mode: str) -> None:
+    """skip_nonfinite=False: LARS under ZeRO (a stats_group) and over FSDP2 shards reduces every ||g|| over
+    the ranks all the same, so the NaN on rank 1 still skips step 7 on both, exactly like one checked
+    process."""
+    result = _run(tmp_path, mode + "-unchecked", "lars", poison_step=7)
+    assert result["skipped"] == 1
+    assert_params_match(result["params"], workers.single_process("lars", poison_step=7), tol=1e-5)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp-int8", "zero-int8"])
 def test_int8_state_two_processes_equal_one(tmp_path, mode: str) -> None:
     """int8 LAMB state (every adapting tensor quantised) under DDP and ZeRO: whole tensors on every rank, so

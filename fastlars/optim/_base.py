@@ -108,7 +108,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         update; a step reads g once per element instead of twice. A non-finite gradient then flows into the
         weights and the state, as in torch's fused optimizers and apex, except where the step computes
         gradient norms all the same and still skips on a non-finite one: LAMB groups with max_grad_norm,
-        FSDP2-sharded groups and steps with a ``stats_group``. A GradScaler's flag still skips the step."""
+        FSDP2-sharded groups, and LARS with a ``stats_group`` (ZeRO). A GradScaler's flag still skips."""
         return getattr(self, "_skip_nonfinite", True)
 
     @skip_nonfinite.setter
