@@ -104,11 +104,12 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         """Whether step() reads every gradient for NaN/inf before it writes anything and skips the whole step
         on one (default True). False drops that pass, the one a GradScaler's own check makes redundant: the
         step runs as under a GradScaler that found no overflow. LARS then takes each ||g|| in the pass that
-        reads w for ||w|| (native CPU: per group of tensors, while they are cached), LAMB reads g only in its
-        update; a step reads g once per element instead of twice. A non-finite gradient then flows into the
-        weights and the state, as in torch's fused optimizers and apex, except where the step computes
-        gradient norms all the same and still skips on a non-finite one: LAMB groups with max_grad_norm,
-        FSDP2-sharded groups, and LARS with a ``stats_group`` (ZeRO). A GradScaler's flag still skips."""
+        reads w for ||w|| (native CPU: group by group, each group's update right after, so it finds the
+        gradients of a group that fits the cache still there), LAMB reads g only in its update. A non-finite
+        gradient then flows into its own tensor's weights and state (its norm, hence its trust ratio, is not
+        finite), as in torch's fused optimizers and apex, except where the step computes gradient norms all
+        the same and still skips on a non-finite one: LAMB groups with max_grad_norm, FSDP2-sharded groups,
+        and LARS with a ``stats_group`` (ZeRO). A GradScaler's flag still skips."""
         return getattr(self, "_skip_nonfinite", True)
 
     @skip_nonfinite.setter
@@ -139,9 +140,9 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy`` and ``pickle`` keep: torch's defaults, state and param_groups, and this
         optimizer's own settings (skipped-step count, per-parameter state formats, recorded trust ratios,
-        host-path switches). Hooks are not kept (torch's rule); the host plan and backend choices are rebuilt
-        at the copy's first step; ``stats_group`` (a process group, which cannot be copied) is None in the
-        copy: set it again on a ZeRO copy."""
+        host-path switches, skip_nonfinite). Hooks are not kept (torch's rule); the host plan and backend
+        choices are rebuilt at the copy's first step; ``stats_group`` (a process group, which cannot be
+        copied) is None in the copy: set it again on a ZeRO copy."""
         state = super().__getstate__()
         state.update({name: self.__dict__[name] for name in self._COPIED_ATTRIBUTES if name in self.__dict__})
         return state
