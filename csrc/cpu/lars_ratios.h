@@ -100,4 +100,16 @@ void lars_ratios_then_update(const ElementKernels& kernels, const std::vector<Ch
   flush();
 }
 
+// After an update that summed each chunk's Σw'² of the new weights into next_partials: next_w_norms[i] =
+// ||w'_i|| for each tensor i where carried(i), the chunk sums added per tensor in chunk order and in double,
+// as the norm pass adds them, so the same bits.
+template <typename Carried>
+void store_carried_norms(const std::vector<Chunk>& chunks, const std::vector<float>& next_partials,
+                         const Carried& carried, std::vector<float>& next_w_norms) {
+  const std::vector<double> sums = per_tensor_sums(chunks, next_partials, next_w_norms.size());
+  for (size_t i = 0; i < next_w_norms.size(); ++i) {
+    if (carried(i)) next_w_norms[i] = static_cast<float>(std::sqrt(sums[i]));
+  }
+}
+
 }  // namespace fastlars::cpu

@@ -33,12 +33,12 @@
 #include "../common/quant_math.h"
 #include "../common/step_math.h"
 #include "kernels.h"
+#include "lamb_passes.h"
 #include "lars_ratios.h"
 #include "lars_step.h"
 #include "multi_tensor.h"
 #include "op_checks.h"
 #include "parallel.h"
-#include "tensor_groups.h"
 
 namespace fastlars::cpu {
 namespace {
@@ -271,72 +271,49 @@ void lamb_lowbit_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   const std::vector<Chunk> chunks = plan_block_chunks(ts);
   const auto& m_slots = ts.buffers[0];
   const auto& v_slots = ts.buffers[1];
-  const GroupPlan plan = plan_groups(chunks, ts.numel);
-  // u is kept for pass 2 only while the group fits the caches (max_stored_elements, tensor_groups.h); a
-  // bigger tensor recomputes it from the stored state (2 bytes of codes per element read instead of 4
-  // written and 4 read).
-  const int64_t stored_limit = max_stored_elements();
-  float* const workspace = update_workspace(plan, stored_limit);
-  std::vector<float> partials(2 * chunks.size());
-  std::vector<float> steps_by_tensor(n, rate);
-  for (const TensorGroup& group : plan.groups) {
-    const bool store_u = group.elements <= stored_limit;
-    const Chunk* first = chunks.data() + group.first_chunk;
-    const int64_t count = static_cast<int64_t>(group.end_chunk - group.first_chunk);
-
-    for_each_chunk(first, count, 4, [&](int64_t k, const Chunk& c, float* scratch) {
-      const float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
-      const float* g = load(ts.grad[c.tensor], c.begin, c.size, scratch + kChunk);
-      float* u = store_u ? workspace + plan.offset[c.tensor] + c.begin : nullptr;
-      float* sums = &partials[2 * (group.first_chunk + k)];
-      const StateSlot& m_slot = m_slots[c.tensor];
-      const StateSlot& v_slot = v_slots[c.tensor];
-      if (m_slot.quantized() && v_slot.quantized()) {
-        lamb_int8_pass1(kernels, ts, c, m_slot, v_slot, w, g, u, args[c.tensor], sums);
-        return;
-      }
-      if (bf16_state(m_slot) && bf16_state(v_slot)) {
-        kernels.lamb_bf16_pass1(w, g, bf16_bits(m_slot, c), bf16_bits(v_slot, c), u, c.size, args[c.tensor], sums);
-        return;
-      }
-      float* m = load_state(ts, m_slot, true, c, scratch + 2 * kChunk);
-      float* v = load_state(ts, v_slot, false, c, scratch + 3 * kChunk);
-      kernels.lamb_moments_only(m, v, g, c.size, args[c.tensor]);
-      store_state(ts, m_slot, true, c, m);
-      store_state(ts, v_slot, false, c, v);
-      kernels.lamb_direction_sums(w, m, v, u, c.size, args[c.tensor], sums);
-    });
-
-    for (size_t i = group.first_tensor; i < group.end_tensor; ++i) {
-      const float w_norm = static_cast<float>(std::sqrt(plan.tensor_sum(partials, i, 2, 0)));
-      const float u_norm = static_cast<float>(std::sqrt(plan.tensor_sum(partials, i, 2, 1)));
-      const float ratio = math::lamb_ratio(w_norm, u_norm, adapt, trust_clip, bounds.has, bounds.lo, bounds.hi);
-      steps_by_tensor[i] = rate * ratio;
-      if (ratio_out != nullptr) ratio_out[i] = ratio;
+  // u is kept for pass 2 only while the group fits the caches (lamb_passes.h); a bigger tensor recomputes it
+  // from the stored state (2 bytes of codes per element read instead of 4 written and 4 read).
+  const auto pass1 = [&](const Chunk& c, float* scratch, float* u, float* sums) {
+    const float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
+    const float* g = load(ts.grad[c.tensor], c.begin, c.size, scratch + kChunk);
+    const StateSlot& m_slot = m_slots[c.tensor];
+    const StateSlot& v_slot = v_slots[c.tensor];
+    if (m_slot.quantized() && v_slot.quantized()) {
+      lamb_int8_pass1(kernels, ts, c, m_slot, v_slot, w, g, u, args[c.tensor], sums);
+      return;
     }
-
-    for_each_chunk(first, count, 3, [&](int64_t, const Chunk& c, float* scratch) {
-      float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
-      const float step = steps_by_tensor[c.tensor];
-      const StateSlot& m_slot = m_slots[c.tensor];
-      const StateSlot& v_slot = v_slots[c.tensor];
-      if (store_u) {
-        kernels.lamb_apply_stored(w, workspace + plan.offset[c.tensor] + c.begin, c.size, args[c.tensor], step);
-      } else if (m_slot.quantized() && v_slot.quantized()) {
-        for_each_row_piece(ts, c, [&](int64_t off, int64_t len, int64_t block) {
-          kernels.lamb_int8_apply(w + off, m_slot.codes + c.begin + off, m_slot.scales + block,
-                                  v_slot.codes + c.begin + off, v_slot.scales + block, len, args[c.tensor], step);
-        });
-      } else if (bf16_state(m_slot) && bf16_state(v_slot)) {
-        kernels.lamb_bf16_apply(w, bf16_bits(m_slot, c), bf16_bits(v_slot, c), c.size, args[c.tensor], step);
-      } else {
-        const float* m = load_state(ts, m_slots[c.tensor], true, c, scratch + kChunk);
-        const float* v = load_state(ts, v_slots[c.tensor], false, c, scratch + 2 * kChunk);
-        kernels.lamb_apply_recomputed(w, m, v, c.size, args[c.tensor], step);
-      }
-      store_weights(ts, c, w, keys[c.tensor]);
-    }, Order::back);  // from pass 1's end, still cached
-  }
+    if (bf16_state(m_slot) && bf16_state(v_slot)) {
+      kernels.lamb_bf16_pass1(w, g, bf16_bits(m_slot, c), bf16_bits(v_slot, c), u, c.size, args[c.tensor], sums);
+      return;
+    }
+    float* m = load_state(ts, m_slot, true, c, scratch + 2 * kChunk);
+    float* v = load_state(ts, v_slot, false, c, scratch + 3 * kChunk);
+    kernels.lamb_moments_only(m, v, g, c.size, args[c.tensor]);
+    store_state(ts, m_slot, true, c, m);
+    store_state(ts, v_slot, false, c, v);
+    kernels.lamb_direction_sums(w, m, v, u, c.size, args[c.tensor], sums);
+  };
+  const auto pass2 = [&](const Chunk& c, float* scratch, const float* u, float step) {
+    float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
+    const StateSlot& m_slot = m_slots[c.tensor];
+    const StateSlot& v_slot = v_slots[c.tensor];
+    if (u != nullptr) {
+      kernels.lamb_apply_stored(w, u, c.size, args[c.tensor], step);
+    } else if (m_slot.quantized() && v_slot.quantized()) {
+      for_each_row_piece(ts, c, [&](int64_t off, int64_t len, int64_t block) {
+        kernels.lamb_int8_apply(w + off, m_slot.codes + c.begin + off, m_slot.scales + block,
+                                v_slot.codes + c.begin + off, v_slot.scales + block, len, args[c.tensor], step);
+      });
+    } else if (bf16_state(m_slot) && bf16_state(v_slot)) {
+      kernels.lamb_bf16_apply(w, bf16_bits(m_slot, c), bf16_bits(v_slot, c), c.size, args[c.tensor], step);
+    } else {
+      const float* m = load_state(ts, m_slot, true, c, scratch + kChunk);
+      const float* v = load_state(ts, v_slot, false, c, scratch + 2 * kChunk);
+      kernels.lamb_apply_recomputed(w, m, v, c.size, args[c.tensor], step);
+    }
+    store_weights(ts, c, w, keys[c.tensor]);
+  };
+  lamb_group_passes(chunks, ts.numel, {rate, adapt, trust_clip, bounds}, ratio_out, 4, pass1, 3, pass2);
 }
 
 }  // namespace
@@ -414,12 +391,7 @@ void lars_lowbit_step_carrying_norms(at::TensorList params, at::TensorList grads
                            static_cast<float>(eps), trust_clip, bounds},
                           ratios, update, known_w_norms);
   if (ratio_out != nullptr) std::copy(ratios.begin(), ratios.end(), ratio_out);
-  if (carry) {  // as the norm pass adds chunk sums: per tensor, in chunk order, in double
-    const std::vector<double> sums = per_tensor_sums(chunks, next_partials, n);
-    for (size_t i = 0; i < n; ++i) {
-      if (carried(i)) (*next_w_norms)[i] = static_cast<float>(std::sqrt(sums[i]));
-    }
-  }
+  if (carry) store_carried_norms(chunks, next_partials, carried, *next_w_norms);
 }
 
 namespace {

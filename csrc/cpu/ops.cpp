@@ -25,9 +25,9 @@
 #include "../common/param_checks.h"
 #include "../common/step_math.h"
 #include "kernels.h"
+#include "lamb_passes.h"
 #include "lars_ratios.h"
 #include "lars_step.h"
-#include "tensor_groups.h"
 #include "multi_tensor.h"
 #include "op_checks.h"
 #include "parallel.h"
@@ -174,11 +174,9 @@ void lars_step_carrying_norms(at::TensorList params, at::TensorList grads, at::T
                           ratios, [&](const Chunk* first, int64_t count) { update(first, count, ratios); },
                           known_w_norms);
   if (ratio_out != nullptr) std::copy(ratios.begin(), ratios.end(), ratio_out);
-  if (carry) {  // as the norm pass adds chunk sums: per tensor, in chunk order, in double
-    const std::vector<double> sums = per_tensor_sums(chunks, next_partials, n);
-    for (size_t i = 0; i < n; ++i) {
-      if (ts.weight[i].type == at::kFloat) (*next_w_norms)[i] = static_cast<float>(std::sqrt(sums[i]));
-    }
+  if (carry) {
+    store_carried_norms(chunks, next_partials, [&](size_t i) { return ts.weight[i].type == at::kFloat; },
+                        *next_w_norms);
   }
 }
 
@@ -241,62 +239,39 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   // fp32 moments are written in place by pass 1; low-precision ones are worked on as copies there and
   // recomputed from the old values and g in pass 2, so u never sees rounded moments (as in the reference).
   const auto moments = ts.fp32_state ? load : load_copy;
-  const GroupPlan plan = plan_groups(chunks, ts.numel);
-  const int64_t stored_limit = max_stored_elements();
-  float* const workspace = update_workspace(plan, stored_limit);
-  std::vector<float> partials(2 * chunks.size());
-  std::vector<float> steps_by_tensor(n, rate);
-  for (const TensorGroup& group : plan.groups) {
-    const bool store_u = group.elements <= stored_limit;
-    const Chunk* first = chunks.data() + group.first_chunk;
-    const int64_t count = static_cast<int64_t>(group.end_chunk - group.first_chunk);
-    const auto u_of = [&](const Chunk& c) -> float* {
-      return store_u ? workspace + plan.offset[c.tensor] + c.begin : nullptr;
-    };
-
-    for_each_chunk(first, count, 4, [&](int64_t k, const Chunk& c, float* scratch) {
-      const float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
-      float* m = moments(m_slots[c.tensor], c.begin, c.size, scratch + kChunk);
-      float* v = moments(v_slots[c.tensor], c.begin, c.size, scratch + 2 * kChunk);
-      const float* g = load(ts.grad[c.tensor], c.begin, c.size, scratch + 3 * kChunk);
-      kernels.lamb_moments(w, m, v, g, u_of(c), c.size, args[c.tensor], &partials[2 * (group.first_chunk + k)]);
-    });
-
-    for (size_t i = group.first_tensor; i < group.end_tensor; ++i) {
-      const float w_norm = static_cast<float>(std::sqrt(plan.tensor_sum(partials, i, 2, 0)));
-      const float u_norm = static_cast<float>(std::sqrt(plan.tensor_sum(partials, i, 2, 1)));
-      const float ratio = math::lamb_ratio(w_norm, u_norm, true, trust_clip, bounds.has, bounds.lo, bounds.hi);
-      steps_by_tensor[i] = rate * ratio;
-      if (ratio_out != nullptr) ratio_out[i] = ratio;
-    }
-
-    for_each_chunk(first, count, 4, [&](int64_t, const Chunk& c, float* scratch) {  // pass 2, from pass 1's end
-      float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
-      const float step = steps_by_tensor[c.tensor];
-      if (ts.fp32_state) {
-        if (store_u) {
-          kernels.lamb_apply_stored(w, u_of(c), c.size, args[c.tensor], step);
-        } else {
-          float* m = load(m_slots[c.tensor], c.begin, c.size, scratch + kChunk);
-          float* v = load(v_slots[c.tensor], c.begin, c.size, scratch + 2 * kChunk);
-          kernels.lamb_apply_recomputed(w, m, v, c.size, args[c.tensor], step);
-        }
+  const auto pass1 = [&](const Chunk& c, float* scratch, float* u, float* sums) {
+    const float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
+    float* m = moments(m_slots[c.tensor], c.begin, c.size, scratch + kChunk);
+    float* v = moments(v_slots[c.tensor], c.begin, c.size, scratch + 2 * kChunk);
+    const float* g = load(ts.grad[c.tensor], c.begin, c.size, scratch + 3 * kChunk);
+    kernels.lamb_moments(w, m, v, g, u, c.size, args[c.tensor], sums);
+  };
+  const auto pass2 = [&](const Chunk& c, float* scratch, float* u, float step) {
+    float* w = load(ts.weight[c.tensor], c.begin, c.size, scratch);
+    if (ts.fp32_state) {
+      if (u != nullptr) {
+        kernels.lamb_apply_stored(w, u, c.size, args[c.tensor], step);
       } else {
         float* m = load(m_slots[c.tensor], c.begin, c.size, scratch + kChunk);
         float* v = load(v_slots[c.tensor], c.begin, c.size, scratch + 2 * kChunk);
-        const float* g = load(ts.grad[c.tensor], c.begin, c.size, scratch + 3 * kChunk);
-        if (store_u) {
-          kernels.lamb_moments_only(m, v, g, c.size, args[c.tensor]);
-          kernels.lamb_apply_stored(w, u_of(c), c.size, args[c.tensor], step);
-        } else {
-          kernels.lamb_full(w, m, v, g, c.size, args[c.tensor], step);
-        }
-        store(m_slots[c.tensor], c.begin, c.size, m);
-        store(v_slots[c.tensor], c.begin, c.size, v);
+        kernels.lamb_apply_recomputed(w, m, v, c.size, args[c.tensor], step);
       }
-      store_weight(ts, c, w);
-    }, Order::back);
-  }
+    } else {
+      float* m = load(m_slots[c.tensor], c.begin, c.size, scratch + kChunk);
+      float* v = load(v_slots[c.tensor], c.begin, c.size, scratch + 2 * kChunk);
+      const float* g = load(ts.grad[c.tensor], c.begin, c.size, scratch + 3 * kChunk);
+      if (u != nullptr) {
+        kernels.lamb_moments_only(m, v, g, c.size, args[c.tensor]);
+        kernels.lamb_apply_stored(w, u, c.size, args[c.tensor], step);
+      } else {
+        kernels.lamb_full(w, m, v, g, c.size, args[c.tensor], step);
+      }
+      store(m_slots[c.tensor], c.begin, c.size, m);
+      store(v_slots[c.tensor], c.begin, c.size, v);
+    }
+    store_weight(ts, c, w);
+  };
+  lamb_group_passes(chunks, ts.numel, {rate, true, trust_clip, bounds}, ratio_out, 4, pass1, 4, pass2);
 }
 
 }  // namespace
