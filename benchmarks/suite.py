@@ -196,8 +196,8 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
     result so far (with "partial": True) after every group of rows, so an interrupted run keeps what it
     measured. `states`: the state dtypes of the fastlars rows (see plan). `grad_scalers`: for True, each
     table is also timed with every case stepped through a GradScaler (cases.with_grad_scaler), its dtype
-    labelled e.g. "fp32+GradScaler". `skip_nonfinite`: see plan (the GradScaler tables leave the unchecked
-    rows out: there the scaler's flag replaces the check either way)."""
+    labelled e.g. "fp32+GradScaler". `skip_nonfinite`: see plan; the GradScaler tables take the default rows
+    only (there the scaler's flag replaces the check either way)."""
     counts = threads or [torch.get_num_threads()]
     copy_bw = copy_bandwidth_gbs(device)
     inplace_bw = inplace_bandwidth_gbs(device)
@@ -223,10 +223,9 @@ def run(device: torch.device, sets: list[str], optims: list[str], dtypes: list[s
                     dtype, master = DTYPES[dtype_name]
                     label = dtype_name + (GRAD_SCALER_SUFFIX if scaled else "")
                     for optim in optims:
-                        cases = plan(optim, backends, peers, device, states, skip_nonfinite)
+                        cases = plan(optim, backends, peers, device, states, (True,) if scaled else skip_nonfinite)
                         if scaled:
-                            cases = [with_grad_scaler(case) for case in cases
-                                     if not case.implementation.endswith(UNCHECKED_SUFFIX)]
+                            cases = [with_grad_scaler(case) for case in cases]
                         rows = [Row(set_name, label, optim, case.implementation, case.peer, threads=n)
                                 for case in cases]
                         probed = _measure_side_by_side(rows, cases, shapes, dtype, master, device, repeats,
