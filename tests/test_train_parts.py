@@ -164,6 +164,49 @@ def test_optim_state_is_fastlars_only(optimizer: str) -> None:
 
 
 @pytest.mark.parametrize("optimizer", ["lars", "lamb"])
+def test_no_skip_nonfinite_reaches_the_optimizer(optimizer: str) -> None:
+    """--no-skip-nonfinite sets fastlars' skip_nonfinite to False (True without it), on the optimizer and on
+    ZeRO's local one: a step with a NaN in one gradient is then applied (the NaN reaches that tensor, the others
+    move) where the default skips it (nothing moves)."""
+    assert config_from_args(["--optimizer", optimizer]).skip_nonfinite
+    cfg = config_from_args(["--optimizer", optimizer, "--no-skip-nonfinite"])
+    assert not cfg.skip_nonfinite
+    for skip in (True, False):
+        torch.manual_seed(0)
+        model = build_model("small_cnn", 10)
+        opt = build_optimizer(dataclasses.replace(cfg, skip_nonfinite=skip), model, lr=0.1)
+        assert opt.skip_nonfinite is skip
+        model(torch.randn(4, 3, 16, 16)).sum().backward()
+        names = dict(model.named_parameters())
+        names["0.weight"].grad[0, 0, 0, 0] = float("nan")
+        before = {n: p.detach().clone() for n, p in names.items()}
+        opt.step()
+        if skip:
+            assert all(torch.equal(p, before[n]) for n, p in names.items())
+        else:
+            assert names["0.weight"].isnan().any()
+            assert all(p.isfinite().all() and not torch.equal(p, before[n]) for n, p in names.items()
+                       if n != "0.weight" and p.grad.abs().sum() > 0)
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        zero = build_optimizer(cfg, build_model("small_cnn", 10), lr=0.1, zero=True)
+        assert zero.optim.skip_nonfinite is False
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_no_skip_nonfinite_is_fastlars_only(optimizer: str) -> None:
+    """--no-skip-nonfinite with a torch optimizer (which never checks its gradients) is an error naming the
+    flag, from the config and from build_optimizer alike."""
+    cfg = TrainConfig(optimizer=optimizer, skip_nonfinite=False)
+    with pytest.raises(ValueError, match=f"--no-skip-nonfinite applies to the fastlars optimizers .*{optimizer}"):
+        cfg.check()
+    with pytest.raises(ValueError, match=f"--no-skip-nonfinite applies to lars and lamb only; {optimizer}"):
+        build_optimizer(cfg, build_model("small_cnn", 10), lr=0.1)
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "lamb"])
 def test_optim_state_reaches_the_fastlars_state(optimizer: str) -> None:
     """--optim-state/--optim-state-min-size become state_dtype/min_quantized_size: with the library's 4096 only
     the small CNN's 4,608-element conv is int8; with 0 every adapting weight is; biases and BN stay fp32.

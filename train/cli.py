@@ -55,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
                           "scale); biases, norms and small tensors stay fp32; sgd/adamw: fp32 only")
     opt.add_argument("--optim-state-min-size", type=int, default=d.optim_state_min_size, metavar="N",
                      help="tensors with fewer elements keep fp32 state (default: fastlars' 4096)")
+    opt.add_argument("--no-skip-nonfinite", dest="skip_nonfinite", action="store_false",
+                     help="lars/lamb: apply a step whose gradients hold a NaN/inf instead of skipping it (one read of "
+                          "the gradients less per step; under --amp fp16 the GradScaler still skips)")
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay,
                      help="default 1e-4 (sgd, lars), 0.01 (lamb, adamw); never on biases and norm layers")
     opt.add_argument("--momentum", type=float, default=d.momentum)

@@ -38,7 +38,10 @@ class TrainConfig:
     files, "auto" (OUT/tensorboard when the tensorboard package is installed) or "off". `optim_state`:
     how fastlars LARS/LAMB store their moments/momentum ("fp32", "bf16" or blockwise "int8"), for
     adapting tensors of at least `optim_state_min_size` elements (the library's `state_dtype` and
-    `min_quantized_size`; default 4096 as there); SGD and AdamW take fp32 only."""
+    `min_quantized_size`; default 4096 as there); SGD and AdamW take fp32 only. `skip_nonfinite`: whether
+    fastlars LARS/LAMB skip a step whose gradients hold a NaN/inf (the library's default, one read of the
+    gradients before any write); False applies every step as it comes, as torch's SGD/AdamW do (the
+    library's `skip_nonfinite = False`: one pass less; under --amp fp16 the GradScaler's flag still decides)."""
 
     data: str = "default"
     loader: str = "cpu"
@@ -74,6 +77,7 @@ class TrainConfig:
     backend: str = "auto"
     optim_state: str = "fp32"
     optim_state_min_size: int = MIN_QUANTIZED_SIZE
+    skip_nonfinite: bool = True
     shard: str = "none"
     image_size: int | None = None
     train_subset: int | None = None
@@ -127,6 +131,9 @@ class TrainConfig:
         if self.optim_state != "fp32" and self.optimizer not in ("lars", "lamb"):
             raise ValueError(f"--optim-state {self.optim_state} applies to the fastlars optimizers (lars, lamb); "
                              f"{self.optimizer} keeps fp32 state: use --optim-state fp32")
+        if not self.skip_nonfinite and self.optimizer not in ("lars", "lamb"):
+            raise ValueError(f"--no-skip-nonfinite applies to the fastlars optimizers (lars, lamb); {self.optimizer} "
+                             "never checks its gradients")
         if self.optim_state != "fp32" and self.shard == "fsdp2":
             raise ValueError(f"--optim-state {self.optim_state} with --shard fsdp2 is not supported (fastlars' "
                              "sharded steps take fp32 state); use --optim-state fp32 or --shard none|zero")

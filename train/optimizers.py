@@ -22,7 +22,8 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float,
     """cfg.optimizer over `model`'s parameters at learning rate `lr`; with `zero`, wrapped in
     torch's ZeroRedundancyOptimizer (fastlars' version for LARS/LAMB, which reduces the skip flag and
     LAMB's global gradient norm over ranks). LARS/LAMB store their state as cfg.optim_state
-    (fastlars' state_dtype) for adapting tensors of at least cfg.optim_state_min_size elements."""
+    (fastlars' state_dtype) for adapting tensors of at least cfg.optim_state_min_size elements, and skip
+    steps with non-finite gradients as cfg.skip_nonfinite says (fastlars' skip_nonfinite)."""
     wd = cfg.weight_decay if cfg.weight_decay is not None else default_weight_decay(cfg.optimizer)
     groups = fastlars.param_groups(model, weight_decay=wd)
     options: dict[str, Any]
@@ -47,12 +48,21 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float,
         else:
             cls = torch.optim.SGD
             options = {"momentum": cfg.momentum, "nesterov": cfg.nesterov}
-    if not zero:
-        return cls(groups, lr=lr, **options)
     if cls in (fastlars.LARS, fastlars.LAMB):
+        if not zero:
+            built = cls(groups, lr=lr, **options)
+            built.skip_nonfinite = cfg.skip_nonfinite
+            return built
         from fastlars.distributed import zero_redundancy_optimizer
 
-        return zero_redundancy_optimizer(groups, cls, lr=lr, **options)
+        zero_built = zero_redundancy_optimizer(groups, cls, lr=lr, **options)
+        zero_built.optim.skip_nonfinite = cfg.skip_nonfinite
+        return zero_built
+    if not cfg.skip_nonfinite:
+        raise ValueError(f"--no-skip-nonfinite applies to lars and lamb only; {cfg.optimizer} never checks its "
+                         "gradients")
+    if not zero:
+        return cls(groups, lr=lr, **options)
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     return ZeroRedundancyOptimizer(groups, optimizer_class=cls, lr=lr, **options)
