@@ -40,6 +40,9 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float,
         if cfg.optim_state != "fp32":
             raise ValueError(f"--optim-state {cfg.optim_state} applies to lars and lamb only; "
                              f"{cfg.optimizer} keeps fp32 state")
+        if not cfg.skip_nonfinite:
+            raise ValueError(f"--no-skip-nonfinite applies to lars and lamb only; {cfg.optimizer} never checks its "
+                             "gradients")
         for group in groups:
             group.pop("adapt", None)
         if cfg.optimizer == "adamw":
@@ -58,9 +61,6 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float,
         zero_built = zero_redundancy_optimizer(groups, cls, lr=lr, **options)
         zero_built.optim.skip_nonfinite = cfg.skip_nonfinite
         return zero_built
-    if not cfg.skip_nonfinite:
-        raise ValueError(f"--no-skip-nonfinite applies to lars and lamb only; {cfg.optimizer} never checks its "
-                         "gradients")
     if not zero:
         return cls(groups, lr=lr, **options)
     from torch.distributed.optim import ZeroRedundancyOptimizer
