@@ -30,7 +30,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <fstream>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include <unistd.h>
@@ -42,12 +44,38 @@ namespace fastlars::cpu {
 // 1 MiB per fp32 array: a LAMB group's five arrays (w, m, v, g, u) take 5 MiB of L2 + L3.
 constexpr int64_t kGroupElements = int64_t{1} << 18;
 
-// Bytes of the last-level cache this process reports (glibc's sysconf: L3, else L2); 0 where unknown.
+// Bytes of one instance of the highest cache level the kernel lists for cpu0 (Linux sysfs,
+// /sys/devices/system/cpu/cpu0/cache/index*/{level,size}: what lscpu prints), else glibc's sysconf (L3,
+// else L2); 0 where unknown. sysfs first: on a 2-core Zen 4 EPYC VM (2026-12-06) sysconf reported 320 MiB
+// of L3 where sysfs reports the 32 MiB the VM's cores share, so LAMB stored u for groups of up to 4.2M
+// elements, far beyond that cache; in 2 of 13 processes (and one benchmark run) every step that stored
+// u then took ~2x as long (ResNet-50 fp32 and int8 LAMB, 2 threads: 38-50 ms against 19-22 ms for the
+// 419K limit of 32 MiB in the same process, interleaved), while the 419K limit was never slow.
+inline int64_t sysfs_last_level_cache_bytes() {
+  int best_level = 0;
+  int64_t best_bytes = 0;
+  for (int index = 0; index < 16; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+    std::ifstream level_file(dir + "level"), size_file(dir + "size");
+    int level = 0;
+    std::string size;
+    if (!(level_file >> level) || !(size_file >> size) || size.empty()) continue;
+    const char unit = size.back();
+    const int64_t scale = unit == 'K' ? int64_t{1} << 10 : unit == 'M' ? int64_t{1} << 20 : unit == 'G' ? int64_t{1} << 30 : 1;
+    const int64_t bytes = std::strtoll(size.c_str(), nullptr, 10) * scale;
+    if (level > best_level || (level == best_level && bytes > best_bytes)) {
+      best_level = level;
+      best_bytes = bytes;
+    }
+  }
+  return best_bytes;
+}
+
 inline int64_t last_level_cache_bytes() {
   static const int64_t bytes = [] {
-    long b = 0;
+    long b = static_cast<long>(sysfs_last_level_cache_bytes());
 #if defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
-    b = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (b <= 0) b = sysconf(_SC_LEVEL3_CACHE_SIZE);
     if (b <= 0) b = sysconf(_SC_LEVEL2_CACHE_SIZE);
 #endif
     return b > 0 ? static_cast<int64_t>(b) : int64_t{0};
