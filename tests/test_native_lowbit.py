@@ -491,6 +491,13 @@ side = t.Side(t.native_lowbit, "lamb", shapes, torch.float32, False, t.MIXED)
 for step in range(1, 6):
     side.step(step, 0.02, h, grad_scale=torch.tensor(8.0), clip_coef=torch.tensor(0.5))
 out["lamb_options"] = side.snapshot()
+# LARS's loop variants: both momentum styles with Nesterov, maximize and a GradScaler scale
+for style in ("mlperf", "torch"):
+    h = dataclasses.replace(t.LARS_H, momentum_style=style, nesterov=True, maximize=True)
+    side = t.Side(t.native_lowbit, "lars", shapes, torch.float32, False, t.MIXED)
+    for step in range(1, 6):
+        side.step(step, 0.5, h, grad_scale=torch.tensor(8.0))
+    out["lars_options_" + style] = side.snapshot()
 torch.save(out, sys.argv[2])
 """
 
@@ -518,7 +525,8 @@ def test_every_cpu_instruction_set_build_gives_identical_results(tmp_path) -> No
     assert runs["baseline", 2]["isa"] == "baseline" and len({run["isa"] for run in runs.values()}) > 1
     base = runs["baseline", 2]
     for key, run in runs.items():
-        for name in ("lamb_fp32", "lamb_sr", "lamb_options", "lars_fp32", "lars_sr"):
+        for name in ("lamb_fp32", "lamb_sr", "lamb_options", "lars_fp32", "lars_sr", "lars_options_mlperf",
+                     "lars_options_torch"):
             for i, (a, b) in enumerate(zip(base[name], run[name])):
                 assert torch.equal(a, b), f"{name} tensor {i}: {key} differs from the baseline on 2 threads"
 

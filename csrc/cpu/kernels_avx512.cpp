@@ -18,5 +18,6 @@
 #define FASTLARS_ISA_NAMESPACE isa_avx512
 #define FASTLARS_ISA_NAME "avx512"
 #define FASTLARS_INT8_LAMB_AVX512 1  // LAMB's int8-state loops from int8_lamb_avx512.inc (intrinsics)
+#define FASTLARS_INT8_LARS_AVX512 1  // LARS's int8-momentum loop from int8_lars_avx512.inc (intrinsics)
 #include "kernels.inc"
 #endif
