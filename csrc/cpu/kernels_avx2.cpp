@@ -15,5 +15,6 @@
 #define FASTLARS_ISA_NAMESPACE isa_avx2
 #define FASTLARS_ISA_NAME "avx2"
 #define FASTLARS_INT8_LAMB_AVX2 1  // LAMB's int8-state loops from int8_lamb_avx2.inc (intrinsics)
+#define FASTLARS_INT8_LARS_AVX2 1  // LARS's int8-momentum loop from int8_lars_avx2.inc (intrinsics)
 #include "kernels.inc"
 #endif
