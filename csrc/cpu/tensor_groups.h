@@ -61,8 +61,8 @@ inline int64_t sysfs_last_level_cache_bytes() {
     std::string size;
     if (!(level_file >> level) || !(size_file >> size) || size.empty()) continue;
     const char unit = size.back();
-    const int64_t scale = unit == 'K' ? int64_t{1} << 10 : unit == 'M' ? int64_t{1} << 20 : unit == 'G' ? int64_t{1} << 30 : 1;
-    const int64_t bytes = std::strtoll(size.c_str(), nullptr, 10) * scale;
+    const int shift = unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 0;
+    const int64_t bytes = std::strtoll(size.c_str(), nullptr, 10) << shift;
     if (level > best_level || (level == best_level && bytes > best_bytes)) {
       best_level = level;
       best_bytes = bytes;
