@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fastlars
+from benchmarks.measure import last_level_cache_bytes
 from fastlars import backends
 from fastlars._extension import extension
 
@@ -105,20 +106,6 @@ def _getconf(name: str) -> int:
     return int(out) if out.isdigit() else 0
 
 
-def _sysfs_last_level_cache() -> int:
-    """Size of cpu0's highest-level cache in Linux sysfs (what lscpu prints), 0 without sysfs."""
-    best: tuple[int, int] = (0, 0)
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        try:
-            level = int((index / "level").read_text())
-            size = (index / "size").read_text().strip()
-        except (OSError, ValueError):
-            continue
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
-        best = max(best, (level, int(size.rstrip("KMG")) * scale))
-    return best[1]
-
-
 def test_lamb_workspace_limit_follows_the_cache(monkeypatch) -> None:
     """Without FASTLARS_LAMB_WORKSPACE_ELEMENTS, LAMB keeps u between its passes for groups whose five fp32
     arrays fit in a quarter of the last-level cache the kernel lists in sysfs (else glibc's sysconf, as
@@ -126,7 +113,7 @@ def test_lamb_workspace_limit_follows_the_cache(monkeypatch) -> None:
     ext = extension()
     monkeypatch.delenv("FASTLARS_LAMB_WORKSPACE_ELEMENTS")
     plan = ext.cpu_cache_plan()
-    cache = _sysfs_last_level_cache() or _getconf("LEVEL3_CACHE_SIZE") or _getconf("LEVEL2_CACHE_SIZE")
+    cache = last_level_cache_bytes() or _getconf("LEVEL3_CACHE_SIZE") or _getconf("LEVEL2_CACHE_SIZE")
     assert plan["last_level_cache_bytes"] == cache
     assert plan["group_elements"] == 1 << 18
     assert plan["lamb_workspace_elements"] == max(1 << 18, cache // 80)
